@@ -1,0 +1,152 @@
+"""Architecture knowledge shared by the converter and the runtime, kept as data.
+
+For every supported family: which ``model_type`` values name it, which checkpoint tensors are routed
+experts (and how their names map to gate/up/down), which layers are MoE layers, and how to read the
+config in both the hub's older spelling (``rope_theta``/``rope_scaling``/``num_experts``) and
+transformers 5's (``rope_parameters``/``num_local_experts``). A new architecture starts here, then
+gets a model module in ``moepack/runtime/models/``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from moepack.errors import UnsupportedArchitecture
+
+# Canonical config keys and the spellings found in the wild, first match wins.
+CONFIG_ALIASES: dict[str, tuple[str, ...]] = {
+    "num_experts": ("n_routed_experts", "num_local_experts", "num_experts"),
+    "top_k": ("num_experts_per_tok", "moe_topk", "top_k"),
+}
+
+# Per-expert tensors: ...layers.L.(mlp|block_sparse_moe).experts.E.<proj>.<weight|bias>
+EXPERT_TENSOR = re.compile(
+    r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.experts\.(?P<expert>\d+)\."
+    r"(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)\.(?P<part>weight|bias)$"
+)
+# Fused tensors (transformers 5 with save_original_format=False): [E, 2I, H] gate_up (gate rows first), [E, H, I] down.
+FUSED_EXPERT_TENSOR = re.compile(
+    r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.experts\.(?P<proj>gate_up_proj|down_proj)(?P<bias>_bias)?$"
+)
+LAYER_TENSOR = re.compile(r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.")
+PROJ_ALIASES = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
+EXPERT_PROJS = ("gate", "up", "down")
+
+# Dense tensors that stay unquantized whatever the recipe: norms, routers, gates, biases, correction terms.
+UNQUANTIZED = re.compile(
+    r"(norm|\.gate\.weight$|shared_expert_gate|e_score_correction_bias|\.bias$|layernorm|router|sinks)"
+)
+
+
+def _all_layers(cfg: dict, i: int) -> bool:
+    return True
+
+
+def _qwen_moe_layer(cfg: dict, i: int) -> bool:
+    step = cfg.get("decoder_sparse_step", 1) or 1
+    return i not in (cfg.get("mlp_only_layers") or []) and get(cfg, "num_experts", 0) > 0 and (i + 1) % step == 0
+
+
+def _deepseek_moe_layer(cfg: dict, i: int) -> bool:
+    return (
+        get(cfg, "num_experts", 0) > 0
+        and i >= cfg.get("first_k_dense_replace", 0)
+        and i % (cfg.get("moe_layer_freq", 1) or 1) == 0
+    )
+
+
+def _glm_moe_layer(cfg: dict, i: int) -> bool:
+    return i >= cfg.get("first_k_dense_replace", 0)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # the runtime module in moepack/runtime/models/
+    model_types: tuple[str, ...]
+    expert_intermediate: tuple[str, ...]  # config keys of a routed expert's width, first match wins
+    is_moe_layer: Callable[[dict, int], bool]
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("mixtral", ("mixtral",), ("intermediate_size",), _all_layers),
+    Family("qwen2_moe", ("qwen2_moe",), ("moe_intermediate_size",), _qwen_moe_layer),
+    Family("qwen3_moe", ("qwen3_moe",), ("moe_intermediate_size",), _qwen_moe_layer),
+    Family("deepseek", ("deepseek_v2", "deepseek_v3", "kimi_k2"), ("moe_intermediate_size",), _deepseek_moe_layer),
+    Family("olmoe", ("olmoe",), ("intermediate_size",), _all_layers),
+    Family("glm4_moe", ("glm4_moe",), ("moe_intermediate_size",), _glm_moe_layer),
+    Family("minimax_m2", ("minimax_m2",), ("intermediate_size",), _all_layers),
+)
+BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
+
+
+def supported() -> list[str]:
+    return sorted(BY_MODEL_TYPE)
+
+
+def family_for(cfg: dict) -> Family:
+    mt = cfg.get("model_type")
+    if mt not in BY_MODEL_TYPE and isinstance(cfg.get("text_config"), dict):
+        mt = cfg["text_config"].get("model_type")
+    fam = BY_MODEL_TYPE.get(mt)
+    if fam is None:
+        raise UnsupportedArchitecture(
+            f"model_type {mt!r} is not supported; moepack converts and runs: {', '.join(supported())}"
+        )
+    return fam
+
+
+def get(cfg: dict, key: str, default=None):
+    """Read a canonical key through its aliases (see CONFIG_ALIASES)."""
+    for k in CONFIG_ALIASES.get(key, (key,)):
+        if cfg.get(k) is not None:
+            return cfg[k]
+    return default
+
+
+def rope(cfg: dict) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from either spelling; rope_scaling is None for plain RoPE.
+
+    Old: ``rope_theta`` + ``rope_scaling={"type"|"rope_type": "yarn", ...}``.
+    New: ``rope_parameters={"rope_type": ..., "rope_theta": ..., ...}``.
+    """
+    params = cfg.get("rope_parameters")
+    scaling = cfg.get("rope_scaling")
+    theta = cfg.get("rope_theta")
+    if isinstance(params, dict):
+        theta = params.get("rope_theta", theta)
+        scaling = params
+    if scaling:
+        scaling = dict(scaling)
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        scaling["rope_type"] = kind
+        if kind == "default":
+            scaling = None
+    return float(theta if theta is not None else 10000.0), scaling
+
+
+def num_layers(cfg: dict) -> int:
+    return int(cfg["num_hidden_layers"])
+
+
+def moe_layers(cfg: dict) -> list[int]:
+    fam = family_for(cfg)
+    return [i for i in range(num_layers(cfg)) if fam.is_moe_layer(cfg, i)]
+
+
+def expert_width(cfg: dict) -> int:
+    fam = family_for(cfg)
+    for k in fam.expert_intermediate:
+        if cfg.get(k) is not None:
+            return int(cfg[k])
+    raise KeyError(f"config has none of {fam.expert_intermediate}")
+
+
+def layer_of(name: str) -> int | None:
+    m = LAYER_TENSOR.match(name)
+    return int(m["layer"]) if m else None
+
+
+def is_quantizable_dense(name: str, shape: list[int]) -> bool:
+    return name.endswith(".weight") and len(shape) == 2 and not UNQUANTIZED.search(name)

@@ -1,0 +1,46 @@
+"""What a conversion does to each tensor: the recipe (dtype, quantization of experts and dense matrices)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import mlx.core as mx
+
+from moepack import arch
+from moepack.formats import quant
+from moepack.formats.manifest import DEFAULT_ALIGNMENT
+
+DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    dtype: str = "bfloat16"  # for everything left unquantized, and for scales/biases
+    quantize: bool = True
+    expert_bits: int = 4
+    expert_group_size: int = 64
+    dense_bits: int = 8
+    dense_group_size: int = 64
+    alignment: int = DEFAULT_ALIGNMENT
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
+        for b in (self.expert_bits, self.dense_bits):
+            if b not in quant.BITS:
+                raise ValueError(f"bits must be one of {quant.BITS}")
+        for g in (self.expert_group_size, self.dense_group_size):
+            if g not in quant.GROUP_SIZES:
+                raise ValueError(f"group size must be one of {quant.GROUP_SIZES}")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def encode(self, name: str, a: mx.array, expert: bool) -> tuple[str, dict[str, mx.array], int | None, int | None]:
+        """Encode one source tensor: returns (encoding, parts, bits, group_size)."""
+        a = a.astype(DTYPES[self.dtype])
+        bits, gs = (self.expert_bits, self.expert_group_size) if expert else (self.dense_bits, self.dense_group_size)
+        wants = expert and name in arch.EXPERT_PROJS or not expert and arch.is_quantizable_dense(name, list(a.shape))
+        if self.quantize and wants and quant.can_quantize(a.shape, gs):
+            return "affine", quant.encode_affine(a, bits, gs), bits, gs
+        return "raw", {"data": a}, None, None

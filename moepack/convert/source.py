@@ -1,0 +1,159 @@
+"""Source checkpoints: a local Hugging Face directory or a hub repo id, read tensor by tensor.
+
+Tensors are read through safetensors' lazy slices into MLX arrays, so the converter never holds a shard,
+only the tensor (or the one expert of a fused tensor) it is working on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+from safetensors import safe_open
+
+from moepack.errors import SourceError
+
+log = logging.getLogger(__name__)
+
+WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
+SIDE_FILES = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "tiktoken.model",
+    "vocab.json",
+    "merges.txt",
+]
+SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "U32": "uint32", "BOOL": "bool",
+                      "F8_E4M3": "float8_e4m3", "F8_E5M2": "float8_e5m2"}
+FLOAT_DTYPES = {"float32", "float16", "bfloat16"}
+
+
+def resolve(src: str, revision: str | None = None) -> tuple[Path, dict]:
+    """A local directory, or a hub repo id fetched (or found in the hub cache) with huggingface_hub."""
+    p = Path(src).expanduser()
+    if p.is_dir():
+        return p, {"source": str(p.resolve()), "revision": revision}
+    if p.exists() or src.startswith((".", "/", "~")) or src.count("/") != 1:
+        raise SourceError(f"{src}: not a checkpoint directory (and not a hub repo id of the form owner/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = snapshot_download(src, revision=revision, allow_patterns=WEIGHT_PATTERNS + SIDE_FILES)
+    except Exception as e:  # network, auth, offline-without-cache: all end the same way for the user
+        raise SourceError(
+            f"could not fetch {src} from the Hugging Face hub ({type(e).__name__}: {e}); "
+            "check the repo id, your network or HF_TOKEN, or download it and pass the directory"
+        ) from e
+    return Path(local), {"source": src, "revision": revision or Path(local).name}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: str  # shard file name, relative to the checkpoint directory
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8, "int32": 4, "uint32": 4,
+                    "int16": 2}.get(self.dtype, 1)
+
+
+class Checkpoint:
+    """The tensors and config of a Hugging Face checkpoint directory, indexed from shard headers only."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        cfg_path = self.root / "config.json"
+        if not cfg_path.is_file():
+            raise SourceError(f"{self.root}: no config.json; is this a Hugging Face checkpoint directory?")
+        try:
+            self.config = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise SourceError(f"{cfg_path}: invalid JSON ({e})") from e
+        self.shards = self._shard_files()
+        self.tensors: dict[str, TensorInfo] = {}
+        for shard in self.shards:
+            for info in self._read_header(shard):
+                if info.name in self.tensors:
+                    raise SourceError(f"{shard}: tensor {info.name} also appears in {self.tensors[info.name].file}")
+                self.tensors[info.name] = info
+
+    def _shard_files(self) -> list[str]:
+        index = sorted(self.root.glob("*.safetensors.index.json"))
+        if index:
+            try:
+                weight_map = json.loads(index[0].read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise SourceError(f"{index[0]}: not a safetensors index ({e})") from e
+            shards = sorted(set(weight_map.values()))
+            missing = [s for s in shards if not (self.root / s).is_file()]
+            if missing:
+                raise SourceError(f"{self.root}: shard file(s) named by {index[0].name} are missing: {', '.join(missing)}")
+            return shards
+        shards = sorted(p.name for p in self.root.glob("*.safetensors"))
+        if not shards:
+            raise SourceError(f"{self.root}: no *.safetensors files (moepack reads safetensors checkpoints)")
+        return shards
+
+    def _read_header(self, shard: str) -> list[TensorInfo]:
+        path = self.root / shard
+        try:
+            with safe_open(path, framework="numpy") as f:
+                out = []
+                for k in f.keys():
+                    sl = f.get_slice(k)
+                    dt = SAFETENSORS_DTYPES.get(sl.get_dtype())
+                    if dt is None:
+                        raise SourceError(f"{path}: tensor {k} has dtype {sl.get_dtype()} that moepack cannot read")
+                    out.append(TensorInfo(k, shard, dt, tuple(sl.get_shape())))
+                return out
+        except SourceError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+            raise SourceError(f"{path}: cannot read safetensors header ({e}); the file is truncated or corrupt") from e
+
+    def read(self, name: str, index: int | None = None, rows: slice | None = None) -> mx.array:
+        """Read one tensor, or ``[index]`` of its first axis (one expert of a fused tensor), optionally a row range."""
+        info = self.tensors[name]
+        path = self.root / info.file
+        try:
+            with safe_open(path, framework="mlx") as f:
+                sl = f.get_slice(name)
+                if index is None:
+                    a = sl[:] if rows is None else sl[rows]
+                else:
+                    a = sl[index] if rows is None else sl[index, rows]
+                mx.eval(a)
+                return a
+        except Exception as e:
+            raise SourceError(f"{path}: reading {name} failed ({e}); the shard may be truncated or corrupt") from e
+
+    def side_files(self) -> list[str]:
+        return [n for n in SIDE_FILES if (self.root / n).is_file()]
+
+    def source_files(self) -> list[str]:
+        return [*self.shards, *sorted(p.name for p in self.root.glob("*.safetensors.index.json"))]
+
+    def file_path(self, name: str) -> Path:
+        return self.root / name
+
+
+def file_fingerprint(path: Path) -> dict:
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}

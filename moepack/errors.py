@@ -1,0 +1,30 @@
+"""Exceptions shared by both halves; each message should tell the user what to do next."""
+
+from __future__ import annotations
+
+
+class MoepackError(Exception):
+    """Base class for errors moepack reports to the user (the CLI prints them without a traceback)."""
+
+
+class PackError(MoepackError):
+    """A pack is missing, incomplete, corrupt or of an unsupported version."""
+
+
+class SourceError(MoepackError):
+    """A source checkpoint cannot be converted (missing shard, bad shape, unknown dtype...)."""
+
+
+class UnsupportedArchitecture(MoepackError):
+    """The checkpoint's architecture is not one moepack knows."""
+
+
+class BudgetError(MoepackError):
+    """The memory budget cannot hold the dense weights plus one layer's routed experts.
+
+    ``minimum`` is the smallest budget in bytes that would work, so callers can retry with it.
+    """
+
+    def __init__(self, message: str, minimum: int):
+        super().__init__(message)
+        self.minimum = minimum

@@ -1,0 +1,201 @@
+"""The manifest schema (SPEC.md section "manifest.json"), as dataclasses that round-trip through JSON.
+
+A pack is complete exactly when ``manifest.json`` exists: it is written last, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moepack.errors import PackError
+
+FORMAT_NAME = "moepack"
+FORMAT_VERSION = 1  # readers accept their own major version and refuse any other
+MANIFEST = "manifest.json"
+DEFAULT_ALIGNMENT = 16384
+
+
+@dataclass
+class Blob:
+    """One contiguous run of bytes holding one array. ``file`` is omitted inside expert layouts."""
+
+    offset: int
+    length: int
+    dtype: str
+    shape: list[int]
+    file: str | None = None
+
+    def to_json(self) -> dict:
+        d = {"offset": self.offset, "length": self.length, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.file is not None:
+            d = {"file": self.file, **d}
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Blob":
+        return cls(offset=d["offset"], length=d["length"], dtype=d["dtype"], shape=list(d["shape"]), file=d.get("file"))
+
+
+@dataclass
+class TensorRecord:
+    """A logical tensor: ``raw`` (one part, ``data``) or ``affine`` (parts ``weight``, ``scales``, ``biases``)."""
+
+    encoding: str
+    shape: list[int]
+    dtype: str  # raw: element dtype; affine: dtype of scales and biases (and of the dequantized tensor)
+    parts: dict[str, Blob]
+    bits: int | None = None
+    group_size: int | None = None
+    source_encoding: str | None = None  # how the source stored it (bf16, fp8-block, ...), for provenance
+
+    def to_json(self) -> dict:
+        d: dict[str, Any] = {"encoding": self.encoding, "shape": list(self.shape), "dtype": self.dtype}
+        if self.encoding == "affine":
+            d.update(bits=self.bits, group_size=self.group_size)
+        if self.source_encoding:
+            d["source_encoding"] = self.source_encoding
+        d["parts"] = {k: v.to_json() for k, v in self.parts.items()}
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TensorRecord":
+        return cls(
+            encoding=d["encoding"],
+            shape=list(d["shape"]),
+            dtype=d["dtype"],
+            parts={k: Blob.from_json(v) for k, v in d["parts"].items()},
+            bits=d.get("bits"),
+            group_size=d.get("group_size"),
+            source_encoding=d.get("source_encoding"),
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.length for b in self.parts.values())
+
+
+@dataclass
+class ExpertLayout:
+    """Where each tensor of one routed expert sits inside its expert file (all experts of a layer share one)."""
+
+    length: int  # the expert file's size: a multiple of the alignment
+    tensors: dict[str, TensorRecord]  # "gate", "up", "down" (+ "gate_bias", ... where the architecture has them)
+
+    def to_json(self) -> dict:
+        return {"length": self.length, "tensors": {k: v.to_json() for k, v in self.tensors.items()}}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ExpertLayout":
+        return cls(length=d["length"], tensors={k: TensorRecord.from_json(v) for k, v in d["tensors"].items()})
+
+
+@dataclass
+class ExpertLayer:
+    layer: int
+    layout: str  # key into Manifest.expert_layouts
+    files: list[str]  # files[e] is expert e's file
+
+    def to_json(self) -> dict:
+        return {"layer": self.layer, "layout": self.layout, "files": self.files}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ExpertLayer":
+        return cls(layer=d["layer"], layout=d["layout"], files=list(d["files"]))
+
+
+@dataclass
+class Manifest:
+    architecture: dict  # family, model_type, num_layers, num_experts, top_k, ...
+    alignment: int
+    recipe: dict
+    provenance: dict
+    files: dict[str, dict]  # relative path -> {"length", "blake3"}; every file of the pack but the manifest
+    dense: dict[str, TensorRecord]
+    expert_layouts: dict[str, ExpertLayout]
+    experts: list[ExpertLayer]
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "format": self.format,
+            "format_version": self.format_version,
+            "architecture": self.architecture,
+            "alignment": self.alignment,
+            "recipe": self.recipe,
+            "provenance": self.provenance,
+            "files": self.files,
+            "dense": {k: v.to_json() for k, v in self.dense.items()},
+            "expert_layouts": {k: v.to_json() for k, v in self.expert_layouts.items()},
+            "experts": [e.to_json() for e in self.experts],
+            **({"extra": self.extra} if self.extra else {}),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Manifest":
+        if d.get("format") != FORMAT_NAME:
+            raise PackError(f"not a moepack manifest (format={d.get('format')!r})")
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise PackError(
+                f"pack format version {version!r} is not supported by this moepack (reads version {FORMAT_VERSION}); "
+                "upgrade moepack or re-convert the model"
+            )
+        try:
+            return cls(
+                architecture=d["architecture"],
+                alignment=int(d["alignment"]),
+                recipe=d["recipe"],
+                provenance=d["provenance"],
+                files=d["files"],
+                dense={k: TensorRecord.from_json(v) for k, v in d["dense"].items()},
+                expert_layouts={k: ExpertLayout.from_json(v) for k, v in d["expert_layouts"].items()},
+                experts=[ExpertLayer.from_json(e) for e in d["experts"]],
+                extra=d.get("extra", {}),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise PackError(f"manifest is malformed: {type(e).__name__}: {e}") from e
+
+    @classmethod
+    def load(cls, pack: str | os.PathLike) -> "Manifest":
+        path = Path(pack) / MANIFEST
+        if not path.exists():
+            raise PackError(
+                f"{pack} has no {MANIFEST}: it is not a finished pack (an interrupted conversion? "
+                "re-run `moepack convert` with the same arguments to finish it)"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise PackError(f"{path} is not valid JSON: {e}") from e
+        return cls.from_json(data)
+
+    def save(self, pack: str | os.PathLike) -> None:
+        """Write manifest.json atomically (temp file, fsync, rename): readers never see half a manifest."""
+        path = Path(pack) / MANIFEST
+        tmp = path.with_name(MANIFEST + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(self.to_json(), f, indent=1, sort_keys=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+

@@ -1,0 +1,165 @@
+"""Reading a pack: the manifest, dense tensors, expert file locations and verification.
+
+The runtime reads expert bytes itself (direct I/O into its slot pool); this module only says where they are.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from moepack.errors import PackError
+from moepack.formats import dtypes
+from moepack.formats.manifest import Blob, ExpertLayout, Manifest, TensorRecord
+from moepack.formats.quant import decode
+from moepack.formats.writer import hash_file
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VerifyReport:
+    checked: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class PackReader:
+    def __init__(self, path: str | os.PathLike):
+        self.root = Path(path)
+        if not self.root.is_dir():
+            raise PackError(f"{path} is not a directory; give the folder `moepack convert` wrote")
+        self.manifest = Manifest.load(self.root)
+        self._maps: dict[str, np.memmap] = {}
+        self._experts = {e.layer: e for e in self.manifest.experts}
+
+    # ---- side files -------------------------------------------------------------------------
+    @property
+    def config(self) -> dict:
+        return json.loads((self.root / "config.json").read_text())
+
+    def file_path(self, relpath: str) -> Path:
+        """Resolve a manifest path, refusing anything that would leave the pack directory."""
+        p = Path(relpath)
+        if p.is_absolute() or ".." in p.parts:
+            raise PackError(f"manifest names a path outside the pack: {relpath!r}")
+        return self.root / p
+
+    # ---- dense tensors ----------------------------------------------------------------------
+    def _blob_array(self, blob: Blob) -> np.ndarray:
+        assert blob.file is not None
+        mm = self._maps.get(blob.file)
+        if mm is None:
+            mm = self._maps[blob.file] = np.memmap(self.file_path(blob.file), dtype=np.uint8, mode="r")
+        if blob.offset + blob.length > mm.shape[0]:
+            raise PackError(f"{blob.file}: blob at {blob.offset}+{blob.length} runs past the file's end ({mm.shape[0]})")
+        d = dtypes.get(blob.dtype)
+        if int(np.prod(blob.shape, dtype=np.int64)) * d.itemsize != blob.length:
+            raise PackError(f"{blob.file}: blob length {blob.length} does not match shape {blob.shape} of {blob.dtype}")
+        return mm[blob.offset : blob.offset + blob.length].view(d.numpy).reshape(blob.shape)
+
+    def dense_parts(self, name: str) -> dict[str, mx.array]:
+        """The stored parts of one dense tensor as MLX arrays (copied out of the file mapping)."""
+        rec = self.manifest.dense[name]
+        return {k: dtypes.from_numpy_bytes(np.array(self._blob_array(b)), b.dtype) for k, b in rec.parts.items()}
+
+    def dense_tensor(self, name: str) -> mx.array:
+        """One dense tensor, dequantized if it is stored quantized."""
+        rec = self.manifest.dense[name]
+        return decode(self.dense_parts(name), rec.encoding, rec.bits, rec.group_size)
+
+    def dense_weights(self) -> dict[str, mx.array]:
+        """Every dense tensor under MLX parameter names: ``x.weight`` raw, or ``x.weight/.scales/.biases`` quantized."""
+        out: dict[str, mx.array] = {}
+        for name, rec in self.manifest.dense.items():
+            parts = self.dense_parts(name)
+            if rec.encoding == "raw":
+                out[name] = parts["data"]
+            else:
+                base = name[: -len(".weight")] if name.endswith(".weight") else name
+                out[base + ".weight"] = parts["weight"]
+                out[base + ".scales"] = parts["scales"]
+                out[base + ".biases"] = parts["biases"]
+        return out
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(r.nbytes for r in self.manifest.dense.values())
+
+    # ---- experts ----------------------------------------------------------------------------
+    @property
+    def moe_layers(self) -> list[int]:
+        return sorted(self._experts)
+
+    def expert_layout(self, layer: int) -> ExpertLayout:
+        return self.manifest.expert_layouts[self._experts[layer].layout]
+
+    def expert_file(self, layer: int, expert: int) -> Path:
+        return self.file_path(self._experts[layer].files[expert])
+
+    def expert_tensor(self, layer: int, expert: int, name: str) -> mx.array:
+        """One expert tensor, dequantized: the slow, simple path used by tests and tools, not the runtime."""
+        rec: TensorRecord = self.expert_layout(layer).tensors[name]
+        data = np.fromfile(self.expert_file(layer, expert), dtype=np.uint8)
+        parts = {}
+        for k, b in rec.parts.items():
+            d = dtypes.get(b.dtype)
+            parts[k] = dtypes.from_numpy_bytes(data[b.offset : b.offset + b.length].view(d.numpy).reshape(b.shape), b.dtype)
+        return decode(parts, rec.encoding, rec.bits, rec.group_size)
+
+    # ---- verification -----------------------------------------------------------------------
+    def verify(self, progress=None) -> VerifyReport:
+        """Re-hash every file and check sizes, blob bounds and expert layouts against the manifest."""
+        rep = VerifyReport()
+        align = self.manifest.alignment
+        for rel, info in self.manifest.files.items():
+            rep.checked += 1
+            try:
+                path = self.file_path(rel)
+            except PackError as e:
+                rep.problems.append(str(e))
+                continue
+            if not path.is_file():
+                rep.problems.append(f"{rel}: missing")
+                continue
+            size = path.stat().st_size
+            if size != info["length"]:
+                rep.problems.append(f"{rel}: size {size} != manifest {info['length']}")
+            elif hash_file(path) != info["blake3"]:
+                rep.problems.append(f"{rel}: blake3 mismatch (corrupt file)")
+            if progress:
+                progress(size)
+        for name, rec in self.manifest.dense.items():
+            for part, b in rec.parts.items():
+                info = self.manifest.files.get(b.file or "")
+                if info is None:
+                    rep.problems.append(f"dense {name}.{part}: file {b.file!r} is not listed in the manifest")
+                elif b.offset + b.length > info["length"]:
+                    rep.problems.append(f"dense {name}.{part}: bytes {b.offset}+{b.length} past the end of {b.file}")
+        for el in self.manifest.experts:
+            layout = self.manifest.expert_layouts.get(el.layout)
+            if layout is None:
+                rep.problems.append(f"layer {el.layer}: unknown expert layout {el.layout!r}")
+                continue
+            if layout.length % align:
+                rep.problems.append(f"layout {el.layout}: expert file length {layout.length} is not aligned to {align}")
+            for t, rec in layout.tensors.items():
+                for part, b in rec.parts.items():
+                    if b.offset + b.length > layout.length:
+                        rep.problems.append(f"layout {el.layout}: {t}.{part} runs past the expert file's end")
+            for rel in el.files:
+                info = self.manifest.files.get(rel)
+                if info is None:
+                    rep.problems.append(f"{rel}: expert file not listed in the manifest")
+                elif info["length"] != layout.length:
+                    rep.problems.append(f"{rel}: length {info['length']} != layout length {layout.length}")
+        return rep

@@ -1,0 +1,111 @@
+"""Writing pack files: aligned blobs, blake3 while writing, atomic rename so a file exists only when whole."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import blake3
+import mlx.core as mx
+import numpy as np
+
+from moepack.formats import dtypes
+from moepack.formats.manifest import Blob
+
+BLOB_ALIGN = 64  # every array starts on a 64-byte boundary (cache line, SIMD loads)
+_ZEROS = bytes(1 << 16)
+
+
+def align_up(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+class AlignedFile:
+    """Sequentially builds one pack file; ``close()`` pads it to the alignment and renames it into place."""
+
+    def __init__(self, root: str | os.PathLike, relpath: str, alignment: int):
+        self.root = Path(root)
+        self.relpath = relpath
+        self.alignment = alignment
+        self.path = self.root / relpath
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(self.path.name + ".part")
+        self._f = open(self.tmp, "wb")
+        self._hash = blake3.blake3()
+        self.pos = 0
+
+    def _write(self, data) -> None:
+        self._f.write(data)
+        self._hash.update(data)
+        self.pos += len(data) if isinstance(data, (bytes, bytearray)) else memoryview(data).nbytes
+
+    def pad_to(self, boundary: int) -> None:
+        n = align_up(self.pos, boundary) - self.pos
+        while n:
+            k = min(n, len(_ZEROS))
+            self._write(_ZEROS[:k])
+            n -= k
+
+    def add(self, a: mx.array, align: int = BLOB_ALIGN, with_file: bool = True) -> Blob:
+        self.pad_to(align)
+        arr = np.ascontiguousarray(dtypes.to_numpy_bytes(a))
+        offset = self.pos
+        self._write(memoryview(arr).cast("B"))
+        return Blob(
+            offset=offset,
+            length=arr.nbytes,
+            dtype=dtypes.name_of(a.dtype),
+            shape=list(a.shape),
+            file=self.relpath if with_file else None,
+        )
+
+    def close(self) -> dict:
+        """Pad, fsync and rename; returns the file's manifest entry ``{"length", "blake3"}``."""
+        self.pad_to(self.alignment)
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self.tmp, self.path)
+        return {"length": self.pos, "blake3": self._hash.hexdigest()}
+
+    def abort(self) -> None:
+        try:
+            self._f.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+def hash_file(path: str | os.PathLike) -> str:
+    """blake3 of a whole file, memory-mapped and multi-threaded (verify and resume re-hash large files)."""
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    if os.path.getsize(path):
+        h.update_mmap(str(path))
+    return h.hexdigest()
+
+
+class PackWriter:
+    """Thin handle on an output directory: creates aligned files and copies side files (config, tokenizer)."""
+
+    def __init__(self, root: str | os.PathLike, alignment: int):
+        if alignment < 4096 or alignment & (alignment - 1):
+            raise ValueError("alignment must be a power of two of at least 4096 bytes")
+        self.root = Path(root)
+        self.alignment = alignment
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def open(self, relpath: str) -> AlignedFile:
+        return AlignedFile(self.root, relpath, self.alignment)
+
+    def copy_file(self, src: str | os.PathLike, relpath: str) -> dict:
+        data = Path(src).read_bytes()
+        return self.write_bytes(relpath, data)
+
+    def write_bytes(self, relpath: str, data: bytes) -> dict:
+        dst = self.root / relpath
+        tmp = dst.with_name(dst.name + ".part")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+        return {"length": len(data), "blake3": blake3.blake3(data).hexdigest()}
