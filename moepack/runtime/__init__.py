@@ -1,0 +1,1 @@
+"""The streaming runtime: dense weights resident, routed experts read from their files on demand."""

@@ -1,0 +1,160 @@
+"""Loading a pack and running it: ``moepack.load(path)`` -> :class:`Engine` with ``logits`` and ``generate``.
+
+Follow one token: ``Engine.generate`` -> ``CausalLM.__call__`` (models/base.py) -> the family's MoE block
+routes -> ``StreamedExperts`` asks ``ExpertStore.fetch`` (store.py) for slots -> misses are read by
+``DirectReader.read_into`` (io.py) with one ``preadv`` per expert file.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from moepack import arch
+from moepack.errors import BudgetError, PackError
+from moepack.formats.reader import PackReader
+from moepack.runtime import memory
+from moepack.runtime.models import module_for
+from moepack.runtime.store import ExpertStore, EvictionPolicy, slot_bytes
+
+log = logging.getLogger(__name__)
+
+PREFILL_CHUNK = 512
+
+
+@dataclass
+class Plan:
+    """How a budget is spent: dense weights resident, the rest as expert slots."""
+
+    budget: int
+    dense_bytes: int
+    slot_bytes: int
+    n_slots: int
+    minimum: int
+
+
+def plan_memory(reader: PackReader, budget: int | None, compute: mx.Dtype) -> Plan:
+    a = reader.manifest.architecture
+    dense = sum(memory.resident_bytes(r, compute) for r in reader.manifest.dense.values())
+    per_slot = slot_bytes(reader.expert_layout(reader.moe_layers[0]), compute) if reader.moe_layers else 0
+    total_experts = len(reader.moe_layers) * a["num_experts"]
+    minimum = dense + a["top_k"] * per_slot
+    if budget is None:
+        budget = max(minimum, memory.default_budget())
+    if budget < minimum:
+        raise BudgetError(
+            f"memory budget {budget} bytes is too small for this pack: it needs at least {minimum} bytes "
+            f"(dense weights {dense} + {a['top_k']} expert slots of {per_slot}); minimum budget: {minimum}",
+            minimum,
+        )
+    n_slots = min(total_experts, (budget - dense) // per_slot) if per_slot else 0
+    return Plan(budget, dense, per_slot, max(n_slots, a["top_k"] if per_slot else 0), minimum)
+
+
+class Engine:
+    def __init__(self, path: str | Path, memory_budget: int | str | None = None, compute_dtype: mx.Dtype | None = None,
+                 direct_io: bool = True, io_threads: int = 8, policy: EvictionPolicy | None = None):
+        self.path = Path(path)
+        self.reader = PackReader(path)
+        self.config = self.reader.config
+        self.family = arch.family_for(self.config)
+        self.compute_dtype = compute_dtype or memory.default_compute_dtype(self.reader.manifest.recipe.get("dtype", "float32"))
+        self.plan = plan_memory(self.reader, memory.parse_bytes(memory_budget), self.compute_dtype)
+        self.store = ExpertStore(self.reader, self.plan.n_slots, self.compute_dtype, direct=direct_io,
+                                 threads=io_threads, policy=policy)
+        self.model = module_for(self.family.name).Model(self.config, self.store)
+        self._load_dense()
+        self.compute_s = 0.0
+        self.tokens_processed = 0
+        log.info("loaded %s: %s, %d expert slots of %d bytes, dense %d bytes, reads %s", path, self.family.name,
+                 self.plan.n_slots, self.plan.slot_bytes, self.plan.dense_bytes, self.store.io.mode)
+
+    def _load_dense(self) -> None:
+        weights = self.model.sanitize(self.reader.dense_weights())
+        recs = {n[: -len(".weight")]: r for n, r in self.reader.manifest.dense.items() if r.encoding == "affine"}
+
+        def quantized(path: str, module: nn.Module):
+            rec = recs.get(path)
+            return rec is not None and {"group_size": rec.group_size, "bits": rec.bits}
+
+        nn.quantize(self.model, class_predicate=quantized)
+        try:
+            self.model.load_weights(list(weights.items()), strict=True)
+        except ValueError as e:
+            raise PackError(f"{self.path}: dense weights do not match the {self.family.name} model: {e}") from e
+        self.model.set_dtype(self.compute_dtype)
+        mx.eval(self.model.parameters())
+
+    # ---- inference --------------------------------------------------------------------------
+    def _forward(self, tokens: mx.array, cache) -> mx.array:
+        t0 = time.perf_counter()
+        io0 = self.store.counters.io_wait_s
+        out = self.model(tokens, cache)
+        mx.eval(out)
+        self.compute_s += time.perf_counter() - t0 - (self.store.counters.io_wait_s - io0)
+        self.tokens_processed += tokens.size
+        return out
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Full forward pass without a cache: float32 [len(token_ids), vocab]."""
+        out = self._forward(mx.array([list(token_ids)], dtype=mx.int32), None)
+        return np.array(out[0].astype(mx.float32))
+
+    def generate(self, token_ids: Sequence[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int | None = None, stop_tokens: Sequence[int] | None = None,
+                 cache=None) -> Iterator[int]:
+        """Yield up to ``max_tokens`` new token ids (stopping after a stop token), with a KV cache and chunked prefill."""
+        if not token_ids:
+            raise ValueError("generate needs at least one prompt token")
+        rng = np.random.default_rng(seed)
+        cache = cache if cache is not None else self.model.make_cache()
+        stops = set(stop_tokens or ())
+        ids = list(token_ids)
+        for s in range(0, len(ids), PREFILL_CHUNK):
+            logits = self._forward(mx.array([ids[s : s + PREFILL_CHUNK]], dtype=mx.int32), cache)
+        for _ in range(max_tokens):
+            last = np.array(logits[0, -1].astype(mx.float32))
+            tok = sample(last, temperature, top_p, top_k, rng)
+            yield tok
+            if tok in stops:
+                return
+            logits = self._forward(mx.array([[tok]], dtype=mx.int32), cache)
+
+    def stats(self) -> dict:
+        c = self.store.counters
+        return {**c.as_dict(), "compute_s": self.compute_s, "tokens": self.tokens_processed,
+                "slots": self.plan.n_slots, "slot_bytes": self.plan.slot_bytes, "io_mode": self.store.io.mode}
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def sample(logits: np.ndarray, temperature: float, top_p: float, top_k: int, rng: np.random.Generator) -> int:
+    """Greedy at temperature 0; otherwise temperature, then top-k, then nucleus (top-p) filtering."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    if 0 < top_k < z.size:
+        kth = np.partition(z, -top_k)[-top_k]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        csum = np.cumsum(p[order])
+        keep = order[: int(np.searchsorted(csum, top_p) + 1)]
+        mask = np.zeros_like(p)
+        mask[keep] = p[keep]
+        p = mask / mask.sum()
+    return int(rng.choice(p.size, p=p))
+
+
+def load(path: str | Path, memory_budget: int | str | None = None, **kwargs) -> Engine:
+    return Engine(path, memory_budget=memory_budget, **kwargs)

@@ -1,0 +1,317 @@
+"""Pieces shared by the model modules: KV cache, masks, attention, dense MLP, routing and streamed experts."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from moepack import arch
+
+
+@dataclass
+class BaseArgs:
+    @classmethod
+    def from_config(cls, cfg: dict) -> "BaseArgs":
+        """Build from config.json in either spelling: canonical aliases first, then same-named keys."""
+        theta, scaling = arch.rope(cfg)
+        known = {f.name for f in fields(cls)}
+        vals: dict[str, Any] = {k: v for k, v in cfg.items() if k in known}
+        for k in arch.CONFIG_ALIASES:
+            if k in known and arch.get(cfg, k) is not None:
+                vals[k] = arch.get(cfg, k)
+        if "rope_theta" in known:
+            vals["rope_theta"] = theta
+        if "rope_scaling" in known:
+            vals["rope_scaling"] = scaling
+        return cls(**vals)
+
+
+class KVCache:
+    """Keys and values of one attention layer, grown in steps so appends rarely reallocate."""
+
+    step = 256
+
+    def __init__(self) -> None:
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.offset = 0
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        # keys: [B, n_kv, T, D_k]; values: [B, n_kv, T, D_v]
+        prev, T = self.offset, keys.shape[2]
+        if self.keys is None or prev + T > self.keys.shape[2]:
+            n = (self.step + T - 1) // self.step * self.step
+            new_k = mx.zeros((*keys.shape[:2], n, keys.shape[3]), keys.dtype)
+            new_v = mx.zeros((*values.shape[:2], n, values.shape[3]), values.dtype)
+            if self.keys is not None:
+                new_k = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
+                new_v = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
+            self.keys, self.values = new_k, new_v
+        self.offset += T
+        self.keys[..., prev : self.offset, :] = keys
+        self.values[..., prev : self.offset, :] = values
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    def trim(self, n: int) -> None:
+        """Forget the last ``n`` positions (for reusing a shared prefix)."""
+        self.offset = max(0, self.offset - n)
+
+
+def causal_mask(T: int, offset: int, dtype: mx.Dtype = mx.float32) -> mx.array | None:
+    """Additive mask [T, offset+T]: query i sees keys up to offset+i."""
+    if T == 1:
+        return None
+    q = mx.arange(offset, offset + T)[:, None]
+    k = mx.arange(offset + T)[None, :]
+    return mx.where(k <= q, mx.array(0, dtype), mx.array(-math.inf, dtype)).astype(dtype)
+
+
+def attend(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None) -> mx.array:
+    """q [B, H, T, D], k/v [B, H_kv, S, D] -> [B, T, H*D_v]."""
+    o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    B, H, T, D = o.shape
+    return o.transpose(0, 2, 1, 3).reshape(B, T, H * D)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward (dense layers and shared experts)."""
+
+    def __init__(self, hidden: int, width: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, width, bias=bias)
+        self.up_proj = nn.Linear(hidden, width, bias=bias)
+        self.down_proj = nn.Linear(width, hidden, bias=bias)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ---- routing ---------------------------------------------------------------------------------
+
+
+def topk(scores: mx.array, k: int) -> mx.array:
+    """Indices of the k largest scores along the last axis, largest first (as torch.topk orders them)."""
+    return mx.argsort(-scores, axis=-1)[..., :k]
+
+
+def route_softmax(logits: mx.array, k: int, renormalize: bool) -> tuple[mx.array, mx.array]:
+    """Softmax over all experts, then top-k, then optionally renormalise (Mixtral, Qwen, OLMoE)."""
+    probs = mx.softmax(logits.astype(mx.float32), axis=-1)
+    inds = topk(probs, k)
+    w = mx.take_along_axis(probs, inds, axis=-1)
+    if renormalize:
+        w = w / w.sum(axis=-1, keepdims=True)
+    return inds, w
+
+
+def route_grouped(
+    scores: mx.array,
+    k: int,
+    bias: mx.array | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    group_score: str = "top2",
+    renormalize: bool = True,
+    scaling: float = 1.0,
+) -> tuple[mx.array, mx.array]:
+    """Group-limited top-k (DeepSeek, GLM, MiniMax): select on ``scores + bias``, weigh by ``scores``.
+
+    ``group_score``: "top2" sums each group's two best (DeepSeek-V3, GLM), "max" takes its best (DeepSeek-V2).
+    """
+    choice = scores if bias is None else scores + bias
+    if n_group > 1 and topk_group < n_group:
+        N, E = choice.shape
+        g = choice.reshape(N, n_group, E // n_group)
+        if group_score == "top2":
+            gs = mx.sort(g, axis=-1)[..., -2:].sum(axis=-1)
+        else:
+            gs = g.max(axis=-1)
+        keep = topk(gs, topk_group)  # [N, topk_group]
+        gmask = mx.zeros((N, n_group), dtype=mx.bool_)
+        gmask = mx.put_along_axis(gmask, keep, mx.array(True), axis=-1)
+        choice = mx.where(mx.repeat(gmask, E // n_group, axis=-1), choice, mx.array(0.0, choice.dtype))
+    inds = topk(choice, k)
+    w = mx.take_along_axis(scores, inds, axis=-1)
+    if renormalize:
+        w = w / (w.sum(axis=-1, keepdims=True) + 1e-20)
+    return inds, w * scaling
+
+
+# ---- routed experts, streamed ----------------------------------------------------------------
+
+
+class StreamedExperts:
+    """Computes routed experts of one layer from the store's slot pool.
+
+    Every (token, choice) pair is its own 1-row matmul against its expert's slot, and pairs are combined
+    in a fixed order, so results do not depend on how the needed experts were split into pool-sized
+    batches: output is the same at any memory budget.
+    """
+
+    def __init__(self, store, layer: int, activation=None):
+        self.store = store
+        self.layer = layer
+        self.activation = activation or (lambda g, u: nn.silu(g) * u)
+
+    def _project(self, x: mx.array, name: str, slots: mx.array) -> mx.array:
+        # x: [P, 1, D_in]; slots: [P] -> [P, 1, D_out]
+        rec, parts = self.store.records[name], self.store.pool[name]
+        if rec.encoding == "affine":
+            return mx.gather_qmm(x, parts["weight"], parts["scales"], parts["biases"], rhs_indices=slots,
+                                 transpose=True, group_size=rec.group_size, bits=rec.bits)
+        w = parts["data"][slots]  # [P, D_out, D_in]
+        return x @ w.swapaxes(-1, -2).astype(x.dtype)
+
+    def __call__(self, x: mx.array, inds: mx.array, weights: mx.array) -> mx.array:
+        """x [N, H], inds [N, K] expert ids, weights [N, K] -> [N, H]."""
+        N, K = inds.shape
+        ids = np.array(inds).reshape(-1)  # host sync: the store must know which experts to read
+        order = np.argsort(ids, kind="stable")
+        uniq = list(dict.fromkeys(ids[order].tolist()))
+        cap = self.store.n_slots
+        outs = []
+        for start in range(0, len(uniq), cap):
+            group = uniq[start : start + cap]
+            slots = self.store.fetch(self.layer, group)
+            slot_of = dict(zip(group, slots.tolist()))
+            sel = order[np.isin(ids[order], group)]  # pair indices served by this batch
+            xs = x[mx.array(sel // K)][:, None, :]  # [P, 1, H]
+            s = mx.array(np.array([slot_of[i] for i in ids[sel]], dtype=np.uint32))
+            h = self.activation(self._project(xs, "gate", s), self._project(xs, "up", s))
+            y = self._project(h, "down", s)[:, 0, :]  # [P, H]
+            mx.eval(y)  # slots may be overwritten by the next batch
+            outs.append(y)
+        y = mx.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
+        y = y[mx.array(np.argsort(order, kind="stable"))].reshape(N, K, -1)  # back to pair order
+        return (y * weights[..., None].astype(y.dtype)).sum(axis=1)
+
+
+# ---- the common decoder skeleton -------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped KV heads and the per-family options as flags.
+
+    qk_norm: None, "head" (RMSNorm over each head's dims: Qwen3, GLM) or "full" (RMSNorm over the whole
+    projection before splitting heads: OLMoE, MiniMax-M2). The rope module decides partial rotary.
+    """
+
+    def __init__(self, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int, rope: nn.Module,
+                 qkv_bias: bool = False, o_bias: bool = False, qk_norm: str | None = None, eps: float = 1e-6):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.scale = head_dim**-0.5
+        self.q_proj = nn.Linear(hidden, n_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=o_bias)
+        self.qk_norm = qk_norm
+        if qk_norm == "head":
+            self.q_norm, self.k_norm = nn.RMSNorm(head_dim, eps=eps), nn.RMSNorm(head_dim, eps=eps)
+        elif qk_norm == "full":
+            self.q_norm = nn.RMSNorm(n_heads * head_dim, eps=eps)
+            self.k_norm = nn.RMSNorm(n_kv_heads * head_dim, eps=eps)
+        self.rope = rope
+
+    def __call__(self, x: mx.array, mask: mx.array | None, cache: KVCache | None) -> mx.array:
+        B, T, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.reshape(B, T, self.n_heads, self.head_dim)  # [B, T, H, D]
+        k = k.reshape(B, T, self.n_kv_heads, self.head_dim)
+        v = v.reshape(B, T, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, H, T, D]
+        offset = cache.offset if cache is not None else 0
+        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        return self.o_proj(attend(q, k, v, self.scale, mask))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); ``mlp`` is a dense MLP or an MoE block."""
+
+    def __init__(self, self_attn: nn.Module, mlp: nn.Module, hidden: int, eps: float):
+        super().__init__()
+        self.self_attn = self_attn
+        self.mlp = mlp
+        self.input_layernorm = nn.RMSNorm(hidden, eps=eps)
+        self.post_attention_layernorm = nn.RMSNorm(hidden, eps=eps)
+
+    def __call__(self, x: mx.array, mask: mx.array | None, cache: KVCache | None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Body(nn.Module):
+    def __init__(self, vocab: int, hidden: int, layers: list[nn.Module], eps: float):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, hidden)
+        self.layers = layers
+        self.norm = nn.RMSNorm(hidden, eps=eps)
+
+
+class CausalLM(nn.Module):
+    """HF-named module tree (``model.embed_tokens``, ``model.layers.N...``, ``lm_head``) so pack tensors load by name."""
+
+    def __init__(self, vocab: int, hidden: int, layers: list[nn.Module], eps: float, tie_word_embeddings: bool):
+        super().__init__()
+        self.model = Body(vocab, hidden, layers, eps)
+        self.tie = tie_word_embeddings
+        if not tie_word_embeddings:
+            self.lm_head = nn.Linear(hidden, vocab, bias=False)
+
+    def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+        """tokens [B, T] -> logits [B, T, vocab]."""
+        h = self.model.embed_tokens(tokens)  # [B, T, H]
+        offset = cache[0].offset if cache else 0
+        mask = causal_mask(tokens.shape[1], offset, h.dtype)
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, mask, cache[i] if cache else None)
+        h = self.model.norm(h)
+        return self.model.embed_tokens.as_linear(h) if self.tie else self.lm_head(h)
+
+    def make_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.model.layers]
+
+    @staticmethod
+    def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        return weights
+
+
+class SparseMoE(nn.Module):
+    """Router + streamed routed experts (+ optional shared expert), for the softmax-routed families.
+
+    ``shared_gate``: Qwen2-MoE scales the shared expert by sigmoid(shared_expert_gate(x)).
+    """
+
+    def __init__(self, hidden: int, n_experts: int, top_k: int, renormalize: bool, experts: StreamedExperts,
+                 shared: nn.Module | None = None, shared_gate: bool = False):
+        super().__init__()
+        self.top_k, self.renormalize = top_k, renormalize
+        self.gate = nn.Linear(hidden, n_experts, bias=False)
+        self.experts = experts
+        if shared is not None:
+            self.shared_expert = shared
+            if shared_gate:
+                self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # [N, H]
+        inds, w = route_softmax(self.gate(flat), self.top_k, self.renormalize)
+        y = self.experts(flat, inds, w.astype(flat.dtype))
+        if "shared_expert" in self:
+            s = self.shared_expert(flat)
+            if "shared_expert_gate" in self:
+                s = mx.sigmoid(self.shared_expert_gate(flat)) * s
+            y = y + s
+        return y.reshape(shape)
