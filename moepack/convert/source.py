@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
-from safetensors import safe_open
+import numpy as np
 
 from moepack.errors import SourceError
 
@@ -37,6 +37,11 @@ SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F
                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "U32": "uint32", "BOOL": "bool",
                       "F8_E4M3": "float8_e4m3", "F8_E5M2": "float8_e5m2"}
 FLOAT_DTYPES = {"float32", "float16", "bfloat16"}
+# numpy dtype holding each source dtype's bytes (bfloat16 and float8 have none: raw unsigned ints)
+STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "float64": np.float64,
+           "int64": np.int64, "int32": np.int32, "uint32": np.uint32, "int16": np.int16, "int8": np.int8,
+           "uint8": np.uint8, "bool": np.bool_, "float8_e4m3": np.uint8, "float8_e5m2": np.uint8}
+ITEMSIZE = {k: np.dtype(v).itemsize for k, v in STORAGE.items()}
 
 
 def resolve(src: str, revision: str | None = None) -> tuple[Path, dict]:
@@ -64,14 +69,14 @@ class TensorInfo:
     file: str  # shard file name, relative to the checkpoint directory
     dtype: str
     shape: tuple[int, ...]
+    offset: int = 0  # absolute byte offset of the tensor's data in its shard
 
     @property
     def nbytes(self) -> int:
         n = 1
         for s in self.shape:
             n *= s
-        return n * {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8, "int32": 4, "uint32": 4,
-                    "int16": 2}.get(self.dtype, 1)
+        return n * ITEMSIZE[self.dtype]
 
 
 class Checkpoint:
@@ -87,6 +92,7 @@ class Checkpoint:
         except json.JSONDecodeError as e:
             raise SourceError(f"{cfg_path}: invalid JSON ({e})") from e
         self.shards = self._shard_files()
+        self._maps: dict[str, np.memmap] = {}
         self.tensors: dict[str, TensorInfo] = {}
         for shard in self.shards:
             for info in self._read_header(shard):
@@ -112,37 +118,67 @@ class Checkpoint:
         return shards
 
     def _read_header(self, shard: str) -> list[TensorInfo]:
+        """Parse a safetensors header (8-byte little-endian length, then JSON) and check it against the file size.
+
+        Read directly rather than through ``safetensors.safe_open``: its numpy/mlx slicing cannot return bfloat16,
+        and reading raw bytes lets every source encoding (bf16, FP8, packed INT4) come through the same path.
+        """
         path = self.root / shard
+        size = path.stat().st_size
         try:
-            with safe_open(path, framework="numpy") as f:
-                out = []
-                for k in f.keys():
-                    sl = f.get_slice(k)
-                    dt = SAFETENSORS_DTYPES.get(sl.get_dtype())
-                    if dt is None:
-                        raise SourceError(f"{path}: tensor {k} has dtype {sl.get_dtype()} that moepack cannot read")
-                    out.append(TensorInfo(k, shard, dt, tuple(sl.get_shape())))
-                return out
-        except SourceError:
-            raise
-        except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if n <= 0 or 8 + n > size:
+                    raise ValueError(f"header length {n} does not fit in a file of {size} bytes")
+                header = json.loads(f.read(n))
+        except (OSError, ValueError, UnicodeDecodeError) as e:
             raise SourceError(f"{path}: cannot read safetensors header ({e}); the file is truncated or corrupt") from e
+        base = 8 + n
+        out = []
+        for k, v in header.items():
+            if k == "__metadata__":
+                continue
+            dt = SAFETENSORS_DTYPES.get(v.get("dtype"))
+            if dt is None:
+                raise SourceError(f"{path}: tensor {k} has dtype {v.get('dtype')} that moepack cannot read")
+            begin, end = v["data_offsets"]
+            if base + end > size:
+                raise SourceError(f"{path}: tensor {k} ends at byte {base + end} but the file has {size} bytes; "
+                                  "the shard is truncated (re-download it)")
+            info = TensorInfo(k, shard, dt, tuple(v["shape"]), base + begin)
+            if info.nbytes != end - begin:
+                raise SourceError(f"{path}: tensor {k} has {end - begin} bytes for shape {info.shape} of {dt}")
+            out.append(info)
+        return out
 
     def read(self, name: str, index: int | None = None, rows: slice | None = None) -> mx.array:
-        """Read one tensor, or ``[index]`` of its first axis (one expert of a fused tensor), optionally a row range."""
+        """Read one tensor, or ``[index]`` of its first axis (one expert of a fused tensor), optionally a row range.
+
+        Only the requested bytes are touched (a memory map), so a fused [E, 2I, H] tensor costs one expert's bytes.
+        """
         info = self.tensors[name]
         path = self.root / info.file
         try:
-            with safe_open(path, framework="mlx") as f:
-                sl = f.get_slice(name)
-                if index is None:
-                    a = sl[:] if rows is None else sl[rows]
-                else:
-                    a = sl[index] if rows is None else sl[index, rows]
-                mx.eval(a)
-                return a
-        except Exception as e:
+            mm = self._maps.get(info.file)
+            if mm is None:
+                mm = self._maps[info.file] = np.memmap(path, dtype=np.uint8, mode="r")
+            item = ITEMSIZE[info.dtype]
+            shape = list(info.shape)
+            start = info.offset
+            if index is not None:
+                inner = int(np.prod(shape[1:], dtype=np.int64))
+                start += index * inner * item
+                shape = shape[1:]
+            if rows is not None:
+                row = int(np.prod(shape[1:], dtype=np.int64)) * item
+                start += rows.start * row
+                shape = [rows.stop - rows.start, *shape[1:]]
+            count = int(np.prod(shape, dtype=np.int64))
+            raw = np.array(mm[start : start + count * item]).view(STORAGE[info.dtype]).reshape(shape)
+        except (OSError, ValueError) as e:
             raise SourceError(f"{path}: reading {name} failed ({e}); the shard may be truncated or corrupt") from e
+        a = mx.array(raw)
+        return a.view(mx.bfloat16) if info.dtype == "bfloat16" else a
 
     def side_files(self) -> list[str]:
         return [n for n in SIDE_FILES if (self.root / n).is_file()]

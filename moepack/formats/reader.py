@@ -163,3 +163,39 @@ class PackReader:
                 elif info["length"] != layout.length:
                     rep.problems.append(f"{rel}: length {info['length']} != layout length {layout.length}")
         return rep
+
+
+def summary(reader: PackReader) -> dict:
+    """What ``moepack inspect`` shows: sizes and counts a user plans memory and bandwidth with."""
+    m = reader.manifest
+    a = m.architecture
+    layouts = {el.layer: m.expert_layouts[el.layout] for el in m.experts}
+    expert_params = sum(
+        int(np.prod(rec.shape)) for L, lay in layouts.items() for rec in lay.tensors.values()
+    ) * a["num_experts"]
+    dense_params = sum(int(np.prod(r.shape)) for r in m.dense.values())
+    per_expert = max((lay.length for lay in layouts.values()), default=0)
+    encodings: dict[str, int] = {}
+    for rec in list(m.dense.values()) + [r for lay in m.expert_layouts.values() for r in lay.tensors.values()]:
+        key = rec.encoding if rec.encoding == "raw" else f"affine{rec.bits}/g{rec.group_size}"
+        key += f" {rec.dtype}" + (f" (from {rec.source_encoding})" if rec.source_encoding else "")
+        encodings[key] = encodings.get(key, 0) + 1
+    return {
+        "path": str(reader.root),
+        "format": f"{m.format} v{m.format_version}",
+        "architecture": a,
+        "parameters": {"total": dense_params + expert_params, "dense": dense_params, "routed_experts": expert_params,
+                       "active_per_token": dense_params + expert_params // max(a["num_experts"], 1) * a["top_k"]},
+        "bytes": {
+            "total": sum(f["length"] for f in m.files.values()),
+            "dense": reader.dense_bytes,
+            "per_expert": per_expert,
+            "experts": per_expert * a["num_experts"] * len(layouts),
+            "per_token_uncached": per_expert * a["top_k"] * len(layouts),
+        },
+        "files": len(m.files),
+        "alignment": m.alignment,
+        "recipe": m.recipe,
+        "encodings": encodings,
+        "provenance": {k: v for k, v in m.provenance.items() if k != "source_files"},
+    }

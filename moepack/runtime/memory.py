@@ -64,3 +64,11 @@ def default_compute_dtype(pack_dtype: str) -> mx.Dtype:
     if mx.default_device() == mx.cpu:
         return mx.float32
     return dtypes.get(pack_dtype).mlx
+
+
+def peak_rss() -> int:
+    """Peak resident set size of this process in bytes (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024

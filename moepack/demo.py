@@ -1,0 +1,173 @@
+"""Synthetic checkpoints of a real architecture (Qwen3-MoE, hub spelling), made locally with no network.
+
+Used by ``moepack demo`` (the whole path on a fresh machine) and by the benchmarks in ``tools/`` (multi-GB
+checkpoints written shard by shard, never held whole in memory). The weights are random: the text a demo
+model generates is gibberish by construction, which says nothing about moepack's correctness (the parity
+tests against transformers do that).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = """Mixture-of-Experts models route every token to a few experts out of many. moepack keeps the dense part
+of the model in memory and reads the experts a token needs from the SSD, into a fixed pool of memory.
+The quick brown fox jumps over the lazy dog. Hello, world! How are you today? I am fine, thank you.
+Once upon a time there was a small laptop that wanted to run a very large language model."""
+
+
+@dataclass
+class SyntheticSpec:
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 64
+    num_experts: int = 16
+    num_experts_per_tok: int = 4
+    moe_intermediate_size: int = 128
+    vocab_size: int = 1024
+    seed: int = 0
+
+    def config(self) -> dict:
+        """config.json in the older hub spelling (rope_theta, rope_scaling, num_experts)."""
+        return {
+            "architectures": ["Qwen3MoeForCausalLM"],
+            "model_type": "qwen3_moe",
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.moe_intermediate_size * 4,
+            "moe_intermediate_size": self.moe_intermediate_size,
+            "num_experts": self.num_experts,
+            "num_experts_per_tok": self.num_experts_per_tok,
+            "norm_topk_prob": True,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "rope_theta": 1000000.0,
+            "rope_scaling": None,
+            "rms_norm_eps": 1e-6,
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": 4096,
+            "tie_word_embeddings": False,
+            "attention_bias": False,
+            "bos_token_id": None,
+            "eos_token_id": 2,
+            "torch_dtype": "bfloat16",
+        }
+
+    @property
+    def expert_params(self) -> int:
+        return self.num_hidden_layers * self.num_experts * 3 * self.hidden_size * self.moe_intermediate_size
+
+
+def _random_bf16(rng: np.random.Generator, shape: tuple[int, ...]) -> mx.array:
+    """Random bf16 values of magnitude 2^-9..2^-3 with random sign, made from integer bits (fast for GBs)."""
+    bits = rng.integers(0, 1 << 16, size=shape, dtype=np.uint16)
+    exp = (118 + (bits >> 7) % 7).astype(np.uint16)  # biased exponent 118..124
+    out = (bits & np.uint16(0x807F)) | (exp << np.uint16(7))
+    return mx.array(out).view(mx.bfloat16)
+
+
+def _tensors(spec: SyntheticSpec):
+    """(name, shape) of every tensor, in file order: embeddings, then layer by layer, then head."""
+    H, I, E = spec.hidden_size, spec.moe_intermediate_size, spec.num_experts
+    q, kv = spec.num_attention_heads * spec.head_dim, spec.num_key_value_heads * spec.head_dim
+    yield "model.embed_tokens.weight", (spec.vocab_size, H)
+    for L in range(spec.num_hidden_layers):
+        p = f"model.layers.{L}."
+        yield p + "input_layernorm.weight", (H,)
+        yield p + "post_attention_layernorm.weight", (H,)
+        yield p + "self_attn.q_proj.weight", (q, H)
+        yield p + "self_attn.k_proj.weight", (kv, H)
+        yield p + "self_attn.v_proj.weight", (kv, H)
+        yield p + "self_attn.o_proj.weight", (H, q)
+        yield p + "self_attn.q_norm.weight", (spec.head_dim,)
+        yield p + "self_attn.k_norm.weight", (spec.head_dim,)
+        yield p + "mlp.gate.weight", (E, H)
+        for e in range(E):
+            yield p + f"mlp.experts.{e}.gate_proj.weight", (I, H)
+            yield p + f"mlp.experts.{e}.up_proj.weight", (I, H)
+            yield p + f"mlp.experts.{e}.down_proj.weight", (H, I)
+    yield "model.norm.weight", (H,)
+    yield "lm_head.weight", (spec.vocab_size, H)
+
+
+def write_checkpoint(out: str | Path, spec: SyntheticSpec = SyntheticSpec(), shard_bytes: int = 2 << 30) -> Path:
+    """Write a bf16 safetensors checkpoint (sharded, with index), config.json and a small trained tokenizer."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(spec.seed)
+    shard: dict[str, mx.array] = {}
+    size, n, weight_map, total = 0, 0, {}, 0
+
+    def flush():
+        nonlocal shard, size, n
+        if shard:
+            name = f"model-{n:05d}.safetensors"
+            mx.save_safetensors(str(out / name), shard, metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+            shard, size, n = {}, 0, n + 1
+
+    for name, shape in _tensors(spec):
+        if len(shape) == 1:  # norms: near 1, so activations keep their scale
+            t = mx.array(1.0 + 0.05 * rng.standard_normal(shape).astype(np.float32)).astype(mx.bfloat16)
+        else:
+            t = _random_bf16(rng, shape)
+        nb = t.nbytes
+        if shard and size + nb > shard_bytes:
+            flush()
+        shard[name] = t
+        size += nb
+        total += nb
+    flush()
+    # hub layout: model-0000i-of-0000N.safetensors + index
+    final_map = {}
+    for i in range(n):
+        src, dst = out / f"model-{i:05d}.safetensors", out / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        src.rename(dst)
+    for k, v in weight_map.items():
+        i = int(v.split("-")[1].split(".")[0])
+        final_map[k] = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": final_map}, indent=1))
+    (out / "config.json").write_text(json.dumps(spec.config(), indent=2))
+    write_tokenizer(out, spec.vocab_size)
+    log.info("wrote a synthetic %s checkpoint of %.2f GB to %s", "qwen3_moe", total / 1e9, out)
+    return out
+
+
+def write_tokenizer(out: Path, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer trained on a built-in paragraph, with ChatML special tokens and template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=min(vocab_size, 600), special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([CORPUS] * 4, trainer)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": "<|im_end|>", "bos_token": None, "pad_token": "<|endoftext|>", "chat_template": CHATML,
+        "model_max_length": 4096, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [SPECIAL.index("<|im_end|>")]}))
+
+
+def spec_json(spec: SyntheticSpec) -> dict:
+    return asdict(spec)

@@ -1,0 +1,125 @@
+"""The pack's tokenizer (tokenizer.json through the `tokenizers` library) and chat template.
+
+Templates render in a sandboxed jinja2 environment set up the way transformers renders them
+(trim_blocks, lstrip_blocks, ``raise_exception``, ``tojson`` without ASCII escaping, ``strftime_now``),
+so a pack's template produces the same prompt it would under transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+
+from moepack.errors import PackError
+
+log = logging.getLogger(__name__)
+
+
+def _token_str(tok: Any) -> str | None:
+    if isinstance(tok, dict):
+        return tok.get("content")
+    return tok
+
+
+def _raise(message: str):
+    raise TemplateError(message)
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class Tokenizer:
+    def __init__(self, pack: str | Path):
+        root = Path(pack)
+        path = root / "tokenizer.json"
+        if not path.is_file():
+            raise PackError(f"{root} has no tokenizer.json; convert from a checkpoint that ships one, or pass token ids")
+        self._tok = HFTokenizer.from_file(str(path))
+        cfg = json.loads((root / "tokenizer_config.json").read_text()) if (root / "tokenizer_config.json").is_file() else {}
+        self.bos_token = _token_str(cfg.get("bos_token"))
+        self.eos_token = _token_str(cfg.get("eos_token"))
+        template = cfg.get("chat_template")
+        if (root / "chat_template.jinja").is_file():
+            template = (root / "chat_template.jinja").read_text()
+        elif (root / "chat_template.json").is_file():
+            template = json.loads((root / "chat_template.json").read_text()).get("chat_template", template)
+        if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+            named = {t["name"]: t["template"] for t in template}
+            template = named.get("default", next(iter(named.values()), None))
+        self.chat_template: str | None = template
+        self.eos_token_ids = self._eos_ids(root)
+
+    def _eos_ids(self, root: Path) -> set[int]:
+        ids: set[int] = set()
+        for name in ("generation_config.json", "config.json"):
+            p = root / name
+            if p.is_file():
+                v = json.loads(p.read_text()).get("eos_token_id")
+                if isinstance(v, int):
+                    ids.add(v)
+                elif isinstance(v, list):
+                    ids.update(int(i) for i in v)
+        if self.eos_token is not None and (i := self._tok.token_to_id(self.eos_token)) is not None:
+            ids.add(i)
+        return ids
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None,
+                            **kwargs: Any) -> str:
+        if not self.chat_template:
+            raise PackError("this pack's tokenizer has no chat template; use a plain prompt instead of chat messages")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = _tojson
+        env.globals["raise_exception"] = _raise
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        tmpl = env.from_string(self.chat_template)
+        return tmpl.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                           bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
+        """Render then tokenize; the template already carries BOS and other special tokens."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs), add_special_tokens=False)
+
+
+class StreamDecoder:
+    """Turns a growing list of token ids into text pieces, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tok: Tokenizer):
+        self.tok = tok
+        self.ids: list[int] = []
+        self.emitted = 0  # characters already returned
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            return ""
+        piece = text[self.emitted :]
+        self.emitted = len(text)
+        return piece
+
+    def flush(self) -> str:
+        text = self.tok.decode(self.ids)
+        piece = text[self.emitted :]
+        self.emitted = len(text)
+        return piece
