@@ -126,6 +126,19 @@ def rope(cfg: dict) -> tuple[float, dict | None]:
     return float(theta if theta is not None else 10000.0), scaling
 
 
+def rotary_dim(cfg: dict, head_dim: int, default_factor: float = 1.0) -> int:
+    """Dims of each head that RoPE rotates (the first ones), from either spelling.
+
+    New: ``rope_parameters.partial_rotary_factor``. Old: top-level ``partial_rotary_factor`` (GLM) or
+    ``rotary_dim`` (MiniMax-M2). ``default_factor`` is the family's default when none is given (GLM: 0.5).
+    """
+    params = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else {}
+    factor = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
+    if factor is None and cfg.get("rotary_dim") is not None:
+        return int(cfg["rotary_dim"])
+    return int(head_dim * (default_factor if factor is None else factor))
+
+
 def num_layers(cfg: dict) -> int:
     return int(cfg["num_hidden_layers"])
 

@@ -91,6 +91,10 @@ class PackReader:
                 out[base + ".biases"] = parts["biases"]
         return out
 
+    def release(self) -> None:
+        """Drop the file mappings used to load dense tensors (their pages would otherwise count as resident)."""
+        self._maps.clear()
+
     @property
     def dense_bytes(self) -> int:
         return sum(r.nbytes for r in self.manifest.dense.values())

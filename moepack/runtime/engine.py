@@ -91,6 +91,8 @@ class Engine:
             raise PackError(f"{self.path}: dense weights do not match the {self.family.name} model: {e}") from e
         self.model.set_dtype(self.compute_dtype)
         mx.eval(self.model.parameters())
+        del weights
+        self.reader.release()
 
     # ---- inference --------------------------------------------------------------------------
     def _forward(self, tokens: mx.array, cache) -> mx.array:

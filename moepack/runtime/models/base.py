@@ -62,13 +62,17 @@ class KVCache:
         self.offset = max(0, self.offset - n)
 
 
-def causal_mask(T: int, offset: int, dtype: mx.Dtype = mx.float32) -> mx.array | None:
-    """Additive mask [T, offset+T]: query i sees keys up to offset+i."""
-    if T == 1:
+def causal_mask(T: int, offset: int, dtype: mx.Dtype = mx.float32, window: int | None = None) -> mx.array | None:
+    """Additive mask [T, offset+T]: query i sees keys up to offset+i (and, with a sliding ``window``, only the
+    last ``window`` of them, as transformers' ``kv_idx > q_idx - window``)."""
+    if T == 1 and (not window or offset < window):
         return None
     q = mx.arange(offset, offset + T)[:, None]
     k = mx.arange(offset + T)[None, :]
-    return mx.where(k <= q, mx.array(0, dtype), mx.array(-math.inf, dtype)).astype(dtype)
+    seen = k <= q
+    if window:
+        seen = seen & (k > q - window)
+    return mx.where(seen, mx.array(0, dtype), mx.array(-math.inf, dtype)).astype(dtype)
 
 
 def attend(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None) -> mx.array:
@@ -134,7 +138,8 @@ def route_grouped(
         keep = topk(gs, topk_group)  # [N, topk_group]
         gmask = mx.zeros((N, n_group), dtype=mx.bool_)
         gmask = mx.put_along_axis(gmask, keep, mx.array(True), axis=-1)
-        choice = mx.where(mx.repeat(gmask, E // n_group, axis=-1), choice, mx.array(0.0, choice.dtype))
+        # -inf, as transformers masks: with a correction bias, kept scores can be negative
+        choice = mx.where(mx.repeat(gmask, E // n_group, axis=-1), choice, mx.array(-math.inf, choice.dtype))
     inds = topk(choice, k)
     w = mx.take_along_axis(scores, inds, axis=-1)
     if renormalize:
@@ -199,11 +204,14 @@ class Attention(nn.Module):
 
     qk_norm: None, "head" (RMSNorm over each head's dims: Qwen3, GLM) or "full" (RMSNorm over the whole
     projection before splitting heads: OLMoE, MiniMax-M2). The rope module decides partial rotary.
+    clip_qkv: clamp q, k, v to [-clip_qkv, clip_qkv] after the "full" norm, before RoPE (OLMoE).
     """
 
     def __init__(self, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int, rope: nn.Module,
-                 qkv_bias: bool = False, o_bias: bool = False, qk_norm: str | None = None, eps: float = 1e-6):
+                 qkv_bias: bool = False, o_bias: bool = False, qk_norm: str | None = None, eps: float = 1e-6,
+                 clip_qkv: float | None = None):
         super().__init__()
+        self.clip_qkv = clip_qkv
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.scale = head_dim**-0.5
         self.q_proj = nn.Linear(hidden, n_heads * head_dim, bias=qkv_bias)
@@ -223,6 +231,8 @@ class Attention(nn.Module):
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (mx.clip(t, -self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         q = q.reshape(B, T, self.n_heads, self.head_dim)  # [B, T, H, D]
         k = k.reshape(B, T, self.n_kv_heads, self.head_dim)
         v = v.reshape(B, T, self.n_kv_heads, self.head_dim)
@@ -237,10 +247,14 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); ``mlp`` is a dense MLP or an MoE block."""
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); ``mlp`` is a dense MLP or an MoE block.
 
-    def __init__(self, self_attn: nn.Module, mlp: nn.Module, hidden: int, eps: float):
+    ``sliding_window``: this layer attends only to the last that many positions (CausalLM builds its mask).
+    """
+
+    def __init__(self, self_attn: nn.Module, mlp: nn.Module, hidden: int, eps: float, sliding_window: int | None = None):
         super().__init__()
+        self.sliding_window = sliding_window
         self.self_attn = self_attn
         self.mlp = mlp
         self.input_layernorm = nn.RMSNorm(hidden, eps=eps)
@@ -273,17 +287,25 @@ class CausalLM(nn.Module):
         """tokens [B, T] -> logits [B, T, vocab]."""
         h = self.model.embed_tokens(tokens)  # [B, T, H]
         offset = cache[0].offset if cache else 0
-        mask = causal_mask(tokens.shape[1], offset, h.dtype)
+        masks: dict[int | None, mx.array | None] = {}  # one per distinct sliding window
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, mask, cache[i] if cache else None)
+            w = getattr(layer, "sliding_window", None)
+            if w not in masks:
+                masks[w] = causal_mask(tokens.shape[1], offset, h.dtype, w)
+            h = layer(h, masks[w], cache[i] if cache else None)
         h = self.model.norm(h)
         return self.model.embed_tokens.as_linear(h) if self.tie else self.lm_head(h)
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.model.layers]
 
-    @staticmethod
-    def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    # (old, new) substrings renamed in dense tensor names at load, e.g. hub "block_sparse_moe" -> in-model "mlp".
+    renames: tuple[tuple[str, str], ...] = ()
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Map the pack's dense tensor names (the checkpoint's own) onto this module tree."""
+        for old, new in self.renames:
+            weights = {k.replace(old, new): v for k, v in weights.items()}
         return weights
 
 
@@ -314,4 +336,55 @@ class SparseMoE(nn.Module):
             if "shared_expert_gate" in self:
                 s = mx.sigmoid(self.shared_expert_gate(flat)) * s
             y = y + s
+        return y.reshape(shape)
+
+
+class Router(nn.Module):
+    """Router weight [E, H] (``gate.weight``) and the selection-only ``gate.e_score_correction_bias`` [E].
+
+    Logits are computed in float32, as transformers keeps these weights in float32 for sigmoid routers.
+    """
+
+    def __init__(self, hidden: int, n_experts: int, correction_bias: bool = True):
+        super().__init__()
+        self.weight = mx.zeros((n_experts, hidden))
+        if correction_bias:
+            self.e_score_correction_bias = mx.zeros((n_experts,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return x.astype(mx.float32) @ self.weight.astype(mx.float32).T
+
+
+# Router score functions by name (SigmoidMoE's ``score``).
+SCORES = {"sigmoid": mx.sigmoid, "softmax": lambda logits: mx.softmax(logits, axis=-1)}
+
+
+class SigmoidMoE(nn.Module):
+    """Sigmoid-scored, optionally group-limited routing (DeepSeek-V3, GLM-4.5, MiniMax-M2) + ungated shared experts.
+
+    ``score="softmax", group_score="max", correction_bias=False, renormalize=False`` is DeepSeek-V2's router.
+    """
+
+    def __init__(self, hidden: int, n_experts: int, top_k: int, experts: StreamedExperts, n_group: int = 1,
+                 topk_group: int = 1, renormalize: bool = True, scaling: float = 1.0, correction_bias: bool = True,
+                 shared: nn.Module | None = None, score: str = "sigmoid", group_score: str = "top2"):
+        super().__init__()
+        self.score, self.group_score = SCORES[score], group_score
+        self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
+        self.renormalize, self.scaling = renormalize, scaling
+        self.gate = Router(hidden, n_experts, correction_bias)
+        self.experts = experts
+        if shared is not None:
+            self.shared_experts = shared
+
+    def __call__(self, x: mx.array) -> mx.array:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # [N, H]
+        scores = self.score(self.gate(flat))  # [N, E] float32
+        bias = self.gate.get("e_score_correction_bias")
+        inds, w = route_grouped(scores, self.top_k, bias, self.n_group, self.topk_group, self.group_score,
+                                self.renormalize, self.scaling)
+        y = self.experts(flat, inds, w.astype(flat.dtype))
+        if "shared_experts" in self:
+            y = y + self.shared_experts(flat)
         return y.reshape(shape)

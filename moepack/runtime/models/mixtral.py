@@ -1,0 +1,45 @@
+"""Mixtral: plain GQA attention (optionally sliding-window), softmax top-k routing always renormalised, no shared expert.
+
+Hub checkpoints name the MoE block ``block_sparse_moe`` (experts ``w1``/``w3``/``w2``); transformers 5's fused
+saves name it ``mlp``. The pack keeps either spelling for its dense tensors (the router), so ``renames`` maps the
+old one onto this module tree; the experts themselves are streamed by (layer, expert), whatever their names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.nn as nn
+
+from moepack.runtime.models.base import Attention, BaseArgs, CausalLM, DecoderLayer, SparseMoE, StreamedExperts
+
+
+@dataclass
+class ModelArgs(BaseArgs):
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    num_experts: int
+    top_k: int
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 1e6
+    sliding_window: int | None = None
+    tie_word_embeddings: bool = False
+
+
+class Model(CausalLM):
+    renames = ((".block_sparse_moe.", ".mlp."),)
+
+    def __init__(self, cfg: dict, store):
+        a = ModelArgs.from_config(cfg)
+        head_dim = a.head_dim or a.hidden_size // a.num_attention_heads
+        layers = []
+        for i in range(a.num_hidden_layers):  # every layer is MoE
+            attn = Attention(a.hidden_size, a.num_attention_heads, a.num_key_value_heads, head_dim,
+                             nn.RoPE(head_dim, base=a.rope_theta))
+            moe = SparseMoE(a.hidden_size, a.num_experts, a.top_k, True, StreamedExperts(store, i))
+            layers.append(DecoderLayer(attn, moe, a.hidden_size, a.rms_norm_eps, sliding_window=a.sliding_window))
+        super().__init__(a.vocab_size, a.hidden_size, layers, a.rms_norm_eps, a.tie_word_embeddings)
