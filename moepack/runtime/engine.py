@@ -118,21 +118,32 @@ class Engine:
         rng = np.random.default_rng(seed)
         cache = cache if cache is not None else self.model.make_cache()
         stops = set(stop_tokens or ())
-        ids = list(token_ids)
-        for s in range(0, len(ids), PREFILL_CHUNK):
-            logits = self._forward(mx.array([ids[s : s + PREFILL_CHUNK]], dtype=mx.int32), cache)
+        last = self.prefill(token_ids, cache)
         for _ in range(max_tokens):
-            last = np.array(logits[0, -1].astype(mx.float32))
             tok = sample(last, temperature, top_p, top_k, rng)
             yield tok
             if tok in stops:
                 return
-            logits = self._forward(mx.array([[tok]], dtype=mx.int32), cache)
+            last = self.prefill([tok], cache)
+
+    def make_cache(self) -> list:
+        return self.model.make_cache()
+
+    def prefill(self, token_ids: Sequence[int], cache) -> np.ndarray:
+        """Append ``token_ids`` to ``cache`` (in chunks of PREFILL_CHUNK); float32 logits [vocab] of the last one.
+
+        The step that every generation loop is built from (see moepack.runtime.generation).
+        """
+        ids = list(token_ids)
+        for s in range(0, len(ids), PREFILL_CHUNK):
+            logits = self._forward(mx.array([ids[s : s + PREFILL_CHUNK]], dtype=mx.int32), cache)
+        return np.array(logits[0, -1].astype(mx.float32))
 
     def stats(self) -> dict:
         c = self.store.counters
         return {**c.as_dict(), "compute_s": self.compute_s, "tokens": self.tokens_processed,
-                "slots": self.plan.n_slots, "slot_bytes": self.plan.slot_bytes, "io_mode": self.store.io.mode}
+                "slots": self.plan.n_slots, "slot_bytes": self.plan.slot_bytes, "expert_file_bytes": self.store.file_bytes,
+                "io_threads": self.store.threads, "io_mode": self.store.io.mode}
 
     def close(self) -> None:
         self.store.close()

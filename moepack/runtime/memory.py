@@ -67,7 +67,18 @@ def default_compute_dtype(pack_dtype: str) -> mx.Dtype:
 
 
 def peak_rss() -> int:
-    """Peak resident set size of this process in bytes (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process in bytes.
+
+    Linux: VmHWM, since ru_maxrss carries the parent's peak across fork+exec. macOS: ru_maxrss (bytes there).
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
     import resource
 
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -127,7 +127,8 @@ class ExpertStore:
         self._key_of: list[Key | None] = [None] * n_slots
         self._free = list(range(n_slots - 1, -1, -1))
         self._tls = threading.local()
-        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="moepack-io")
+        self.threads = max(1, threads)
+        self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="moepack-io")
         self._lock = threading.Lock()
 
     # ---- reading ----------------------------------------------------------------------------
