@@ -8,6 +8,7 @@ routes -> ``StreamedExperts`` asks ``ExpertStore.fetch`` (store.py) for slots ->
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +23,14 @@ from moepack.errors import BudgetError, PackError
 from moepack.formats.reader import PackReader
 from moepack.runtime import memory
 from moepack.runtime.models import module_for
-from moepack.runtime.store import ExpertStore, EvictionPolicy, slot_bytes
+from moepack.runtime.heat import heat_keys
+from moepack.runtime.models.base import StreamedExperts
+from moepack.runtime.store import POLICIES, EvictionPolicy, ExpertStore, PinnedPolicy, slot_bytes
 
 log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 512
+ROUTER_F32 = re.compile(r"(\.gate\.weight|e_score_correction_bias)$")
 
 
 @dataclass
@@ -60,17 +64,31 @@ def plan_memory(reader: PackReader, budget: int | None, compute: mx.Dtype) -> Pl
 
 class Engine:
     def __init__(self, path: str | Path, memory_budget: int | str | None = None, compute_dtype: mx.Dtype | None = None,
-                 direct_io: bool = True, io_threads: int = 8, policy: EvictionPolicy | None = None):
+                 direct_io: bool = True, io_threads: int = 8, policy: EvictionPolicy | str | None = None,
+                 prefetch: bool = True, heat: str | Path | bool | None = None, pin_hot: float = 0.0):
+        """``policy``: "lru" (default), "lfu" or an EvictionPolicy. ``heat``: a heat profile (path, or True for the
+        one `moepack profile` saved for this pack in the user cache) to warm-start the pool from; ``pin_hot``:
+        the fraction of slots whose hottest experts are never evicted. ``prefetch``: guess the next layer's
+        experts during decode and read them early (never changes output)."""
         self.path = Path(path)
         self.reader = PackReader(path)
         self.config = self.reader.config
         self.family = arch.family_for(self.config)
         self.compute_dtype = compute_dtype or memory.default_compute_dtype(self.reader.manifest.recipe.get("dtype", "float32"))
         self.plan = plan_memory(self.reader, memory.parse_bytes(memory_budget), self.compute_dtype)
+        hot = heat_keys(self.reader, heat)
+        if isinstance(policy, str) or policy is None:
+            policy = POLICIES[policy or "lru"]()
+        if pin_hot > 0 and hot:
+            policy = PinnedPolicy(policy, set(hot[: int(pin_hot * self.plan.n_slots)]))
         self.store = ExpertStore(self.reader, self.plan.n_slots, self.compute_dtype, direct=direct_io,
-                                 threads=io_threads, policy=policy)
+                                 threads=io_threads, policy=policy, prefetch=prefetch)
         self.model = module_for(self.family.name).Model(self.config, self.store)
         self._load_dense()
+        self._wire_prefetch()
+        if hot:
+            n = self.store.preload(hot)
+            log.info("warm start: preloaded %d experts from the heat profile", n)
         self.compute_s = 0.0
         self.tokens_processed = 0
         log.info("loaded %s: %s, %d expert slots of %d bytes, dense %d bytes, reads %s", path, self.family.name,
@@ -90,9 +108,22 @@ class Engine:
         except ValueError as e:
             raise PackError(f"{self.path}: dense weights do not match the {self.family.name} model: {e}") from e
         self.model.set_dtype(self.compute_dtype)
+        # Routers stay float32 (as transformers keeps them): in bf16, near-tied experts could be chosen differently.
+        keep = [(k, v.astype(mx.float32)) for k, v in weights.items() if ROUTER_F32.search(k)]
+        if keep:
+            self.model.load_weights(keep, strict=False)
         mx.eval(self.model.parameters())
         del weights
         self.reader.release()
+
+    def _wire_prefetch(self) -> None:
+        """Give each MoE block the next MoE block's router, to guess (and read early) that layer's experts."""
+        blocks = [m for _, m in self.model.named_modules() if isinstance(getattr(m, "experts", None), StreamedExperts)
+                  and hasattr(m, "route")]
+        blocks.sort(key=lambda m: m.experts.layer)
+        for cur, nxt in zip(blocks, blocks[1:]):
+            cur.experts.next_layer = nxt.experts.layer
+            cur.experts.predict = nxt.route
 
     # ---- inference --------------------------------------------------------------------------
     def _forward(self, tokens: mx.array, cache) -> mx.array:

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Hashable, Protocol, Sequence
 
@@ -42,6 +42,10 @@ class EvictionPolicy(Protocol):
 
 
 class LRUPolicy:
+    """Evict the least recently used expert."""
+
+    name = "lru"
+
     def __init__(self) -> None:
         self._order: OrderedDict[Hashable, None] = OrderedDict()
 
@@ -61,6 +65,83 @@ class LRUPolicy:
         raise RuntimeError("every slot is pinned")
 
 
+class LFUPolicy:
+    """Evict the least frequently used expert, with ageing so old popularity fades.
+
+    Counts halve every ``period`` accesses. The victim is the lowest count among ``sample`` random residents
+    (the approximation Redis uses): O(1) per miss instead of a scan of every slot.
+    """
+
+    name = "lfu"
+
+    def __init__(self, period: int = 4096, sample: int = 16, seed: int = 0) -> None:
+        self.count: dict[Key, float] = {}
+        self._keys: list[Key] = []
+        self._index: dict[Key, int] = {}
+        self.period, self.sample = period, sample
+        self._n = 0
+        self._rng = np.random.default_rng(seed)
+
+    def _tick(self) -> None:
+        self._n += 1
+        if self._n % self.period == 0:
+            for k in self.count:
+                self.count[k] /= 2
+
+    def touch(self, key: Key) -> None:
+        self.count[key] = self.count.get(key, 0.0) + 1
+        self._tick()
+
+    def insert(self, key: Key) -> None:
+        self._index[key] = len(self._keys)
+        self._keys.append(key)
+        self.touch(key)
+
+    def remove(self, key: Key) -> None:
+        i = self._index.pop(key, None)
+        if i is None:
+            return
+        last = self._keys.pop()
+        if last != key:
+            self._keys[i] = last
+            self._index[last] = i
+        # the count stays: an expert that comes back keeps its history (ageing still applies)
+
+    def victim(self, pinned: set[Key]) -> Key:
+        n = len(self._keys)
+        cand = [self._keys[i] for i in self._rng.integers(0, n, size=min(self.sample, n))]
+        cand = [k for k in cand if k not in pinned] or [k for k in self._keys if k not in pinned]
+        if not cand:
+            raise RuntimeError("every slot is pinned")
+        return min(cand, key=lambda k: self.count.get(k, 0.0))
+
+
+class PinnedPolicy:
+    """Never evict a fixed hot set (from a heat profile); everything else is handled by ``inner``."""
+
+    def __init__(self, inner: EvictionPolicy, hot: set[Key]) -> None:
+        self.inner, self.hot = inner, hot
+        self.name = f"{getattr(inner, 'name', 'custom')}+pinned"
+
+    def touch(self, key: Key) -> None:
+        self.inner.touch(key)
+
+    def insert(self, key: Key) -> None:
+        self.inner.insert(key)
+
+    def remove(self, key: Key) -> None:
+        self.inner.remove(key)
+
+    def victim(self, pinned: set[Key]) -> Key:
+        try:
+            return self.inner.victim(pinned | self.hot)
+        except RuntimeError:  # only hot experts left unpinned: give one up rather than fail
+            return self.inner.victim(pinned)
+
+
+POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy}
+
+
 @dataclass
 class Counters:
     bytes_read: int = 0
@@ -68,14 +149,22 @@ class Counters:
     hits: int = 0
     misses: int = 0
     io_wait_s: float = 0.0
+    prefetch_issued: int = 0  # reads started early on a guess of the next layer's experts
+    prefetch_used: int = 0  # ...of which the layer then asked for
+    prefetch_bytes: int = 0
+    payload_bytes: int = 0  # bytes of expert data (unpadded) behind the misses, for read amplification
 
     @property
     def hit_rate(self) -> float:
         n = self.hits + self.misses
         return self.hits / n if n else 0.0
 
+    @property
+    def read_amplification(self) -> float:
+        return self.bytes_read / self.payload_bytes if self.payload_bytes else 0.0
+
     def as_dict(self) -> dict:
-        return {**asdict(self), "hit_rate": self.hit_rate}
+        return {**asdict(self), "hit_rate": self.hit_rate, "read_amplification": self.read_amplification}
 
 
 def slot_bytes(layout: ExpertLayout, compute: mx.Dtype) -> int:
@@ -92,6 +181,7 @@ class ExpertStore:
         direct: bool = True,
         threads: int = 8,
         policy: EvictionPolicy | None = None,
+        prefetch: bool = True,
     ):
         self.reader = reader
         self.n_slots = n_slots
@@ -128,8 +218,13 @@ class ExpertStore:
         self._free = list(range(n_slots - 1, -1, -1))
         self._tls = threading.local()
         self.threads = max(1, threads)
-        self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="moepack-io")
-        self._lock = threading.Lock()
+        self._io = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="moepack-io")
+        self._inflight: dict[Key, Future] = {}
+        self._in_use: set[Key] = set()
+        self._guessed: set[Key] = set()  # prefetched and not yet asked for
+        self.prefetching = prefetch
+        self.heat: dict[Key, int] = {}  # accesses per expert over this run (for `moepack profile`)
+        self.payload = {L: sum(r.nbytes for r in lay.tensors.values()) for L, lay in layouts.items()}
 
     # ---- reading ----------------------------------------------------------------------------
     def _staging(self) -> np.ndarray:
@@ -154,48 +249,131 @@ class ExpertStore:
                     np.copyto(dst, src, casting="unsafe")
         return n
 
+    def _assign(self, key: Key, pinned: set[Key]) -> int:
+        """Give ``key`` a slot: a free one, or the policy's victim among unpinned, settled experts."""
+        if self._free:
+            slot = self._free.pop()
+        else:
+            try:
+                old = self.policy.victim(pinned | set(self._inflight))
+            except RuntimeError:  # the rest of the pool is being prefetched: let those reads land first
+                for k in list(self._inflight):
+                    try:
+                        self._settle(k)
+                    except Exception:
+                        pass
+                old = self.policy.victim(pinned)
+            slot = self._slot_of.pop(old)
+            self.policy.remove(old)
+            self._guessed.discard(old)
+        self._slot_of[key] = slot
+        self._key_of[slot] = key
+        self.policy.insert(key)
+        return slot
+
+    def _forget(self, key: Key) -> None:
+        """Drop a key whose read failed: its slot holds garbage."""
+        slot = self._slot_of.pop(key, None)
+        self.policy.remove(key)
+        self._guessed.discard(key)
+        if slot is not None:
+            self._key_of[slot] = None
+            self._free.append(slot)
+
+    def _settle(self, key: Key) -> None:
+        """Wait for an in-flight read of ``key``; a failed one is forgotten and its error raised."""
+        fut = self._inflight.pop(key)
+        try:
+            n = fut.result()
+        except BaseException:
+            self._forget(key)
+            raise
+        self.counters.reads += 1
+        self.counters.bytes_read += n
+        self.counters.payload_bytes += self.payload[key[0]]
+
+    def _reap(self) -> None:
+        for key in [k for k, f in self._inflight.items() if f.done()]:
+            try:
+                self._settle(key)
+            except Exception as e:  # a failed guess costs nothing; a real fetch re-reads and reports it
+                log.debug("prefetch of %s failed: %s", key, e)
+
     def fetch(self, layer: int, experts: Sequence[int]) -> np.ndarray:
-        """Make ``experts`` of ``layer`` resident; returns their slot indices (int32, same order)."""
+        """Make ``experts`` of ``layer`` resident; returns their slot indices (int32, same order).
+
+        They stay pinned until the next ``fetch``: the caller computes on their slots in between.
+        """
         keys = [(layer, int(e)) for e in experts]
-        if len(set(keys)) > self.n_slots:
-            raise ValueError(f"{len(set(keys))} experts requested at once but the pool has {self.n_slots} slots")
-        pinned = set(keys)
-        misses: list[tuple[Key, int]] = []
-        for key in dict.fromkeys(keys):
-            slot = self._slot_of.get(key)
-            if slot is not None:
+        uniq = list(dict.fromkeys(keys))
+        if len(uniq) > self.n_slots:
+            raise ValueError(f"{len(uniq)} experts requested at once but the pool has {self.n_slots} slots")
+        self._reap()
+        self._in_use = set(uniq)
+        waiting, misses = [], []
+        for key in uniq:
+            self.heat[key] = self.heat.get(key, 0) + 1
+            if key in self._guessed:
+                self._guessed.discard(key)
+                self.counters.prefetch_used += 1
+            if key in self._inflight:
+                self.counters.hits += 1
+                waiting.append(key)
+            elif key in self._slot_of:
                 self.counters.hits += 1
                 self.policy.touch(key)
-                continue
-            self.counters.misses += 1
-            if self._free:
-                slot = self._free.pop()
             else:
-                old = self.policy.victim(pinned)
-                slot = self._slot_of.pop(old)
-                self.policy.remove(old)
-            self._slot_of[key] = slot
-            self._key_of[slot] = key
-            self.policy.insert(key)
-            misses.append((key, slot))
-        if misses:
+                self.counters.misses += 1
+                misses.append((key, self._assign(key, self._in_use)))
+        if misses or waiting:
             t0 = time.perf_counter()
-            try:
-                sizes = list(self._pool.map(lambda ks: self._load(*ks), misses))
-            except BaseException:
-                for key, slot in misses:  # those slots hold garbage now: forget them
-                    self._slot_of.pop(key, None)
-                    self._key_of[slot] = None
-                    self.policy.remove(key)
-                    self._free.append(slot)
-                raise
+            futs = {key: self._io.submit(self._load, key, slot) for key, slot in misses}
+            self._inflight.update(futs)
+            error = None
+            for key in [*waiting, *futs]:
+                try:
+                    self._settle(key)
+                except BaseException as e:
+                    error = error or e
             self.counters.io_wait_s += time.perf_counter() - t0
-            self.counters.reads += len(sizes)
-            self.counters.bytes_read += sum(sizes)
+            if error is not None:
+                raise error
         return np.array([self._slot_of[k] for k in keys], dtype=np.int32)
+
+    def prefetch(self, layer: int | None, experts: Sequence[int]) -> None:
+        """Start reading experts a later layer will probably need; returns at once.
+
+        Slots of the experts in use (the last ``fetch``) and of reads in flight are never taken.
+        """
+        if layer is None or layer not in self.layouts:
+            return
+        for e in dict.fromkeys(int(e) for e in experts):
+            key = (layer, e)
+            if key in self._slot_of or key in self._inflight:
+                continue
+            if len(self._in_use) + len(self._inflight) + 1 > self.n_slots:
+                return  # no slot may be taken without stalling the current layer
+            slot = self._assign(key, self._in_use)
+            self._inflight[key] = self._io.submit(self._load, key, slot)
+            self._guessed.add(key)
+            self.counters.prefetch_issued += 1
+
+    def preload(self, keys: Sequence[Key]) -> int:
+        """Warm start: read ``keys`` (hottest first) into free slots; returns how many were loaded."""
+        keys = [k for k in dict.fromkeys(keys) if k[0] in self.layouts and k not in self._slot_of][: len(self._free)]
+        for key in keys:
+            self._inflight[key] = self._io.submit(self._load, key, self._assign(key, set()))
+        for key in keys:
+            self._settle(key)
+        return len(keys)
 
     def resident(self) -> set[Key]:
         return set(self._slot_of)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        for key in list(self._inflight):
+            try:
+                self._settle(key)
+            except Exception:
+                pass
+        self._io.shutdown(wait=True)

@@ -236,6 +236,11 @@ class StreamedExperts:
         self.store = store
         self.layer = layer
         self.activation = activation or (lambda g, u: nn.silu(g) * u)
+        # Set by the engine: the next MoE layer and its router, to guess that layer's experts from this
+        # layer's input and read them while this layer computes (decode only; a wrong guess costs a read,
+        # never a different output, since misses are still read exactly).
+        self.next_layer: int | None = None
+        self.predict = None
 
     def _project(self, x: mx.array, name: str, slots: mx.array) -> mx.array:
         # x: [P, 1, D_in]; slots: [P] -> [P, 1, D_out]
@@ -249,6 +254,8 @@ class StreamedExperts:
     def __call__(self, x: mx.array, inds: mx.array, weights: mx.array) -> mx.array:
         """x [N, H], inds [N, K] expert ids, weights [N, K] -> [N, H]."""
         N, K = inds.shape
+        guess = self.predict(x)[0] if N == 1 and self.predict is not None and self.store.prefetching else None
+        mx.eval(inds) if guess is None else mx.eval(inds, guess)
         ids = np.array(inds).reshape(-1)  # host sync: the store must know which experts to read
         order = np.argsort(ids, kind="stable")
         uniq = list(dict.fromkeys(ids[order].tolist()))
@@ -257,13 +264,16 @@ class StreamedExperts:
         for start in range(0, len(uniq), cap):
             group = uniq[start : start + cap]
             slots = self.store.fetch(self.layer, group)
+            if guess is not None:
+                self.store.prefetch(self.next_layer, np.array(guess).reshape(-1).tolist())
             slot_of = dict(zip(group, slots.tolist()))
             sel = order[np.isin(ids[order], group)]  # pair indices served by this batch
             xs = x[mx.array(sel // K)][:, None, :]  # [P, 1, H]
             s = mx.array(np.array([slot_of[i] for i in ids[sel]], dtype=np.uint32))
             h = self.activation(self._project(xs, "gate", s), self._project(xs, "up", s))
             y = self._project(h, "down", s)[:, 0, :]  # [P, H]
-            mx.eval(y)  # slots may be overwritten by the next batch
+            if start + cap < len(uniq):
+                mx.eval(y)  # the next batch may reuse these slots
             outs.append(y)
         y = mx.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
         y = y[mx.array(np.argsort(order, kind="stable"))].reshape(N, K, -1)  # back to pair order
@@ -400,10 +410,14 @@ class SparseMoE(nn.Module):
             if shared_gate:
                 self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
 
+    def route(self, flat: mx.array) -> tuple[mx.array, mx.array]:
+        """[N, H] -> expert ids [N, K] and weights [N, K] (also used to predict this layer's experts early)."""
+        return route_softmax(self.gate(flat), self.top_k, self.renormalize)
+
     def __call__(self, x: mx.array) -> mx.array:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [N, H]
-        inds, w = route_softmax(self.gate(flat), self.top_k, self.renormalize)
+        inds, w = self.route(flat)
         y = self.experts(flat, inds, w.astype(flat.dtype))
         if "shared_expert" in self:
             s = self.shared_expert(flat)
@@ -451,13 +465,17 @@ class SigmoidMoE(nn.Module):
         if shared is not None:
             self.shared_experts = shared
 
+    def route(self, flat: mx.array) -> tuple[mx.array, mx.array]:
+        """[N, H] -> expert ids [N, K] and weights [N, K] (also used to predict this layer's experts early)."""
+        scores = self.score(self.gate(flat))  # [N, E] float32
+        bias = self.gate.get("e_score_correction_bias")
+        return route_grouped(scores, self.top_k, bias, self.n_group, self.topk_group, self.group_score,
+                             self.renormalize, self.scaling)
+
     def __call__(self, x: mx.array) -> mx.array:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [N, H]
-        scores = self.score(self.gate(flat))  # [N, E] float32
-        bias = self.gate.get("e_score_correction_bias")
-        inds, w = route_grouped(scores, self.top_k, bias, self.n_group, self.topk_group, self.group_score,
-                                self.renormalize, self.scaling)
+        inds, w = self.route(flat)
         y = self.experts(flat, inds, w.astype(flat.dtype))
         if "shared_experts" in self:
             y = y + self.shared_experts(flat)

@@ -1,0 +1,63 @@
+"""GLM-4.5 / 4.6 MoE: GQA with q/k/v bias and optional per-head qk-norm, partial rotary (rotate-half on the first
+half of each head by default), DeepSeek-V3-style sigmoid routing with a selection-only correction bias, ungated
+shared experts, and dense MLPs in the first ``first_k_dense_replace`` layers.
+
+Multi-token-prediction layers (index >= num_hidden_layers) are not run; the converter leaves them out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moepack import arch
+from moepack.runtime.models.base import (MLP, Attention, BaseArgs, CausalLM, DecoderLayer,
+                                          ScaledRoPE, SigmoidMoE, StreamedExperts)
+
+
+@dataclass
+class ModelArgs(BaseArgs):
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_experts: int
+    top_k: int
+    head_dim: int | None = None
+    n_shared_experts: int = 1
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    use_qk_norm: bool = False
+    attention_bias: bool = False
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int | None = None
+    tie_word_embeddings: bool = False
+
+
+class Model(CausalLM):
+    def __init__(self, cfg: dict, store):
+        a = ModelArgs.from_config(cfg)
+        head_dim = a.head_dim or a.hidden_size // a.num_attention_heads
+        rotary = arch.rotary_dim(cfg, head_dim, default_factor=0.5)  # transformers' default when unspelled
+        rope = ScaledRoPE(rotary, a.rope_theta, a.rope_scaling, a.max_position_embeddings)
+        moe = set(arch.moe_layers(cfg))
+        layers = []
+        for i in range(a.num_hidden_layers):
+            attn = Attention(a.hidden_size, a.num_attention_heads, a.num_key_value_heads, head_dim,
+                             rope, qkv_bias=a.attention_bias, qk_norm="head" if a.use_qk_norm else None,
+                             eps=a.rms_norm_eps)
+            if i in moe:
+                width = a.moe_intermediate_size * a.n_shared_experts
+                shared = MLP(a.hidden_size, width) if width else None
+                mlp = SigmoidMoE(a.hidden_size, a.num_experts, a.top_k, StreamedExperts(store, i), a.n_group,
+                                 a.topk_group, a.norm_topk_prob, a.routed_scaling_factor, shared=shared)
+            else:
+                mlp = MLP(a.hidden_size, a.intermediate_size)
+            layers.append(DecoderLayer(attn, mlp, a.hidden_size, a.rms_norm_eps))
+        super().__init__(a.vocab_size, a.hidden_size, layers, a.rms_norm_eps, a.tie_word_embeddings)

@@ -1,0 +1,51 @@
+"""MiniMax-M2: GQA with RMSNorm over the whole q and k projections (statistics across heads), partial rotary
+(rotate-half on the first ``rotary_dim`` dims of each head), sigmoid routing with a selection-only correction
+bias, always renormalised, no scaling, no groups, no shared expert. Every layer is MoE.
+
+Hub checkpoints name the MoE block ``block_sparse_moe`` and keep the correction bias on the block
+(``block_sparse_moe.e_score_correction_bias``); transformers 5's fused saves say ``mlp``. ``renames`` maps both
+onto this tree, where the bias sits on the router (``mlp.gate.e_score_correction_bias``) as in the other
+sigmoid-routed families. The hub config's ``use_qk_norm``/``scoring_func``/``use_routing_bias`` switches are
+ignored, as transformers ignores them: the model always uses all three.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moepack import arch
+from moepack.runtime.models.base import (Attention, BaseArgs, CausalLM, DecoderLayer,
+                                          ScaledRoPE, SigmoidMoE, StreamedExperts)
+
+
+@dataclass
+class ModelArgs(BaseArgs):
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    num_experts: int
+    top_k: int
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 5e6
+    rope_scaling: dict | None = None
+    max_position_embeddings: int | None = None
+    tie_word_embeddings: bool = False
+
+
+class Model(CausalLM):
+    renames = ((".block_sparse_moe.", ".mlp."), (".mlp.e_score_correction_bias", ".mlp.gate.e_score_correction_bias"))
+
+    def __init__(self, cfg: dict, store):
+        a = ModelArgs.from_config(cfg)
+        head_dim = a.head_dim or a.hidden_size // a.num_attention_heads
+        rope = ScaledRoPE(arch.rotary_dim(cfg, head_dim), a.rope_theta, a.rope_scaling, a.max_position_embeddings)
+        layers = []
+        for i in range(a.num_hidden_layers):
+            attn = Attention(a.hidden_size, a.num_attention_heads, a.num_key_value_heads, head_dim, rope,
+                             qk_norm="full", eps=a.rms_norm_eps)
+            moe = SigmoidMoE(a.hidden_size, a.num_experts, a.top_k, StreamedExperts(store, i))
+            layers.append(DecoderLayer(attn, moe, a.hidden_size, a.rms_norm_eps))
+        super().__init__(a.vocab_size, a.hidden_size, layers, a.rms_norm_eps, a.tie_word_embeddings)
