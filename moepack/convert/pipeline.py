@@ -15,8 +15,10 @@ import multiprocessing as mp
 import os
 import shutil
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from tqdm import tqdm
 
@@ -47,12 +49,39 @@ def expert_relpath(layer: int, expert: int) -> str:
     return f"experts/{layer:03d}/{expert:04d}.bin"
 
 
+class Read(NamedTuple):
+    """Where one expert projection comes from: tensor ``name``, ``[index]`` of a fused tensor's expert axis (None
+    for a per-expert tensor), then ``sel`` = (start, stop, step) along ``axis`` of what remains, then a transpose
+    to the pack's [out, in] orientation."""
+
+    name: str
+    index: int | None = None
+    sel: tuple[int, int, int] | None = None
+    axis: int = 0
+    transpose: bool = False
+
+    def shape(self, src: tuple[int, ...]) -> tuple[int, ...]:
+        s = list(src[(0 if self.index is None else 1):])
+        if self.sel is not None:
+            s[self.axis] = len(range(*self.sel))
+        return tuple(reversed(s)) if self.transpose else tuple(s)
+
+
+def _fused_reads(name: str, e: int, proj: str, bias: str, shape: tuple[int, ...], layout: arch.FusedLayout) -> dict:
+    """Expert ``e``'s projections in one fused tensor ``[E, ...]``: {"gate", "up"} or {"down"} (+ ``bias`` suffix)."""
+    transpose = layout.transposed and not bias  # a bias [E, D] has one axis: nothing to transpose
+    if proj == "down_proj":
+        return {"down" + bias: Read(name, e, transpose=transpose)}
+    axis = 1 if transpose else 0  # the 2I axis: [H, 2I] when transposed, else [2I, H] (or a bias's only axis)
+    return {p + bias: Read(name, e, sel, axis, transpose) for p, sel in layout.split(shape[1 + axis]).items()}
+
+
 # ---------------------------------------------------------------------------------------------
 # planning
 
 
 def plan(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Unit], dict]:
-    cfg = ckpt.config
+    cfg = arch.text_config(ckpt.config)
     fam = arch.family_for(cfg)
     n_layers = arch.num_layers(cfg)
     n_experts = int(arch.get(cfg, "num_experts"))
@@ -60,11 +89,14 @@ def plan(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Unit], dict]:
     hidden, width = int(cfg["hidden_size"]), arch.expert_width(cfg)
 
     dense: list[str] = []
-    # experts[(layer, expert)][proj] = (tensor name, index into a fused tensor or None, row slice or None)
-    experts: dict[tuple[int, int], dict[str, tuple]] = {}
+    # experts[(layer, expert)][proj] = where to read it
+    experts: dict[tuple[int, int], dict[str, Read]] = {}
     dropped = 0
     for name, info in ckpt.tensors.items():
         layer = arch.layer_of(name)
+        if arch.SKIPPED.match(name):
+            dropped += 1  # multi-token-prediction heads, vision towers
+            continue
         if layer is not None and layer >= n_layers:
             dropped += 1  # multi-token-prediction layers beyond num_hidden_layers
             continue
@@ -75,39 +107,33 @@ def plan(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Unit], dict]:
             )
         if m := arch.EXPERT_TENSOR.match(name):
             proj = arch.PROJ_ALIASES[m["proj"]] + ("_bias" if m["part"] == "bias" else "")
-            experts.setdefault((int(m["layer"]), int(m["expert"])), {})[proj] = (name, None, None)
+            experts.setdefault((int(m["layer"]), int(m["expert"])), {})[proj] = Read(name)
         elif m := arch.FUSED_EXPERT_TENSOR.match(name):
             L, bias = int(m["layer"]), "_bias" if m["bias"] else ""
             if info.shape[0] != n_experts:
                 raise SourceError(f"{ckpt.root / info.file}: {name} has {info.shape[0]} experts, config says {n_experts}")
             for e in range(n_experts):
-                slot = experts.setdefault((L, e), {})
-                if m["proj"] == "down_proj":
-                    slot["down" + bias] = (name, e, None)
-                else:  # gate rows first, then up rows
-                    half = info.shape[1] // 2
-                    slot["gate" + bias] = (name, e, (0, half))
-                    slot["up" + bias] = (name, e, (half, 2 * half))
+                experts.setdefault((L, e), {}).update(_fused_reads(name, e, m["proj"], bias, info.shape, fam.fused))
         else:
             dense.append(name)
     if dropped:
-        log.info("dropped %d tensors of layers beyond num_hidden_layers=%d (multi-token prediction)", dropped, n_layers)
+        log.info("dropped %d tensors of multi-token prediction (or layers beyond num_hidden_layers=%d) and vision "
+                 "towers", dropped, n_layers)
 
     # Every MoE layer must have every expert, with the shapes the config promises.
     expect = {"gate": (width, hidden), "up": (width, hidden), "down": (hidden, width)}
+    biases = {"gate_bias": (width,), "up_bias": (width,), "down_bias": (hidden,)}  # checked where present
     for L in moe_layers:
         for e in range(n_experts):
             projs = experts.get((L, e), {})
-            for p, shape in expect.items():
+            for p, shape in {**expect, **{b: s for b, s in biases.items() if b in projs}}.items():
                 if p not in projs:
                     raise SourceError(f"{ckpt.root}: layer {L} expert {e} has no {p} projection; is a shard missing?")
-                name, idx, rows = projs[p]
-                src_shape = ckpt.tensors[name].shape[(0 if idx is None else 1):]
-                if rows is not None:
-                    src_shape = (rows[1] - rows[0], *src_shape[1:])
-                if tuple(src_shape) != shape:
+                r = projs[p]
+                src_shape = r.shape(ckpt.tensors[r.name].shape)
+                if src_shape != shape:
                     raise SourceError(
-                        f"{ckpt.root / ckpt.tensors[name].file}: {name} has shape {tuple(src_shape)} for layer {L} "
+                        f"{ckpt.root / ckpt.tensors[r.name].file}: {r.name} has shape {src_shape} for layer {L} "
                         f"expert {e} {p}, expected {shape} from config.json"
                     )
     stray = sorted({L for (L, _) in experts} - set(moe_layers))
@@ -132,7 +158,8 @@ def plan(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Unit], dict]:
                           {"file": f"dense/dense-{i:05d}.bin", "names": names}))
     for (L, e) in sorted(experts):
         projs = experts[(L, e)]
-        cost = sum(ckpt.tensors[n].nbytes // (ckpt.tensors[n].shape[0] if i is not None else 1) for n, i, _ in projs.values())
+        cost = sum(ckpt.tensors[r.name].nbytes // (ckpt.tensors[r.name].shape[0] if r.index is not None else 1)
+                   for r in projs.values())
         units.append(Unit(f"expert-{L:03d}-{e:04d}", "expert", cost,
                           {"file": expert_relpath(L, e), "layer": L, "expert": e, "projs": projs}))
     for f in ckpt.source_files():
@@ -178,13 +205,15 @@ def run_unit(src: str, out: str, recipe_json: dict, unit: Unit) -> dict:
         else:
             tensors = {}
             for proj in sorted(unit.payload["projs"], key=_proj_order):
-                name, idx, rows = unit.payload["projs"][proj]
-                a = ckpt.read(name, idx, slice(*rows) if rows else None)
+                r = unit.payload["projs"][proj]
+                sel = slice(*r.sel) if r.sel else None
+                a = ckpt.read(r.name, r.index, sel if r.axis == 0 else None, sel if r.axis == 1 else None)
+                a = a.T if r.transpose else a
                 enc, parts, bits, gs = recipe.encode(proj, a, expert=True)
                 f.pad_to(recipe.alignment)  # every projection segment starts on an aligned boundary
                 blobs = {k: f.add(v, with_file=False) for k, v in parts.items()}
                 tensors[proj] = TensorRecord(enc, list(a.shape), recipe.dtype, blobs, bits, gs,
-                                             source_encoding=ckpt.tensors[name].dtype)
+                                             source_encoding=ckpt.tensors[r.name].dtype)
             layout = ExpertLayout(length=0, tensors=tensors)
             result = {"layout": layout}
         entry = f.close()
@@ -244,7 +273,7 @@ def convert(
         raise ConvertError(f"{out} already holds a finished pack; pass --force to convert again into it")
     out.mkdir(parents=True, exist_ok=True)
     state = out / STATE_DIR
-    with _lock(out):
+    with _disk_full(out), _lock(out):  # ENOSPC anywhere (units, side files, manifest) reads the same
         if force and out.exists():
             for child in out.iterdir():
                 if child.name != STATE_DIR:
@@ -295,7 +324,9 @@ def _check_job(state: Path, job: dict) -> None:
         log.info("resuming the conversion in %s", state.parent)
         return
     (state / "done").mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(job))
+    tmp = path.with_name(path.name + ".tmp")  # a kill mid-write must not leave a job.json that refuses the re-run
+    tmp.write_text(json.dumps(job))
+    os.replace(tmp, path)
 
 
 def _run_units(src: str, out: Path, recipe: Recipe, units: list[Unit], workers: int | None, progress: bool) -> dict[str, dict]:
@@ -348,14 +379,21 @@ def _run_units(src: str, out: Path, recipe: Recipe, units: list[Unit], workers: 
     return results
 
 
-def _guard(fn, *args):
+@contextmanager
+def _disk_full(out):
     """Turn a full disk into an error that says what to do (the conversion resumes once space is freed)."""
     try:
-        return fn(*args)
+        yield
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            raise ConvertError(f"disk full while writing into {args[1]}; free space and re-run the same command to resume") from e
+            raise ConvertError(f"disk full while writing into {out}; free space and re-run the same command to resume") from e
         raise
+
+
+def _guard(fn, *args):
+    """Run a unit (in a worker process too) with the disk-full message; ``args[1]`` is OUT."""
+    with _disk_full(args[1]):
+        return fn(*args)
 
 
 def _assemble(out: Path, ckpt: Checkpoint, recipe: Recipe, architecture: dict, provenance: dict,

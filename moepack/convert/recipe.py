@@ -9,6 +9,7 @@ import mlx.core as mx
 from moepack import arch
 from moepack.formats import quant
 from moepack.formats.manifest import DEFAULT_ALIGNMENT
+from moepack.formats.writer import check_alignment
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 
@@ -32,6 +33,7 @@ class Recipe:
         for g in (self.expert_group_size, self.dense_group_size):
             if g not in quant.GROUP_SIZES:
                 raise ValueError(f"group size must be one of {quant.GROUP_SIZES}")
+        check_alignment(self.alignment)  # here, before a conversion starts and records its options
 
     def to_json(self) -> dict:
         return asdict(self)

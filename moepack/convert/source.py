@@ -92,7 +92,7 @@ class Checkpoint:
         except json.JSONDecodeError as e:
             raise SourceError(f"{cfg_path}: invalid JSON ({e})") from e
         self.shards = self._shard_files()
-        self._maps: dict[str, np.memmap] = {}
+        self._fds: dict[str, int] = {}  # one read-only descriptor per shard, for pread
         self.tensors: dict[str, TensorInfo] = {}
         for shard in self.shards:
             for info in self._read_header(shard):
@@ -151,17 +151,20 @@ class Checkpoint:
             out.append(info)
         return out
 
-    def read(self, name: str, index: int | None = None, rows: slice | None = None) -> mx.array:
-        """Read one tensor, or ``[index]`` of its first axis (one expert of a fused tensor), optionally a row range.
+    def read(self, name: str, index: int | None = None, rows: slice | None = None, cols: slice | None = None) -> mx.array:
+        """Read one tensor, or ``[index]`` of its first axis (one expert of a fused tensor), optionally a row range
+        and a column selection. Slices may step (gpt-oss interleaves gate and up): the covered rows are read whole.
 
-        Only the requested bytes are touched (a memory map), so a fused [E, 2I, H] tensor costs one expert's bytes.
+        Only the requested bytes are read, so a fused [E, 2I, H] tensor costs one expert's bytes. They are read with
+        ``pread`` into a private buffer rather than through a memory map: a map would keep every page touched so far
+        in the process's resident set, which grows to the size of the checkpoint over a conversion.
         """
         info = self.tensors[name]
         path = self.root / info.file
         try:
-            mm = self._maps.get(info.file)
-            if mm is None:
-                mm = self._maps[info.file] = np.memmap(path, dtype=np.uint8, mode="r")
+            fd = self._fds.get(info.file)
+            if fd is None:
+                fd = self._fds[info.file] = os.open(path, os.O_RDONLY)
             item = ITEMSIZE[info.dtype]
             shape = list(info.shape)
             start = info.offset
@@ -174,7 +177,11 @@ class Checkpoint:
                 start += rows.start * row
                 shape = [rows.stop - rows.start, *shape[1:]]
             count = int(np.prod(shape, dtype=np.int64))
-            raw = np.array(mm[start : start + count * item]).view(STORAGE[info.dtype]).reshape(shape)
+            raw = _pread(fd, start, count * item).view(STORAGE[info.dtype]).reshape(shape)
+            if rows is not None and rows.step not in (None, 1):
+                raw = np.ascontiguousarray(raw[:: rows.step])
+            if cols is not None:
+                raw = np.ascontiguousarray(raw[:, cols])
         except (OSError, ValueError) as e:
             raise SourceError(f"{path}: reading {name} failed ({e}); the shard may be truncated or corrupt") from e
         a = mx.array(raw)
@@ -188,6 +195,18 @@ class Checkpoint:
 
     def file_path(self, name: str) -> Path:
         return self.root / name
+
+
+def _pread(fd: int, offset: int, n: int) -> np.ndarray:
+    """Exactly ``n`` bytes at ``offset`` (a read returns at most ~2 GiB, so loop); short means truncated."""
+    buf = np.empty(n, np.uint8)
+    view, done = memoryview(buf), 0
+    while done < n:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise ValueError(f"file ends at byte {offset + done}, {n - done} bytes short of the tensor's end")
+        done += got
+    return buf
 
 
 def file_fingerprint(path: Path) -> dict:

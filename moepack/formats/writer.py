@@ -20,6 +20,12 @@ def align_up(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
+def check_alignment(alignment: int) -> None:
+    """Expert files are read with direct I/O, which needs page-multiple offsets and sizes."""
+    if alignment < 4096 or alignment & (alignment - 1):
+        raise ValueError(f"alignment must be a power of two of at least 4096 bytes, not {alignment}")
+
+
 class AlignedFile:
     """Sequentially builds one pack file; ``close()`` pads it to the alignment and renames it into place."""
 
@@ -76,10 +82,17 @@ class AlignedFile:
 
 
 def hash_file(path: str | os.PathLike) -> str:
-    """blake3 of a whole file, memory-mapped and multi-threaded (verify and resume re-hash large files)."""
+    """blake3 of a whole file, multi-threaded (verify and resume re-hash large files).
+
+    Read in 4 MiB chunks rather than memory-mapped: a map of a multi-GB shard would put all of it in the
+    process's resident set; chunked reads hash as fast and hold 4 MiB.
+    """
     h = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    if os.path.getsize(path):
-        h.update_mmap(str(path))
+    buf = bytearray(4 << 20)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 
@@ -87,8 +100,7 @@ class PackWriter:
     """Thin handle on an output directory: creates aligned files and copies side files (config, tokenizer)."""
 
     def __init__(self, root: str | os.PathLike, alignment: int):
-        if alignment < 4096 or alignment & (alignment - 1):
-            raise ValueError("alignment must be a power of two of at least 4096 bytes")
+        check_alignment(alignment)
         self.root = Path(root)
         self.alignment = alignment
         self.root.mkdir(parents=True, exist_ok=True)
@@ -103,9 +115,13 @@ class PackWriter:
     def write_bytes(self, relpath: str, data: bytes) -> dict:
         dst = self.root / relpath
         tmp = dst.with_name(dst.name + ".part")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:  # a full disk must not leave half a file behind
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, dst)
         return {"length": len(data), "blake3": blake3.blake3(data).hexdigest()}

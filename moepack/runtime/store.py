@@ -223,6 +223,11 @@ class ExpertStore:
         self._in_use: set[Key] = set()
         self._guessed: set[Key] = set()  # prefetched and not yet asked for
         self.prefetching = prefetch
+        # Prefetch pays only when guesses are mostly right (a wrong one is a whole extra expert read), so it
+        # pauses while the running accuracy is below min_accuracy and probes every 16th call to notice recovery.
+        self.accuracy = 1.0
+        self.min_accuracy = 0.75
+        self._prefetch_calls = 0
         self.heat: dict[Key, int] = {}  # accesses per expert over this run (for `moepack profile`)
         self.payload = {L: sum(r.nbytes for r in lay.tensors.values()) for L, lay in layouts.items()}
 
@@ -310,12 +315,15 @@ class ExpertStore:
             raise ValueError(f"{len(uniq)} experts requested at once but the pool has {self.n_slots} slots")
         self._reap()
         self._in_use = set(uniq)
+        guessed = {k for k in self._guessed if k[0] == layer}
+        if guessed:  # score the guesses made for this layer
+            used = len(guessed & self._in_use)
+            self.counters.prefetch_used += used
+            self.accuracy = 0.8 * self.accuracy + 0.2 * used / len(guessed)
+            self._guessed -= guessed
         waiting, misses = [], []
         for key in uniq:
             self.heat[key] = self.heat.get(key, 0) + 1
-            if key in self._guessed:
-                self._guessed.discard(key)
-                self.counters.prefetch_used += 1
             if key in self._inflight:
                 self.counters.hits += 1
                 waiting.append(key)
@@ -347,6 +355,9 @@ class ExpertStore:
         """
         if layer is None or layer not in self.layouts:
             return
+        self._prefetch_calls += 1
+        if self.accuracy < self.min_accuracy and self._prefetch_calls % 16:
+            return  # guesses have been poor: a wasted read costs bandwidth; probe again now and then
         for e in dict.fromkeys(int(e) for e in experts):
             key = (layer, e)
             if key in self._slot_of or key in self._inflight:

@@ -1,0 +1,242 @@
+"""``moepack bench``: measure the read path and decode against the device's own limit, in one run.
+
+Protocol. *Cold*: a fresh engine (empty expert pool) after the pack's pages were dropped from the page cache
+(``posix_fadvise(DONTNEED)`` on Linux; macOS cannot drop them without ``sudo purge``, which the report says).
+*Warm*: the same engine runs the same prompt again with its pool as the cold run left it. The device's
+sequential read bandwidth is measured in the same run with direct reads of the pack's own files, and
+``io_only`` replays the expert fetches recorded during the cold decode on a fresh pool without computing,
+so the read path can be judged against the device on any machine, however slow its compute.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from moepack.formats.reader import PackReader
+from moepack.runtime.engine import Engine
+from moepack.runtime.io import DirectReader, aligned_buffer
+from moepack.runtime.memory import peak_rss
+from moepack.runtime.store import ExpertStore
+
+log = logging.getLogger(__name__)
+
+
+def drop_page_cache(reader: PackReader) -> str:
+    """Evict the pack's files from the page cache where the platform allows it; returns how (or why not)."""
+    if not hasattr(os, "posix_fadvise"):
+        return "not dropped: this platform has no posix_fadvise (on macOS run `sudo purge` first)"
+    for rel in reader.manifest.files:
+        fd = os.open(reader.file_path(rel), os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return "posix_fadvise(DONTNEED) on every pack file"
+
+
+def device_bandwidth(reader: PackReader, max_bytes: int = 1 << 30, chunk: int = 8 << 20, threads: int = 8) -> dict:
+    """Direct sequential read bandwidth of the pack's device: one stream of ``chunk``-sized reads over the
+    pack's files (largest first), and whole expert files read by ``threads`` threads as the runtime does."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    io = DirectReader()
+    files = sorted(reader.file_path(r) for r in reader.manifest.files if r.endswith(".bin"))
+    buf = aligned_buffer(chunk)
+    drop_page_cache(reader)
+    done, t0 = 0, time.perf_counter()
+    for path in files:  # one stream: each file front to back in reads of up to `chunk`
+        size, off = path.stat().st_size, 0
+        while off < size and done < max_bytes:
+            n = min(chunk, size - off)
+            io.read_into(str(path), buf[:n], off)
+            off += n
+            done += n
+        if done >= max_bytes:
+            break
+    seq_s = time.perf_counter() - t0
+    experts = [reader.expert_file(el.layer, e) for el in reader.manifest.experts for e in range(len(el.files))]
+    rng = np.random.default_rng(0)
+    experts = [experts[i] for i in rng.permutation(len(experts))]
+    length = reader.expert_layout(reader.moe_layers[0]).length if reader.moe_layers else 0
+    n = min(len(experts), max(1, max_bytes // max(length, 1)))
+    local = {}
+
+    def read(p):
+        import threading
+
+        b = local.setdefault(threading.get_ident(), aligned_buffer(length))
+        return io.read_into(str(p), b)
+
+    drop_page_cache(reader)
+    t1 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        got = sum(pool.map(read, experts[:n]))
+    par_s = time.perf_counter() - t1
+    seq = done / seq_s / 1e9 if seq_s else 0.0
+    par = got / par_s / 1e9 if par_s else 0.0
+    # the device's limit for the ratios: the better of one stream and `threads` concurrent whole-file reads
+    return {"mode": io.mode, "sequential_bytes": done, "sequential_gbps": seq, "expert_files_bytes": got,
+            "expert_files_gbps": par, "threads": threads, "device_gbps": max(seq, par)}
+
+
+@dataclass
+class TokenRecord:
+    ms: float
+    io_ms: float
+    compute_ms: float
+    bytes_read: int
+    hits: int
+    misses: int
+
+    @property
+    def other_ms(self) -> float:
+        return max(0.0, self.ms - self.io_ms - self.compute_ms)
+
+
+@dataclass
+class RunReport:
+    label: str
+    prompt_tokens: int
+    prompt_s: float
+    tokens: list[TokenRecord] = field(default_factory=list)
+    counters: dict = field(default_factory=dict)
+
+    def summary(self, expert_payload: int) -> dict:
+        dec = self.tokens[1:] or self.tokens  # the first token's time belongs to the prompt
+        n = len(dec)
+        c = self.counters
+        needed = (c.get("misses", 0) + c.get("prefetch_used", 0)) * expert_payload
+        io_s = c.get("io_wait_s", 0.0)
+        return {
+            "label": self.label,
+            "prompt_tok_s": self.prompt_tokens / self.prompt_s if self.prompt_s else 0.0,
+            "decode_tok_s": n / (sum(t.ms for t in dec) / 1e3) if n else 0.0,
+            "ms_per_token": {k: sum(getattr(t, k) for t in dec) / n if n else 0.0
+                             for k in ("ms", "compute_ms", "io_ms", "other_ms")},
+            "bytes_read_per_token": sum(t.bytes_read for t in dec) / n if n else 0.0,
+            "hit_rate": c.get("hit_rate", 0.0),
+            "read_amplification": c.get("bytes_read", 0) / needed if needed else 0.0,
+            "fetch_gbps": c.get("bytes_read", 0) / io_s / 1e9 if io_s else 0.0,
+            "prefetch": {k: c.get(k, 0) for k in ("prefetch_issued", "prefetch_used")},
+        }
+
+
+def _run(engine: Engine, prompt: list[int], n: int, label: str) -> RunReport:
+    c = engine.store.counters
+    engine.store.counters = type(c)()
+    engine.compute_s = 0.0
+    rep = RunReport(label, len(prompt), 0.0)
+    t_prev = time.perf_counter()
+    snap = (0.0, 0.0, 0, 0, 0)
+    first = True
+    for _ in engine.generate(prompt, n):
+        now = time.perf_counter()
+        cc = engine.store.counters
+        cur = (cc.io_wait_s, engine.compute_s, cc.bytes_read, cc.hits, cc.misses)
+        d = [a - b for a, b in zip(cur, snap)]
+        if first:
+            rep.prompt_s, first = now - t_prev, False
+        else:
+            rep.tokens.append(TokenRecord((now - t_prev) * 1e3, d[0] * 1e3, d[1] * 1e3, int(d[2]), int(d[3]), int(d[4])))
+        snap, t_prev = cur, now
+    rep.counters = engine.store.counters.as_dict()
+    return rep
+
+
+def io_only(engine: Engine, trace: list[tuple[str, int, list[int]]]) -> dict:
+    """Replay recorded fetches (and prefetches) on a fresh pool of the same size, without computing."""
+    store = ExpertStore(engine.reader, engine.plan.n_slots, engine.compute_dtype, direct=engine.store.io.direct,
+                        threads=engine.store.threads, prefetch=True)
+    drop_page_cache(engine.reader)
+    t0 = time.perf_counter()
+    for kind, layer, experts in trace:
+        (store.fetch if kind == "fetch" else store.prefetch)(layer, experts)
+    store.close()
+    wall = time.perf_counter() - t0
+    c = store.counters
+    return {"fetches": len(trace), "bytes_read": c.bytes_read, "wall_s": wall,
+            "gbps": c.bytes_read / wall / 1e9 if wall else 0.0, "read_amplification": c.read_amplification}
+
+
+def record_trace(engine: Engine) -> list:
+    """Wrap the store so every fetch and prefetch is logged as (kind, layer, experts)."""
+    trace: list = []
+    store = engine.store
+    fetch, prefetch = store.fetch, store.prefetch
+
+    def f(layer, experts):
+        trace.append(("fetch", layer, [int(e) for e in experts]))
+        return fetch(layer, experts)
+
+    def p(layer, experts):
+        trace.append(("prefetch", layer, [int(e) for e in experts]))
+        return prefetch(layer, experts)
+
+    store.fetch, store.prefetch = f, p
+    return trace
+
+
+def bench(pack: str | Path, prompt_tokens: int = 64, gen_tokens: int = 32, memory_budget=None, policy: str = "lru",
+          prefetch: bool = False, io_threads: int = 8, seed: int = 0, io_only_mode: bool = False) -> dict:
+    reader = PackReader(pack)
+    how = drop_page_cache(reader)
+    dev = device_bandwidth(reader, threads=io_threads)
+    engine = Engine(pack, memory_budget=memory_budget, policy=policy, prefetch=prefetch, io_threads=io_threads)
+    vocab = engine.reader.manifest.architecture.get("vocab_size") or 1000
+    prompt = np.random.default_rng(seed).integers(0, vocab, size=prompt_tokens).tolist()
+    payload = engine.store.payload[engine.reader.moe_layers[0]] if engine.reader.moe_layers else 0
+    drop_page_cache(reader)
+    trace = record_trace(engine)
+    cold = _run(engine, prompt, gen_tokens if not io_only_mode else min(gen_tokens, 8), "cold")
+    out: dict = {"pack": str(pack), "platform": sys.platform, "page_cache": how, "device": dev,
+                 "plan": asdict(engine.plan), "policy": getattr(engine.store.policy, "name", "custom"),
+                 "prefetch": prefetch, "peak_rss": 0}
+    replay = io_only(engine, trace)
+    replay["ratio_to_device"] = replay["gbps"] / dev["device_gbps"] if dev["device_gbps"] else 0.0
+    out["io_only"] = replay
+    if not io_only_mode:
+        warm = _run(engine, prompt, gen_tokens, "warm")
+        out["runs"] = [cold.summary(payload), warm.summary(payload)]
+        out["per_token"] = {r.label: [asdict(t) | {"hit_rate": t.hits / max(t.hits + t.misses, 1)} for t in r.tokens]
+                            for r in (cold, warm)}
+        for r in out["runs"]:
+            r["fetch_ratio_to_device"] = r["fetch_gbps"] / dev["device_gbps"] if dev["device_gbps"] else 0.0
+    out["peak_rss"] = peak_rss()
+    engine.close()
+    return out
+
+
+def plot(report: dict, path: str | Path) -> Path:
+    """Latency per token (compute / I/O wait / other) and hit rate over the cold and warm runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
+    for ax, (label, toks) in zip(axes, report["per_token"].items()):
+        x = np.arange(1, len(toks) + 1)
+        comp = np.array([t["compute_ms"] for t in toks])
+        io = np.array([t["io_ms"] for t in toks])
+        other = np.array([max(0.0, t["ms"] - t["compute_ms"] - t["io_ms"]) for t in toks])
+        ax.bar(x, comp, label="compute")
+        ax.bar(x, io, bottom=comp, label="I/O wait")
+        ax.bar(x, other, bottom=comp + io, label="other")
+        ax.set_title(f"{label} decode")
+        ax.set_xlabel("token")
+        ax.set_ylabel("ms")
+        ax2 = ax.twinx()
+        ax2.plot(x, [t["hit_rate"] for t in toks], color="black", marker=".", label="hit rate")
+        ax2.set_ylim(0, 1.05)
+        ax2.set_ylabel("expert cache hit rate")
+        ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return Path(path)
