@@ -1,4 +1,4 @@
-"""The ``moepack`` command line: a thin layer over the library (convert, inspect, verify, generate, demo)."""
+"""The ``moepack`` command line: a thin layer over the library (convert, inspect, verify, generate, serve, chat, demo)."""
 
 from __future__ import annotations
 
@@ -190,6 +190,122 @@ def _print_stats(engine, n_prompt: int, n_gen: int, t0: float, first: float | No
         f"hit rate {s['hit_rate']:.1%} | I/O wait {s['io_wait_s']:.2f}s, compute {s['compute_s']:.2f}s ({s['io_mode']})",
         err=True,
     )
+
+
+@main.command()
+@click.argument("pack", type=click.Path(exists=True, file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; the default accepts local connections only.")
+@click.option("--port", type=int, default=8080, show_default=True)
+@_budget_option
+@click.option("--api-key", envvar="MOEPACK_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 routes "
+              "(also read from MOEPACK_API_KEY).")
+@click.option("--model-id", help="Model id clients use (default: the pack directory's name).")
+@click.option("--ctx-size", type=int, help="Context length in tokens (default: the model's).")
+@click.option("--parallel", type=int, default=1, show_default=True,
+              help="Requests generated in turn, a token each; the rest wait in the queue.")
+def serve(pack, host, port, memory_budget, api_key, model_id, ctx_size, parallel) -> None:
+    """Serve PACK over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    from moepack.serve.app import serve as run
+
+    click.echo(f"serving {pack} on http://{host}:{port}/v1 (GET /health answers 200 once loaded)", err=True)
+    run(pack, host=host, port=port, memory_budget=memory_budget, api_key=api_key, model_id=model_id,
+        context_length=ctx_size, parallel=parallel,
+        log_level="info" if logging.getLogger().isEnabledFor(logging.INFO) else "warning")
+
+
+@main.command()
+@click.argument("pack", type=click.Path(exists=True, file_okay=False))
+@click.option("--system", help="System message.")
+@click.option("--temp", type=float, default=0.7, show_default=True, help="Sampling temperature (0 = greedy).")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int)
+@click.option("--max-tokens", type=int, default=1024, show_default=True, help="Longest reply, in tokens.")
+@_budget_option
+def chat(pack, system, temp, top_p, seed, max_tokens, memory_budget) -> None:
+    """Chat with PACK in the terminal; /help lists the commands."""
+    import moepack
+    from moepack.runtime.sampling import SamplingParams
+    from moepack.runtime.tokenizer import Tokenizer
+    from moepack.serve.chat import ChatSession, repl
+
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    tok = Tokenizer(pack)
+    if not tok.chat_template:
+        raise click.ClickException("this pack has no chat template; use `moepack generate` with a plain prompt")
+    click.echo(f"loading {pack} ...", err=True)
+    engine = moepack.load(pack, memory_budget=memory_budget)
+    session = ChatSession(engine, tok, system, SamplingParams(temperature=temp, top_p=top_p, seed=seed), max_tokens)
+    try:
+        repl(session)
+    finally:
+        engine.close()
+
+
+@main.command()
+@click.argument("pack", type=click.Path(exists=True, file_okay=False))
+@click.option("--prompt-tokens", type=int, default=64, show_default=True)
+@click.option("--gen-tokens", type=int, default=32, show_default=True)
+@_budget_option
+@click.option("--policy", type=click.Choice(["lru", "lfu"]), default="lru", show_default=True)
+@click.option("--prefetch/--no-prefetch", default=False, show_default=True, help="Read guessed next-layer experts early.")
+@click.option("--io-threads", type=int, default=8, show_default=True)
+@click.option("--io-only", is_flag=True, help="Judge the read path only: replay a short decode's expert fetches.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of latency per token and hit rate.")
+def bench(pack, prompt_tokens, gen_tokens, memory_budget, policy, prefetch, io_threads, io_only, as_json, plot) -> None:
+    """Measure PACK cold and warm: tok/s, ms/token split, bytes per token, hit rate, and the device's own bandwidth."""
+    from moepack.runtime.bench import bench as run
+    from moepack.runtime.bench import plot as draw
+
+    r = run(pack, prompt_tokens, gen_tokens, memory_budget, policy, prefetch, io_threads, io_only_mode=io_only)
+    if plot and "per_token" in r:
+        draw(r, plot)
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    d, io = r["device"], r["io_only"]
+    click.echo(f"device ({d['mode']}): {d['sequential_gbps']:.2f} GB/s one stream, {d['expert_files_gbps']:.2f} GB/s "
+               f"whole expert files x{d['threads']} threads; page cache: {r['page_cache']}")
+    click.echo(f"read path (io-only replay): {io['gbps']:.2f} GB/s = {io['ratio_to_device']:.0%} of the device, "
+               f"read amplification {io['read_amplification']:.3f}")
+    for run_ in r.get("runs", []):
+        ms = run_["ms_per_token"]
+        click.echo(f"{run_['label']:>5}: prompt {run_['prompt_tok_s']:.1f} tok/s, decode {run_['decode_tok_s']:.2f} tok/s, "
+                   f"{ms['ms']:.1f} ms/token (compute {ms['compute_ms']:.1f}, I/O wait {ms['io_ms']:.1f}, "
+                   f"other {ms['other_ms']:.1f}), {_human(run_['bytes_read_per_token'])}/token, "
+                   f"hit rate {run_['hit_rate']:.1%}, amplification {run_['read_amplification']:.3f}, "
+                   f"fetch {run_['fetch_gbps']:.2f} GB/s ({run_['fetch_ratio_to_device']:.0%} of device)")
+    click.echo(f"slots {r['plan']['n_slots']} x {_human(r['plan']['slot_bytes'])}, policy {r['policy']}, "
+               f"peak memory {_human(r['peak_rss'])}")
+
+
+@main.command()
+@click.argument("pack", type=click.Path(exists=True, file_okay=False))
+@click.option("--prompts", type=click.File("r"), required=True, help="Text file, one prompt per line.")
+@click.option("--max-tokens", type=int, default=32, show_default=True, help="Tokens generated per prompt.")
+@_budget_option
+@click.option("--out", type=click.Path(dir_okay=False), help="Where to write the profile (default: the user cache).")
+@click.option("--into-pack", is_flag=True, help="Write heat.json into the pack itself (it must be writable).")
+def profile(pack, prompts, max_tokens, memory_budget, out, into_pack) -> None:
+    """Record which experts a workload uses, so later runs warm-start from it (`--heat` elsewhere)."""
+    import moepack
+    from moepack.runtime import heat
+    from moepack.runtime.tokenizer import Tokenizer
+
+    tok = Tokenizer(pack)
+    engine = moepack.load(pack, memory_budget=memory_budget)
+    lines = [line.strip() for line in prompts if line.strip()]
+    for i, text in enumerate(lines, 1):
+        ids = tok.encode_chat([{"role": "user", "content": text}]) if tok.chat_template else tok.encode(text)
+        for _ in engine.generate(ids, max_tokens, stop_tokens=tok.eos_token_ids):
+            pass
+        click.echo(f"{i}/{len(lines)} prompts", err=True)
+    path = heat.save(engine.reader, engine.store.heat, Path(out) if out else None, into_pack=into_pack)
+    click.echo(f"wrote the heat of {len(engine.store.heat)} experts to {path}")
 
 
 @main.command()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moepack.errors import MoepackError
 from moepack.formats.reader import PackReader
 from moepack.runtime.engine import Engine
 from moepack.runtime.io import DirectReader, aligned_buffer
@@ -188,7 +189,8 @@ def bench(pack: str | Path, prompt_tokens: int = 64, gen_tokens: int = 32, memor
     reader = PackReader(pack)
     how = drop_page_cache(reader)
     dev = device_bandwidth(reader, threads=io_threads)
-    engine = Engine(pack, memory_budget=memory_budget, policy=policy, prefetch=prefetch, io_threads=io_threads)
+    engine = Engine(pack, memory_budget=memory_budget, policy=policy, prefetch=prefetch, io_threads=io_threads,
+                    heat=False)  # cold means cold: no warm start
     vocab = engine.reader.manifest.architecture.get("vocab_size") or 1000
     prompt = np.random.default_rng(seed).integers(0, vocab, size=prompt_tokens).tolist()
     payload = engine.store.payload[engine.reader.moe_layers[0]] if engine.reader.moe_layers else 0
@@ -197,7 +199,9 @@ def bench(pack: str | Path, prompt_tokens: int = 64, gen_tokens: int = 32, memor
     cold = _run(engine, prompt, gen_tokens if not io_only_mode else min(gen_tokens, 8), "cold")
     out: dict = {"pack": str(pack), "platform": sys.platform, "page_cache": how, "device": dev,
                  "plan": asdict(engine.plan), "policy": getattr(engine.store.policy, "name", "custom"),
-                 "prefetch": prefetch, "peak_rss": 0}
+                 "prefetch": prefetch, "peak_rss": 0,
+                 "expert": {"file_bytes": engine.store.file_bytes, "payload_bytes": payload,
+                            "padding_overhead": engine.store.file_bytes / payload - 1 if payload else 0.0}}
     replay = io_only(engine, trace)
     replay["ratio_to_device"] = replay["gbps"] / dev["device_gbps"] if dev["device_gbps"] else 0.0
     out["io_only"] = replay
@@ -215,8 +219,10 @@ def bench(pack: str | Path, prompt_tokens: int = 64, gen_tokens: int = 32, memor
 
 def plot(report: dict, path: str | Path) -> Path:
     """Latency per token (compute / I/O wait / other) and hit rate over the cold and warm runs."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise MoepackError("plotting needs matplotlib: pip install 'moepack[bench]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -65,9 +65,9 @@ def plan_memory(reader: PackReader, budget: int | None, compute: mx.Dtype) -> Pl
 class Engine:
     def __init__(self, path: str | Path, memory_budget: int | str | None = None, compute_dtype: mx.Dtype | None = None,
                  direct_io: bool = True, io_threads: int = 8, policy: EvictionPolicy | str | None = None,
-                 prefetch: bool = False, heat: str | Path | bool | None = None, pin_hot: float = 0.0):
-        """``policy``: "lru" (default), "lfu" or an EvictionPolicy. ``heat``: a heat profile (path, or True for the
-        one `moepack profile` saved for this pack in the user cache) to warm-start the pool from; ``pin_hot``:
+                 prefetch: bool = False, heat: str | Path | bool | None = True, pin_hot: float = 0.0):
+        """``policy``: "lru" (default), "lfu" or an EvictionPolicy. ``heat``: a heat profile to warm-start the pool from (a path;
+        True, the default, uses the one `moepack profile` saved for this pack in the user cache if there is one); ``pin_hot``:
         the fraction of slots whose hottest experts are never evicted. ``prefetch``: guess the next layer's
         experts during decode and read them early (never changes output; off by default because on the machines
         measured so far it did not pay, see BENCHMARKS.md)."""

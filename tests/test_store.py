@@ -1,0 +1,131 @@
+"""Cache policies, prefetch, heat profiles and the bench: speed features that must never change output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import moepack
+from moepack.cli import main
+from moepack.convert.pipeline import convert
+from moepack.convert.recipe import Recipe
+from moepack.demo import SyntheticSpec, write_checkpoint
+from moepack.runtime.store import LFUPolicy, LRUPolicy, PinnedPolicy
+
+PROMPT = [11, 40, 7, 300, 12, 99]
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("store")
+    ckpt = write_checkpoint(root / "ckpt", SyntheticSpec(hidden_size=128, num_hidden_layers=4, num_experts=16,
+                                                         num_experts_per_tok=4, moe_intermediate_size=64,
+                                                         vocab_size=512))
+    return convert(str(ckpt), root / "pack", Recipe(expert_group_size=32, dense_group_size=32), progress=False)
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+def snapshot(pack: Path) -> dict:
+    return {str(p.relative_to(pack)): (p.stat().st_size, p.stat().st_mtime_ns) for p in pack.rglob("*")}
+
+
+def test_lru_evicts_least_recent():
+    p = LRUPolicy()
+    for k in [(0, 1), (0, 2), (0, 3)]:
+        p.insert(k)
+    p.touch((0, 1))
+    assert p.victim(set()) == (0, 2)
+    assert p.victim({(0, 2)}) == (0, 3)
+
+
+def test_lfu_keeps_frequent_and_ages():
+    p = LFUPolicy(period=1000, sample=64)
+    for k in [(0, 1), (0, 2), (0, 3)]:
+        p.insert(k)
+    for _ in range(5):
+        p.touch((0, 1))
+        p.touch((0, 3))
+    assert p.victim(set()) == (0, 2)
+    p.remove((0, 2))
+    assert p.victim(set()) in {(0, 1), (0, 3)}
+    aged = LFUPolicy(period=4)
+    aged.insert((1, 1))
+    for _ in range(7):
+        aged.touch((1, 1))
+    assert aged.count[(1, 1)] < 8  # halved on the way
+
+
+def test_pinned_policy_protects_hot_set():
+    p = PinnedPolicy(LRUPolicy(), {(0, 1)})
+    for k in [(0, 1), (0, 2)]:
+        p.insert(k)
+    assert p.victim(set()) == (0, 2)
+    assert p.victim({(0, 2)}) == (0, 1)  # only the hot one left: give it up rather than fail
+
+
+@pytest.mark.parametrize("opts", [dict(policy="lfu"), dict(prefetch=True), dict(prefetch=True, policy="lfu")])
+def test_speed_options_never_change_output(pack, opts):
+    base = moepack.load(pack, memory_budget=10 << 20)
+    minimum = base.plan.minimum
+    ref_logits, ref_tokens = base.logits(PROMPT), list(base.generate(PROMPT, 12))
+    eng = moepack.load(pack, memory_budget=minimum + 3 * base.plan.slot_bytes, **opts)
+    np.testing.assert_array_equal(eng.logits(PROMPT), ref_logits)
+    assert list(eng.generate(PROMPT, 12)) == ref_tokens
+    if opts.get("prefetch"):
+        assert eng.stats()["prefetch_issued"] > 0
+
+
+def test_prefetch_pauses_when_guesses_are_poor(pack):
+    eng = moepack.load(pack, memory_budget=10 << 20, prefetch=True)
+    store = eng.store
+    store.accuracy = 0.0  # as if every guess so far was wrong
+    before = store.counters.prefetch_issued
+    for _ in range(15):
+        store.prefetch(eng.reader.moe_layers[1], [0, 1, 2, 3])
+    assert store.counters.prefetch_issued == before  # paused; the 16th call probes
+    store.prefetch(eng.reader.moe_layers[1], [0, 1, 2, 3])
+    assert store.counters.prefetch_issued > before
+
+
+def test_profile_writes_sidecar_not_pack_and_warm_starts(pack, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello there\nwhat are experts\n")
+    before = snapshot(pack)
+    res = CliRunner().invoke(main, ["profile", str(pack), "--prompts", str(prompts), "--max-tokens", "3"])
+    assert res.exit_code == 0, res.output
+    assert snapshot(pack) == before  # nothing written into the (shared, maybe read-only) pack
+    sidecars = list((tmp_path / "cache" / "moepack" / "heat").glob("*.json"))
+    assert len(sidecars) == 1
+    heat = json.loads(sidecars[0].read_text())["experts"]
+    assert heat and heat[0][2] >= heat[-1][2]
+    cold = moepack.load(pack, memory_budget=10 << 20, heat=False)
+    warm = moepack.load(pack, memory_budget=10 << 20)  # picks the sidecar up by default
+    assert not cold.store.resident()
+    hottest = {(L, e) for L, e, _ in heat[: warm.plan.n_slots]}
+    assert hottest <= warm.store.resident()
+    np.testing.assert_array_equal(warm.logits(PROMPT), cold.logits(PROMPT))
+    pinned = moepack.load(pack, memory_budget=cold.plan.minimum + 4 * cold.plan.slot_bytes, pin_hot=0.5)
+    np.testing.assert_array_equal(pinned.logits(PROMPT), cold.logits(PROMPT))
+
+
+def test_bench_reports_and_plots(pack, tmp_path):
+    png = tmp_path / "bench.png"
+    res = CliRunner().invoke(main, ["bench", str(pack), "--prompt-tokens", "8", "--gen-tokens", "4",
+                                    "--memory-budget", "3MB", "--json", "--plot", str(png)])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.output)
+    assert r["device"]["device_gbps"] > 0 and r["io_only"]["bytes_read"] > 0
+    cold, warm = r["runs"]
+    assert cold["label"] == "cold" and cold["decode_tok_s"] > 0 and cold["bytes_read_per_token"] > 0
+    # without prefetch every byte read is a needed expert's file; amplification is exactly the alignment padding
+    assert cold["read_amplification"] == pytest.approx(r["expert"]["file_bytes"] / r["expert"]["payload_bytes"])
+    assert set(cold["ms_per_token"]) == {"ms", "compute_ms", "io_ms", "other_ms"}
+    assert png.stat().st_size > 1000
