@@ -76,9 +76,11 @@ def causal_mask(T: int, offset: int, dtype: mx.Dtype = mx.float32, window: int |
     return mx.where(seen, mx.array(0, dtype), mx.array(-math.inf, dtype)).astype(dtype)
 
 
-def attend(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None) -> mx.array:
-    """q [B, H, T, D], k/v [B, H_kv, S, D] -> [B, T, H*D_v]."""
-    o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+def attend(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None,
+           sinks: mx.array | None = None) -> mx.array:
+    """q [B, H, T, D], k/v [B, H_kv, S, D] -> [B, T, H*D_v]. ``sinks`` [H]: a per-head logit that joins the softmax
+    and takes probability mass without contributing a value (gpt-oss)."""
+    o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks)
     B, H, T, D = o.shape
     return o.transpose(0, 2, 1, 3).reshape(B, T, H * D)
 
@@ -243,13 +245,15 @@ class StreamedExperts:
         self.predict = None
 
     def _project(self, x: mx.array, name: str, slots: mx.array) -> mx.array:
-        # x: [P, 1, D_in]; slots: [P] -> [P, 1, D_out]
+        # x: [P, 1, D_in]; slots: [P] -> [P, 1, D_out], plus the expert's bias [D_out] where the pack has one (gpt-oss)
         rec, parts = self.store.records[name], self.store.pool[name]
-        if rec.encoding == "affine":
-            return mx.gather_qmm(x, parts["weight"], parts["scales"], parts["biases"], rhs_indices=slots,
-                                 transpose=True, group_size=rec.group_size, bits=rec.bits)
-        # a transposed view of the pool: gather_mm indexes slots in place, no per-pair weight copies
-        return mx.gather_mm(x, parts["data"].swapaxes(-1, -2), rhs_indices=slots)
+        if rec.encoding != "raw":  # affine or mxfp4: MLX quantization modes of the same name
+            y = mx.gather_qmm(x, parts["weight"], parts["scales"], parts.get("biases"), rhs_indices=slots,
+                              transpose=True, group_size=rec.group_size, bits=rec.bits, mode=rec.encoding)
+        else:  # a transposed view of the pool: gather_mm indexes slots in place, no per-pair weight copies
+            y = mx.gather_mm(x, parts["data"].swapaxes(-1, -2), rhs_indices=slots)
+        bias = self.store.pool.get(name + "_bias")
+        return y if bias is None else y + bias["data"][slots][:, None, :]
 
     def __call__(self, x: mx.array, inds: mx.array, weights: mx.array) -> mx.array:
         """x [N, H], inds [N, K] expert ids, weights [N, K] -> [N, H]."""
@@ -289,16 +293,18 @@ class Attention(nn.Module):
     qk_norm: None, "head" (RMSNorm over each head's dims: Qwen3, GLM) or "full" (RMSNorm over the whole
     projection before splitting heads: OLMoE, MiniMax-M2). The rope module decides partial rotary.
     clip_qkv: clamp q, k, v to [-clip_qkv, clip_qkv] after the "full" norm, before RoPE (OLMoE).
+    sinks: a learned per-head sink logit ``sinks [H]`` in the softmax (gpt-oss).
+    output_gate: ``q_proj`` yields [query | gate] per head and the output is scaled by sigmoid(gate) (Qwen3-Next).
     """
 
     def __init__(self, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int, rope: nn.Module,
                  qkv_bias: bool = False, o_bias: bool = False, qk_norm: str | None = None, eps: float = 1e-6,
-                 clip_qkv: float | None = None):
+                 clip_qkv: float | None = None, sinks: bool = False, output_gate: bool = False):
         super().__init__()
-        self.clip_qkv = clip_qkv
+        self.clip_qkv, self.output_gate = clip_qkv, output_gate
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.scale = head_dim**-0.5
-        self.q_proj = nn.Linear(hidden, n_heads * head_dim, bias=qkv_bias)
+        self.q_proj = nn.Linear(hidden, n_heads * head_dim * (2 if output_gate else 1), bias=qkv_bias)
         self.k_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=o_bias)
@@ -308,11 +314,16 @@ class Attention(nn.Module):
         elif qk_norm == "full":
             self.q_norm = nn.RMSNorm(n_heads * head_dim, eps=eps)
             self.k_norm = nn.RMSNorm(n_kv_heads * head_dim, eps=eps)
+        if sinks:
+            self.sinks = mx.zeros((n_heads,))
         self.rope = rope
 
     def __call__(self, x: mx.array, mask: mx.array | None, cache: KVCache | None) -> mx.array:
         B, T, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.output_gate:  # [B, T, H * 2D] -> query, gate [B, T, H * D]
+            q, gate = mx.split(q.reshape(B, T, self.n_heads, 2 * self.head_dim), 2, axis=-1)
+            q, gate = q.reshape(B, T, -1), gate.reshape(B, T, -1)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
@@ -327,25 +338,28 @@ class Attention(nn.Module):
         q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        return self.o_proj(attend(q, k, v, self.scale, mask))
+        o = attend(q, k, v, self.scale, mask, self.get("sinks"))
+        return self.o_proj(o * mx.sigmoid(gate) if self.output_gate else o)
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); ``mlp`` is a dense MLP or an MoE block.
 
     ``sliding_window``: this layer attends only to the last that many positions (CausalLM builds its mask).
+    ``mixer``: the token mixer's attribute (and checkpoint) name, e.g. "linear_attn" for Qwen3-Next's DeltaNet layers.
     """
 
-    def __init__(self, self_attn: nn.Module, mlp: nn.Module, hidden: int, eps: float, sliding_window: int | None = None):
+    def __init__(self, self_attn: nn.Module, mlp: nn.Module, hidden: int, eps: float, sliding_window: int | None = None,
+                 mixer: str = "self_attn"):
         super().__init__()
-        self.sliding_window = sliding_window
-        self.self_attn = self_attn
+        self.sliding_window, self.mixer = sliding_window, mixer
+        setattr(self, mixer, self_attn)
         self.mlp = mlp
         self.input_layernorm = nn.RMSNorm(hidden, eps=eps)
         self.post_attention_layernorm = nn.RMSNorm(hidden, eps=eps)
 
     def __call__(self, x: mx.array, mask: mx.array | None, cache: KVCache | None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        h = x + self[self.mixer](self.input_layernorm(x), mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 

@@ -1,0 +1,196 @@
+"""DeepSeek-V2, DeepSeek-V3 and Kimi K2: multi-head latent attention (MLA) with a compressed KV cache,
+grouped routing with ungated shared experts, and leading dense layers.
+
+The KV cache holds only what MLA compresses to: the normalised latent (``kv_lora_rank``) and the roped
+shared key (``qk_rope_head_dim``) per position, one "head" each. Prefill expands the latent through
+``kv_b_proj`` into per-head keys and values, exactly as transformers does; single-token decode instead
+absorbs ``kv_b_proj`` into the query and the output (as mlx-lm's deepseek_v3 does), so it never expands
+the whole cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from moepack import arch
+from moepack.errors import UnsupportedArchitecture
+from moepack.runtime.models.base import (MLP, BaseArgs, CausalLM, DecoderLayer, KVCache, ScaledRoPE, SigmoidMoE,
+                                         StreamedExperts, attend, yarn_mscale)
+
+# q_a_layernorm / kv_a_layernorm are built with RMSNorm's default eps in transformers, not rms_norm_eps.
+LORA_NORM_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What transformers' DeepseekV2 and DeepseekV3 code do differently (Kimi K2 runs the V3 code)."""
+
+    score: str  # router score function, SigmoidMoE's ``score``
+    group_score: str  # how a group of experts is scored: its best ("max") or two best summed ("top2")
+    correction_bias: bool  # router has e_score_correction_bias (selection only)
+    honours_norm_topk_prob: bool  # V2 never renormalises, whatever norm_topk_prob says
+    reads_topk_method: bool  # V2: "greedy" ignores groups; V3 always limits groups
+    reads_rope_interleave: bool  # V2 always rotates interleaved pairs
+    defaults: tuple[tuple[str, object], ...] = ()  # config defaults that differ from ModelArgs'
+
+
+V3 = Variant("sigmoid", "top2", True, True, False, True,
+             (("routed_scaling_factor", 2.5), ("norm_topk_prob", True), ("n_group", 8), ("topk_group", 4)))
+VARIANTS = {
+    "deepseek_v2": Variant("softmax", "max", False, False, True, False),
+    "deepseek_v3": V3,
+    "kimi_k2": V3,
+}
+# DeepseekV2TopkRouter's topk_method -> does it limit experts to the best groups?
+V2_TOPK_METHODS = {"greedy": False, "group_limited_greedy": True}
+
+
+@dataclass
+class ModelArgs(BaseArgs):
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_experts: int
+    top_k: int
+    kv_lora_rank: int
+    qk_rope_head_dim: int
+    qk_nope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None
+    n_shared_experts: int | None = None
+    routed_scaling_factor: float = 1.0
+    n_group: int | None = None
+    topk_group: int | None = None
+    topk_method: str | None = "greedy"
+    norm_topk_prob: bool = False
+    rope_interleave: bool = True
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "ModelArgs":
+        return super().from_config({**dict(VARIANTS[cfg["model_type"]].defaults), **cfg})
+
+
+def softmax_scale(a: ModelArgs) -> float:
+    """qk_head_dim^-0.5, times mscale² when YaRN extends the context (transformers' yarn_apply_mscale)."""
+    scale = (a.qk_nope_head_dim + a.qk_rope_head_dim) ** -0.5
+    s = a.rope_scaling or {}
+    if s.get("mscale_all_dim"):
+        scale *= yarn_mscale(s["factor"], s["mscale_all_dim"]) ** 2
+    return scale
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention; module names are transformers' so pack tensors load by name."""
+
+    def __init__(self, a: ModelArgs, rope: nn.Module):
+        super().__init__()
+        H, nH = a.hidden_size, a.num_attention_heads
+        self.n_heads, self.kv_lora = nH, a.kv_lora_rank
+        self.nope, self.rope_dim, self.v_dim = a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
+        qk = self.nope + self.rope_dim
+        if a.q_lora_rank is None:
+            self.q_proj = nn.Linear(H, nH * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(H, a.q_lora_rank, bias=a.attention_bias)
+            self.q_a_layernorm = nn.RMSNorm(a.q_lora_rank, eps=LORA_NORM_EPS)
+            self.q_b_proj = nn.Linear(a.q_lora_rank, nH * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(H, self.kv_lora + self.rope_dim, bias=a.attention_bias)
+        self.kv_a_layernorm = nn.RMSNorm(self.kv_lora, eps=LORA_NORM_EPS)
+        self.kv_b_proj = nn.Linear(self.kv_lora, nH * (self.nope + self.v_dim), bias=False)  # per head [k_nope; v]
+        self.o_proj = nn.Linear(nH * self.v_dim, H, bias=a.attention_bias)
+        self.rope = rope
+        self.scale = softmax_scale(a)
+
+    def __call__(self, x: mx.array, mask: mx.array | None, cache: KVCache | None) -> mx.array:
+        B, T, _ = x.shape
+        q = self.q_proj(x) if "q_proj" in self else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.reshape(B, T, self.n_heads, -1).transpose(0, 2, 1, 3)  # [B, nH, T, nope+rope]
+        q_nope, q_pe = q[..., : self.nope], q[..., self.nope :]
+        ckv = self.kv_a_proj_with_mqa(x)  # [B, T, kv_lora+rope]
+        latent = self.kv_a_layernorm(ckv[..., : self.kv_lora])[:, None]  # [B, 1, T, kv_lora]
+        k_pe = ckv[..., self.kv_lora :][:, None]  # [B, 1, T, rope]: one key head shared by all heads
+        offset = cache.offset if cache is not None else 0
+        q_pe, k_pe = self.rope(q_pe, offset=offset), self.rope(k_pe, offset=offset)
+        if cache is not None:
+            latent, k_pe = cache.update_and_fetch(latent, k_pe)  # [B, 1, S, kv_lora], [B, 1, S, rope]
+        if T == 1:
+            return self.o_proj(self._absorbed(q_nope, q_pe, latent, k_pe, mask))
+        S = latent.shape[2]
+        kv = self.kv_b_proj(latent).reshape(B, S, self.n_heads, -1).transpose(0, 2, 1, 3)  # [B, nH, S, nope+v]
+        k_pe = mx.broadcast_to(k_pe, (B, self.n_heads, S, self.rope_dim))
+        k = mx.concatenate([kv[..., : self.nope], k_pe], axis=-1)  # [B, nH, S, nope+rope]
+        q = mx.concatenate([q_nope, q_pe], axis=-1)
+        return self.o_proj(attend(q, k, kv[..., self.nope :], self.scale, mask))
+
+    def _absorbed(self, q_nope: mx.array, q_pe: mx.array, latent: mx.array, k_pe: mx.array,
+                  mask: mx.array | None) -> mx.array:
+        """Attention in latent space: q_nope·k_nope = (q_nope W_uk)·latent, and o = (p·latent) W_uvᵀ."""
+        B, _, T, _ = q_nope.shape
+        q_lat = self._per_head(q_nope, 0, self.nope, transpose=False)  # [B, nH, T, kv_lora]
+        q = mx.concatenate([q_lat, q_pe], axis=-1)  # [B, nH, T, kv_lora+rope]
+        k = mx.concatenate([latent, k_pe], axis=-1)  # [B, 1, S, kv_lora+rope]
+        o = mx.fast.scaled_dot_product_attention(q, k, latent, scale=self.scale, mask=mask)  # [B, nH, T, kv_lora]
+        o = self._per_head(o, self.nope, self.nope + self.v_dim, transpose=True)  # [B, nH, T, v]
+        return o.transpose(0, 2, 1, 3).reshape(B, T, -1)
+
+    def _per_head(self, x: mx.array, lo: int, hi: int, transpose: bool) -> mx.array:
+        """x [B, nH, T, ·] times rows lo:hi of each head's block of kv_b_proj (plain or quantized)."""
+        lin = self.kv_b_proj
+
+        def rows(w: mx.array) -> mx.array:
+            return w.reshape(self.n_heads, self.nope + self.v_dim, -1)[:, lo:hi]
+
+        if isinstance(lin, nn.QuantizedLinear):
+            biases = lin.get("biases")
+            return mx.quantized_matmul(x, rows(lin.weight), rows(lin.scales), None if biases is None else rows(biases),
+                                       transpose=transpose, group_size=lin.group_size, bits=lin.bits, mode=lin.mode)
+        w = rows(lin.weight)
+        return x @ (w.swapaxes(-1, -2) if transpose else w)
+
+
+def moe_block(a: ModelArgs, v: Variant, store, layer: int) -> SigmoidMoE:
+    """Router (V2: softmax, group max; V3: sigmoid + correction bias, group top-2), routed and shared experts."""
+    grouped = True
+    if v.reads_topk_method:
+        if a.topk_method not in V2_TOPK_METHODS:
+            raise UnsupportedArchitecture(
+                f"deepseek_v2 topk_method {a.topk_method!r} is not supported; supported: {', '.join(V2_TOPK_METHODS)}")
+        grouped = V2_TOPK_METHODS[a.topk_method]
+    shared = MLP(a.hidden_size, a.moe_intermediate_size * a.n_shared_experts, a.mlp_bias) if a.n_shared_experts else None
+    return SigmoidMoE(a.hidden_size, a.num_experts, a.top_k, StreamedExperts(store, layer),
+                      n_group=(a.n_group or 1) if grouped else 1, topk_group=a.topk_group or 1,
+                      renormalize=a.norm_topk_prob and v.honours_norm_topk_prob, scaling=a.routed_scaling_factor,
+                      correction_bias=v.correction_bias, shared=shared, score=v.score, group_score=v.group_score)
+
+
+class Model(CausalLM):
+    def __init__(self, cfg: dict, store):
+        a = ModelArgs.from_config(cfg)
+        v = VARIANTS[a.model_type]
+        interleaved = a.rope_interleave or not v.reads_rope_interleave
+        rope = ScaledRoPE(a.qk_rope_head_dim, a.rope_theta, a.rope_scaling, a.max_position_embeddings,
+                          traditional=interleaved)
+        moe = set(arch.moe_layers(cfg))
+        layers = []
+        for i in range(a.num_hidden_layers):
+            mlp = moe_block(a, v, store, i) if i in moe else MLP(a.hidden_size, a.intermediate_size, a.mlp_bias)
+            layers.append(DecoderLayer(MLAttention(a, rope), mlp, a.hidden_size, a.rms_norm_eps))
+        super().__init__(a.vocab_size, a.hidden_size, layers, a.rms_norm_eps, a.tie_word_embeddings)
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        # Some hub checkpoints save the rotary buffer; frequencies are recomputed from config.json.
+        return super().sanitize({k: w for k, w in weights.items() if "rotary_emb.inv_freq" not in k})
