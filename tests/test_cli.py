@@ -1,0 +1,99 @@
+"""The command line as a user drives it: convert, inspect, verify, generate, demo."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from moepack.cli import main
+from moepack.demo import SyntheticSpec, write_checkpoint
+
+SPEC = SyntheticSpec(hidden_size=128, num_hidden_layers=2, num_experts=8, num_experts_per_tok=2,
+                     moe_intermediate_size=64, vocab_size=512)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    ckpt = write_checkpoint(root / "ckpt", SPEC)
+    pack = root / "pack"
+    res = CliRunner().invoke(main, ["convert", str(ckpt), str(pack), "--q-group-size", "32", "--dense-group-size", "32"])
+    assert res.exit_code == 0, res.output
+    return ckpt, pack
+
+
+def test_inspect_json_reports_sizes(converted):
+    _, pack = converted
+    res = CliRunner().invoke(main, ["inspect", str(pack), "--json"])
+    assert res.exit_code == 0, res.output
+    s = json.loads(res.output)
+    a, b = s["architecture"], s["bytes"]
+    assert a["family"] == "qwen3_moe" and a["num_experts"] == 8 and a["top_k"] == 2 and a["moe_layers"] == [0, 1]
+    assert b["per_expert"] % s["alignment"] == 0
+    assert b["per_token_uncached"] == b["per_expert"] * 2 * 2
+    assert s["parameters"]["routed_experts"] == 2 * 8 * 3 * 128 * 64
+    assert s["recipe"]["expert_bits"] == 4 and s["recipe"]["expert_group_size"] == 32
+    assert any(k.startswith("affine4/g32") for k in s["encodings"])
+    text = CliRunner().invoke(main, ["inspect", str(pack)]).output
+    assert "per token" in text and "qwen3_moe" in text
+
+
+def test_verify_exit_codes(converted, tmp_path):
+    _, pack = converted
+    ok = CliRunner().invoke(main, ["verify", str(pack)])
+    assert ok.exit_code == 0 and "ok" in ok.output
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(pack, bad)
+    victim = bad / "experts" / "001" / "0005.bin"
+    data = bytearray(victim.read_bytes())
+    data[100] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    (bad / "experts" / "000" / "0001.bin").unlink()
+    res = CliRunner().invoke(main, ["verify", str(bad)])
+    assert res.exit_code != 0
+    assert "experts/001/0005.bin" in res.output and "experts/000/0001.bin" in res.output
+
+
+def test_convert_refuses_unknown_architecture_cleanly(tmp_path):
+    ckpt = write_checkpoint(tmp_path / "ckpt", SPEC)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    res = CliRunner().invoke(main, ["convert", str(ckpt), str(tmp_path / "out")])
+    assert res.exit_code == 1
+    assert "not supported" in res.output and "qwen3_moe" in res.output
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_generate_streams_text_and_stats(converted):
+    _, pack = converted
+    res = subprocess.run([sys.executable, "-m", "moepack.cli", "generate", str(pack), "-p", "Hello experts",
+                          "--max-tokens", "6", "--stats", "--memory-budget", "4MB"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "tok/s" in res.stderr and "hit rate" in res.stderr and "/token" in res.stderr
+    chat = subprocess.run([sys.executable, "-m", "moepack.cli", "generate", str(pack), "-p", "Hi", "--chat",
+                           "--max-tokens", "4", "--temp", "0.7", "--seed", "1"], capture_output=True, text=True,
+                          timeout=300)
+    assert chat.returncode == 0, chat.stderr
+
+
+def test_budget_error_states_minimum(converted):
+    _, pack = converted
+    res = CliRunner().invoke(main, ["generate", str(pack), "-p", "x", "--memory-budget", "1000"])
+    assert res.exit_code == 1
+    assert "minimum budget" in res.output
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    res = CliRunner().invoke(main, ["demo", "--dir", str(tmp_path), "--max-tokens", "4"])
+    assert res.exit_code == 0, res.output
+    assert "random weights" in res.output and "verify         ok" in res.output
+    assert (tmp_path / "pack" / "manifest.json").exists()
