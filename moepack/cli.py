@@ -57,12 +57,15 @@ def main(ctx, verbose: bool, debug: bool) -> None:
 @click.option("--dense-bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default="8", show_default=True,
               help="Bits per weight of dense matrices (attention, shared experts, embeddings, lm_head).")
 @click.option("--dense-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True)
-@click.option("--no-quantize", is_flag=True, help="Keep every tensor unquantized at --dtype.")
+@click.option("--no-quantize", is_flag=True, help="Keep every float tensor unquantized at --dtype.")
+@click.option("--requantize", is_flag=True,
+              help="Decode tensors the source ships quantized (INT4, MXFP4) and apply the recipe, instead of carrying "
+                   "them losslessly.")
 @click.option("--alignment", type=int, default=16384, show_default=True, help="Expert segment/file alignment in bytes.")
 @click.option("--workers", type=int, help="Parallel worker processes (default: by job size and CPU count).")
 @click.option("--force", is_flag=True, help="Convert again into an OUT that holds a pack or a different partial run.")
-def convert(src, out, revision, dtype, q_bits, q_group_size, dense_bits, dense_group_size, no_quantize, alignment,
-            workers, force) -> None:
+def convert(src, out, revision, dtype, q_bits, q_group_size, dense_bits, dense_group_size, no_quantize, requantize,
+            alignment, workers, force) -> None:
     """Convert a Hugging Face checkpoint (directory or hub repo id) SRC into a pack at OUT.
 
     Re-running the same command after an interruption resumes where it stopped.
@@ -71,7 +74,8 @@ def convert(src, out, revision, dtype, q_bits, q_group_size, dense_bits, dense_g
     from moepack.convert.recipe import Recipe
 
     recipe = Recipe(dtype=dtype, quantize=not no_quantize, expert_bits=int(q_bits), expert_group_size=int(q_group_size),
-                    dense_bits=int(dense_bits), dense_group_size=int(dense_group_size), alignment=alignment)
+                    dense_bits=int(dense_bits), dense_group_size=int(dense_group_size), alignment=alignment,
+                    requantize=requantize)
     t0 = time.perf_counter()
     path = run(src, out, recipe, revision=revision, workers=workers, force=force)
     click.echo(f"wrote {path} in {time.perf_counter() - t0:.1f}s")
@@ -132,6 +136,11 @@ def _budget_option(f):
                         "Default: 60% of available memory.")(f)
 
 
+def _verify_option(f):
+    return click.option("--verify", is_flag=True, help="Check each file's blake3 against the manifest the first time "
+                        "it is read; a corrupt expert fails only the request that needs it.")(f)
+
+
 @main.command()
 @click.argument("pack", type=click.Path(exists=True, file_okay=False))
 @click.option("-p", "--prompt", required=True, help="Prompt text ('-' reads standard input).")
@@ -144,7 +153,8 @@ def _budget_option(f):
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the pack's chat template as a user message.")
 @click.option("--system", help="System message (with --chat).")
 @click.option("--stats", is_flag=True, help="End with throughput, memory and I/O figures.")
-def generate(pack, prompt, max_tokens, temp, top_p, top_k, seed, memory_budget, chat, system, stats) -> None:
+@_verify_option
+def generate(pack, prompt, max_tokens, temp, top_p, top_k, seed, memory_budget, chat, system, stats, verify) -> None:
     """Generate text from PACK, streaming it to standard output."""
     import moepack
     from moepack.runtime.tokenizer import StreamDecoder, Tokenizer
@@ -157,7 +167,7 @@ def generate(pack, prompt, max_tokens, temp, top_p, top_k, seed, memory_budget, 
         ids = tok.encode_chat(messages)
     else:
         ids = tok.encode(prompt)
-    engine = moepack.load(pack, memory_budget=memory_budget)
+    engine = moepack.load(pack, memory_budget=memory_budget, verify=verify)
     out = StreamDecoder(tok)
     t0 = time.perf_counter()
     first = None
@@ -211,7 +221,8 @@ def serve(pack, host, port, memory_budget, api_key, model_id, ctx_size, parallel
     click.echo(f"serving {pack} on http://{host}:{port}/v1 (GET /health answers 200 once loaded)", err=True)
     run(pack, host=host, port=port, memory_budget=memory_budget, api_key=api_key, model_id=model_id,
         context_length=ctx_size, parallel=parallel,
-        log_level="info" if logging.getLogger().isEnabledFor(logging.INFO) else "warning")
+        log_level="info" if logging.getLogger().isEnabledFor(logging.INFO) else "warning",
+        announce=lambda msg: click.echo(msg, err=True))
 
 
 @main.command()

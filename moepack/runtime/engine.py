@@ -44,11 +44,13 @@ class Plan:
     minimum: int
 
 
-def plan_memory(reader: PackReader, budget: int | None, compute: mx.Dtype) -> Plan:
+def plan_memory(reader: PackReader, budget: int | None, compute: mx.Dtype, stage=None) -> Plan:
+    """``stage``: plan a pipeline stage's share only (its ``owns(name)`` dense tensors and MoE ``layers``)."""
     a = reader.manifest.architecture
-    dense = sum(memory.resident_bytes(r, compute) for r in reader.manifest.dense.values())
-    per_slot = slot_bytes(reader.expert_layout(reader.moe_layers[0]), compute) if reader.moe_layers else 0
-    total_experts = len(reader.moe_layers) * a["num_experts"]
+    dense = sum(memory.resident_bytes(r, compute) for n, r in reader.manifest.dense.items() if stage is None or stage.owns(n))
+    moe = [L for L in reader.moe_layers if stage is None or L in stage.layers]
+    per_slot = slot_bytes(reader.expert_layout(moe[0]), compute) if moe else 0
+    total_experts = len(moe) * a["num_experts"]
     minimum = dense + a["top_k"] * per_slot
     if budget is None:
         budget = max(minimum, memory.default_budget())
@@ -65,27 +67,38 @@ def plan_memory(reader: PackReader, budget: int | None, compute: mx.Dtype) -> Pl
 class Engine:
     def __init__(self, path: str | Path, memory_budget: int | str | None = None, compute_dtype: mx.Dtype | None = None,
                  direct_io: bool = True, io_threads: int = 8, policy: EvictionPolicy | str | None = None,
-                 prefetch: bool = False, heat: str | Path | bool | None = True, pin_hot: float = 0.0):
+                 prefetch: bool = False, heat: str | Path | bool | None = True, pin_hot: float = 0.0,
+                 verify: bool = False, stage=None):
         """``policy``: "lru" (default), "lfu" or an EvictionPolicy. ``heat``: a heat profile to warm-start the pool from (a path;
         True, the default, uses the one `moepack profile` saved for this pack in the user cache if there is one); ``pin_hot``:
         the fraction of slots whose hottest experts are never evicted. ``prefetch``: guess the next layer's
         experts during decode and read them early (never changes output; off by default because on the machines
-        measured so far it did not pay, see BENCHMARKS.md)."""
+        measured so far it did not pay, see BENCHMARKS.md). ``verify``: check each file's blake3 the first time it is
+        read (dense files at load, each expert file on its first read; cost in RELIABILITY.md). ``stage``: load only a
+        pipeline stage's layers (a ``runtime.distributed.Stage``; ``moepack.runtime.distributed`` runs it)."""
         self.path = Path(path)
-        self.reader = PackReader(path)
-        self.config = self.reader.config
+        self.reader = PackReader(path, verify=verify)
+        self.config = arch.text_config(self.reader.config)  # a multimodal wrapper's language model (Kimi K2.5)
         self.family = arch.family_for(self.config)
         self.compute_dtype = compute_dtype or memory.default_compute_dtype(self.reader.manifest.recipe.get("dtype", "float32"))
-        self.plan = plan_memory(self.reader, memory.parse_bytes(memory_budget), self.compute_dtype)
+        self.stage = stage
+        self.plan = plan_memory(self.reader, memory.parse_bytes(memory_budget), self.compute_dtype, stage)
         hot = heat_keys(self.reader, heat)
         if isinstance(policy, str) or policy is None:
             policy = POLICIES[policy or "lru"]()
         if pin_hot > 0 and hot:
             policy = PinnedPolicy(policy, set(hot[: int(pin_hot * self.plan.n_slots)]))
         self.store = ExpertStore(self.reader, self.plan.n_slots, self.compute_dtype, direct=direct_io,
-                                 threads=io_threads, policy=policy, prefetch=prefetch)
-        self.model = module_for(self.family.name).Model(self.config, self.store)
-        self._load_dense()
+                                 threads=io_threads, policy=policy, prefetch=prefetch, verify=verify,
+                                 layers=stage.layers if stage is not None else None)
+        try:  # config.json and the dense tensors are pack data: a mismatch is a bad pack, not a crash
+            self.model = module_for(self.family.name).Model(self.config, self.store)
+            if stage is not None:
+                stage.trim(self.model)
+            self._load_dense()
+        except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError) as e:
+            self.store.close()
+            raise PackError(f"{self.path}: the model cannot be built from this pack ({type(e).__name__}: {e})") from e
         self._wire_prefetch()
         if hot:
             n = self.store.preload(hot)
@@ -96,12 +109,12 @@ class Engine:
                  self.plan.n_slots, self.plan.slot_bytes, self.plan.dense_bytes, self.store.io.mode)
 
     def _load_dense(self) -> None:
-        weights = self.model.sanitize(self.reader.dense_weights())
-        recs = {n[: -len(".weight")]: r for n, r in self.reader.manifest.dense.items() if r.encoding == "affine"}
+        weights = self.model.sanitize(self.reader.dense_weights(self.stage.owns if self.stage is not None else None))
+        recs = {n[: -len(".weight")]: r for n, r in self.reader.manifest.dense.items() if r.encoding != "raw"}
 
         def quantized(path: str, module: nn.Module):
-            rec = recs.get(path)
-            return rec is not None and {"group_size": rec.group_size, "bits": rec.bits}
+            rec = recs.get(path)  # affine or mxfp4: MLX quantization modes of the same name
+            return rec is not None and {"group_size": rec.group_size, "bits": rec.bits, "mode": rec.encoding}
 
         nn.quantize(self.model, class_predicate=quantized)
         try:
@@ -148,7 +161,7 @@ class Engine:
         if not token_ids:
             raise ValueError("generate needs at least one prompt token")
         rng = np.random.default_rng(seed)
-        cache = cache if cache is not None else self.model.make_cache()
+        cache = cache if cache is not None else self.make_cache()
         stops = set(stop_tokens or ())
         last = self.prefill(token_ids, cache)
         for _ in range(max_tokens):

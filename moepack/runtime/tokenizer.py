@@ -104,14 +104,15 @@ class Tokenizer:
 class StreamDecoder:
     """Turns a growing list of token ids into text pieces, holding back incomplete UTF-8 sequences."""
 
-    def __init__(self, tok: Tokenizer):
+    def __init__(self, tok: Tokenizer, skip_special_tokens: bool = True):
         self.tok = tok
+        self.skip_special_tokens = skip_special_tokens  # False keeps markers such as tool-call tokens
         self.ids: list[int] = []
         self.emitted = 0  # characters already returned
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.tok.decode(self.ids)
+        text = self.tok.decode(self.ids, self.skip_special_tokens)
         if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
             return ""
         piece = text[self.emitted :]
@@ -119,7 +120,7 @@ class StreamDecoder:
         return piece
 
     def flush(self) -> str:
-        text = self.tok.decode(self.ids)
+        text = self.tok.decode(self.ids, self.skip_special_tokens)
         piece = text[self.emitted :]
         self.emitted = len(text)
         return piece

@@ -1,0 +1,174 @@
+"""Request-level generation shared by ``moepack serve`` and ``moepack chat``.
+
+- :class:`Generation`: one request's token loop over a KV cache, advanced a token at a time so a scheduler can
+  interleave requests, stop one early (``close()``) or survive an interruption (``settle()``).
+- :class:`PromptCache`: KV caches of recent sequences; a prompt that starts with one of them (the next turn
+  of a conversation, a shared system prompt) only prefills what is new.
+- :class:`TextStream`: token ids to text deltas, ending at the first stop string and never emitting it.
+
+Engine interface used here: ``make_cache()`` -> list of caches with ``offset``/``trim(n)``, and
+``prefill(ids, cache)`` -> float32 logits of the last position (see runtime/engine.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+from moepack.runtime.sampling import Sampled, Sampler, SamplingParams
+from moepack.runtime.tokenizer import StreamDecoder, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def trim_to(cache: list, n: int) -> None:
+    """Make every layer's cache hold exactly its first ``n`` positions (layers may be ahead after an interrupt)."""
+    for c in cache:
+        if c.offset > n:
+            c.trim(c.offset - n)
+
+
+class PromptCache:
+    """Up to ``size`` KV caches keyed by the token sequence they hold, most recently used last.
+
+    ``take`` hands a cache out (it is mutated by the generation that uses it) and ``put`` gives it back, so
+    two concurrent requests never share one.
+    """
+
+    def __init__(self, size: int = 2):
+        self.size = size
+        self.entries: list[tuple[list[int], list]] = []
+
+    def take(self, prompt: Sequence[int], make_cache) -> tuple[list, int]:
+        """A cache holding the longest cached prefix of ``prompt`` (at most all but its last token) and its length."""
+        best, best_n = None, 0
+        for i, (tokens, _) in enumerate(self.entries):
+            n = min(common_prefix(tokens, prompt), len(prompt) - 1)  # the last token is always fed: it gives logits
+            if n > best_n:
+                best, best_n = i, n
+        if best is None:
+            return make_cache(), 0
+        _, cache = self.entries.pop(best)
+        trim_to(cache, best_n)
+        return cache, best_n
+
+    def put(self, tokens: Sequence[int], cache: list) -> None:
+        if self.size <= 0 or not tokens or any(c.offset != len(tokens) for c in cache):
+            return
+        self.entries.append((list(tokens), cache))
+        del self.entries[: -self.size]
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+class Generation:
+    """Prefill the uncached part of ``prompt`` into ``cache``, then sample up to ``max_tokens`` tokens.
+
+    Iterate to get :class:`Sampled` tokens. ``tokens`` always lists exactly what ``cache`` holds once
+    ``settle()`` has run, so the cache can be kept (for the next turn) whatever stopped the loop.
+    ``finish_reason`` is "stop" (a stop token), "length" (``max_tokens``) or None (stopped from outside).
+    """
+
+    def __init__(self, engine: Any, prompt: Sequence[int], max_tokens: int, params: SamplingParams = SamplingParams(),
+                 stop_tokens: Sequence[int] = (), cache: list | None = None, reused: int = 0):
+        if not prompt:
+            raise ValueError("generation needs at least one prompt token")
+        if not 0 <= reused < len(prompt):
+            raise ValueError(f"reused={reused} must leave at least one of {len(prompt)} prompt tokens to prefill")
+        self.engine = engine
+        self.prompt = list(prompt)
+        self.max_tokens = max_tokens
+        self.sampler = Sampler(params, self.prompt)
+        self.stop_tokens = set(stop_tokens)
+        self.cache = cache if cache is not None else engine.make_cache()
+        self.reused = reused
+        self.tokens = self.prompt[:reused]  # what the cache holds
+        self.generated: list[int] = []
+        self.finish_reason: str | None = None
+
+    def __iter__(self) -> Iterator[Sampled]:
+        if self.max_tokens <= 0:
+            self.finish_reason = "length"
+            return
+        last = self.engine.prefill(self.prompt[self.reused :], self.cache)
+        self.tokens = list(self.prompt)
+        while True:
+            s = self.sampler(last)
+            self.generated.append(s.token)
+            if s.token in self.stop_tokens:
+                self.finish_reason = "stop"
+            elif len(self.generated) >= self.max_tokens:
+                self.finish_reason = "length"
+            yield s
+            if self.finish_reason:
+                return
+            last = self.engine.prefill([s.token], self.cache)
+            self.tokens.append(s.token)
+
+    def settle(self) -> None:
+        """Trim the cache back to ``tokens`` (after an exception or KeyboardInterrupt inside a forward pass)."""
+        trim_to(self.cache, len(self.tokens))
+
+
+def held_back(text: str, markers: Sequence[str]) -> int:
+    """Length of the longest end of ``text`` that is a proper prefix of one of ``markers`` (may still become it)."""
+    best = 0
+    for m in markers:
+        for k in range(min(len(m) - 1, len(text)), best, -1):
+            if text.endswith(m[:k]):
+                best = k
+                break
+    return best
+
+
+class TextStream:
+    """Detokenize a stream of ids into text deltas; stop at the first stop string, which is not emitted."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), skip_special_tokens: bool = True):
+        self.decoder = StreamDecoder(tokenizer, skip_special_tokens)
+        self.stop = [s for s in stop if s]
+        self.pending = ""  # decoded, not yet emitted: it may be the start of a stop string
+        self.text = ""  # everything emitted
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        return self._emit(self.decoder.push(token), final=False)
+
+    def flush(self) -> str:
+        if self.stopped:
+            return ""
+        return self._emit(self.decoder.flush(), final=True)
+
+    def _emit(self, piece: str, final: bool) -> str:
+        buf = self.pending + piece
+        hits = [i for i in (buf.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            out, self.pending, self.stopped = buf[: min(hits)], "", True
+        else:
+            keep = 0 if final else held_back(buf, self.stop)
+            out, self.pending = buf[: len(buf) - keep], buf[len(buf) - keep :]
+        self.text += out
+        return out
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
