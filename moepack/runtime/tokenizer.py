@@ -102,25 +102,34 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Turns a growing list of token ids into text pieces, holding back incomplete UTF-8 sequences."""
+    """Turns a growing list of token ids into text pieces, holding back incomplete UTF-8 sequences.
+
+    Decodes only a short window (the previous piece's tokens plus the new ones) and returns the text the new
+    tokens add to it, so a long reply costs linear time and tokenizers that drop a leading space at the start
+    of a decode still join up correctly.
+    """
 
     def __init__(self, tok: Tokenizer, skip_special_tokens: bool = True):
         self.tok = tok
         self.skip_special_tokens = skip_special_tokens  # False keeps markers such as tool-call tokens
         self.ids: list[int] = []
-        self.emitted = 0  # characters already returned
+        self._prefix = 0  # start of the window
+        self._read = 0  # tokens before this have been turned into text
+
+    def _delta(self) -> str:
+        prefix = self.tok.decode(self.ids[self._prefix : self._read], self.skip_special_tokens)
+        full = self.tok.decode(self.ids[self._prefix :], self.skip_special_tokens)
+        return full[len(prefix) :]
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.tok.decode(self.ids, self.skip_special_tokens)
-        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+        piece = self._delta()
+        if not piece or piece.endswith("\ufffd"):  # a multi-byte character is not complete yet
             return ""
-        piece = text[self.emitted :]
-        self.emitted = len(text)
+        self._prefix, self._read = self._read, len(self.ids)
         return piece
 
     def flush(self) -> str:
-        text = self.tok.decode(self.ids, self.skip_special_tokens)
-        piece = text[self.emitted :]
-        self.emitted = len(text)
+        piece = self._delta()
+        self._prefix = self._read = len(self.ids)
         return piece
