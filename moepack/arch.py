@@ -31,6 +31,16 @@ FUSED_EXPERT_TENSOR = re.compile(
     r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.experts\.(?P<proj>gate_up_proj|down_proj)(?P<bias>_bias)?$"
 )
 LAYER_TENSOR = re.compile(r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.")
+# Tensors a pack leaves out: multi-token-prediction heads (``mtp.layers.0...`` would otherwise read as layer 0) and
+# the vision tower of a multimodal checkpoint whose text model moepack runs (Qwen3.5-MoE; Kimi K2.5's
+# vision_tower and mm_projector).
+VISION = re.compile(r"^(model\.visual\.|visual\.|vision_tower\.|mm_projector\.|multi_modal_projector\.)")
+SKIPPED = re.compile(rf"^mtp\.|{VISION.pattern}")
+# A multimodal wrapper's prefixes -> the text model's own, so its tensors load as a plain causal LM
+# (Kimi K2.5 nests a DeepSeek-V3 text model as language_model.model.* and language_model.lm_head; Qwen3.5-MoE
+# as model.language_model.*).
+TEXT_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                 ("model.language_model.", "model."))
 PROJ_ALIASES = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
 EXPERT_PROJS = ("gate", "up", "down")
 
@@ -62,21 +72,44 @@ def _glm_moe_layer(cfg: dict, i: int) -> bool:
 
 
 @dataclass(frozen=True)
+class FusedLayout:
+    """How a family's fused expert tensors lie on disk, after the leading expert axis.
+
+    Default (transformers 5): ``gate_up_proj [2I, H]`` = [gate; up] halves, ``down_proj [H, I]``, i.e. [out, in].
+    gpt-oss: ``gate_up_proj [H, 2I]`` with gate and up interleaved along 2I (gate = even, up = odd columns),
+    ``down_proj [I, H]``: ``transposed`` ([in, out]) and ``interleaved``. Biases ``*_bias [2I]``/``[H]`` follow the
+    same split along their only axis.
+    """
+
+    transposed: bool = False
+    interleaved: bool = False
+
+    def split(self, two_i: int) -> dict[str, tuple[int, int, int]]:
+        """(start, stop, step) of gate and up along the fused 2I axis."""
+        if self.interleaved:
+            return {"gate": (0, two_i, 2), "up": (1, two_i, 2)}
+        return {"gate": (0, two_i // 2, 1), "up": (two_i // 2, two_i, 1)}
+
+
+@dataclass(frozen=True)
 class Family:
     name: str  # the runtime module in moepack/runtime/models/
     model_types: tuple[str, ...]
     expert_intermediate: tuple[str, ...]  # config keys of a routed expert's width, first match wins
     is_moe_layer: Callable[[dict, int], bool]
+    fused: FusedLayout = FusedLayout()
 
 
 FAMILIES: tuple[Family, ...] = (
     Family("mixtral", ("mixtral",), ("intermediate_size",), _all_layers),
     Family("qwen2_moe", ("qwen2_moe",), ("moe_intermediate_size",), _qwen_moe_layer),
     Family("qwen3_moe", ("qwen3_moe",), ("moe_intermediate_size",), _qwen_moe_layer),
-    Family("deepseek", ("deepseek_v2", "deepseek_v3", "kimi_k2"), ("moe_intermediate_size",), _deepseek_moe_layer),
+    Family("deepseek", ("deepseek_v2", "deepseek_v3", "kimi_k2", "kimi_k25"), ("moe_intermediate_size",), _deepseek_moe_layer),
     Family("olmoe", ("olmoe",), ("intermediate_size",), _all_layers),
     Family("glm4_moe", ("glm4_moe",), ("moe_intermediate_size",), _glm_moe_layer),
     Family("minimax_m2", ("minimax_m2",), ("intermediate_size",), _all_layers),
+    Family("gpt_oss", ("gpt_oss",), ("intermediate_size",), _all_layers, FusedLayout(transposed=True, interleaved=True)),
+    Family("qwen3_next", ("qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text"), ("moe_intermediate_size",), _qwen_moe_layer),
 )
 BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 
@@ -97,6 +130,23 @@ def family_for(cfg: dict) -> Family:
     return fam
 
 
+def text_config(cfg: dict) -> dict:
+    """The language model's config: a multimodal checkpoint's ``text_config`` over its top level (Qwen3.5-MoE
+    saves ``{"model_type": "qwen3_5_moe", "text_config": {...}, "vision_config": {...}}``), else ``cfg`` itself."""
+    tc = cfg.get("text_config")
+    if not isinstance(tc, dict):
+        return cfg
+    return {**{k: v for k, v in cfg.items() if k not in ("text_config", "vision_config")}, **tc}
+
+
+def text_name(name: str) -> str:
+    """A tensor's name in the text model (see TEXT_PREFIXES); other names are returned unchanged."""
+    for old, new in TEXT_PREFIXES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
 def get(cfg: dict, key: str, default=None):
     """Read a canonical key through its aliases (see CONFIG_ALIASES)."""
     for k in CONFIG_ALIASES.get(key, (key,)):
@@ -106,7 +156,8 @@ def get(cfg: dict, key: str, default=None):
 
 
 def rope(cfg: dict) -> tuple[float, dict | None]:
-    """(rope_theta, rope_scaling) from either spelling; rope_scaling is None for plain RoPE.
+    """(rope_theta, rope_scaling) from either spelling; rope_theta is None when the config gives none (the family's
+    default applies) and rope_scaling is None for plain RoPE.
 
     Old: ``rope_theta`` + ``rope_scaling={"type"|"rope_type": "yarn", ...}``.
     New: ``rope_parameters={"rope_type": ..., "rope_theta": ..., ...}``.
@@ -123,7 +174,7 @@ def rope(cfg: dict) -> tuple[float, dict | None]:
         scaling["rope_type"] = kind
         if kind == "default":
             scaling = None
-    return float(theta if theta is not None else 10000.0), scaling
+    return (float(theta) if theta is not None else None), scaling
 
 
 def rotary_dim(cfg: dict, head_dim: int, default_factor: float = 1.0) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import sys
@@ -141,6 +142,87 @@ def _verify_option(f):
                         "it is read; a corrupt expert fails only the request that needs it.")(f)
 
 
+def _hosts_options(f):
+    f = click.option("--rank-timeout", type=float, default=300.0, show_default=True,
+                     help="With --hosts: seconds to wait for the other hosts in one step before giving up.")(f)
+    return click.option("--hosts", help="Split the layers over several machines: mlx.launch's hostfile (JSON), or a "
+                        "number of local processes. --memory-budget then applies to each host's share.")(f)
+
+
+def _pipeline(pack, hosts, memory_budget, rank_timeout, **engine_kwargs):
+    """With --hosts, relaunch this very command once per host and exit with its status. In a launched rank, join
+    the pipeline: rank 0 gets its engine; the other ranks serve their layers until rank 0 is done, then exit.
+    None when not distributed."""
+    from moepack.runtime import distributed
+
+    if not distributed.in_pipeline():
+        if hosts:
+            sys.exit(distributed.launch(hosts, sys.argv[1:]))
+        return None
+    engine = distributed.start(pack, memory_budget, rank_timeout, **engine_kwargs)
+    if engine is None:
+        sys.exit(0)
+    atexit.register(distributed.exit_hard_if_broken, engine)
+    return engine
+
+
+@main.command()
+@click.argument("pack", type=click.Path(exists=True, file_okay=False))
+@click.option("--hosts", required=True, help="Number of hosts, or mlx.launch's hostfile (JSON).")
+@click.option("--memory-budget", "--memory-per-host", "budget",
+              help="Each host's budget for weights, as --memory-budget on each rank (e.g. 72GB): shows how many "
+                   "expert slots each host gets.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plan(pack, hosts, budget, as_json) -> None:
+    """Show how PACK's layers split over several hosts (`generate|serve --hosts`) and what each host needs.
+
+    The split balances each host's dense bytes plus the expert bytes a token reads on it. It needs only the pack's
+    manifest.json and config.json, so it can plan a pack that is not here.
+    """
+    from moepack.formats.reader import PackReader
+    from moepack.runtime.distributed import plan as split
+    from moepack.runtime.distributed import read_hosts
+    from moepack.runtime.memory import parse_bytes
+
+    n, names, _ = read_hosts(hosts)
+    reader = PackReader(pack)
+    p = split(reader, n)
+    b = parse_bytes(budget)
+    rows = []
+    for s, name in zip(p.shares, names):
+        row = {"host": name, "rank": s.stage.index, "layers": [s.stage.start, s.stage.stop - 1],
+               "moe_layers": len(s.moe_layers), "embeddings": s.stage.first or (s.stage.last and s.stage.tied),
+               "lm_head": s.stage.last, "dense_bytes": s.dense_bytes, "expert_bytes": s.expert_bytes,
+               "read_per_token_uncached": s.read_per_token, "minimum_budget": s.minimum}
+        if b is not None:
+            slots = s.slots(b, p.num_experts)
+            row.update(budget=b, fits=b >= s.minimum, slots=slots,
+                       experts_cached=slots / (len(s.moe_layers) * p.num_experts) if s.moe_layers else 1.0)
+        rows.append(row)
+    if as_json:
+        click.echo(json.dumps({"pack": str(reader.root), "hosts": n, "stages": rows}, indent=2))
+        return
+    a = reader.manifest.architecture
+    click.echo(f"{reader.root}: {a['family']} ({a['model_type']}), {p.num_layers} layers, {len(a['moe_layers'])} MoE "
+               f"layers x {a['num_experts']} experts, top-{a['top_k']}; {n} hosts")
+    click.echo("sizes as stored, i.e. resident on Apple silicon's GPU (the CPU back end widens bf16 to float32)")
+    head = f"{'rank':<5}{'host':<18}{'layers':<9}{'MoE':>4}{'dense':>12}{'experts (SSD)':>15}{'read/token':>12}{'minimum':>12}"
+    if b is not None:
+        head += f"{'slots at ' + _human(b):>22}{'cached':>8}"
+    click.echo(head)
+    for r in rows:
+        extra = "+embed" if r["rank"] == 0 else ""
+        extra += "+head" if r["lm_head"] else ""
+        line = (f"{r['rank']:<5}{r['host'][:17]:<18}{'%d-%d' % tuple(r['layers']):<9}{r['moe_layers']:>4}"
+                f"{_human(r['dense_bytes']):>12}{_human(r['expert_bytes']):>15}{_human(r['read_per_token_uncached']):>12}"
+                f"{_human(r['minimum_budget']):>12}")
+        if b is not None:
+            line += f"{r['slots']:>22,}{r['experts_cached']:>8.1%}" if r["fits"] else "   does not fit: raise the budget"
+        click.echo(line + (f"  ({extra[1:]})" if extra else ""))
+    click.echo("read/token: expert bytes a token reads on that host when none is cached (top-k per MoE layer); "
+               "minimum: dense + top-k expert slots")
+
+
 @main.command()
 @click.argument("pack", type=click.Path(exists=True, file_okay=False))
 @click.option("-p", "--prompt", required=True, help="Prompt text ('-' reads standard input).")
@@ -154,20 +236,33 @@ def _verify_option(f):
 @click.option("--system", help="System message (with --chat).")
 @click.option("--stats", is_flag=True, help="End with throughput, memory and I/O figures.")
 @_verify_option
-def generate(pack, prompt, max_tokens, temp, top_p, top_k, seed, memory_budget, chat, system, stats, verify) -> None:
+@_hosts_options
+def generate(pack, prompt, max_tokens, temp, top_p, top_k, seed, memory_budget, chat, system, stats, verify, hosts,
+             rank_timeout) -> None:
     """Generate text from PACK, streaming it to standard output."""
     import moepack
-    from moepack.runtime.tokenizer import StreamDecoder, Tokenizer
+    from moepack.runtime.tokenizer import Tokenizer
 
-    if prompt == "-":
-        prompt = sys.stdin.read()
-    tok = Tokenizer(pack)
-    if chat:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        ids = tok.encode_chat(messages)
-    else:
-        ids = tok.encode(prompt)
-    engine = moepack.load(pack, memory_budget=memory_budget, verify=verify)
+    engine = _pipeline(pack, hosts, memory_budget, rank_timeout, verify=verify)  # before stdin: rank 0 reads it
+    try:
+        if prompt == "-":
+            prompt = sys.stdin.read()
+        tok = Tokenizer(pack)
+        if chat:
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            ids = tok.encode_chat(messages)
+        else:
+            ids = tok.encode(prompt)
+        engine = engine or moepack.load(pack, memory_budget=memory_budget, verify=verify)
+        _generate(engine, tok, ids, max_tokens, temp, top_p, top_k, seed, stats)
+    finally:
+        if engine is not None:
+            engine.close()  # with --hosts, this stops the other ranks
+
+
+def _generate(engine, tok, ids, max_tokens, temp, top_p, top_k, seed, stats) -> None:
+    from moepack.runtime.tokenizer import StreamDecoder
+
     out = StreamDecoder(tok)
     t0 = time.perf_counter()
     first = None
@@ -214,15 +309,20 @@ def _print_stats(engine, n_prompt: int, n_gen: int, t0: float, first: float | No
 @click.option("--ctx-size", type=int, help="Context length in tokens (default: the model's).")
 @click.option("--parallel", type=int, default=1, show_default=True,
               help="Requests generated in turn, a token each; the rest wait in the queue.")
-def serve(pack, host, port, memory_budget, api_key, model_id, ctx_size, parallel) -> None:
-    """Serve PACK over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
+@_hosts_options
+def serve(pack, host, port, memory_budget, api_key, model_id, ctx_size, parallel, hosts, rank_timeout) -> None:
+    """Serve PACK over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
+
+    With --hosts, rank 0 (the first host) serves HTTP once every host has loaded its layers.
+    """
     from moepack.serve.app import serve as run
 
+    engine = _pipeline(pack, hosts, memory_budget, rank_timeout)
     click.echo(f"serving {pack} on http://{host}:{port}/v1 (GET /health answers 200 once loaded)", err=True)
     run(pack, host=host, port=port, memory_budget=memory_budget, api_key=api_key, model_id=model_id,
         context_length=ctx_size, parallel=parallel,
         log_level="info" if logging.getLogger().isEnabledFor(logging.INFO) else "warning",
-        announce=lambda msg: click.echo(msg, err=True))
+        announce=lambda msg: click.echo(msg, err=True), engine=engine)
 
 
 @main.command()

@@ -57,6 +57,22 @@ TINY: dict[str, tuple[str, str, dict]] = {
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=32,
         num_local_experts=8, num_experts_per_tok=2,
         rope_parameters={"rope_type": "default", "rope_theta": 5e6, "partial_rotary_factor": 0.5})),
+    # sliding_window 4 < prompt length; swiglu_limit 1.5 so the clamps bite; truncate=False as gpt-oss ships
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=32,
+        num_local_experts=8, num_experts_per_tok=2, sliding_window=4, swiglu_limit=1.5,
+        rope_parameters={**YARN, "rope_theta": 1.5e5, "truncate": False})),
+    # layer_types default: 3 Gated-DeltaNet layers, then full attention; layer 1 dense; 2 k-heads serve 4 v-heads
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM", dict(
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
+        moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+        mlp_only_layers=[1], linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+        linear_value_head_dim=8, rope_parameters={"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.25})),
+    "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", dict(
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25})),
 }
 
 
@@ -64,9 +80,12 @@ def make_model(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
     cfg_cls, model_cls, kwargs = TINY[kind]
     cfg = getattr(transformers, cfg_cls)(**{**COMMON, **kwargs, **overrides})
     torch.manual_seed(seed)
-    model = getattr(transformers, model_cls)(cfg).eval()
-    # Larger, varied weights than the default init, so logits are far from uniform and routing is decisive;
-    # norms and biases (e_score_correction_bias included) get non-trivial values too.
+    return randomize(getattr(transformers, model_cls)(cfg).eval())
+
+
+def randomize(model: torch.nn.Module) -> torch.nn.Module:
+    """Larger, varied weights than the default init, so logits are far from uniform and routing is decisive;
+    norms and biases (e_score_correction_bias included) get non-trivial values too."""
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             if not t.is_floating_point() or "rotary" in name or "inv_freq" in name:

@@ -16,13 +16,14 @@ import os
 import shutil
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
 from tqdm import tqdm
 
 from moepack import __version__, arch
+from moepack.convert import encodings
 from moepack.convert.recipe import Recipe
 from moepack.convert.source import FLOAT_DTYPES, Checkpoint, file_fingerprint, resolve
 from moepack.errors import MoepackError, SourceError
@@ -92,7 +93,8 @@ def plan(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Unit], dict]:
     # experts[(layer, expert)][proj] = where to read it
     experts: dict[tuple[int, int], dict[str, Read]] = {}
     dropped = 0
-    for name, info in ckpt.tensors.items():
+    tensors = encodings.logical_tensors(ckpt)  # quantized weights grouped with their scales, under pack names
+    for name, info in tensors.items():
         layer = arch.layer_of(name)
         if arch.SKIPPED.match(name):
             dropped += 1  # multi-token-prediction heads, vision towers
@@ -100,10 +102,11 @@ def plan(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Unit], dict]:
         if layer is not None and layer >= n_layers:
             dropped += 1  # multi-token-prediction layers beyond num_hidden_layers
             continue
-        if info.dtype not in FLOAT_DTYPES:
+        quantized = encodings.is_quantized(info)
+        if not quantized and info.dtype not in FLOAT_DTYPES:
             raise SourceError(
                 f"{ckpt.root / info.file}: tensor {name} has dtype {info.dtype}; this converter reads "
-                "float32/float16/bfloat16 tensors"
+                f"float32/float16/bfloat16 tensors and the quantized formats {', '.join(encodings.FORMATS)}"
             )
         if m := arch.EXPERT_TENSOR.match(name):
             proj = arch.PROJ_ALIASES[m["proj"]] + ("_bias" if m["part"] == "bias" else "")
@@ -113,7 +116,9 @@ def plan(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Unit], dict]:
             if info.shape[0] != n_experts:
                 raise SourceError(f"{ckpt.root / info.file}: {name} has {info.shape[0]} experts, config says {n_experts}")
             for e in range(n_experts):
-                experts.setdefault((L, e), {}).update(_fused_reads(name, e, m["proj"], bias, info.shape, fam.fused))
+                # quantized tensors are [out, in] whatever the family's float layout (gpt-oss: [in, out])
+                layout = replace(fam.fused, transposed=False) if quantized else fam.fused
+                experts.setdefault((L, e), {}).update(_fused_reads(name, e, m["proj"], bias, info.shape, layout))
         else:
             dense.append(name)
     if dropped:
@@ -130,10 +135,10 @@ def plan(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Unit], dict]:
                 if p not in projs:
                     raise SourceError(f"{ckpt.root}: layer {L} expert {e} has no {p} projection; is a shard missing?")
                 r = projs[p]
-                src_shape = r.shape(ckpt.tensors[r.name].shape)
+                src_shape = r.shape(tensors[r.name].shape)
                 if src_shape != shape:
                     raise SourceError(
-                        f"{ckpt.root / ckpt.tensors[r.name].file}: {r.name} has shape {src_shape} for layer {L} "
+                        f"{ckpt.root / tensors[r.name].file}: {r.name} has shape {src_shape} for layer {L} "
                         f"expert {e} {p}, expected {shape} from config.json"
                     )
     stray = sorted({L for (L, _) in experts} - set(moe_layers))
@@ -145,7 +150,7 @@ def plan(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Unit], dict]:
     dense.sort(key=lambda n: (arch.layer_of(n) if arch.layer_of(n) is not None else -1, n))
     shard, size, shards = [], 0, []
     for name in dense:
-        nb = ckpt.tensors[name].nbytes
+        nb = tensors[name].nbytes
         if shard and size + nb > DENSE_SHARD_BYTES:
             shards.append(shard)
             shard, size = [], 0
@@ -154,14 +159,15 @@ def plan(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Unit], dict]:
     if shard:
         shards.append(shard)
     for i, names in enumerate(shards):
-        units.append(Unit(f"dense-{i:05d}", "dense", sum(ckpt.tensors[n].nbytes for n in names),
-                          {"file": f"dense/dense-{i:05d}.bin", "names": names}))
+        units.append(Unit(f"dense-{i:05d}", "dense", sum(tensors[n].nbytes for n in names),
+                          {"file": f"dense/dense-{i:05d}.bin", "names": names, "sources": {n: tensors[n] for n in names}}))
     for (L, e) in sorted(experts):
         projs = experts[(L, e)]
-        cost = sum(ckpt.tensors[r.name].nbytes // (ckpt.tensors[r.name].shape[0] if r.index is not None else 1)
+        cost = sum(tensors[r.name].nbytes // (tensors[r.name].shape[0] if r.index is not None else 1)
                    for r in projs.values())
         units.append(Unit(f"expert-{L:03d}-{e:04d}", "expert", cost,
-                          {"file": expert_relpath(L, e), "layer": L, "expert": e, "projs": projs}))
+                          {"file": expert_relpath(L, e), "layer": L, "expert": e, "projs": projs,
+                           "sources": {r.name: tensors[r.name] for r in projs.values()}}))
     for f in ckpt.source_files():
         units.append(Unit(f"hash-{f}", "hash", 0, {"file": f}))
 
@@ -195,25 +201,27 @@ def run_unit(src: str, out: str, recipe_json: dict, unit: Unit) -> dict:
         if unit.kind == "dense":
             records = {}
             for name in unit.payload["names"]:
-                a = ckpt.read(name)
-                enc, parts, bits, gs = recipe.encode(name, a, expert=False)
-                blobs = {k: f.add(v) for k, v in parts.items()}
-                records[name] = TensorRecord(enc, list(a.shape), recipe.dtype, blobs, bits, gs,
-                                             source_encoding=ckpt.tensors[name].dtype).to_json()
-                del a, parts
+                src = unit.payload["sources"][name]
+                a = encodings.read(ckpt, src)
+                e = recipe.encode_source(name, a, expert=False)
+                blobs = {k: f.add(v) for k, v in e.parts.items()}
+                records[name] = TensorRecord(e.encoding, list(a.shape), e.dtype, blobs, e.bits, e.group_size,
+                                             source_encoding=src.dtype, carried=e.carried).to_json()
+                del a, e
             result = {"dense": records}
         else:
             tensors = {}
             for proj in sorted(unit.payload["projs"], key=_proj_order):
                 r = unit.payload["projs"][proj]
                 sel = slice(*r.sel) if r.sel else None
-                a = ckpt.read(r.name, r.index, sel if r.axis == 0 else None, sel if r.axis == 1 else None)
+                src = unit.payload["sources"][r.name]
+                a = encodings.read(ckpt, src, r.index, sel if r.axis == 0 else None, sel if r.axis == 1 else None)
                 a = a.T if r.transpose else a
-                enc, parts, bits, gs = recipe.encode(proj, a, expert=True)
+                e = recipe.encode_source(proj, a, expert=True)
                 f.pad_to(recipe.alignment)  # every projection segment starts on an aligned boundary
-                blobs = {k: f.add(v, with_file=False) for k, v in parts.items()}
-                tensors[proj] = TensorRecord(enc, list(a.shape), recipe.dtype, blobs, bits, gs,
-                                             source_encoding=ckpt.tensors[r.name].dtype)
+                blobs = {k: f.add(v, with_file=False) for k, v in e.parts.items()}
+                tensors[proj] = TensorRecord(e.encoding, list(a.shape), e.dtype, blobs, e.bits, e.group_size,
+                                             source_encoding=src.dtype, carried=e.carried)
             layout = ExpertLayout(length=0, tensors=tensors)
             result = {"layout": layout}
         entry = f.close()
@@ -270,6 +278,10 @@ def convert(
         "source": {f: file_fingerprint(ckpt.file_path(f)) for f in ckpt.source_files()},
     }
     if (out / "manifest.json").exists() and not force:
+        if _same_job(out / STATE_DIR, job):  # killed after writing the manifest, before tidying up: tidy up
+            with _lock(out):
+                _tidy(out / STATE_DIR)
+            return out
         raise ConvertError(f"{out} already holds a finished pack; pass --force to convert again into it")
     out.mkdir(parents=True, exist_ok=True)
     state = out / STATE_DIR
@@ -284,9 +296,24 @@ def convert(
         results = _run_units(str(root), out, recipe, units, workers, progress)
         manifest = _assemble(out, ckpt, recipe, architecture, provenance, units, results)
         manifest.save(out)
-    shutil.rmtree(state, ignore_errors=True)
+    _tidy(state)
     log.info("wrote %s", out)
     return out
+
+
+def _same_job(state: Path, job: dict) -> bool:
+    try:
+        return json.loads((state / "job.json").read_text()) == job
+    except (OSError, ValueError):
+        return False
+
+
+def _tidy(state: Path) -> None:
+    """Remove the resume state, job.json last: a kill part-way leaves it, so the same command still finishes."""
+    shutil.rmtree(state / "done", ignore_errors=True)
+    (state / "lock").unlink(missing_ok=True)
+    (state / "job.json").unlink(missing_ok=True)
+    shutil.rmtree(state, ignore_errors=True)
 
 
 class _lock:

@@ -1,17 +1,35 @@
-"""What a conversion does to each tensor: the recipe (dtype, quantization of experts and dense matrices)."""
+"""What a conversion does to each tensor: the recipe (dtype, quantization of experts and dense matrices).
+
+Tensors a release already quantized (see ``encodings``) are carried as they are when a pack encoding holds the
+same numbers (``carried: "lossless"``); otherwise, or with ``requantize``, they are decoded and the recipe applies
+as to any float tensor (``"requantized"``, or ``"dequantized"`` when the recipe leaves them unquantized).
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import mlx.core as mx
 
 from moepack import arch
+from moepack.convert.encodings import Quantized
 from moepack.formats import quant
 from moepack.formats.manifest import DEFAULT_ALIGNMENT
 from moepack.formats.writer import check_alignment
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+
+
+class Encoded(NamedTuple):
+    """One tensor as the pack stores it (the fields of a TensorRecord, less the blobs)."""
+
+    encoding: str
+    parts: dict[str, mx.array]
+    bits: int | None
+    group_size: int | None
+    dtype: str  # the record's dtype
+    carried: str | None  # for a quantized source tensor: "lossless", "requantized" or "dequantized"
 
 
 @dataclass(frozen=True)
@@ -23,6 +41,7 @@ class Recipe:
     dense_bits: int = 8
     dense_group_size: int = 64
     alignment: int = DEFAULT_ALIGNMENT
+    requantize: bool = False  # decode quantized source tensors and apply the recipe even where they carry losslessly
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -46,3 +65,12 @@ class Recipe:
         if self.quantize and wants and quant.can_quantize(a.shape, gs):
             return "affine", quant.encode_affine(a, bits, gs), bits, gs
         return "raw", {"data": a}, None, None
+
+    def encode_source(self, name: str, a: mx.array | Quantized, expert: bool) -> Encoded:
+        """Encode one source tensor, float or quantized (see the module docstring)."""
+        if not isinstance(a, Quantized):
+            return Encoded(*self.encode(name, a, expert), self.dtype, None)
+        if not self.requantize and (packed := a.repack(self.dtype)) is not None:
+            return Encoded(*packed, "lossless")
+        enc, parts, bits, gs = self.encode(name, a.decode(), expert)
+        return Encoded(enc, parts, bits, gs, self.dtype, "dequantized" if enc == "raw" else "requantized")

@@ -42,6 +42,7 @@ STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, 
            "int64": np.int64, "int32": np.int32, "uint32": np.uint32, "int16": np.int16, "int8": np.int8,
            "uint8": np.uint8, "bool": np.bool_, "float8_e4m3": np.uint8, "float8_e5m2": np.uint8}
 ITEMSIZE = {k: np.dtype(v).itemsize for k, v in STORAGE.items()}
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
 
 
 def resolve(src: str, revision: str | None = None) -> tuple[Path, dict]:
@@ -128,24 +129,34 @@ class Checkpoint:
         try:
             with open(path, "rb") as f:
                 n = int.from_bytes(f.read(8), "little")
-                if n <= 0 or 8 + n > size:
+                if n <= 0 or 8 + n > size or n > MAX_HEADER_BYTES:
                     raise ValueError(f"header length {n} does not fit in a file of {size} bytes")
                 header = json.loads(f.read(n))
-        except (OSError, ValueError, UnicodeDecodeError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
             raise SourceError(f"{path}: cannot read safetensors header ({e}); the file is truncated or corrupt") from e
+        if type(header) is not dict:
+            raise SourceError(f"{path}: the safetensors header is not a JSON object; the file is corrupt")
         base = 8 + n
         out = []
         for k, v in header.items():
             if k == "__metadata__":
                 continue
-            dt = SAFETENSORS_DTYPES.get(v.get("dtype"))
+            dt = SAFETENSORS_DTYPES.get(v.get("dtype")) if type(v) is dict and type(v.get("dtype")) is str else None
             if dt is None:
-                raise SourceError(f"{path}: tensor {k} has dtype {v.get('dtype')} that moepack cannot read")
-            begin, end = v["data_offsets"]
+                raise SourceError(f"{path}: tensor {k} has dtype {v.get('dtype') if type(v) is dict else v!r} "
+                                  "that moepack cannot read")
+            shape, offsets = v.get("shape"), v.get("data_offsets")
+            if type(shape) is not list or len(shape) > 8 or any(type(d) is not int or d < 0 for d in shape):
+                raise SourceError(f"{path}: tensor {k} has shape {shape!r}, not a list of non-negative integers")
+            if type(offsets) is not list or len(offsets) != 2 or any(type(o) is not int for o in offsets) or \
+                    not 0 <= offsets[0] <= offsets[1]:
+                raise SourceError(f"{path}: tensor {k} has data_offsets {offsets!r}, not [begin, end] with "
+                                  "0 <= begin <= end; the file is corrupt")
+            begin, end = offsets
             if base + end > size:
                 raise SourceError(f"{path}: tensor {k} ends at byte {base + end} but the file has {size} bytes; "
                                   "the shard is truncated (re-download it)")
-            info = TensorInfo(k, shard, dt, tuple(v["shape"]), base + begin)
+            info = TensorInfo(k, shard, dt, tuple(shape), base + begin)
             if info.nbytes != end - begin:
                 raise SourceError(f"{path}: tensor {k} has {end - begin} bytes for shape {info.shape} of {dt}")
             out.append(info)

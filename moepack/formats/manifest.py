@@ -13,8 +13,8 @@ from typing import Any
 
 from moepack.errors import PackError
 
-FORMAT_NAME = "moepack"
-FORMAT_VERSION = 1  # readers accept their own major version and refuse any other
+from moepack.formats.validate import FORMAT_NAME, FORMAT_VERSION  # readers refuse any version but their own
+from moepack.formats.validate import MAX_MANIFEST_BYTES, check_manifest, read_json, regular_file
 MANIFEST = "manifest.json"
 DEFAULT_ALIGNMENT = 16384
 
@@ -42,7 +42,8 @@ class Blob:
 
 @dataclass
 class TensorRecord:
-    """A logical tensor: ``raw`` (one part, ``data``) or ``affine`` (parts ``weight``, ``scales``, ``biases``)."""
+    """A logical tensor: ``raw`` (one part, ``data``), ``affine`` (parts ``weight``, ``scales``, ``biases``) or
+    ``mxfp4`` (parts ``weight``, ``scales``)."""
 
     encoding: str
     shape: list[int]
@@ -51,13 +52,16 @@ class TensorRecord:
     bits: int | None = None
     group_size: int | None = None
     source_encoding: str | None = None  # how the source stored it (bf16, fp8-block, ...), for provenance
+    carried: str | None = None  # quantized sources only: "lossless", "requantized" or "dequantized"
 
     def to_json(self) -> dict:
         d: dict[str, Any] = {"encoding": self.encoding, "shape": list(self.shape), "dtype": self.dtype}
-        if self.encoding == "affine":
+        if self.encoding != "raw":
             d.update(bits=self.bits, group_size=self.group_size)
         if self.source_encoding:
             d["source_encoding"] = self.source_encoding
+        if self.carried:
+            d["carried"] = self.carried
         d["parts"] = {k: v.to_json() for k, v in self.parts.items()}
         return d
 
@@ -71,6 +75,7 @@ class TensorRecord:
             bits=d.get("bits"),
             group_size=d.get("group_size"),
             source_encoding=d.get("source_encoding"),
+            carried=d.get("carried"),
         )
 
     @property
@@ -138,14 +143,8 @@ class Manifest:
 
     @classmethod
     def from_json(cls, d: dict) -> "Manifest":
-        if d.get("format") != FORMAT_NAME:
-            raise PackError(f"not a moepack manifest (format={d.get('format')!r})")
-        version = d.get("format_version")
-        if version != FORMAT_VERSION:
-            raise PackError(
-                f"pack format version {version!r} is not supported by this moepack (reads version {FORMAT_VERSION}); "
-                "upgrade moepack or re-convert the model"
-            )
+        """Validate (see validate.py: every field, path, bound and size) and build; a bad field is a PackError."""
+        check_manifest(d)
         try:
             return cls(
                 architecture=d["architecture"],
@@ -169,20 +168,20 @@ class Manifest:
                 f"{pack} has no {MANIFEST}: it is not a finished pack (an interrupted conversion? "
                 "re-run `moepack convert` with the same arguments to finish it)"
             )
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise PackError(f"{path} is not valid JSON: {e}") from e
-        return cls.from_json(data)
+        return cls.from_json(read_json(regular_file(Path(pack), MANIFEST, MAX_MANIFEST_BYTES), "manifest"))
 
     def save(self, pack: str | os.PathLike) -> None:
         """Write manifest.json atomically (temp file, fsync, rename): readers never see half a manifest."""
         path = Path(pack) / MANIFEST
         tmp = path.with_name(MANIFEST + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(self.to_json(), f, indent=1, sort_keys=False)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "w") as f:
+                json.dump(self.to_json(), f, indent=1, sort_keys=False)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:  # a full disk must not leave half a manifest behind
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, path)
         fsync_dir(path.parent)
 

@@ -6,6 +6,8 @@ elements; a group has a scale ``s`` and bias ``b`` (stored in the record's dtype
 an unsigned ``bits``-bit code ``q`` with value ``q * s + b``. Codes form a little-endian bit stream per
 row (element i occupies bits ``[i*bits, (i+1)*bits)``), stored as uint32 words. Encoding is done by
 ``mlx.core.quantize`` itself, so packed bytes equal what MLX produces for the same input.
+``mxfp4``: OCP MXFP4, MLX's ``mode="mxfp4"``: groups of 32 e2m1 codes (4 bits, packed as for affine) sharing one
+e8m0 scale byte; no biases. Written only by carrying an MXFP4 source (gpt-oss) losslessly.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from moepack.errors import PackError
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
+QUANTIZED = ("affine", "mxfp4")  # encodings that are MLX quantization modes of the same name
 
 
 def can_quantize(shape: tuple[int, ...] | list[int], group_size: int) -> bool:
@@ -36,7 +39,10 @@ def decode(parts: dict[str, mx.array], encoding: str, bits: int | None = None, g
         return parts["data"]
     if encoding == "affine":
         return mx.dequantize(parts["weight"], parts["scales"], parts["biases"], group_size=group_size, bits=bits)
-    raise PackError(f"unknown tensor encoding {encoding!r}; this moepack knows raw and affine")
+    if encoding == "mxfp4":
+        return mx.dequantize(parts["weight"], parts["scales"], group_size=group_size, bits=bits, mode="mxfp4",
+                             dtype=mx.float32)
+    raise PackError(f"unknown tensor encoding {encoding!r}; this moepack knows raw, affine and mxfp4")
 
 
 def packed_shape(shape: list[int], bits: int, group_size: int) -> dict[str, list[int]]:

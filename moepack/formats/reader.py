@@ -5,11 +5,12 @@ The runtime reads expert bytes itself (direct I/O into its slot pool); this modu
 
 from __future__ import annotations
 
-import json
+import copy
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -18,6 +19,7 @@ from moepack.errors import PackError
 from moepack.formats import dtypes
 from moepack.formats.manifest import Blob, ExpertLayout, Manifest, TensorRecord
 from moepack.formats.quant import decode
+from moepack.formats.validate import check_tree, load_config, relpath_problem
 from moepack.formats.writer import hash_file
 
 log = logging.getLogger(__name__)
@@ -34,32 +36,44 @@ class VerifyReport:
 
 
 class PackReader:
-    def __init__(self, path: str | os.PathLike):
+    """A pack, validated before use (formats/validate.py): the manifest field by field, the file tree (no symlink
+    out, no FIFO), config.json against the manifest. ``verify=True`` hashes each dense file when first mapped."""
+
+    def __init__(self, path: str | os.PathLike, verify: bool = False):
         self.root = Path(path)
         if not self.root.is_dir():
             raise PackError(f"{path} is not a directory; give the folder `moepack convert` wrote")
         self.manifest = Manifest.load(self.root)
+        check_tree(self.root, self.manifest.files)
+        self._config = load_config(self.root, self.manifest.architecture)
+        self.verify_reads = verify
         self._maps: dict[str, np.memmap] = {}
         self._experts = {e.layer: e for e in self.manifest.experts}
 
     # ---- side files -------------------------------------------------------------------------
     @property
     def config(self) -> dict:
-        return json.loads((self.root / "config.json").read_text())
+        return copy.deepcopy(self._config)
 
     def file_path(self, relpath: str) -> Path:
         """Resolve a manifest path, refusing anything that would leave the pack directory."""
-        p = Path(relpath)
-        if p.is_absolute() or ".." in p.parts:
-            raise PackError(f"manifest names a path outside the pack: {relpath!r}")
-        return self.root / p
+        if problem := relpath_problem(relpath):
+            raise PackError(f"manifest names a path outside the pack: {problem}")
+        return self.root / relpath
 
     # ---- dense tensors ----------------------------------------------------------------------
     def _blob_array(self, blob: Blob) -> np.ndarray:
         assert blob.file is not None
         mm = self._maps.get(blob.file)
         if mm is None:
-            mm = self._maps[blob.file] = np.memmap(self.file_path(blob.file), dtype=np.uint8, mode="r")
+            path = self.file_path(blob.file)
+            try:
+                if self.verify_reads and hash_file(path) != self.manifest.files[blob.file]["blake3"]:
+                    raise PackError(f"{path}: blake3 mismatch, the file is corrupt (run `moepack verify {self.root}`)")
+                mm = self._maps[blob.file] = np.memmap(path, dtype=np.uint8, mode="r")
+            except (OSError, ValueError) as e:  # missing, unreadable, or empty (numpy cannot map 0 bytes)
+                raise PackError(f"{path}: cannot map it ({getattr(e, 'strerror', None) or e}); "
+                                f"the pack is damaged (run `moepack verify {self.root}`)") from e
         if blob.offset + blob.length > mm.shape[0]:
             raise PackError(f"{blob.file}: blob at {blob.offset}+{blob.length} runs past the file's end ({mm.shape[0]})")
         d = dtypes.get(blob.dtype)
@@ -77,18 +91,21 @@ class PackReader:
         rec = self.manifest.dense[name]
         return decode(self.dense_parts(name), rec.encoding, rec.bits, rec.group_size)
 
-    def dense_weights(self) -> dict[str, mx.array]:
-        """Every dense tensor under MLX parameter names: ``x.weight`` raw, or ``x.weight/.scales/.biases`` quantized."""
+    def dense_weights(self, keep: Callable[[str], bool] | None = None) -> dict[str, mx.array]:
+        """Every dense tensor under MLX parameter names: ``x.weight`` raw, or ``x.weight/.scales(/.biases)`` quantized.
+
+        ``keep``: read only the tensors whose pack name it accepts (a pipeline stage's, runtime/distributed.py).
+        """
         out: dict[str, mx.array] = {}
         for name, rec in self.manifest.dense.items():
+            if keep is not None and not keep(name):
+                continue
             parts = self.dense_parts(name)
             if rec.encoding == "raw":
                 out[name] = parts["data"]
             else:
                 base = name[: -len(".weight")] if name.endswith(".weight") else name
-                out[base + ".weight"] = parts["weight"]
-                out[base + ".scales"] = parts["scales"]
-                out[base + ".biases"] = parts["biases"]
+                out.update({f"{base}.{k}": v for k, v in parts.items()})  # weight, scales (, biases)
         return out
 
     def release(self) -> None:
@@ -109,6 +126,10 @@ class PackReader:
 
     def expert_file(self, layer: int, expert: int) -> Path:
         return self.file_path(self._experts[layer].files[expert])
+
+    def expert_digest(self, layer: int, expert: int) -> str:
+        """The blake3 the manifest records for an expert's file (checked on first read with ``verify``)."""
+        return self.manifest.files[self._experts[layer].files[expert]]["blake3"]
 
     def expert_tensor(self, layer: int, expert: int, name: str) -> mx.array:
         """One expert tensor, dequantized: the slow, simple path used by tests and tools, not the runtime."""
@@ -181,8 +202,9 @@ def summary(reader: PackReader) -> dict:
     per_expert = max((lay.length for lay in layouts.values()), default=0)
     encodings: dict[str, int] = {}
     for rec in list(m.dense.values()) + [r for lay in m.expert_layouts.values() for r in lay.tensors.values()]:
-        key = rec.encoding if rec.encoding == "raw" else f"affine{rec.bits}/g{rec.group_size}"
-        key += f" {rec.dtype}" + (f" (from {rec.source_encoding})" if rec.source_encoding else "")
+        key = {"raw": "raw", "affine": f"affine{rec.bits}/g{rec.group_size}"}.get(rec.encoding, rec.encoding)
+        origin = ", ".join(filter(None, (rec.source_encoding, rec.carried)))  # e.g. "int4-pack-quantized-g32, lossless"
+        key += f" {rec.dtype}" + (f" (from {origin})" if origin else "")
         encodings[key] = encodings.get(key, 0) + 1
     return {
         "path": str(reader.root),

@@ -25,11 +25,38 @@ class BaseArgs:
         for k in arch.CONFIG_ALIASES:
             if k in known and arch.get(cfg, k) is not None:
                 vals[k] = arch.get(cfg, k)
-        if "rope_theta" in known:
+        if "rope_theta" in known and theta is not None:
             vals["rope_theta"] = theta
         if "rope_scaling" in known:
             vals["rope_scaling"] = scaling
         return cls(**vals)
+
+
+@dataclass(kw_only=True)
+class MoEArgs(BaseArgs):
+    """Config fields every family here shares; a family's ModelArgs adds its own (and may change defaults)."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_experts: int
+    top_k: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:  # as transformers: no key means plain multi-head attention
+            self.num_key_value_heads = self.num_attention_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
 
 
 class KVCache:
@@ -383,14 +410,26 @@ class CausalLM(nn.Module):
 
     def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
         """tokens [B, T] -> logits [B, T, vocab]."""
-        h = self.model.embed_tokens(tokens)  # [B, T, H]
+        return self.head(self.run_layers(self.model.embed_tokens(tokens), cache))  # [B, T, H] in between
+
+    def run_layers(self, h: mx.array, cache: list[KVCache] | None = None, layers: range | None = None) -> mx.array:
+        """Hidden states [B, T, H] through ``layers`` (default: all), ``cache[j]`` serving the j-th of them.
+
+        A pipeline stage (runtime/distributed.py) runs its own range on activations from the previous stage.
+        """
+        layers = range(len(self.model.layers)) if layers is None else layers
         offset = cache[0].offset if cache else 0
         masks: dict[int | None, mx.array | None] = {}  # one per distinct sliding window
-        for i, layer in enumerate(self.model.layers):
+        for j, i in enumerate(layers):
+            layer = self.model.layers[i]
             w = getattr(layer, "sliding_window", None)
             if w not in masks:
-                masks[w] = causal_mask(tokens.shape[1], offset, h.dtype, w)
-            h = layer(h, masks[w], cache[i] if cache else None)
+                masks[w] = causal_mask(h.shape[1], offset, h.dtype, w)
+            h = layer(h, masks[w], cache[j] if cache else None)
+        return h
+
+    def head(self, h: mx.array) -> mx.array:
+        """Final norm and LM head: [B, T, H] -> logits [B, T, vocab]."""
         h = self.model.norm(h)
         return self.model.embed_tokens.as_linear(h) if self.tie else self.lm_head(h)
 

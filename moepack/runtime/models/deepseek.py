@@ -17,7 +17,7 @@ import mlx.nn as nn
 
 from moepack import arch
 from moepack.errors import UnsupportedArchitecture
-from moepack.runtime.models.base import (MLP, BaseArgs, CausalLM, DecoderLayer, KVCache, ScaledRoPE, SigmoidMoE,
+from moepack.runtime.models.base import (MLP, MoEArgs, CausalLM, DecoderLayer, KVCache, ScaledRoPE, SigmoidMoE,
                                          StreamedExperts, attend, yarn_mscale)
 
 # q_a_layernorm / kv_a_layernorm are built with RMSNorm's default eps in transformers, not rms_norm_eps.
@@ -48,17 +48,11 @@ VARIANTS = {
 V2_TOPK_METHODS = {"greedy": False, "group_limited_greedy": True}
 
 
-@dataclass
-class ModelArgs(BaseArgs):
+@dataclass(kw_only=True)
+class ModelArgs(MoEArgs):
     model_type: str
-    vocab_size: int
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
     intermediate_size: int
     moe_intermediate_size: int
-    num_experts: int
-    top_k: int
     kv_lora_rank: int
     qk_rope_head_dim: int
     qk_nope_head_dim: int
@@ -71,13 +65,9 @@ class ModelArgs(BaseArgs):
     topk_method: str | None = "greedy"
     norm_topk_prob: bool = False
     rope_interleave: bool = True
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None
     max_position_embeddings: int = 4096
-    rms_norm_eps: float = 1e-6
     attention_bias: bool = False
     mlp_bias: bool = False
-    tie_word_embeddings: bool = False
 
     @classmethod
     def from_config(cls, cfg: dict) -> "ModelArgs":

@@ -10,22 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moepack import arch
-from moepack.runtime.models.base import (MLP, Attention, BaseArgs, CausalLM, DecoderLayer,
+from moepack.runtime.models.base import (MLP, Attention, MoEArgs, CausalLM, DecoderLayer,
                                           ScaledRoPE, SigmoidMoE, StreamedExperts)
 
 
-@dataclass
-class ModelArgs(BaseArgs):
-    vocab_size: int
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
+@dataclass(kw_only=True)
+class ModelArgs(MoEArgs):
     intermediate_size: int
     moe_intermediate_size: int
-    num_experts: int
-    top_k: int
-    head_dim: int | None = None
     n_shared_experts: int = 1
     n_group: int = 1
     topk_group: int = 1
@@ -34,16 +26,12 @@ class ModelArgs(BaseArgs):
     use_qk_norm: bool = False
     attention_bias: bool = False
     rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None
-    max_position_embeddings: int | None = None
-    tie_word_embeddings: bool = False
 
 
 class Model(CausalLM):
     def __init__(self, cfg: dict, store):
         a = ModelArgs.from_config(cfg)
-        head_dim = a.head_dim or a.hidden_size // a.num_attention_heads
+        head_dim = a.head_size
         rotary = arch.rotary_dim(cfg, head_dim, default_factor=0.5)  # transformers' default when unspelled
         rope = ScaledRoPE(rotary, a.rope_theta, a.rope_scaling, a.max_position_embeddings)
         moe = set(arch.moe_layers(cfg))

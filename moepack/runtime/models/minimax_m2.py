@@ -14,25 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moepack import arch
-from moepack.runtime.models.base import (Attention, BaseArgs, CausalLM, DecoderLayer,
+from moepack.runtime.models.base import (Attention, MoEArgs, CausalLM, DecoderLayer,
                                           ScaledRoPE, SigmoidMoE, StreamedExperts)
 
 
-@dataclass
-class ModelArgs(BaseArgs):
-    vocab_size: int
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    num_experts: int
-    top_k: int
-    head_dim: int | None = None
-    rms_norm_eps: float = 1e-6
+@dataclass(kw_only=True)
+class ModelArgs(MoEArgs):
     rope_theta: float = 5e6
-    rope_scaling: dict | None = None
-    max_position_embeddings: int | None = None
-    tie_word_embeddings: bool = False
 
 
 class Model(CausalLM):
@@ -40,7 +28,7 @@ class Model(CausalLM):
 
     def __init__(self, cfg: dict, store):
         a = ModelArgs.from_config(cfg)
-        head_dim = a.head_dim or a.hidden_size // a.num_attention_heads
+        head_dim = a.head_size
         rope = ScaledRoPE(arch.rotary_dim(cfg, head_dim), a.rope_theta, a.rope_scaling, a.max_position_embeddings)
         layers = []
         for i in range(a.num_hidden_layers):

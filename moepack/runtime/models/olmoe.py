@@ -9,31 +9,21 @@ from dataclasses import dataclass
 
 import mlx.nn as nn
 
-from moepack.runtime.models.base import Attention, BaseArgs, CausalLM, DecoderLayer, SparseMoE, StreamedExperts
+from moepack.runtime.models.base import Attention, MoEArgs, CausalLM, DecoderLayer, SparseMoE, StreamedExperts
 
 
-@dataclass
-class ModelArgs(BaseArgs):
-    vocab_size: int
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    num_experts: int
-    top_k: int
-    head_dim: int | None = None
+@dataclass(kw_only=True)
+class ModelArgs(MoEArgs):
     norm_topk_prob: bool = False
     clip_qkv: float | None = None
     rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
     attention_bias: bool = False
-    tie_word_embeddings: bool = False
 
 
 class Model(CausalLM):
     def __init__(self, cfg: dict, store):
         a = ModelArgs.from_config(cfg)
-        head_dim = a.head_dim or a.hidden_size // a.num_attention_heads  # q_norm spans n_heads * head_dim
+        head_dim = a.head_size  # q_norm spans n_heads * head_dim
         layers = []
         for i in range(a.num_hidden_layers):
             attn = Attention(a.hidden_size, a.num_attention_heads, a.num_key_value_heads, head_dim,

@@ -9,27 +9,17 @@ from dataclasses import dataclass
 import mlx.nn as nn
 
 from moepack import arch
-from moepack.runtime.models.base import MLP, Attention, BaseArgs, CausalLM, DecoderLayer, SparseMoE, StreamedExperts
+from moepack.runtime.models.base import MLP, Attention, MoEArgs, CausalLM, DecoderLayer, SparseMoE, StreamedExperts
 
 
-@dataclass
-class ModelArgs(BaseArgs):
-    vocab_size: int
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
+@dataclass(kw_only=True)
+class ModelArgs(MoEArgs):
     intermediate_size: int
     moe_intermediate_size: int
     shared_expert_intermediate_size: int
-    num_experts: int
-    top_k: int
-    head_dim: int | None = None
     norm_topk_prob: bool = False
     qkv_bias: bool = True  # hub configs predate the key; transformers defaults it to True
-    rms_norm_eps: float = 1e-6
     rope_theta: float = 1e6
-    tie_word_embeddings: bool = False
     use_sliding_window: bool = False
     sliding_window: int | None = None
     max_window_layers: int = 28
@@ -47,7 +37,7 @@ class ModelArgs(BaseArgs):
 class Model(CausalLM):
     def __init__(self, cfg: dict, store):
         a = ModelArgs.from_config(cfg)
-        head_dim = a.head_dim or a.hidden_size // a.num_attention_heads
+        head_dim = a.head_size
         moe = set(arch.moe_layers(cfg))
         layers = []
         for i in range(a.num_hidden_layers):

@@ -7,27 +7,15 @@ from dataclasses import dataclass, field
 import mlx.nn as nn
 
 from moepack import arch
-from moepack.runtime.models.base import MLP, Attention, BaseArgs, CausalLM, DecoderLayer, SparseMoE, StreamedExperts
+from moepack.runtime.models.base import MLP, Attention, MoEArgs, CausalLM, DecoderLayer, SparseMoE, StreamedExperts
 
 
-@dataclass
-class ModelArgs(BaseArgs):
-    vocab_size: int
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
+@dataclass(kw_only=True)
+class ModelArgs(MoEArgs):
     intermediate_size: int
     moe_intermediate_size: int
-    num_experts: int
-    top_k: int
-    head_dim: int | None = None
     norm_topk_prob: bool = False
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None
     attention_bias: bool = False
-    tie_word_embeddings: bool = False
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
 
@@ -35,7 +23,7 @@ class ModelArgs(BaseArgs):
 class Model(CausalLM):
     def __init__(self, cfg: dict, store):
         a = ModelArgs.from_config(cfg)
-        head_dim = a.head_dim or a.hidden_size // a.num_attention_heads
+        head_dim = a.head_size
         moe = set(arch.moe_layers(cfg))
         layers = []
         for i in range(a.num_hidden_layers):
