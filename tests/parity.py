@@ -19,9 +19,13 @@ def nmse(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a - b) ** 2).mean() / (b**2).mean())
 
 
-def check_parity(kind: str, tmp: Path, fused: bool = False, old_spelling: bool = False, **overrides) -> None:
-    """float32 pack logits within NMSE 1e-5 of transformers, same 8 greedy tokens, at full and minimum budget."""
-    ckpt = build(kind, tmp / "ckpt", fused=fused, old_spelling=old_spelling, **overrides)
+def check_parity(kind: str, tmp: Path, fused: bool = False, old_spelling: bool = False, ckpt: Path | None = None,
+                 **overrides) -> None:
+    """float32 pack logits within NMSE 1e-5 of transformers, same 8 greedy tokens, at full and minimum budget.
+
+    ``ckpt``: a checkpoint the test built itself (e.g. a hub-style layout), instead of ``build(kind, ...)``.
+    """
+    ckpt = ckpt or build(kind, tmp / "ckpt", fused=fused, old_spelling=old_spelling, **overrides)
     pack = convert(str(ckpt), tmp / "pack", EXACT, progress=False)
     ref, model = reference_logits(ckpt, PROMPT)
     want = reference_greedy(model, PROMPT, 8)

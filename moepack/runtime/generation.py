@@ -59,6 +59,8 @@ class PromptCache:
             return make_cache(), 0
         _, cache = self.entries.pop(best)
         trim_to(cache, best_n)
+        if any(c.offset != best_n for c in cache):  # a recurrent (linear-attention) state cannot be rewound
+            return make_cache(), 0
         return cache, best_n
 
     def put(self, tokens: Sequence[int], cache: list) -> None:

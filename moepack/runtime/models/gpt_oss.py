@@ -1,0 +1,86 @@
+"""gpt-oss: GQA with q/k/v/o biases and a learned per-head attention sink, sliding-window and full attention
+layers alternating (``layer_types``), YaRN RoPE (rotate-half), a biased router whose top-k *logits* are
+softmaxed, and experts with biases and a clamped SwiGLU: ``(clip(up, ±limit) + 1) · g · σ(α g)``,
+``g = min(gate, limit)``.
+
+Checkpoints store experts fused, transposed and with gate/up interleaved (see ``arch.FusedLayout``); the converter
+writes them per expert in the usual [out, in] gate/up/down layout with ``gate_bias``/``up_bias``/``down_bias``.
+The sliding window is applied by the mask over a full KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from moepack.runtime.models.base import (Attention, CausalLM, DecoderLayer, MoEArgs, ScaledRoPE, StreamedExperts,
+                                          topk)
+
+
+@dataclass(kw_only=True)
+class ModelArgs(MoEArgs):
+    head_dim: int = 64  # transformers' default, not hidden_size // heads
+    sliding_window: int | None = 128
+    layer_types: list[str] | None = None
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    attention_bias: bool = True
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 150000.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.layer_types is None:  # transformers' default: sliding first, then alternating
+            self.layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention"
+                                for i in range(self.num_hidden_layers)]
+
+
+def clamped_swiglu(alpha: float, limit: float):
+    """gpt-oss's expert activation: gate clamped above, up clamped both ways and offset by 1."""
+
+    def act(gate: mx.array, up: mx.array) -> mx.array:
+        gate = mx.minimum(gate, limit)
+        up = mx.clip(up, -limit, limit)
+        return (up + 1) * gate * mx.sigmoid(alpha * gate)
+
+    return act
+
+
+class TopKLogitsMoE(nn.Module):
+    """Router ``router`` (weight and bias) -> top-k logits -> softmax over those k -> streamed experts."""
+
+    def __init__(self, hidden: int, n_experts: int, top_k: int, experts: StreamedExperts):
+        super().__init__()
+        self.top_k = top_k
+        self.router = nn.Linear(hidden, n_experts, bias=True)
+        self.experts = experts
+
+    def route(self, flat: mx.array) -> tuple[mx.array, mx.array]:
+        """[N, H] -> expert ids [N, K] and weights [N, K] (the engine also uses it to predict experts early)."""
+        logits = self.router(flat).astype(mx.float32)  # [N, E]
+        inds = topk(logits, self.top_k)
+        return inds, mx.softmax(mx.take_along_axis(logits, inds, axis=-1), axis=-1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # [N, H]
+        inds, w = self.route(flat)
+        return self.experts(flat, inds, w.astype(flat.dtype)).reshape(shape)
+
+
+class Model(CausalLM):
+    def __init__(self, cfg: dict, store):
+        a = ModelArgs.from_config(cfg)
+        head_dim = a.head_size
+        rope = ScaledRoPE(head_dim, a.rope_theta, a.rope_scaling, a.max_position_embeddings)
+        act = clamped_swiglu(a.swiglu_alpha, a.swiglu_limit)
+        layers = []
+        for i in range(a.num_hidden_layers):
+            attn = Attention(a.hidden_size, a.num_attention_heads, a.num_key_value_heads, head_dim, rope,
+                             qkv_bias=a.attention_bias, o_bias=a.attention_bias, eps=a.rms_norm_eps, sinks=True)
+            moe = TopKLogitsMoE(a.hidden_size, a.num_experts, a.top_k, StreamedExperts(store, i, activation=act))
+            window = a.sliding_window if a.layer_types[i] == "sliding_attention" else None
+            layers.append(DecoderLayer(attn, moe, a.hidden_size, a.rms_norm_eps, sliding_window=window))
+        super().__init__(a.vocab_size, a.hidden_size, layers, a.rms_norm_eps, a.tie_word_embeddings)

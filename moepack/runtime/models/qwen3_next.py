@@ -1,0 +1,252 @@
+"""Qwen3-Next and Qwen3.5-MoE: hybrid layers, mostly Gated DeltaNet (linear attention with a recurrent state) and
+every ``full_attention_interval``-th one gated full attention; softmax top-k routing (renormalised) plus a shared
+expert scaled by sigmoid(shared_expert_gate(x)).
+
+- Gated full attention: ``q_proj`` yields [query | gate] per head, per-head q/k RMSNorm, partial rotary
+  (rotate-half on the first quarter of each head by default), output × sigmoid(gate).
+- Gated DeltaNet (``linear_attn``): causal depthwise conv (kernel 4) + SiLU over [q | k | v], L2-normalised q/k,
+  decay ``g = -exp(A_log)·softplus(a + dt_bias)``, ``beta = sigmoid(b)``, the delta rule
+  ``S ← S·e^g + k ⊗ beta(v − Sᵀk)``, ``o = Sᵀq / sqrt(d_k)``, then RMSNorm(o)·silu(z). Prefill runs it chunkwise
+  (the UT transform, as transformers' ``torch_chunk_gated_delta_rule``), decoding one token at a time.
+- Norms are zero-centred (``x̂·(1 + w)``) except the DeltaNet's output norm: ``sanitize`` adds the 1 at load
+  (exact in float32; in bf16 compute 1 + w is rounded to bf16, where transformers keeps it float32).
+
+Qwen3-Next fuses the DeltaNet input projections per key head (``in_proj_qkvz``: [q, k, v, z] groups;
+``in_proj_ba``); Qwen3.5 keeps them apart (``in_proj_qkv``, ``in_proj_z``, ``in_proj_b``, ``in_proj_a``) and its
+multimodal checkpoints nest the text model under ``model.language_model`` (the converter renames it and drops the
+vision tower and the multi-token-prediction head). Qwen3.5's multimodal RoPE sections coincide for text, so plain RoPE is exact.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from moepack import arch
+from moepack.runtime.models.base import (MLP, Attention, CausalLM, DecoderLayer, KVCache, MoEArgs, ScaledRoPE,
+                                          SparseMoE, StreamedExperts)
+
+CHUNK = 64  # the delta rule's chunk length in prefill
+ZERO_CENTRED = re.compile(r"(input_layernorm|post_attention_layernorm|q_norm|k_norm)\.weight$|^model\.norm\.weight$")
+
+
+@dataclass(kw_only=True)
+class ModelArgs(MoEArgs):
+    moe_intermediate_size: int
+    model_type: str = "qwen3_next"
+    intermediate_size: int = 0  # dense layers (mlp_only_layers); Qwen3.5-MoE has none
+    shared_expert_intermediate_size: int = 0
+    head_dim: int = 256  # transformers' default, not hidden_size // heads
+    norm_topk_prob: bool = True
+    attention_bias: bool = False
+    layer_types: list[str] | None = None
+    full_attention_interval: int = 4
+    linear_conv_kernel_dim: int = 4
+    linear_key_head_dim: int = 128
+    linear_value_head_dim: int = 128
+    linear_num_key_heads: int = 16
+    linear_num_value_heads: int = 32
+    mlp_only_layers: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.layer_types is None:  # hub configs spell the pattern as an interval
+            n = self.full_attention_interval
+            self.layer_types = ["full_attention" if (i + 1) % n == 0 else "linear_attention"
+                                for i in range(self.num_hidden_layers)]
+
+
+class RecurrentCache:
+    """A DeltaNet layer's state: the conv's last ``kernel - 1`` inputs and the [B, Hv, Dk, Dv] recurrent matrix.
+
+    Unlike a KV cache it cannot be rewound to an earlier position: ``trim`` forgets everything (``offset`` 0), which
+    tells a caller (``PromptCache``) that the cache no longer holds the prefix.
+    """
+
+    def __init__(self) -> None:
+        self.conv: mx.array | None = None
+        self.state: mx.array | None = None
+        self.offset = 0
+
+    def trim(self, n: int) -> None:
+        """Forget the last ``n`` positions: impossible for a recurrent state, so forget them all."""
+        self.conv = self.state = None
+        self.offset = 0
+
+
+class DepthwiseConv(nn.Module):
+    """Causal depthwise conv1d with the checkpoint's ``weight [C, 1, K]`` and no bias."""
+
+    def __init__(self, channels: int, kernel: int):
+        super().__init__()
+        self.weight = mx.zeros((channels, 1, kernel))
+
+    def __call__(self, xp: mx.array) -> mx.array:
+        """xp [B, K-1+T, C]: the K-1 inputs before this call's T, then those T -> [B, T, C]."""
+        K = self.weight.shape[-1]
+        T = xp.shape[1] - (K - 1)
+        w = self.weight[:, 0, :]  # [C, K]
+        return sum(xp[:, j : j + T] * w[:, j] for j in range(K))
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm(x)·w·silu(gate) over the last axis (plain weight, not zero-centred)."""
+
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array, gate: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, self.weight, self.eps) * nn.silu(gate)
+
+
+def l2norm(x: mx.array, eps: float = 1e-6) -> mx.array:
+    return x * mx.rsqrt((x * x).sum(axis=-1, keepdims=True) + eps)
+
+
+def delta_rule_step(q, k, v, g, beta, state):
+    """One token. q, k [B, H, Dk]; v [B, H, Dv]; g, beta [B, H]; state [B, H, Dk, Dv] -> o [B, H, Dv], state."""
+    state = state * mx.exp(g)[..., None, None]
+    kv = (state * k[..., None]).sum(axis=-2)  # [B, H, Dv]: what the state predicts for k
+    state = state + k[..., None] * ((v - kv) * beta[..., None])[..., None, :]
+    return (state * q[..., None]).sum(axis=-2), state
+
+
+def delta_rule_chunked(q, k, v, g, beta, state, C: int = CHUNK):
+    """A whole sequence, chunk by chunk. q, k [B, H, T, Dk]; v [B, H, T, Dv]; g, beta [B, H, T] -> [B, H, T, Dv], state.
+
+    Inside a chunk the sequential updates collapse to a unit lower-triangular system (the UT transform); the
+    state carries across chunks. Same algorithm as transformers' ``torch_chunk_gated_delta_rule``.
+    """
+    B, H, T, Dk = k.shape
+    pad = -T % C
+    if pad:
+        q, k, v = (mx.pad(t, [(0, 0), (0, 0), (0, pad), (0, 0)]) for t in (q, k, v))
+        g, beta = (mx.pad(t, [(0, 0), (0, 0), (0, pad)]) for t in (g, beta))
+    N = (T + pad) // C
+    kb, vb = k * beta[..., None], v * beta[..., None]
+    q, k, kb, vb = (t.reshape(B, H, N, C, -1) for t in (q, k, kb, vb))  # [B, H, N, C, D]
+    cum = mx.cumsum(g.reshape(B, H, N, C), axis=-1)  # log decay from the chunk's start to each position
+    causal = mx.tril(mx.ones((C, C), dtype=mx.bool_))
+    # decay[i, j] = exp(cum_i - cum_j) for j <= i, else 0
+    decay = mx.where(causal, mx.exp(mx.where(causal, cum[..., :, None] - cum[..., None, :], 0)), 0)
+    ut = mx.tril(kb @ k.swapaxes(-1, -2) * decay, -1) + mx.eye(C)  # [B, H, N, C, C], unit lower triangular
+    ut_vk = mx.concatenate([vb, kb * mx.exp(cum)[..., None]], axis=-1)
+    ut_vk = mx.linalg.solve_triangular(ut, ut_vk, upper=False, stream=mx.cpu)  # MLX solves on the CPU only
+    u, w = ut_vk[..., : vb.shape[-1]], ut_vk[..., vb.shape[-1] :]  # new values, decayed keys reading the old state
+    attn = q @ k.swapaxes(-1, -2) * decay  # within-chunk attention
+    q_dec = q * mx.exp(cum)[..., None]
+    k_dec = k * mx.exp(cum[..., -1:] - cum)[..., None]
+    last = mx.exp(cum[..., -1])  # [B, H, N]: a whole chunk's decay
+    outs = []
+    for n in range(N):
+        v_new = u[:, :, n] - w[:, :, n] @ state  # [B, H, C, Dv]
+        outs.append(q_dec[:, :, n] @ state + attn[:, :, n] @ v_new)
+        state = state * last[:, :, n, None, None] + k_dec[:, :, n].swapaxes(-1, -2) @ v_new
+    return mx.concatenate(outs, axis=2)[:, :, :T], state
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, a: ModelArgs, split: bool):
+        super().__init__()
+        H = a.hidden_size
+        self.nk, self.nv = a.linear_num_key_heads, a.linear_num_value_heads
+        self.dk, self.dv = a.linear_key_head_dim, a.linear_value_head_dim
+        self.key_dim, self.value_dim = self.nk * self.dk, self.nv * self.dv
+        conv_dim = 2 * self.key_dim + self.value_dim
+        if split:  # Qwen3.5
+            self.in_proj_qkv = nn.Linear(H, conv_dim, bias=False)
+            self.in_proj_z = nn.Linear(H, self.value_dim, bias=False)
+            self.in_proj_b = nn.Linear(H, self.nv, bias=False)
+            self.in_proj_a = nn.Linear(H, self.nv, bias=False)
+        else:  # Qwen3-Next
+            self.in_proj_qkvz = nn.Linear(H, conv_dim + self.value_dim, bias=False)
+            self.in_proj_ba = nn.Linear(H, 2 * self.nv, bias=False)
+        self.conv1d = DepthwiseConv(conv_dim, a.linear_conv_kernel_dim)
+        self.dt_bias = mx.ones((self.nv,))
+        self.A_log = mx.zeros((self.nv,))
+        self.norm = GatedRMSNorm(self.dv, a.rms_norm_eps)
+        self.out_proj = nn.Linear(self.value_dim, H, bias=False)
+
+    def _project(self, x: mx.array) -> tuple[mx.array, ...]:
+        """x [B, T, H] -> qkv [B, T, 2·key_dim + value_dim], z [B, T, Hv, Dv], b and a [B, T, Hv]."""
+        B, T, _ = x.shape
+        if "in_proj_qkv" in self:
+            z = self.in_proj_z(x).reshape(B, T, self.nv, self.dv)
+            return self.in_proj_qkv(x), z, self.in_proj_b(x), self.in_proj_a(x)
+        # per key head: [q (Dk), k (Dk), v (r·Dv), z (r·Dv)] and [b (r), a (r)], r value heads per key head
+        r = self.nv // self.nk
+        qkvz = self.in_proj_qkvz(x).reshape(B, T, self.nk, -1)
+        q, k, v, z = mx.split(qkvz, [self.dk, 2 * self.dk, 2 * self.dk + r * self.dv], axis=-1)
+        b, a = mx.split(self.in_proj_ba(x).reshape(B, T, self.nk, 2 * r), 2, axis=-1)
+        qkv = mx.concatenate([t.reshape(B, T, -1) for t in (q, k, v)], axis=-1)
+        return qkv, z.reshape(B, T, self.nv, self.dv), b.reshape(B, T, self.nv), a.reshape(B, T, self.nv)
+
+    def __call__(self, x: mx.array, mask: mx.array | None, cache: RecurrentCache | None) -> mx.array:
+        B, T, _ = x.shape
+        qkv, z, b, a = self._project(x)
+        K = self.conv1d.weight.shape[-1]
+        past = cache.conv if cache is not None and cache.conv is not None else mx.zeros((B, K - 1, qkv.shape[-1]), qkv.dtype)
+        xp = mx.concatenate([past, qkv], axis=1)  # [B, K-1+T, C]
+        if cache is not None:
+            cache.conv = xp[:, -(K - 1) :]
+        qkv = nn.silu(self.conv1d(xp))
+        q, k, v = mx.split(qkv, [self.key_dim, 2 * self.key_dim], axis=-1)
+        q = l2norm(q.reshape(B, T, self.nk, self.dk).astype(mx.float32)) * self.dk**-0.5
+        k = l2norm(k.reshape(B, T, self.nk, self.dk).astype(mx.float32))
+        v = v.reshape(B, T, self.nv, self.dv).astype(mx.float32)
+        r = self.nv // self.nk  # each key head serves r consecutive value heads
+        q, k = mx.repeat(q, r, axis=2), mx.repeat(k, r, axis=2)
+        beta = mx.sigmoid(b.astype(mx.float32))  # [B, T, Hv]
+        g = -mx.exp(self.A_log.astype(mx.float32)) * nn.softplus(a.astype(mx.float32) + self.dt_bias.astype(mx.float32))
+        q, k, v, g, beta = (t.swapaxes(1, 2) for t in (q, k, v, g, beta))  # heads before time
+        state = cache.state if cache is not None and cache.state is not None else \
+            mx.zeros((B, self.nv, self.dk, self.dv), mx.float32)
+        if T == 1:
+            o, state = delta_rule_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], g[:, :, 0], beta[:, :, 0], state)
+            o = o[:, :, None]
+        else:
+            o, state = delta_rule_chunked(q, k, v, g, beta, state)
+        if cache is not None:
+            cache.state, cache.offset = state, cache.offset + T
+        o = o.swapaxes(1, 2).astype(x.dtype)  # [B, T, Hv, Dv]
+        return self.out_proj(self.norm(o, z).reshape(B, T, -1))
+
+
+class Model(CausalLM):
+    def __init__(self, cfg: dict, store):
+        cfg = arch.text_config(cfg)
+        a = ModelArgs.from_config(cfg)
+        qwen3_5 = a.model_type.startswith("qwen3_5")
+        head_dim = a.head_size
+        rope = ScaledRoPE(arch.rotary_dim(cfg, head_dim, default_factor=0.25), a.rope_theta, a.rope_scaling,
+                          a.max_position_embeddings)
+        moe = set(arch.moe_layers(cfg))
+        layers = []
+        for i in range(a.num_hidden_layers):
+            if a.layer_types[i] == "linear_attention":
+                mixer, name = GatedDeltaNet(a, split=qwen3_5), "linear_attn"
+            else:
+                mixer = Attention(a.hidden_size, a.num_attention_heads, a.num_key_value_heads, head_dim, rope,
+                                  qkv_bias=a.attention_bias, qk_norm="head", eps=a.rms_norm_eps, output_gate=True)
+                name = "self_attn"
+            if i in moe:
+                shared = MLP(a.hidden_size, a.shared_expert_intermediate_size)
+                mlp = SparseMoE(a.hidden_size, a.num_experts, a.top_k, a.norm_topk_prob or qwen3_5,
+                                StreamedExperts(store, i), shared=shared, shared_gate=True)
+            else:
+                mlp = MLP(a.hidden_size, a.intermediate_size)
+            layers.append(DecoderLayer(mixer, mlp, a.hidden_size, a.rms_norm_eps, mixer=name))
+        super().__init__(a.vocab_size, a.hidden_size, layers, a.rms_norm_eps, a.tie_word_embeddings)
+
+    def make_cache(self) -> list:
+        return [RecurrentCache() if layer.mixer == "linear_attn" else KVCache() for layer in self.model.layers]
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Zero-centred norms store w and scale by 1 + w: add the 1 here, so plain RMSNorm runs them."""
+        weights = super().sanitize(weights)
+        return {k: (v.astype(mx.float32) + 1 if ZERO_CENTRED.search(k) else v) for k, v in weights.items()}

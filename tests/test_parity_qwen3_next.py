@@ -1,0 +1,103 @@
+"""Qwen3-Next and Qwen3.5-MoE: parity of the converted pack with transformers, and the Gated DeltaNet's chunked
+prefill against transformers' own recurrence over several chunks (the parity prompt fits in one)."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+import transformers
+from checkpoints import COMMON, TINY, make_model
+from parity import check_parity
+from safetensors.torch import load_file, save_file
+
+from moepack.runtime.models.qwen3_next import CHUNK, delta_rule_chunked, delta_rule_step
+
+
+@pytest.mark.parametrize("fused,old", [(False, False), (True, False), (False, True)])
+def test_qwen3_next_parity(tmp_path, fused, old):
+    check_parity("qwen3_next", tmp_path, fused=fused, old_spelling=old)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_qwen3_5_moe_parity(tmp_path, fused):
+    check_parity("qwen3_5_moe", tmp_path, fused=fused)
+
+
+def test_qwen3_5_moe_multimodal_checkpoint(tmp_path):
+    """The hub layout: nested text_config, ``model.language_model.*`` names, fused experts, a vision tower and a
+    multi-token-prediction head (``mtp.layers.0...``, which must not be read as layer 0), all but the text model dropped."""
+    text = make_model("qwen3_5_moe")
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    cfg = transformers.Qwen3_5MoeConfig(text_config={**COMMON, **TINY["qwen3_5_moe"][2]}, vision_config=vision)
+    vl = transformers.Qwen3_5MoeForConditionalGeneration(cfg).eval()
+    vl.model.language_model.load_state_dict(text.model.state_dict())
+    vl.lm_head.load_state_dict(text.lm_head.state_dict())
+    ckpt = tmp_path / "ckpt"
+    vl.save_pretrained(ckpt, save_original_format=False)
+    tensors = load_file(ckpt / "model.safetensors")
+    E, (I, H) = cfg.text_config.num_experts, (cfg.text_config.moe_intermediate_size, cfg.text_config.hidden_size)
+    tensors["mtp.layers.0.mlp.experts.gate_up_proj"] = torch.randn(E, 2 * I, H)
+    tensors["mtp.layers.0.mlp.experts.down_proj"] = torch.randn(E, H, I)
+    tensors["mtp.fc.weight"] = torch.randn(H, 2 * H)
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    check_parity("qwen3_5_moe", tmp_path, ckpt=ckpt)
+
+
+def test_chunked_delta_rule_matches_transformers_recurrence():
+    from transformers.models.qwen3_next.modeling_qwen3_next import torch_recurrent_gated_delta_rule
+
+    rng = np.random.default_rng(0)
+    B, T, H, Dk, Dv = 1, 2 * CHUNK + 22, 2, 16, 8  # three chunks, the last one padded
+    q, k = (rng.standard_normal((B, T, H, Dk)).astype(np.float32) for _ in range(2))
+    v = rng.standard_normal((B, T, H, Dv)).astype(np.float32)
+    g = -np.abs(rng.standard_normal((B, T, H))).astype(np.float32) * 0.1
+    beta = rng.uniform(0, 1, (B, T, H)).astype(np.float32)
+    s0 = rng.standard_normal((B, H, Dk, Dv)).astype(np.float32)
+    want, want_state = torch_recurrent_gated_delta_rule(
+        *(torch.tensor(t) for t in (q, k, v)), g=torch.tensor(g), beta=torch.tensor(beta),
+        initial_state=torch.tensor(s0), output_final_state=True, use_qk_l2norm_in_kernel=True)
+
+    def heads_first(t):  # [B, T, H, ...] -> [B, H, T, ...]
+        return mx.array(t).swapaxes(1, 2)
+
+    qn = mx.array(q) / mx.sqrt((mx.array(q) ** 2).sum(-1, keepdims=True) + 1e-6) * Dk**-0.5
+    kn = mx.array(k) / mx.sqrt((mx.array(k) ** 2).sum(-1, keepdims=True) + 1e-6)
+    args = [heads_first(qn), heads_first(kn), heads_first(v), heads_first(g), heads_first(beta)]
+    got, state = delta_rule_chunked(*args, mx.array(s0))
+    np.testing.assert_allclose(np.array(got.swapaxes(1, 2)), want.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.array(state), want_state.numpy(), rtol=1e-4, atol=1e-4)
+    # and the one-token step the decoder uses, continuing from the chunked state
+    o, _ = delta_rule_step(*(a[:, :, 0] for a in args), state)
+    ref_o, _ = torch_recurrent_gated_delta_rule(
+        *(torch.tensor(t[:, :1]) for t in (q, k, v)), g=torch.tensor(g[:, :1]), beta=torch.tensor(beta[:, :1]),
+        initial_state=want_state, use_qk_l2norm_in_kernel=True)
+    np.testing.assert_allclose(np.array(o), ref_o[:, 0].numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_recurrent_cache_continues_and_is_never_rewound(tmp_path):
+    """A prompt prefilled in two pieces gives the logits of one pass; a prompt cache holding a longer, diverging
+    sequence is not reused (a DeltaNet state cannot be rewound), one holding an exact prefix is."""
+    import moepack
+    from checkpoints import build
+    from parity import EXACT, PROMPT
+
+    from moepack.convert.pipeline import convert
+    from moepack.runtime.generation import PromptCache
+
+    engine = moepack.load(convert(str(build("qwen3_next", tmp_path / "ckpt")), tmp_path / "pack", EXACT, progress=False))
+    whole = engine.logits(PROMPT)[-1]
+    prompts = PromptCache()
+
+    def cached_prefix():
+        cache = engine.make_cache()
+        engine.prefill(PROMPT[:8], cache)
+        prompts.put(PROMPT[:8], cache)
+
+    cached_prefix()
+    fresh, reused = prompts.take(PROMPT[:5] + [1, 2, 3], engine.make_cache)
+    assert reused == 0 and all(c.offset == 0 for c in fresh)
+    cached_prefix()
+    cache, reused = prompts.take(PROMPT, engine.make_cache)
+    assert reused == 8
+    np.testing.assert_allclose(engine.prefill(PROMPT[8:], cache), whole, rtol=1e-4, atol=1e-4)
