@@ -1,0 +1,184 @@
+#!/usr/bin/env python
+"""Write a manifest-only ("virtual") pack: the manifest.json and config.json `moepack convert` would write for a
+model and a recipe, without any tensor data. `moepack plan` and `moepack inspect` read only those two files, so
+they can size a model too large to download or convert here, e.g. Kimi K2.5 over two 96 GB Macs:
+
+    python tools/virtual_pack.py kimi-k2.5 /tmp/kimi-k2.5-virtual
+    moepack plan /tmp/kimi-k2.5-virtual --hosts 2 --memory-per-host 72GB
+
+Tensor names and shapes come from transformers' own model class for the config, built on the meta device (no
+memory). Each tensor is then sized by the converter's rules (convert/recipe.py, formats/writer.py): dense matrices
+quantized to --dense-bits unless recipe.py keeps them raw, routed experts to --q-bits, or carried exactly as the
+release ships them (``--carried-experts 4:32`` for Kimi K2.5's INT4 group-32 experts, moepack's default when the
+source is quantized), each expert projection on an aligned boundary of its own file.
+
+CONFIG is a config.json path or a preset (``kimi-k2.5``: Kimi K2.5's published text-model dimensions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+import transformers
+
+from moepack import arch
+from moepack.convert.recipe import Recipe
+from moepack.formats import dtypes, quant
+from moepack.formats.manifest import Blob, ExpertLayer, ExpertLayout, Manifest, TensorRecord
+from moepack.formats.writer import BLOB_ALIGN, align_up
+
+# Kimi K2.5 (moonshotai/Kimi-K2.5): a DeepSeek-V3 text model (as Kimi K2) inside a vision-language wrapper.
+KIMI_K25_TEXT = {
+    "model_type": "kimi_k2", "architectures": ["DeepseekV3ForCausalLM"], "vocab_size": 163840, "hidden_size": 7168,
+    "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 64,
+    "num_key_value_heads": 64, "n_shared_experts": 1, "n_routed_experts": 384, "num_experts_per_tok": 8,
+    "first_k_dense_replace": 1, "moe_layer_freq": 1, "kv_lora_rank": 512, "q_lora_rank": 1536,
+    "qk_rope_head_dim": 64, "qk_nope_head_dim": 128, "v_head_dim": 128, "n_group": 1, "topk_group": 1,
+    "topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": True, "routed_scaling_factor": 2.827,
+    "rms_norm_eps": 1e-5, "max_position_embeddings": 262144, "tie_word_embeddings": False, "rope_theta": 50000.0,
+    "rope_scaling": {"type": "yarn", "factor": 64.0, "original_max_position_embeddings": 4096, "beta_fast": 1.0,
+                     "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+}
+PRESETS = {
+    "kimi-k2.5": ({"model_type": "kimi_k25", "architectures": ["KimiK25ForConditionalGeneration"],
+                   "text_config": KIMI_K25_TEXT}, "4:32"),
+}
+# model types transformers knows under another name
+TRANSFORMERS_TYPE = {"kimi_k2": "deepseek_v3", "kimi_k25": "deepseek_v3"}
+NO_HASH = "0" * 64  # a virtual pack has no files to hash
+
+
+def tensor_shapes(cfg: dict) -> dict[str, list[int]]:
+    """Every tensor of the text model, under hub names, from transformers' model class on the meta device."""
+    tc = {k: v for k, v in cfg.items() if k not in ("architectures", "auto_map", "quantization_config")}
+    mt = TRANSFORMERS_TYPE.get(tc["model_type"], tc["model_type"])
+    config = transformers.AutoConfig.for_model(mt, **{k: v for k, v in tc.items() if k != "model_type"})
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    tied = {"lm_head.weight"} if tc.get("tie_word_embeddings") else set()  # saved once, as the embedding
+    return {k: list(v.shape) for k, v in model.state_dict().items() if k not in tied}
+
+
+def _blobs(parts: dict[str, tuple[str, list[int]]], pos: int, file: str | None) -> tuple[dict[str, Blob], int]:
+    blobs = {}
+    for name, (dtype, shape) in parts.items():
+        pos = align_up(pos, BLOB_ALIGN)
+        n = math.prod(shape) * dtypes.get(dtype).itemsize
+        blobs[name] = Blob(pos, n, dtype, shape, file)
+        pos += n
+    return blobs, pos
+
+
+def encode(name: str, shape: list[int], expert: bool, recipe: Recipe, carried: tuple[int, int] | None):
+    """(encoding, parts {name: (dtype, shape)}, bits, group size, carried) as recipe.py would store the tensor."""
+    if expert and carried:
+        bits, gs = carried
+        return "affine", _affine(shape, bits, gs, recipe.dtype), bits, gs, "lossless"
+    bits, gs = (recipe.expert_bits, recipe.expert_group_size) if expert else (recipe.dense_bits, recipe.dense_group_size)
+    wants = expert and name in arch.EXPERT_PROJS or not expert and arch.is_quantizable_dense(name, shape)
+    if recipe.quantize and wants and quant.can_quantize(shape, gs):
+        return "affine", _affine(shape, bits, gs, recipe.dtype), bits, gs, None
+    return "raw", {"data": (recipe.dtype, shape)}, None, None, None
+
+
+def _affine(shape: list[int], bits: int, gs: int, dtype: str) -> dict[str, tuple[str, list[int]]]:
+    s = quant.packed_shape(shape, bits, gs)
+    return {"weight": ("uint32", s["weight"]), "scales": (dtype, s["scales"]), "biases": (dtype, s["biases"])}
+
+
+def expert_shapes(shapes: dict[str, list[int]], cfg: dict) -> tuple[dict[str, list[int]], dict[int, dict[str, list[int]]]]:
+    """Split off routed experts: dense tensors, and per MoE layer the shapes of one expert's projections."""
+    fused = arch.family_for(cfg).fused
+    dense, experts = {}, {}
+    for name, shape in shapes.items():
+        if m := arch.FUSED_EXPERT_TENSOR.match(name):
+            one = shape[1:]  # [E, ...] -> one expert's
+            if m["bias"]:
+                split = {"gate_up_proj": {"gate_bias": [one[0] // 2], "up_bias": [one[0] // 2]}, "down_proj": {"down_bias": one}}
+            elif fused.transposed:  # gpt-oss: [in, out]; the pack stores [out, in]
+                split = {"gate_up_proj": {"gate": [one[1] // 2, one[0]], "up": [one[1] // 2, one[0]]},
+                         "down_proj": {"down": [one[1], one[0]]}}
+            else:
+                split = {"gate_up_proj": {"gate": [one[0] // 2, one[1]], "up": [one[0] // 2, one[1]]},
+                         "down_proj": {"down": one}}
+            experts.setdefault(int(m["layer"]), {}).update(split[m["proj"]])
+        elif m := arch.EXPERT_TENSOR.match(name):
+            proj = arch.PROJ_ALIASES[m["proj"]] + ("_bias" if m["part"] == "bias" else "")
+            experts.setdefault(int(m["layer"]), {})[proj] = shape
+        else:
+            dense[name] = shape
+    return dense, experts
+
+
+def virtual_pack(config: dict, out: Path, recipe: Recipe, carried: tuple[int, int] | None) -> Path:
+    tc = arch.text_config(config)
+    fam = arch.family_for(tc)
+    dense_shapes, expert_projs = expert_shapes(tensor_shapes(tc), tc)
+    files: dict[str, dict] = {}
+    dense, pos = {}, 0
+    for name in sorted(dense_shapes, key=lambda n: (arch.layer_of(n) if arch.layer_of(n) is not None else -1, n)):
+        if arch.SKIPPED.match(name):
+            continue
+        enc, parts, bits, gs, _ = encode(name, dense_shapes[name], False, recipe, None)
+        blobs, pos = _blobs(parts, pos, "dense/dense-00000.bin")
+        dense[name] = TensorRecord(enc, dense_shapes[name], recipe.dtype, blobs, bits, gs)
+    files["dense/dense-00000.bin"] = {"length": align_up(pos, recipe.alignment), "blake3": NO_HASH}
+    layouts, layers = {}, []
+    n_experts = int(arch.get(tc, "num_experts"))
+    for L in sorted(expert_projs):
+        tensors, pos = {}, 0
+        for proj in sorted(expert_projs[L], key=lambda p: (arch.EXPERT_PROJS.index(p.removesuffix("_bias")), p)):
+            enc, parts, bits, gs, how = encode(proj, expert_projs[L][proj], True, recipe, carried if proj in arch.EXPERT_PROJS else None)
+            pos = align_up(pos, recipe.alignment)  # every projection segment starts on an aligned boundary
+            blobs, pos = _blobs(parts, pos, None)
+            tensors[proj] = TensorRecord(enc, expert_projs[L][proj], recipe.dtype, blobs, bits, gs,
+                                         source_encoding=f"int{bits}-pack-quantized-g{gs}" if how else None, carried=how)
+        layout = ExpertLayout(align_up(pos, recipe.alignment), tensors)
+        key = next((k for k, v in layouts.items() if v.to_json() == layout.to_json()), f"layout-{len(layouts)}")
+        layouts[key] = layout
+        names = [f"experts/{L:03d}/{e:04d}.bin" for e in range(n_experts)]
+        files.update({n: {"length": layout.length, "blake3": NO_HASH} for n in names})
+        layers.append(ExpertLayer(L, key, names))
+    architecture = {"family": fam.name, "model_type": tc.get("model_type"), "num_layers": arch.num_layers(tc),
+                    "moe_layers": arch.moe_layers(tc), "num_experts": n_experts, "top_k": int(arch.get(tc, "top_k")),
+                    "hidden_size": int(tc["hidden_size"]), "expert_width": arch.expert_width(tc),
+                    "vocab_size": tc.get("vocab_size")}
+    manifest = Manifest(architecture, recipe.alignment, recipe.to_json(),
+                        {"source": "virtual pack (tools/virtual_pack.py): sizes only, no tensor data",
+                         "converter": "tools/virtual_pack.py"},
+                        files, dense, layouts, layers)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    manifest.save(out)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", help=f"config.json or a preset: {', '.join(PRESETS)}")
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--q-bits", type=int, default=4)
+    ap.add_argument("--q-group-size", type=int, default=64)
+    ap.add_argument("--dense-bits", type=int, default=8)
+    ap.add_argument("--dense-group-size", type=int, default=64)
+    ap.add_argument("--carried-experts", metavar="BITS:GROUP",
+                    help="the release ships experts quantized like this and moepack carries them as they are")
+    args = ap.parse_args()
+    if args.config in PRESETS:
+        config, carried = PRESETS[args.config]
+        carried = args.carried_experts or carried
+    else:
+        config, carried = json.loads(Path(args.config).read_text()), args.carried_experts
+    recipe = Recipe(dtype=args.dtype, expert_bits=args.q_bits, expert_group_size=args.q_group_size,
+                    dense_bits=args.dense_bits, dense_group_size=args.dense_group_size)
+    bits_gs = tuple(int(x) for x in carried.split(":")) if carried else None
+    print(virtual_pack(config, args.out, recipe, bits_gs))
+
+
+if __name__ == "__main__":
+    main()
