@@ -28,3 +28,18 @@ class BudgetError(MoepackError):
     def __init__(self, message: str, minimum: int):
         super().__init__(message)
         self.minimum = minimum
+
+
+class ExpertReadError(PackError, OSError):
+    """An expert file could not be read: missing, truncated, unreadable (EIO), or its bytes fail ``verify``.
+
+    Only the call that needed the expert fails; the store forgets the slot and serves the next call. It is an
+    OSError too (``filename`` is the file), for callers that handle I/O errors as such.
+    """
+
+    def __init__(self, message: str, filename: str | None = None):
+        super().__init__(message)
+        self.filename = filename
+
+    def __str__(self) -> str:  # OSError's own would print "[Errno None] ..."
+        return self.args[0]

@@ -6,6 +6,7 @@ import errno
 import fcntl
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -22,7 +23,7 @@ from checkpoints import build
 from moepack.convert.pipeline import ConvertError, convert
 from moepack.convert.recipe import Recipe
 from moepack.errors import MoepackError, SourceError, UnsupportedArchitecture
-from moepack.formats import writer
+from moepack.formats import manifest, writer
 from moepack.formats.reader import PackReader
 from test_convert import EXACT, QUANT, check_pack, reshard, tree
 
@@ -145,6 +146,135 @@ def test_kill_and_resume(tmp_path):
     assert PackReader(out).verify().ok
 
 
+# The child converts with workers=1 and, the N-th time it reaches POINT, SIGKILLs itself (ACTION "kill") or waits
+# until OUT.go exists (ACTION "pause", after touching OUT.paused). Points: "blob" (an array written into a file not
+# yet renamed into place), "file" (a file renamed into place, its unit not yet recorded), "unit" (a unit recorded),
+# "side" (half of a side file's .part written), "manifest" (half of manifest.json.tmp written), "tidy" (manifest.json
+# in place, the resume state not yet removed).
+POINT_CHILD = textwrap.dedent("""
+    import json, os, signal, sys, time
+    from pathlib import Path
+    from moepack.convert import pipeline
+    from moepack.convert.recipe import Recipe
+    from moepack.formats import manifest, writer
+    src, out, recipe, point, n, action = sys.argv[1:7]
+    seen = {}
+
+    def reached(name):
+        seen[name] = seen.get(name, 0) + 1
+        if name != point or seen[name] != int(n):
+            return
+        if action == "pause":
+            Path(out + ".paused").touch()
+            while not Path(out + ".go").exists():
+                time.sleep(0.01)
+        else:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    add, close, save, write_bytes = writer.AlignedFile.add, writer.AlignedFile.close, manifest.Manifest.save, \\
+        writer.PackWriter.write_bytes
+
+    def add_(self, *a, **k):
+        blob = add(self, *a, **k)
+        self._f.flush()
+        reached("blob")
+        return blob
+
+    def write_bytes_(self, relpath, data):
+        dst = self.root / relpath
+        dst.with_name(dst.name + ".part").write_bytes(data[: len(data) // 2])
+        reached("side")
+        return write_bytes(self, relpath, data)
+
+    class Bar:
+        def __init__(self, *a, **k): pass
+        def update(self, n=1): reached("unit")
+        def close(self): pass
+
+    class HalfJson:
+        def __getattr__(self, name): return getattr(json, name)
+        def dump(self, obj, f, **k):
+            text = json.dumps(obj, **k)
+            f.write(text[: len(text) // 2])
+            f.flush()
+            reached("manifest")
+            f.write(text[len(text) // 2 :])
+
+    writer.AlignedFile.add = add_
+    writer.AlignedFile.close = lambda self: (close(self), reached("file"))[0]
+    writer.PackWriter.write_bytes = write_bytes_
+    manifest.Manifest.save = lambda self, p: (save(self, p), reached("tidy"))[0]
+    manifest.json = HalfJson()
+    pipeline.tqdm = Bar
+    pipeline.convert(src, out, Recipe(**json.loads(recipe)), workers=1, progress=False)
+""")
+POINTS = ("blob", "file", "unit", "side", "manifest", "tidy")
+KILL_SEEDS = int(os.environ.get("MOEPACK_KILL_SEEDS", "1"))  # raise for a longer sweep of kill points
+
+
+def _point_child(src: Path, out: Path, point: str, n: int, action: str = "kill") -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", POINT_CHILD, str(src), str(out), json.dumps(QUANT.to_json()), point,
+                             str(n), action], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _times_reached(pack: Path) -> dict[str, int]:
+    """How often a whole conversion reaches each point, counted from the finished pack's manifest."""
+    m = json.loads((pack / "manifest.json").read_text())
+    layouts = {k: sum(len(t["parts"]) for t in v["tensors"].values()) for k, v in m["expert_layouts"].items()}
+    written = [f for f in m["files"] if f.startswith(("dense/", "experts/"))]
+    return {"blob": sum(len(r["parts"]) for r in m["dense"].values()) +
+                    sum(layouts[el["layout"]] * len(el["files"]) for el in m["experts"]),
+            "file": len(written), "unit": len(written) + len(m["provenance"]["source_files"]),
+            "side": len(m["files"]) - len(written), "manifest": 1, "tidy": 1}
+
+
+@pytest.mark.parametrize("seed", range(KILL_SEEDS))
+@pytest.mark.parametrize("point", POINTS)
+def test_killed_at_any_point_resumes_identical(ckpt, pack, tmp_path, point, seed):
+    """kill -9 at the n-th arrival at a point (n drawn at random), the resume killed again at a random point, then a
+    final resume: the pack verifies and is byte-identical to an uninterrupted conversion."""
+    rng = random.Random(f"{point}/{seed}")
+    n = rng.randint(1, _times_reached(pack)[point])
+    out = tmp_path / "out"
+    child = _point_child(ckpt, out, point, n)
+    log = child.communicate(timeout=300)[0].decode()
+    assert child.returncode == -signal.SIGKILL, f"not killed at {point} #{n}:\n{log}"
+    assert (out / "manifest.json").exists() == (point == "tidy")  # the manifest appears whole, and last
+    again = _point_child(ckpt, out, rng.choice(POINTS), 1)  # killed again on the way (if it gets there)
+    log = again.communicate(timeout=300)[0].decode()
+    assert again.returncode in (0, -signal.SIGKILL), log
+    if again.returncode:  # (a resume that finished leaves a finished pack, which a re-run refuses to overwrite)
+        convert(str(ckpt), out, QUANT, workers=1, progress=False)
+    assert tree(out) == tree(pack)
+    assert PackReader(out).verify().ok
+
+
+def test_second_converter_process_refused(ckpt, pack, tmp_path):
+    """While one converter is part-way (paused after its third unit), a second process converting into the same
+    OUT is refused with a clear error and touches nothing; the first then finishes the same pack as ever."""
+    out = tmp_path / "out"
+    first = _point_child(ckpt, out, "unit", 3, action="pause")
+    try:
+        deadline = time.monotonic() + 120
+        while not Path(f"{out}.paused").exists():
+            assert first.poll() is None, first.stdout.read().decode()
+            assert time.monotonic() < deadline, "the first converter never got going"
+            time.sleep(0.01)
+        before = tree(out)
+        second = subprocess.run([sys.executable, "-m", "moepack.cli", "convert", str(ckpt), str(out),
+                                 "--q-group-size", "32", "--dense-group-size", "32"], capture_output=True, text=True)
+        assert second.returncode == 1
+        assert f"error: another moepack convert is writing into {out}" in second.stderr, second.stderr
+        assert tree(out) == before
+        Path(f"{out}.go").touch()
+        assert first.wait(timeout=300) == 0, first.stdout.read().decode()
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert tree(out) == tree(pack)
+
+
 def test_bad_alignment_refused_up_front():
     """Refused when the recipe is made, not after a conversion has recorded it (which would block the fixed re-run)."""
     for bad in (1000, 2048, 12288):
@@ -241,25 +371,26 @@ class _Full:
         self._f.close()
 
     def write(self, data):
-        self._f.write(bytes(memoryview(data).cast("B")[:10]))
+        self._f.write(data[:10] if isinstance(data, str) else bytes(memoryview(data).cast("B")[:10]))
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-@pytest.mark.parametrize("fills_at", ["experts/001/0002.bin", "config.json"])
+@pytest.mark.parametrize("fills_at", ["experts/001/0002.bin", "config.json", "manifest.json"])
 def test_disk_full_then_resume(src, tmp_path, monkeypatch, fills_at):
-    """ENOSPC part-way (an expert file, or a side file after every unit is done) gives an error that says to free
-    space and re-run, leaves no half-written file; the re-run finishes the same pack."""
+    """ENOSPC part-way (an expert file, a side file after every unit is done, or the manifest itself) gives an error
+    that says to free space and re-run, leaves no half-written file; the re-run finishes the same pack."""
     out = tmp_path / "out"
 
     def open_on_full_disk(path, mode="r", *a, **k):
         f = open(path, mode, *a, **k)
-        return _Full(f) if str(path).endswith(fills_at + ".part") else f
+        return _Full(f) if str(path).endswith((fills_at + ".part", fills_at + ".tmp")) else f
 
-    monkeypatch.setattr(writer, "open", open_on_full_disk, raising=False)  # the writer's builtin open, nobody else's
+    for module in (writer, manifest):  # the writer's and the manifest's builtin open, nobody else's
+        monkeypatch.setattr(module, "open", open_on_full_disk, raising=False)
     with pytest.raises(MoepackError, match="(?i)disk full.*free space.*re-run"):
         convert(str(src), out, QUANT, workers=1, progress=False)
     assert not (out / "manifest.json").exists()
-    assert not [p for p in out.rglob("*") if p.name.endswith(".part")]
+    assert not [p for p in out.rglob("*") if p.name.endswith((".part", ".tmp"))]
     assert _done(out)
     monkeypatch.undo()
     convert(str(src), out, QUANT, workers=1, progress=False)

@@ -6,7 +6,7 @@ within its file and hold exactly ``prod(shape) * itemsize`` bytes of a known dty
 with ``bits`` and ``group_size``; sizes are bounded before anything is allocated from them. A failure is a
 PackError naming the field, e.g. ``manifest.json: dense["model.norm.weight"].parts.data.offset: ...``.
 
-One linear pass: a Kimi-K2-sized manifest (61 layers x 384 experts, 23,040 expert files) takes about 0.1 s.
+One linear pass: a Kimi-K2-sized manifest (60 MoE layers x 384 experts, 23,040 expert files) takes about 0.1 s.
 Real file sizes are not stat'ed here (23,040 stats would dominate); the runtime checks each read's length.
 """
 

@@ -17,10 +17,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Hashable, Protocol, Sequence
 
+import blake3
 import mlx.core as mx
 import numpy as np
 
-from moepack.errors import PackError
+from moepack.errors import ExpertReadError, PackError
 from moepack.formats import dtypes
 from moepack.formats.manifest import ExpertLayout, TensorRecord
 from moepack.formats.reader import PackReader
@@ -182,23 +183,30 @@ class ExpertStore:
         threads: int = 8,
         policy: EvictionPolicy | None = None,
         prefetch: bool = True,
+        verify: bool = False,
+        layers: Sequence[int] | None = None,
     ):
+        """``verify``: check each expert file's blake3 against the manifest the first time it is read.
+        ``layers``: serve only these MoE layers (a pipeline stage's, runtime/distributed.py); default all."""
         self.reader = reader
+        self.verify = verify
+        self._verified: set[Key] = set()
         self.n_slots = n_slots
         self.compute_dtype = compute_dtype
         self.io = DirectReader(direct)
         self.policy = policy or LRUPolicy()
         self.counters = Counters()
         layouts = {reader.manifest.experts[i].layer: reader.expert_layout(reader.manifest.experts[i].layer)
-                   for i in range(len(reader.manifest.experts))}
+                   for i in range(len(reader.manifest.experts))
+                   if layers is None or reader.manifest.experts[i].layer in layers}
         self.layouts = layouts
-        first = next(iter(layouts.values()))
+        first = next(iter(layouts.values()), ExpertLayout(0, {}))  # a stage may hold no MoE layer: an empty pool
         for L, lay in layouts.items():  # one pool serves every layer, so shapes must agree
             if {t: {p: (b.shape, b.dtype) for p, b in r.parts.items()} for t, r in lay.tensors.items()} != \
                {t: {p: (b.shape, b.dtype) for p, b in r.parts.items()} for t, r in first.tensors.items()}:
                 raise PackError(f"layer {L}'s experts differ in shape or encoding from the others; this runtime needs one shape")
         self.records: dict[str, TensorRecord] = first.tensors
-        self.file_bytes = max(lay.length for lay in layouts.values())
+        self.file_bytes = max((lay.length for lay in layouts.values()), default=0)
         # The pool: one MLX array per (tensor, part), slot-major, and writable numpy views onto the same memory.
         self.pool: dict[str, dict[str, mx.array]] = {}
         self._views: dict[str, dict[str, np.ndarray]] = {}
@@ -243,7 +251,16 @@ class ExpertStore:
         layout = self.layouts[layer]
         path = str(self.reader.expert_file(layer, expert))
         buf = self._staging()[: layout.length]
-        n = self.io.read_into(path, buf)
+        try:
+            n = self.io.read_into(path, buf)
+        except OSError as e:  # missing, truncated, EIO: this call fails, the store stays usable
+            raise ExpertReadError(f"{path}: cannot read expert {expert} of layer {layer} ({e.strerror or e}); "
+                                  f"`moepack verify {self.reader.root}` checks the whole pack", path) from e
+        if self.verify and key not in self._verified:
+            if blake3.blake3(buf).hexdigest() != self.reader.expert_digest(layer, expert):
+                raise ExpertReadError(f"{path}: blake3 mismatch, expert {expert} of layer {layer} is corrupt "
+                                      f"(`moepack verify {self.reader.root}` checks the whole pack)", path)
+            self._verified.add(key)  # checked once: later reads of it are not hashed again
         for t, rec in layout.tensors.items():
             for p, b in rec.parts.items():
                 src = buf[b.offset : b.offset + b.length].view(dtypes.get(b.dtype).numpy).reshape(b.shape)
@@ -374,9 +391,14 @@ class ExpertStore:
         keys = [k for k in dict.fromkeys(keys) if k[0] in self.layouts and k not in self._slot_of][: len(self._free)]
         for key in keys:
             self._inflight[key] = self._io.submit(self._load, key, self._assign(key, set()))
+        loaded = 0
         for key in keys:
-            self._settle(key)
-        return len(keys)
+            try:
+                self._settle(key)
+                loaded += 1
+            except ExpertReadError as e:  # a damaged expert fails the requests that need it, not the start-up
+                log.warning("warm start skipped an expert: %s", e)
+        return loaded
 
     def resident(self) -> set[Key]:
         return set(self._slot_of)
