@@ -156,7 +156,7 @@ def _pipeline(pack, hosts, memory_budget, rank_timeout, **engine_kwargs):
     from moepack.runtime import distributed
 
     if not distributed.in_pipeline():
-        if hosts:
+        if hosts and distributed.read_hosts(hosts)[0] > 1:  # one host: just run here
             sys.exit(distributed.launch(hosts, sys.argv[1:]))
         return None
     engine = distributed.start(pack, memory_budget, rank_timeout, **engine_kwargs)
@@ -303,8 +303,8 @@ def _print_stats(engine, n_prompt: int, n_gen: int, t0: float, first: float | No
               help="Address to bind; the default accepts local connections only.")
 @click.option("--port", type=int, default=8080, show_default=True)
 @_budget_option
-@click.option("--api-key", envvar="MOEPACK_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 routes "
-              "(also read from MOEPACK_API_KEY).")
+@click.option("--api-key", envvar="MOEPACK_API_KEY", help="Require 'Authorization: Bearer KEY' on every route "
+              "but /health (also read from MOEPACK_API_KEY).")
 @click.option("--model-id", help="Model id clients use (default: the pack directory's name).")
 @click.option("--ctx-size", type=int, help="Context length in tokens (default: the model's).")
 @click.option("--parallel", type=int, default=1, show_default=True,

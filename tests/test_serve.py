@@ -259,7 +259,7 @@ def test_ten_concurrent_clients(client, ref):
 
 def test_client_disconnect_cancels_generation(server, client):
     h = {"Authorization": f"Bearer {KEY}"}
-    before = httpx.get(f"{server}/stats", timeout=TIMEOUT).json()["server"]
+    before = httpx.get(f"{server}/stats", timeout=TIMEOUT, headers=h).json()["server"]
     body = {"messages": HELLO, "max_tokens": 3000, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=TIMEOUT, headers=h) as r:
         lines = r.iter_lines()
@@ -267,7 +267,7 @@ def test_client_disconnect_cancels_generation(server, client):
     assert got[0].startswith("data: ")
     end = time.monotonic() + TIMEOUT
     while time.monotonic() < end:
-        s = httpx.get(f"{server}/stats", timeout=TIMEOUT).json()["server"]
+        s = httpx.get(f"{server}/stats", timeout=TIMEOUT, headers=h).json()["server"]
         if s["cancelled"] > before["cancelled"] and s["active"] == 0:
             break
         time.sleep(0.2)
@@ -387,7 +387,7 @@ def test_template_errors_are_400(server, client):
 
 
 def test_openapi_schema(server):
-    spec = httpx.get(f"{server}/openapi.json", timeout=TIMEOUT).json()
+    spec = httpx.get(f"{server}/openapi.json", timeout=TIMEOUT, headers={"Authorization": f"Bearer {KEY}"}).json()
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health"):
         assert path in spec["paths"]
     req = spec["components"]["schemas"]["ChatCompletionRequest"]["properties"]

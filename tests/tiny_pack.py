@@ -90,10 +90,11 @@ def build_pack(root: Path) -> Path:
 
 
 def reference(engine, tok, ids: list[int], max_tokens: int, params: SamplingParams = SamplingParams(),
-              stop: tuple[str, ...] = ()) -> tuple[str, list[int]]:
-    """What a fresh generation (own KV cache, no server) writes: (text, token ids)."""
+              stop: tuple[str, ...] = (), skip_special_tokens: bool = True) -> tuple[str, list[int]]:
+    """What a fresh generation (own KV cache, no server) writes: (text, token ids). The server keeps special
+    tokens in chat replies when the template defines tool calls (their markers may be special tokens)."""
     gen = Generation(engine, ids, max_tokens, params, tok.eos_token_ids)
-    text = TextStream(tok, stop)
+    text = TextStream(tok, stop, skip_special_tokens)
     out = []
     for s in gen:
         out.append(s.token)

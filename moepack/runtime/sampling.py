@@ -59,7 +59,8 @@ class Sampler:
             ids = np.union1d(self.seen, np.fromiter(self.counts, dtype=np.int64, count=len(self.counts)))
             ids = ids[ids < z.size]
             v = z[ids]
-            z[ids] = np.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+            with np.errstate(over="ignore"):  # inf for a penalty near 0; probs() caps it
+                z[ids] = np.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
         if self.counts and (p.presence_penalty or p.frequency_penalty):
             ids = np.fromiter(self.counts.keys(), dtype=np.int64, count=len(self.counts))
             n = np.fromiter(self.counts.values(), dtype=np.float64, count=len(self.counts))
@@ -70,7 +71,9 @@ class Sampler:
     def probs(self, z: np.ndarray) -> np.ndarray:
         """Temperature, then top-k, then top-p (nucleus), then min-p: the distribution a draw is made from."""
         p = self.params
-        z = z / p.temperature
+        z = np.minimum(z, np.finfo(np.float64).max)  # a repetition penalty near 0 can make a logit inf
+        with np.errstate(over="ignore"):  # shifted first: a tiny temperature gives -inf, never inf - inf = NaN
+            z = (z - z.max()) / p.temperature
         if 0 < p.top_k < z.size:
             kth = np.partition(z, -p.top_k)[-p.top_k]
             z = np.where(z < kth, -np.inf, z)

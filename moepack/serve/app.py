@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import secrets
 import threading
@@ -24,6 +25,7 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
 from jinja2 import TemplateError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -63,23 +65,26 @@ def _loading() -> APIError:
 
 
 class Guard:
-    """Pure ASGI middleware: 413 for bodies over ``max_body`` (declared or streamed), 401 for /v1 without the key.
+    """Pure ASGI middleware: 413 for bodies over ``max_body`` (declared or streamed), 401 without the API key on
+    every route but /health (a load balancer's probe carries no key).
 
     The body is read here (bounded) and replayed to the app; later ``receive`` calls pass through, so the app
     still hears the client disconnect.
     """
 
     def __init__(self, app, max_body: int, api_key: str | None):
-        self.app, self.max_body, self.api_key = app, max_body, api_key
+        self.app, self.max_body = app, max_body
+        self.api_key = api_key.encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key and scope["path"].startswith("/v1"):
-            auth = headers.get("authorization", "")
-            given = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
-            if not secrets.compare_digest(given.encode(), self.api_key.encode()):
+        raw = {k.lower(): v for k, v in scope["headers"]}
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw.items()}
+        if self.api_key and scope["path"] != "/health":
+            auth = raw.get(b"authorization", b"")
+            given = auth[7:].strip() if auth[:7].lower() == b"bearer " else raw.get(b"x-api-key", b"")
+            if not secrets.compare_digest(given, self.api_key):  # constant time: no timing oracle on the key
                 err = APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
                                code="invalid_api_key")
                 return await err.response()(scope, receive, send)
@@ -149,6 +154,8 @@ class State:
             raise APIError(500, f"the model failed to load: {self.load_error}", "server_error", code="load_failed")
         if not self.ready.is_set():
             raise _loading()
+        if getattr(self.engine, "healthy", True) is False:  # a pipeline that lost a host (runtime/distributed.py)
+            raise APIError(503, f"the model is unavailable: {self.engine.error}", "server_error", code="unhealthy")
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.opts.model_id:
@@ -181,6 +188,9 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     if e.get("type") == "json_invalid":
         return APIError(400, f"the request body is not valid JSON: {e.get('ctx', {}).get('error', e['msg'])}",
                         code="invalid_json")
+    if e.get("type") == "extra_forbidden":  # OpenAI's answer to a parameter it does not know
+        name = str(e["loc"][-1])
+        return APIError(400, f"unrecognized request argument supplied: {name}", param=name, code="unknown_parameter")
     param = _param(tuple(e.get("loc", ())))
     msg = e["msg"].removeprefix("Value error, ")
     code = {"missing": "missing_required_parameter"}.get(e.get("type", ""), "invalid_value")
@@ -189,6 +199,67 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     if e.get("type") == "model_attributes_type":
         msg = "the request body must be a JSON object"
     return APIError(400, f"{param}: {msg}" if param else msg, param=param, code=code)
+
+
+MAX_DEPTH = 64  # JSON nesting a request may have (tool parameter schemas are the deepest real ones)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def parse_body(body: bytes) -> Any:
+    """A request body as strict JSON (RFC 8259), checked before any handler or the model sees it: UTF-8 only,
+    no NaN/Infinity literals (Python's json would accept them), at most MAX_DEPTH levels of nesting (Python's own
+    limit is a RecursionError), and no lone surrogates (a ``\\ud800`` escape decodes to a str that cannot
+    be encoded back to UTF-8, which the tokenizer and the response writer would fail on)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"the request body is not valid UTF-8 (at byte {e.start})", code="invalid_json")
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise APIError(400, f"the request body nests deeper than {MAX_DEPTH} levels", code="invalid_json")
+    except ValueError as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json")
+    stack: list[tuple[Any, int, tuple]] = [(obj, 0, ())]
+    while stack:  # iterative: a walk must not hit the recursion limit either
+        node, depth, path = stack.pop()
+        if isinstance(node, str):
+            if not node.isascii() and _SURROGATE.search(node):
+                raise APIError(400, "a string holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape)",
+                               param=_param(path), code="invalid_value")
+            continue
+        if not isinstance(node, (dict, list)):
+            continue
+        if depth >= MAX_DEPTH:
+            raise APIError(400, f"the request body nests deeper than {MAX_DEPTH} levels", param=_param(path[:1]),
+                           code="invalid_json")
+        for k, v in (node.items() if isinstance(node, dict) else enumerate(node)):
+            if isinstance(k, str) and not k.isascii() and _SURROGATE.search(k):
+                stack.append((k, depth, path))
+            if isinstance(v, (str, dict, list)):
+                stack.append((v, depth + 1, (*path, k)))
+    return obj
+
+
+class JSONRoute(APIRoute):
+    """Routes whose JSON body is parsed by :func:`parse_body`; FastAPI then uses the result (``request._json``,
+    Starlette's cache) instead of parsing the body a second time, leniently."""
+
+    def get_route_handler(self) -> Callable:
+        handle = super().get_route_handler()
+
+        async def parsed_first(request: Request):
+            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype == "application/json" or ctype.endswith("+json"):
+                if body := await request.body():
+                    request._json = parse_body(body)
+            return await handle(request)
+
+        return parsed_first
 
 
 def _template_message(i: int, m: S.Message, object_args: bool = True) -> dict:
@@ -346,6 +417,7 @@ def create_app(engine: Any = None, tokenizer: Any = None, *, loader: Callable[[]
     app = FastAPI(title="moepack", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible API for a moepack model (experts streamed from SSD).")
     app.state.moepack = st
+    app.router.route_class = JSONRoute
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -359,7 +431,9 @@ def create_app(engine: Any = None, tokenizer: Any = None, *, loader: Callable[[]
     async def _http(request: Request, exc: StarletteHTTPException):
         code = {404: "unknown_url", 405: "method_not_allowed"}.get(exc.status_code)
         msg = (f"unknown route: {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail))
-        return APIError(exc.status_code, msg, code=code).response()
+        response = APIError(exc.status_code, msg, code=code).response()
+        response.headers.update(exc.headers or {})  # a 405's Allow (RFC 9110)
+        return response
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception):
@@ -367,6 +441,11 @@ def create_app(engine: Any = None, tokenizer: Any = None, *, loader: Callable[[]
         return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error").response()
 
     errors = {s: {"model": S.ErrorResponse} for s in (400, 401, 404, 413, 503)}
+    # generation: 500 when it fails (an unreadable expert file...), server-sent events when streaming
+    sse_event = {"type": "object", "required": ["data"], "properties": {"data": {
+        "type": "string", "description": "A JSON chunk (or an error object), then the last event: [DONE]."}}}
+    generating = {**errors, 500: {"model": S.ErrorResponse}, 200: {"content": {"text/event-stream": {
+        "schema": sse_event}}, "description": "The reply, or with stream: true its chunks as server-sent events."}}
 
     @app.get("/health", responses={503: {"model": S.ErrorResponse}})
     async def health():
@@ -374,11 +453,12 @@ def create_app(engine: Any = None, tokenizer: Any = None, *, loader: Callable[[]
         st.require_ready()
         return {"status": "ok"}
 
-    @app.get("/stats")
+    @app.get("/stats", responses={s: {"model": S.ErrorResponse} for s in (401, 503)})
     async def stats():
-        """Server counters (requests, cancellations, prefix-cache reuse) and the engine's I/O and compute figures."""
+        """Server counters (requests, cancellations, prefix-cache reuse, KV caches held), the engine's I/O and
+        compute figures, and the process's memory."""
         st.require_ready()
-        return {"server": st.worker.stats(), "engine": st.engine.stats()}
+        return {"server": st.worker.stats(), "engine": st.engine.stats(), "memory": memory_stats()}
 
     @app.get("/v1/models", response_model=S.ModelList, responses=errors)
     async def models():
@@ -405,7 +485,7 @@ def create_app(engine: Any = None, tokenizer: Any = None, *, loader: Callable[[]
         st.worker.submit(job)
         return job
 
-    @app.post("/v1/chat/completions", response_model=S.ChatCompletion, responses=errors)
+    @app.post("/v1/chat/completions", response_model=S.ChatCompletion, responses=generating)
     async def chat_completions(req: S.ChatCompletionRequest, request: Request):
         """Chat completion; ``stream: true`` answers with server-sent events ending in ``data: [DONE]``."""
         st.require_ready()
@@ -486,7 +566,7 @@ def create_app(engine: Any = None, tokenizer: Any = None, *, loader: Callable[[]
         finally:
             job.cancel()  # a no-op when finished; stops the generation when the client has gone
 
-    @app.post("/v1/completions", response_model=S.Completion, responses=errors)
+    @app.post("/v1/completions", response_model=S.Completion, responses=generating)
     async def completions(req: S.CompletionRequest, request: Request):
         """Plain text completion of a prompt (text or token ids)."""
         st.require_ready()
@@ -558,6 +638,24 @@ def create_app(engine: Any = None, tokenizer: Any = None, *, loader: Callable[[]
     return app
 
 
+def memory_stats() -> dict:
+    """Resident set size of this process (None where neither /proc nor psutil tells) and MLX's allocator figures."""
+    rss = None
+    try:
+        import psutil
+
+        rss = psutil.Process().memory_info().rss
+    except ImportError:
+        try:
+            with open("/proc/self/statm") as f:
+                rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            pass
+    import mlx.core as mx
+
+    return {"rss_bytes": rss, "mlx_active_bytes": mx.get_active_memory(), "mlx_cache_bytes": mx.get_cache_memory()}
+
+
 def _completion_logprobs(tokenizer, samples: list[Sampled]) -> S.CompletionLogprobs:
     tokens, offsets, pos = [], [], 0
     for s in samples:
@@ -572,9 +670,11 @@ def _completion_logprobs(tokenizer, samples: list[Sampled]) -> S.CompletionLogpr
 
 def serve(pack: str | Path, host: str = "127.0.0.1", port: int = 8080, memory_budget: str | int | None = None,
           api_key: str | None = None, model_id: str | None = None, context_length: int | None = None,
-          parallel: int = 1, log_level: str = "warning", announce: Callable[[str], None] = log.info) -> None:
+          parallel: int = 1, log_level: str = "warning", announce: Callable[[str], None] = log.info,
+          engine: Any = None) -> None:
     """Run the server until interrupted. It binds at once and loads the pack in the background; a pack that
-    fails to load (a budget too small, say) stops the server and raises here."""
+    fails to load (a budget too small, say) stops the server and raises here. ``engine``: one already loaded
+    (rank 0 of a pipeline over several hosts, runtime/distributed.py) instead of loading ``pack`` here."""
     import uvicorn
 
     import moepack
@@ -595,7 +695,7 @@ def serve(pack: str | Path, host: str = "127.0.0.1", port: int = 8080, memory_bu
 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this address can use the model", host)
-    app = create_app(loader=lambda: (moepack.load(pack, memory_budget=memory_budget), tok),
+    app = create_app(loader=lambda: (engine or moepack.load(pack, memory_budget=memory_budget), tok),
                      model_id=model_id or Path(pack).resolve().name, api_key=api_key, context_length=context_length,
                      parallel=parallel, on_loaded=loaded)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,

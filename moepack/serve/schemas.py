@@ -1,8 +1,12 @@
 """Request and response bodies of the OpenAI-compatible API, as pydantic models.
 
 Types are strict (``"0.7"`` is not a temperature, ``1.0`` is not a token count) and ranges are OpenAI's, so a
-malformed request is answered with a 400 naming the field before it can reach the model. Fields OpenAI
-clients send that do not change generation here (``user``, ``metadata``, ...) are accepted and ignored.
+malformed request is answered with a 400 naming the field before it can reach the model. An unknown top-level
+parameter is a 400 too (``unknown_parameter``, as OpenAI answers): a sampling option this server does not
+implement (``logit_bias``, ``response_format``, llama.cpp's ``mirostat``...) must not be silently dropped.
+OpenAI's parameters that change nothing here (``user``, ``metadata``, ``store``, ``service_tier``) are accepted
+and ignored. Inside messages and tools, unknown keys are ignored: clients send back the assistant messages they
+received, with keys such as ``refusal`` or ``annotations``.
 """
 
 from __future__ import annotations
@@ -94,6 +98,8 @@ class StreamOptions(_Strict):
 class _Sampling(_Strict):
     """Fields shared by both endpoints."""
 
+    model_config = ConfigDict(strict=True, extra="forbid")
+
     model: str | None = Field(None, description="Served model id (see /v1/models); optional here.")
     max_tokens: int | None = Field(None, ge=1,
                                    description="Tokens to generate at most (default: the rest of the context).")
@@ -110,6 +116,9 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    metadata: dict[str, str] | None = Field(None, description="Accepted and ignored.")
+    store: bool | None = Field(None, description="Accepted and ignored (nothing is stored).")
+    service_tier: str | None = Field(None, description="Accepted and ignored.")
 
     @model_validator(mode="after")
     def _check_stop(self) -> "_Sampling":

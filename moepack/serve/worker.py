@@ -69,6 +69,12 @@ class Counters:
     completion_tokens: int = 0
 
 
+def _nbytes(cache: list) -> int:
+    """Bytes of the arrays a model's per-layer caches hold (any cache class: attributes with ``nbytes``)."""
+    return sum(getattr(v, "nbytes", 0) for c in cache for v in list(getattr(c, "__dict__", {}).values())
+               if hasattr(v, "shape"))
+
+
 class _Running:
     """An admitted job: its generation, its token iterator and its text stream."""
 
@@ -106,8 +112,12 @@ class Worker:
         self._thread.join(timeout)
 
     def stats(self) -> dict:
+        """Counters and what is held now: ``kv_caches`` (the running requests' plus the prefix cache's) and their
+        ``kv_bytes``, which a leak would grow without bound."""
+        caches = [r.gen.cache for r in list(self.active)] + [c for _, c in list(self.cache.entries)]
         return {**self.counters.__dict__, "active": len(self.active), "queued": self.queue.qsize(),
-                "prompt_cache_entries": len(self.cache.entries)}
+                "prompt_cache_entries": len(self.cache.entries), "kv_caches": len(caches),
+                "kv_bytes": sum(_nbytes(c) for c in caches)}
 
     # ---- the thread -------------------------------------------------------------------------
     def _run(self) -> None:
@@ -131,12 +141,12 @@ class Worker:
                     continue
                 self._admit(job)
             for r in list(self.active):
-                if r.job.cancelled.is_set():
-                    self._finish(r, "cancelled")
-                    continue
                 try:
-                    self._step(r)
-                except Exception as e:  # one bad request must not stop the server
+                    if r.job.cancelled.is_set():
+                        self._finish(r, "cancelled")
+                    else:
+                        self._step(r)
+                except Exception as e:  # one bad request (an unreadable expert file, say) must not stop the server
                     log.exception("generation failed")
                     self._fail(r, f"generation failed: {type(e).__name__}: {e}")
 
