@@ -142,6 +142,14 @@ def _verify_option(f):
                         "it is read; a corrupt expert fails only the request that needs it.")(f)
 
 
+def _cache_options(f):
+    """Expert-cache choices shared by generate, chat and serve (bench has its own)."""
+    f = click.option("--prefetch/--no-prefetch", default=False, show_default=True,
+                     help="Guess the next layer's experts during decode and read them early.")(f)
+    return click.option("--policy", type=click.Choice(["lru", "lfu"]), default="lru", show_default=True,
+                        help="Which cached expert gives up its slot.")(f)
+
+
 def _hosts_options(f):
     f = click.option("--rank-timeout", type=float, default=300.0, show_default=True,
                      help="With --hosts: seconds to wait for the other hosts in one step before giving up.")(f)
@@ -236,8 +244,10 @@ def plan(pack, hosts, budget, as_json) -> None:
 @click.option("--system", help="System message (with --chat).")
 @click.option("--stats", is_flag=True, help="End with throughput, memory and I/O figures.")
 @_verify_option
+@_cache_options
 @_hosts_options
-def generate(pack, prompt, max_tokens, temp, top_p, top_k, seed, memory_budget, chat, system, stats, verify, hosts,
+def generate(pack, prompt, max_tokens, temp, top_p, top_k, seed, memory_budget, chat, system, stats, verify, policy,
+             prefetch, hosts,
              rank_timeout) -> None:
     """Generate text from PACK, streaming it to standard output."""
     import moepack
@@ -253,7 +263,7 @@ def generate(pack, prompt, max_tokens, temp, top_p, top_k, seed, memory_budget, 
             ids = tok.encode_chat(messages)
         else:
             ids = tok.encode(prompt)
-        engine = engine or moepack.load(pack, memory_budget=memory_budget, verify=verify)
+        engine = engine or moepack.load(pack, memory_budget=memory_budget, verify=verify, policy=policy, prefetch=prefetch)
         _generate(engine, tok, ids, max_tokens, temp, top_p, top_k, seed, stats)
     finally:
         if engine is not None:
@@ -309,8 +319,11 @@ def _print_stats(engine, n_prompt: int, n_gen: int, t0: float, first: float | No
 @click.option("--ctx-size", type=int, help="Context length in tokens (default: the model's).")
 @click.option("--parallel", type=int, default=1, show_default=True,
               help="Requests generated in turn, a token each; the rest wait in the queue.")
+@_verify_option
+@_cache_options
 @_hosts_options
-def serve(pack, host, port, memory_budget, api_key, model_id, ctx_size, parallel, hosts, rank_timeout) -> None:
+def serve(pack, host, port, memory_budget, api_key, model_id, ctx_size, parallel, verify, policy, prefetch, hosts,
+          rank_timeout) -> None:
     """Serve PACK over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
 
     With --hosts, rank 0 (the first host) serves HTTP once every host has loaded its layers.
@@ -322,7 +335,8 @@ def serve(pack, host, port, memory_budget, api_key, model_id, ctx_size, parallel
     run(pack, host=host, port=port, memory_budget=memory_budget, api_key=api_key, model_id=model_id,
         context_length=ctx_size, parallel=parallel,
         log_level="info" if logging.getLogger().isEnabledFor(logging.INFO) else "warning",
-        announce=lambda msg: click.echo(msg, err=True), engine=engine)
+        announce=lambda msg: click.echo(msg, err=True), engine=engine,
+        load_kwargs={"verify": verify, "policy": policy, "prefetch": prefetch})
 
 
 @main.command()
@@ -333,7 +347,9 @@ def serve(pack, host, port, memory_budget, api_key, model_id, ctx_size, parallel
 @click.option("--seed", type=int)
 @click.option("--max-tokens", type=int, default=1024, show_default=True, help="Longest reply, in tokens.")
 @_budget_option
-def chat(pack, system, temp, top_p, seed, max_tokens, memory_budget) -> None:
+@_verify_option
+@_cache_options
+def chat(pack, system, temp, top_p, seed, max_tokens, memory_budget, verify, policy, prefetch) -> None:
     """Chat with PACK in the terminal; /help lists the commands."""
     import moepack
     from moepack.runtime.sampling import SamplingParams
@@ -348,7 +364,7 @@ def chat(pack, system, temp, top_p, seed, max_tokens, memory_budget) -> None:
     if not tok.chat_template:
         raise click.ClickException("this pack has no chat template; use `moepack generate` with a plain prompt")
     click.echo(f"loading {pack} ...", err=True)
-    engine = moepack.load(pack, memory_budget=memory_budget)
+    engine = moepack.load(pack, memory_budget=memory_budget, verify=verify, policy=policy, prefetch=prefetch)
     session = ChatSession(engine, tok, system, SamplingParams(temperature=temp, top_p=top_p, seed=seed), max_tokens)
     try:
         repl(session)

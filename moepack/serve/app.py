@@ -671,10 +671,11 @@ def _completion_logprobs(tokenizer, samples: list[Sampled]) -> S.CompletionLogpr
 def serve(pack: str | Path, host: str = "127.0.0.1", port: int = 8080, memory_budget: str | int | None = None,
           api_key: str | None = None, model_id: str | None = None, context_length: int | None = None,
           parallel: int = 1, log_level: str = "warning", announce: Callable[[str], None] = log.info,
-          engine: Any = None) -> None:
+          engine: Any = None, load_kwargs: dict | None = None) -> None:
     """Run the server until interrupted. It binds at once and loads the pack in the background; a pack that
     fails to load (a budget too small, say) stops the server and raises here. ``engine``: one already loaded
-    (rank 0 of a pipeline over several hosts, runtime/distributed.py) instead of loading ``pack`` here."""
+    (rank 0 of a pipeline over several hosts, runtime/distributed.py) instead of loading ``pack`` here;
+    ``load_kwargs``: further options for ``moepack.load`` (verify, policy, prefetch)."""
     import uvicorn
 
     import moepack
@@ -695,7 +696,7 @@ def serve(pack: str | Path, host: str = "127.0.0.1", port: int = 8080, memory_bu
 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this address can use the model", host)
-    app = create_app(loader=lambda: (engine or moepack.load(pack, memory_budget=memory_budget), tok),
+    app = create_app(loader=lambda: (engine or moepack.load(pack, memory_budget=memory_budget, **(load_kwargs or {})), tok),
                      model_id=model_id or Path(pack).resolve().name, api_key=api_key, context_length=context_length,
                      parallel=parallel, on_loaded=loaded)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
