@@ -97,3 +97,26 @@ def test_demo_runs_end_to_end(tmp_path):
     assert res.exit_code == 0, res.output
     assert "random weights" in res.output and "verify         ok" in res.output
     assert (tmp_path / "pack" / "manifest.json").exists()
+
+
+def test_convert_from_hub_repo_id_via_offline_cache(tmp_path, monkeypatch):
+    """A repo id resolves through huggingface_hub's cache (HF_HOME, HF_HUB_OFFLINE), as after a prior download."""
+    home = tmp_path / "hf"
+    snap = home / "hub" / "models--acme--tiny-moe" / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    write_checkpoint(snap, SPEC)
+    (home / "hub" / "models--acme--tiny-moe" / "refs").mkdir(parents=True)
+    (home / "hub" / "models--acme--tiny-moe" / "refs" / "main").write_text(snap.name)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "pack"
+    res = CliRunner().invoke(main, ["convert", "acme/tiny-moe", str(out), "--q-group-size", "32"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["provenance"]["source"] == "acme/tiny-moe"
+    assert m["provenance"]["revision"] == snap.name
+    missing = CliRunner().invoke(main, ["convert", "acme/not-there", str(tmp_path / "p2")])
+    assert missing.exit_code == 1 and "could not fetch acme/not-there" in missing.output
