@@ -13,6 +13,7 @@ import logging
 import mmap
 import os
 import sys
+import threading
 
 import numpy as np
 
@@ -44,6 +45,7 @@ class DirectReader:
         self.direct = direct
         self._fcntl = fcntl_fn
         self._warned = False
+        self._lock = threading.Lock()
 
     @property
     def mode(self) -> str:
@@ -52,16 +54,20 @@ class DirectReader:
         return "F_NOCACHE" if self.platform == "darwin" else "O_DIRECT"
 
     def _fallback(self, path: str, err: OSError) -> None:
-        self.direct = False
-        if not self._warned:
-            self._warned = True
+        with self._lock:  # I/O threads may all hit the refusal at once: one notice
+            self.direct, warned, self._warned = False, self._warned, True
+        if not warned:
             log.warning("direct I/O refused on %s (%s); falling back to buffered reads (the page cache will hold experts)",
                         os.path.dirname(path), err.strerror)
 
     def open(self, path: str) -> int:
+        return self._open(path)[0]
+
+    def _open(self, path: str) -> tuple[int, bool]:
+        """(fd, whether this descriptor reads uncached). Several I/O threads call this at once."""
         if self.direct and self.platform.startswith("linux") and hasattr(os, "O_DIRECT"):
             try:
-                return os.open(path, os.O_RDONLY | os.O_DIRECT)
+                return os.open(path, os.O_RDONLY | os.O_DIRECT), True
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
@@ -72,23 +78,25 @@ class DirectReader:
                 fc = self._fcntl or __import__("fcntl").fcntl
                 fc(fd, F_NOCACHE, 1)
                 fc(fd, F_RDAHEAD, 0)
+                return fd, True
             except OSError as e:
                 self._fallback(path, e)
-        return fd
+        return fd, False
 
     def read_into(self, path: str, buf: np.ndarray, offset: int = 0) -> int:
         """Read ``len(buf)`` bytes of ``path`` at ``offset`` into ``buf``; returns the bytes read."""
-        fd = self.open(path)
+        fd, direct = self._open(path)
         try:
             try:
                 n = os.preadv(fd, [buf], offset)
             except OSError as e:
-                if e.errno != errno.EINVAL or not self.direct:
+                # Some file systems accept O_DIRECT at open and refuse the read itself. Decide by how this
+                # descriptor was opened: another thread may have switched the reader to buffered meanwhile.
+                if e.errno != errno.EINVAL or not direct or self.platform == "darwin":
                     raise
-                # Some file systems accept O_DIRECT at open and refuse the read itself.
                 self._fallback(path, e)
                 os.close(fd)
-                fd = self.open(path)
+                fd, _ = self._open(path)
                 n = os.preadv(fd, [buf], offset)
         finally:
             os.close(fd)
