@@ -173,17 +173,25 @@ class Manifest:
     def save(self, pack: str | os.PathLike) -> None:
         """Write manifest.json atomically (temp file, fsync, rename): readers never see half a manifest."""
         path = Path(pack) / MANIFEST
-        tmp = path.with_name(MANIFEST + ".tmp")
-        try:
-            with open(tmp, "w") as f:
-                json.dump(self.to_json(), f, indent=1, sort_keys=False)
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException:  # a full disk must not leave half a manifest behind
-            tmp.unlink(missing_ok=True)
-            raise
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(self.to_json(), indent=1).encode(), suffix=".tmp")
         fsync_dir(path.parent)
+
+
+def atomic_write(path: Path, data: bytes, suffix: str = ".part") -> None:
+    """Write ``data`` to ``path`` so that it appears whole or not at all: temp file, fsync, rename.
+
+    A failed write (a full disk) removes the temp file rather than leave half a file behind.
+    """
+    tmp = path.with_name(path.name + suffix)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
 
 
 def fsync_dir(path: Path) -> None:

@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 
 from moepack.formats import dtypes
-from moepack.formats.manifest import Blob
+from moepack.formats.manifest import Blob, atomic_write
 
 BLOB_ALIGN = 64  # every array starts on a 64-byte boundary (cache line, SIMD loads)
 _ZEROS = bytes(1 << 16)
@@ -113,15 +113,5 @@ class PackWriter:
         return self.write_bytes(relpath, data)
 
     def write_bytes(self, relpath: str, data: bytes) -> dict:
-        dst = self.root / relpath
-        tmp = dst.with_name(dst.name + ".part")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException:  # a full disk must not leave half a file behind
-            tmp.unlink(missing_ok=True)
-            raise
-        os.replace(tmp, dst)
+        atomic_write(self.root / relpath, data)
         return {"length": len(data), "blake3": blake3.blake3(data).hexdigest()}
