@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -253,6 +255,20 @@ def route_grouped(
 # ---- routed experts, streamed ----------------------------------------------------------------
 
 
+_EXTRA_STREAMS: list | None = None
+
+
+def compute_streams() -> list:
+    """Streams for the routed experts: the caller's default stream (None), plus on the CPU one more per core
+    (up to 8 in all). Thread-local streams, so a model loaded on one thread can generate on another."""
+    global _EXTRA_STREAMS
+    if _EXTRA_STREAMS is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n = min(cores, 8) - 1 if mx.default_device() == mx.cpu else 0
+        _EXTRA_STREAMS = [mx.new_thread_local_stream(mx.cpu) for _ in range(n)]
+    return [None, *_EXTRA_STREAMS]
+
+
 class StreamedExperts:
     """Computes routed experts of one layer from the store's slot pool.
 
@@ -282,6 +298,25 @@ class StreamedExperts:
         bias = self.store.pool.get(name + "_bias")
         return y if bias is None else y + bias["data"][slots][:, None, :]
 
+    def _mlp(self, xs: mx.array, slots: mx.array) -> mx.array:
+        """xs [P, 1, H], slots [P] -> [P, 1, H], the pairs split over the CPU compute streams.
+
+        MLX's CPU back end runs each quantized matmul on one thread; giving every core its own stream lets
+        the pairs of a layer compute in parallel. Each pair is still its own 1-row matmul, so the result is
+        the same whatever the split.
+        """
+        streams = compute_streams()
+        P = xs.shape[0]
+        n = min(len(streams), P)
+        outs = []
+        for i in range(n):
+            a, b = i * P // n, (i + 1) * P // n
+            with mx.stream(streams[i]) if streams[i] is not None else contextlib.nullcontext():
+                x, s = xs[a:b], slots[a:b]
+                h = self.activation(self._project(x, "gate", s), self._project(x, "up", s))
+                outs.append(self._project(h, "down", s))
+        return mx.concatenate(outs, axis=0) if n > 1 else outs[0]
+
     def __call__(self, x: mx.array, inds: mx.array, weights: mx.array) -> mx.array:
         """x [N, H], inds [N, K] expert ids, weights [N, K] -> [N, H]."""
         N, K = inds.shape
@@ -301,8 +336,7 @@ class StreamedExperts:
             sel = order[np.isin(ids[order], group)]  # pair indices served by this batch
             xs = x[mx.array(sel // K)][:, None, :]  # [P, 1, H]
             s = mx.array(np.array([slot_of[i] for i in ids[sel]], dtype=np.uint32))
-            h = self.activation(self._project(xs, "gate", s), self._project(xs, "up", s))
-            y = self._project(h, "down", s)[:, 0, :]  # [P, H]
+            y = self._mlp(xs, s)[:, 0, :]  # [P, H]
             if start + cap < len(uniq):
                 mx.eval(y)  # the next batch may reuse these slots
             outs.append(y)
