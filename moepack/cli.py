@@ -395,8 +395,9 @@ def bench(pack, prompt_tokens, gen_tokens, memory_budget, policy, prefetch, io_t
         click.echo(json.dumps(r, indent=2))
         return
     d, io = r["device"], r["io_only"]
-    click.echo(f"device ({d['mode']}): {d['sequential_gbps']:.2f} GB/s one stream, {d['expert_files_gbps']:.2f} GB/s "
-               f"whole expert files x{d['threads']} threads; page cache: {r['page_cache']}")
+    click.echo(f"device ({d['mode']}): {d['sequential_gbps']:.2f} GB/s one stream, {d['sequential_qd_gbps']:.2f} GB/s "
+               f"with {d['threads']} reads in flight, {d['expert_files_gbps']:.2f} GB/s whole expert files x{d['threads']} "
+               f"threads; page cache: {r['page_cache']}")
     click.echo(f"read path (io-only replay): {io['gbps']:.2f} GB/s = {io['ratio_to_device']:.0%} of the device, "
                f"read amplification {io['read_amplification']:.3f}")
     for run_ in r.get("runs", []):
