@@ -25,6 +25,7 @@ from moepack.runtime import memory
 from moepack.runtime.models import module_for
 from moepack.runtime.heat import heat_keys
 from moepack.runtime.models.base import StreamedExperts
+from moepack.runtime.sampling import Sampler, SamplingParams
 from moepack.runtime.store import POLICIES, EvictionPolicy, ExpertStore, PinnedPolicy, slot_bytes
 
 log = logging.getLogger(__name__)
@@ -160,12 +161,12 @@ class Engine:
         """Yield up to ``max_tokens`` new token ids (stopping after a stop token), with a KV cache and chunked prefill."""
         if not token_ids:
             raise ValueError("generate needs at least one prompt token")
-        rng = np.random.default_rng(seed)
+        sampler = Sampler(SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed))
         cache = cache if cache is not None else self.make_cache()
         stops = set(stop_tokens or ())
         last = self.prefill(token_ids, cache)
         for _ in range(max_tokens):
-            tok = sample(last, temperature, top_p, top_k, rng)
+            tok = sampler(last).token
             yield tok
             if tok in stops:
                 return
@@ -192,26 +193,6 @@ class Engine:
 
     def close(self) -> None:
         self.store.close()
-
-
-def sample(logits: np.ndarray, temperature: float, top_p: float, top_k: int, rng: np.random.Generator) -> int:
-    """Greedy at temperature 0; otherwise temperature, then top-k, then nucleus (top-p) filtering."""
-    if temperature <= 0:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    if 0 < top_k < z.size:
-        kth = np.partition(z, -top_k)[-top_k]
-        z = np.where(z < kth, -np.inf, z)
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    if top_p < 1.0:
-        order = np.argsort(-p, kind="stable")
-        csum = np.cumsum(p[order])
-        keep = order[: int(np.searchsorted(csum, top_p) + 1)]
-        mask = np.zeros_like(p)
-        mask[keep] = p[keep]
-        p = mask / mask.sum()
-    return int(rng.choice(p.size, p=p))
 
 
 def load(path: str | Path, memory_budget: int | str | None = None, **kwargs) -> Engine:
