@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -108,47 +109,60 @@ def _tensors(spec: SyntheticSpec):
     yield "lm_head.weight", (spec.vocab_size, H)
 
 
+def checkpoint_bytes(spec: SyntheticSpec) -> int:
+    return sum(2 * int(np.prod(shape)) for _, shape in _tensors(spec))
+
+
+def _tensor_bits(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """bf16 bit patterns of one tensor: norms near 1 (activations keep their scale), the rest small and random."""
+    if len(shape) == 1:
+        return np.asarray(mx.array(1.0 + 0.05 * rng.standard_normal(shape).astype(np.float32))
+                          .astype(mx.bfloat16).view(mx.uint16))
+    return np.asarray(_random_bf16(rng, shape).view(mx.uint16))
+
+
+def write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...]]], rng: np.random.Generator) -> None:
+    """Stream one bf16 shard in the safetensors format (8-byte header length, JSON header, data), a tensor at a
+    time, so writing a multi-GB checkpoint never holds more than one tensor."""
+    header, off = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in tensors:
+        n = 2 * int(np.prod(shape))
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for name, shape in tensors:
+            f.write(_tensor_bits(rng, name, shape).tobytes())
+    os.replace(tmp, path)
+
+
 def write_checkpoint(out: str | Path, spec: SyntheticSpec = SyntheticSpec(), shard_bytes: int = 2 << 30) -> Path:
-    """Write a bf16 safetensors checkpoint (sharded, with index), config.json and a small trained tokenizer."""
+    """Write a sharded bf16 safetensors checkpoint (hub file names and index), config.json and a small tokenizer."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(spec.seed)
-    shard: dict[str, mx.array] = {}
-    size, n, weight_map, total = 0, 0, {}, 0
-
-    def flush():
-        nonlocal shard, size, n
-        if shard:
-            name = f"model-{n:05d}.safetensors"
-            mx.save_safetensors(str(out / name), shard, metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-            shard, size, n = {}, 0, n + 1
-
+    shards, cur, size = [], [], 0
     for name, shape in _tensors(spec):
-        if len(shape) == 1:  # norms: near 1, so activations keep their scale
-            t = mx.array(1.0 + 0.05 * rng.standard_normal(shape).astype(np.float32)).astype(mx.bfloat16)
-        else:
-            t = _random_bf16(rng, shape)
-        nb = t.nbytes
-        if shard and size + nb > shard_bytes:
-            flush()
-        shard[name] = t
-        size += nb
-        total += nb
-    flush()
-    # hub layout: model-0000i-of-0000N.safetensors + index
-    final_map = {}
-    for i in range(n):
-        src, dst = out / f"model-{i:05d}.safetensors", out / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        src.rename(dst)
-    for k, v in weight_map.items():
-        i = int(v.split("-")[1].split(".")[0])
-        final_map[k] = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        n = 2 * int(np.prod(shape))
+        if cur and size + n > shard_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append((name, shape))
+        size += n
+    shards.append(cur)
+    rng = np.random.default_rng(spec.seed)
+    weight_map = {}
+    for i, tensors in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(out / fname, tensors, rng)
+        weight_map.update({name: fname for name, _ in tensors})
     (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": final_map}, indent=1))
+        json.dumps({"metadata": {"total_size": checkpoint_bytes(spec)}, "weight_map": weight_map}, indent=1))
     (out / "config.json").write_text(json.dumps(spec.config(), indent=2))
     write_tokenizer(out, spec.vocab_size)
-    log.info("wrote a synthetic %s checkpoint of %.2f GB to %s", "qwen3_moe", total / 1e9, out)
+    log.info("wrote a synthetic qwen3_moe checkpoint of %.2f GB to %s", checkpoint_bytes(spec) / 1e9, out)
     return out
 
 

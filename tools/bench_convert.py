@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Time ``moepack convert`` beside ``mlx_lm.convert`` on one synthetic multi-GB Qwen3-MoE checkpoint.
 
-The checkpoint has the real Qwen3-MoE tensor names, a hub-spelling config.json (``num_experts``,
-``rope_theta``), hub-like shards with ``model.safetensors.index.json`` and a minimal tokenizer (mlx_lm
-loads one). It is written tensor by tensor straight into the safetensors format, so building it never
-holds more than one tensor, and it is reused from the cache directory when the dimensions match.
+The checkpoint is ``moepack.demo.write_checkpoint``'s: real Qwen3-MoE tensor names, a hub-spelling
+config.json (``num_experts``, ``rope_theta``), hub-like shards with ``model.safetensors.index.json`` and a
+small tokenizer (mlx_lm loads one), written tensor by tensor so building it never holds more than one
+tensor; it is reused from the cache directory when the dimensions match.
 
 Each converter runs in its own subprocess after the page cache is dropped (so both read cold); wall
 time includes a final ``sync`` (moepack fsyncs its files, mlx_lm does not). Peak memory is sampled
@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -32,130 +31,40 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
+from moepack.demo import SyntheticSpec, checkpoint_bytes, write_checkpoint
 
 # Qwen3-30B-A3B's shape, cut down in experts, layers and vocab to reach a few GB.
 DEFAULT_DIMS = dict(hidden=2048, width=768, experts=64, heads=32, kv_heads=4, head_dim=128, vocab=32768, top_k=8)
 
 
 # ---------------------------------------------------------------------------------------------
-# the synthetic checkpoint
+# the synthetic checkpoint: moepack.demo's writer (real tensor names, hub config, streamed shard by shard)
 
 
-def tensor_shapes(d: dict) -> list[tuple[str, tuple[int, ...]]]:
-    """Tensor names and shapes of a Qwen3-MoE checkpoint, in the order hub shards hold them."""
-    H, I, E, nh, nkv, hd = d["hidden"], d["width"], d["experts"], d["heads"], d["kv_heads"], d["head_dim"]
-    out = [("model.embed_tokens.weight", (d["vocab"], H))]
-    for L in range(d["layers"]):
-        p = f"model.layers.{L}."
-        out += [(p + "input_layernorm.weight", (H,)), (p + "post_attention_layernorm.weight", (H,)),
-                (p + "self_attn.q_proj.weight", (nh * hd, H)), (p + "self_attn.k_proj.weight", (nkv * hd, H)),
-                (p + "self_attn.v_proj.weight", (nkv * hd, H)), (p + "self_attn.o_proj.weight", (H, nh * hd)),
-                (p + "self_attn.q_norm.weight", (hd,)), (p + "self_attn.k_norm.weight", (hd,)),
-                (p + "mlp.gate.weight", (E, H))]
-        for e in range(E):
-            q = f"{p}mlp.experts.{e}."
-            out += [(q + "gate_proj.weight", (I, H)), (q + "up_proj.weight", (I, H)), (q + "down_proj.weight", (H, I))]
-    out += [("model.norm.weight", (H,)), ("lm_head.weight", (d["vocab"], H))]
-    return out
-
-
-def model_bytes(d: dict) -> int:
-    return sum(2 * int(np.prod(s)) for _, s in tensor_shapes(d))
+def spec_for(d: dict) -> SyntheticSpec:
+    return SyntheticSpec(hidden_size=d["hidden"], num_hidden_layers=d["layers"], num_attention_heads=d["heads"],
+                         num_key_value_heads=d["kv_heads"], head_dim=d["head_dim"], num_experts=d["experts"],
+                         num_experts_per_tok=d["top_k"], moe_intermediate_size=d["width"], vocab_size=d["vocab"])
 
 
 def layers_for(gb: float, d: dict) -> int:
     """The number of layers that brings the checkpoint closest to ``gb`` GiB."""
-    per_layer = model_bytes({**d, "layers": 1}) - model_bytes({**d, "layers": 0})
-    return max(1, round((gb * (1 << 30) - model_bytes({**d, "layers": 0})) / per_layer))
+    base = checkpoint_bytes(spec_for({**d, "layers": 0}))
+    per_layer = checkpoint_bytes(spec_for({**d, "layers": 1})) - base
+    return max(1, round((gb * (1 << 30) - base) / per_layer))
 
 
-def config_json(d: dict) -> dict:
-    """Hub (pre-transformers-5) spelling, as Qwen/Qwen3-30B-A3B's config.json has it."""
-    return {
-        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "attention_bias": False,
-        "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2, "decoder_sparse_step": 1,
-        "head_dim": d["head_dim"], "hidden_act": "silu", "hidden_size": d["hidden"], "initializer_range": 0.02,
-        "intermediate_size": 4 * d["width"], "max_position_embeddings": 40960, "max_window_layers": d["layers"],
-        "mlp_only_layers": [], "moe_intermediate_size": d["width"], "norm_topk_prob": True,
-        "num_attention_heads": d["heads"], "num_experts": d["experts"], "num_experts_per_tok": d["top_k"],
-        "num_hidden_layers": d["layers"], "num_key_value_heads": d["kv_heads"], "output_router_logits": False,
-        "rms_norm_eps": 1e-6, "rope_scaling": None, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001,
-        "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-        "transformers_version": "4.51.0", "use_cache": True, "use_sliding_window": False, "vocab_size": d["vocab"],
-    }
-
-
-def random_bf16(rng: np.random.Generator, shape: tuple[int, ...], norm: bool) -> np.ndarray:
-    """bf16 bit patterns: random sign and mantissa, exponent 120..121 (|x| in [2^-7, 2^-5)); norms are 1.0."""
-    if norm:
-        return np.full(shape, 0x3F80, np.uint16)
-    bits = rng.integers(0, 1 << 16, size=shape, dtype=np.uint16)
-    return (bits & 0x80FF) | 0x3C00
-
-
-def write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...]]], rng: np.random.Generator) -> None:
-    """Stream one shard in the safetensors format (8-byte header length, JSON header, data), a tensor at a time."""
-    header, off = {"__metadata__": {"format": "pt"}}, 0
-    for name, shape in tensors:
-        n = 2 * int(np.prod(shape))
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + n]}
-        off += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for name, shape in tensors:
-            f.write(random_bf16(rng, shape, norm=name.endswith("norm.weight")).tobytes())
-    os.replace(tmp, path)
-
-
-def build_checkpoint(root: Path, d: dict, shard_gb: float, seed: int = 0) -> Path:
+def build_checkpoint(root: Path, d: dict, shard_gb: float) -> Path:
     """Write (or reuse) the checkpoint in ``root``; a stamp file records the dimensions it was built with."""
     stamp = root / "bench.json"
-    want = {"dims": d, "shard_gb": shard_gb, "seed": seed, "version": 1}
+    want = {"dims": d, "shard_gb": shard_gb, "version": 2}
     if stamp.is_file() and json.loads(stamp.read_text()) == want:
         return root
     shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    shards, cur, size = [], [], 0
-    for name, shape in tensor_shapes(d):
-        n = 2 * int(np.prod(shape))
-        if cur and size + n > shard_gb * (1 << 30):
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append((name, shape))
-        size += n
-    shards.append(cur)
-    rng = np.random.default_rng(seed)
-    weight_map = {}
-    for i, tensors in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        print(f"[bench] writing {fname}", file=sys.stderr, flush=True)
-        write_safetensors(root / fname, tensors, rng)
-        weight_map.update({n: fname for n, _ in tensors})
-    index = {"metadata": {"total_size": model_bytes(d)}, "weight_map": dict(sorted(weight_map.items()))}
-    (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (root / "config.json").write_text(json.dumps(config_json(d), indent=2))
-    (root / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
-    write_tokenizer(root)
+    print(f"[bench] writing the checkpoint to {root}", file=sys.stderr, flush=True)
+    write_checkpoint(root, spec_for(d), shard_bytes=int(shard_gb * (1 << 30)))
     stamp.write_text(json.dumps(want))
     return root
-
-
-def write_tokenizer(root: Path) -> None:
-    """A minimal word-level fast tokenizer: mlx_lm.convert loads (and saves) one; moepack copies it."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(253)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(root / "tokenizer.json"))
-    (root / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "model_max_length": 40960,
-    }))
 
 
 # ---------------------------------------------------------------------------------------------
