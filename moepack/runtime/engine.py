@@ -111,7 +111,8 @@ class Engine:
 
     def _load_dense(self) -> None:
         weights = self.model.sanitize(self.reader.dense_weights(self.stage.owns if self.stage is not None else None))
-        recs = {n[: -len(".weight")]: r for n, r in self.reader.manifest.dense.items() if r.encoding != "raw"}
+        recs = {self.model.rename(n)[: -len(".weight")]: r for n, r in self.reader.manifest.dense.items()
+                if r.encoding != "raw"}  # keyed by module path, as nn.quantize's predicate sees it
 
         def quantized(path: str, module: nn.Module):
             rec = recs.get(path)  # affine or mxfp4: MLX quantization modes of the same name

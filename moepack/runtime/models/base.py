@@ -473,11 +473,15 @@ class CausalLM(nn.Module):
     # (old, new) substrings renamed in dense tensor names at load, e.g. hub "block_sparse_moe" -> in-model "mlp".
     renames: tuple[tuple[str, str], ...] = ()
 
-    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Map the pack's dense tensor names (the checkpoint's own) onto this module tree."""
+    def rename(self, name: str) -> str:
+        """A pack tensor name (the checkpoint's own) -> its parameter path in this module tree."""
         for old, new in self.renames:
-            weights = {k.replace(old, new): v for k, v in weights.items()}
-        return weights
+            name = name.replace(old, new)
+        return name
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Map the pack's dense tensors onto this module tree (families may also adjust values here)."""
+        return {self.rename(k): v for k, v in weights.items()}
 
 
 class SparseMoE(nn.Module):
