@@ -150,6 +150,11 @@ def _cache_options(f):
                         help="Which cached expert gives up its slot.")(f)
 
 
+def _engine_options(verify: bool, policy: str, prefetch: bool) -> dict:
+    """The engine options of generate, chat and serve: one set, for a local engine and every pipeline rank alike."""
+    return {"verify": verify, "policy": policy, "prefetch": prefetch}
+
+
 def _hosts_options(f):
     f = click.option("--rank-timeout", type=float, default=300.0, show_default=True,
                      help="With --hosts: seconds to wait for the other hosts in one step before giving up.")(f)
@@ -188,13 +193,12 @@ def plan(pack, hosts, budget, as_json) -> None:
     manifest.json and config.json, so it can plan a pack that is not here.
     """
     from moepack.formats.reader import PackReader
-    from moepack.runtime.distributed import plan as split
-    from moepack.runtime.distributed import read_hosts
+    from moepack.runtime.distributed import read_hosts, split_pack
     from moepack.runtime.memory import parse_bytes
 
     n, names, _ = read_hosts(hosts)
     reader = PackReader(pack)
-    p = split(reader, n)
+    p = split_pack(reader, n)
     b = parse_bytes(budget)
     rows = []
     for s, name in zip(p.shares, names):
@@ -203,7 +207,7 @@ def plan(pack, hosts, budget, as_json) -> None:
                "lm_head": s.stage.last, "dense_bytes": s.dense_bytes, "expert_bytes": s.expert_bytes,
                "read_per_token_uncached": s.read_per_token, "minimum_budget": s.minimum}
         if b is not None:
-            slots = s.slots(b, p.num_experts)
+            slots = s.need.slots(b) if b >= s.minimum else 0
             row.update(budget=b, fits=b >= s.minimum, slots=slots,
                        experts_cached=slots / (len(s.moe_layers) * p.num_experts) if s.moe_layers else 1.0)
         rows.append(row)
@@ -253,7 +257,8 @@ def generate(pack, prompt, max_tokens, temp, top_p, top_k, seed, memory_budget, 
     import moepack
     from moepack.runtime.tokenizer import Tokenizer
 
-    engine = _pipeline(pack, hosts, memory_budget, rank_timeout, verify=verify)  # before stdin: rank 0 reads it
+    options = _engine_options(verify, policy, prefetch)
+    engine = _pipeline(pack, hosts, memory_budget, rank_timeout, **options)  # before stdin: rank 0 reads it
     try:
         if prompt == "-":
             prompt = sys.stdin.read()
@@ -263,7 +268,7 @@ def generate(pack, prompt, max_tokens, temp, top_p, top_k, seed, memory_budget, 
             ids = tok.encode_chat(messages)
         else:
             ids = tok.encode(prompt)
-        engine = engine or moepack.load(pack, memory_budget=memory_budget, verify=verify, policy=policy, prefetch=prefetch)
+        engine = engine or moepack.load(pack, memory_budget=memory_budget, **options)
         _generate(engine, tok, ids, max_tokens, temp, top_p, top_k, seed, stats)
     finally:
         if engine is not None:
@@ -330,13 +335,14 @@ def serve(pack, host, port, memory_budget, api_key, model_id, ctx_size, parallel
     """
     from moepack.serve.app import serve as run
 
-    engine = _pipeline(pack, hosts, memory_budget, rank_timeout)
+    options = _engine_options(verify, policy, prefetch)
+    engine = _pipeline(pack, hosts, memory_budget, rank_timeout, **options)
     click.echo(f"serving {pack} on http://{host}:{port}/v1 (GET /health answers 200 once loaded)", err=True)
     run(pack, host=host, port=port, memory_budget=memory_budget, api_key=api_key, model_id=model_id,
         context_length=ctx_size, parallel=parallel,
         log_level="info" if logging.getLogger().isEnabledFor(logging.INFO) else "warning",
         announce=lambda msg: click.echo(msg, err=True), engine=engine,
-        load_kwargs={"verify": verify, "policy": policy, "prefetch": prefetch})
+        load_kwargs=options)
 
 
 @main.command()
@@ -462,12 +468,10 @@ def demo(workdir, max_tokens) -> None:
 
     rep = PackReader(pack).verify()
     click.echo(f"  verify         {'ok' if rep.ok else rep.problems}")
-    budget = None
-    import moepack
+    from moepack.runtime.memory import default_compute_dtype, memory_need
 
-    probe = moepack.load(pack)
-    budget = probe.plan.minimum  # the smallest budget: experts really stream from disk
-    probe.close()
+    reader = PackReader(pack)
+    budget = memory_need(reader, default_compute_dtype(reader.manifest.recipe.get("dtype", "float32"))).minimum
     click.echo(f"4/4 generating with a memory budget of {budget} bytes (dense + one layer's experts); "
                "random weights, so expect gibberish:")
     ctx.invoke(generate, pack=str(pack), prompt="Hello! Tell me about experts.", max_tokens=max_tokens, temp=0.8,

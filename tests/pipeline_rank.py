@@ -89,7 +89,7 @@ def main() -> None:
     scenarios, out, packs = sys.argv[1].split(","), Path(sys.argv[2]), sys.argv[3:]
     rank, size = int(os.environ["MLX_RANK"]), len(json.load(open(os.environ["MLX_HOSTFILE"])))
     pack = packs[rank % len(packs)]
-    budget = distributed.plan(PackReader(pack), size).shares[rank].minimum if Path(pack).is_dir() else None
+    budget = distributed.split_pack(PackReader(pack), size).shares[rank].minimum if Path(pack).is_dir() else None
     timeout = STALL_TIMEOUT if "stall" in scenarios else 60.0
     res: dict = {}
     try:

@@ -25,7 +25,8 @@ from moepack.convert.recipe import Recipe
 from moepack.demo import SyntheticSpec, write_checkpoint
 from moepack.formats.reader import PackReader
 from moepack.runtime import distributed
-from moepack.runtime.distributed import plan, split_layers
+from moepack.runtime.distributed import split_layers
+from moepack.runtime.distributed import split_pack as plan
 from pipeline_rank import PROMPT, conversation
 
 pytestmark = pytest.mark.skipif(not mx.distributed.is_available("ring"), reason="this MLX build has no ring backend")
@@ -263,7 +264,7 @@ def test_cli_generate_over_two_hosts(qwen):
 
 
 def test_server_over_two_hosts_reports_a_lost_host(qwen, tmp_path):
-    [port] = distributed._free_ports(1)
+    [port] = distributed.launcher._free_ports(1)
     base = f"http://127.0.0.1:{port}"
     with open(tmp_path / "serve.log", "w") as log:
         procs = distributed.spawn_local(2, [sys.executable, "-m", "moepack.cli", "serve", str(qwen), "--port",

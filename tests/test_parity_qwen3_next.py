@@ -83,7 +83,7 @@ def test_recurrent_cache_continues_and_is_never_rewound(tmp_path):
     from parity import EXACT, PROMPT
 
     from moepack.convert.pipeline import convert
-    from moepack.runtime.generation import PromptCache
+    from moepack.runtime.generation import PromptCache, prefill
 
     engine = moepack.load(convert(str(build("qwen3_next", tmp_path / "ckpt")), tmp_path / "pack", EXACT, progress=False))
     whole = engine.logits(PROMPT)[-1]
@@ -91,7 +91,7 @@ def test_recurrent_cache_continues_and_is_never_rewound(tmp_path):
 
     def cached_prefix():
         cache = engine.make_cache()
-        engine.prefill(PROMPT[:8], cache)
+        prefill(engine, PROMPT[:8], cache)
         prompts.put(PROMPT[:8], cache)
 
     cached_prefix()
@@ -100,4 +100,4 @@ def test_recurrent_cache_continues_and_is_never_rewound(tmp_path):
     cached_prefix()
     cache, reused = prompts.take(PROMPT, engine.make_cache)
     assert reused == 8
-    np.testing.assert_allclose(engine.prefill(PROMPT[8:], cache), whole, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(prefill(engine, PROMPT[8:], cache), whole, rtol=1e-4, atol=1e-4)

@@ -283,7 +283,7 @@ def faulty(pack, tmp_path):
 
 def experts_used(engine, ids: list[int]) -> set:
     engine.store.heat.clear()
-    engine.prefill(ids, engine.make_cache())
+    engine.forward(ids, engine.make_cache())
     return set(engine.store.heat)
 
 

@@ -137,6 +137,10 @@ class ScriptedEngine:
     def make_cache(self) -> list[FakeCache]:
         return [FakeCache()]
 
+    def forward(self, ids, cache, logits: str = "last") -> np.ndarray:
+        """The engine interface: logits [1, vocab] of the last position fed."""
+        return self.prefill(ids, cache)[None]
+
     def prefill(self, ids, cache) -> np.ndarray:
         c = cache[0]
         if len(ids) > 1 or not c.tokens:  # a new prompt (a decode step feeds one token)

@@ -1,89 +1,178 @@
-"""Loading a pack and running it: ``moepack.load(path)`` -> :class:`Engine` with ``logits`` and ``generate``.
+"""Loading a pack and running it: ``moepack.load(path)`` -> :class:`Engine`.
 
-Follow one token: ``Engine.generate`` -> ``CausalLM.__call__`` (models/base.py) -> the family's MoE block
-routes -> ``StreamedExperts`` asks ``ExpertStore.fetch`` (store.py) for slots -> misses are read by
-``DirectReader.read_into`` (io.py) with one ``preadv`` per expert file.
+The engine interface (:class:`BaseEngine`) is what the CLI, chat, the server and the generation loop use:
+``forward`` over a block of tokens with a cache (logits only where asked), ``make_cache``, ``stats``, ``close``.
+:class:`Engine` runs a pack in this process; ``runtime.distributed.PipelineEngine`` runs it over several hosts.
+
+Follow one token: ``generation.decode`` -> ``BaseEngine.forward`` -> ``Engine.run`` -> ``CausalLM.run_layers``
+(models/base.py) -> the MoE block's router and ``StreamedExperts`` (models/moe.py) -> ``ExpertStore.fetch``
+(store.py) -> ``DirectReader.read_into`` (io.py), one ``preadv`` per expert file.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Literal, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 from moepack import arch
-from moepack.errors import BudgetError, PackError
+from moepack.errors import PackError
 from moepack.formats.reader import PackReader
 from moepack.runtime import memory
-from moepack.runtime.models import module_for
 from moepack.runtime.heat import heat_keys
-from moepack.runtime.models.base import StreamedExperts
-from moepack.runtime.sampling import Sampler, SamplingParams
-from moepack.runtime.store import POLICIES, EvictionPolicy, ExpertStore, PinnedPolicy, slot_bytes
+from moepack.runtime.memory import MemoryPlan, plan_memory
+from moepack.runtime.models import module_for
+from moepack.runtime.models.moe import MoE
+from moepack.runtime.store import POLICIES, EvictionPolicy, ExpertStore, PinnedPolicy
 
 log = logging.getLogger(__name__)
 
-PREFILL_CHUNK = 512
-ROUTER_F32 = re.compile(r"(\.gate\.weight|e_score_correction_bias)$")
+__all__ = ["BaseEngine", "Engine", "MemoryPlan", "Stage", "load", "plan_memory"]
+
+# Tokens in one forward pass. A prompt passes through the model layer by layer as one block (each expert it needs is
+# read at most once per layer); only prompts longer than this are split, to bound activation memory.
+MAX_PASS = 8192
+
+Logits = Literal["last", "all"]
 
 
-@dataclass
-class Plan:
-    """How a budget is spent: dense weights resident, the rest as expert slots."""
+class BaseEngine(ABC):
+    """The engine interface. Subclasses implement one pass (``_pass``), caches, stats and close; the rest is shared."""
 
-    budget: int
-    dense_bytes: int
-    slot_bytes: int
-    n_slots: int
-    minimum: int
+    config: dict
+    max_pass: int = MAX_PASS
+
+    @abstractmethod
+    def make_cache(self) -> list:
+        """Per-layer caches (``offset``, ``trim(n)``) for one sequence."""
+
+    @abstractmethod
+    def _pass(self, ids: list[int], cache: list | None, logits: Logits) -> np.ndarray:
+        """``ids`` through the whole model, appended to ``cache``; float32 logits [1 or len(ids), vocab]."""
+
+    @abstractmethod
+    def stats(self) -> dict: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def forward(self, ids: Sequence[int], cache: list | None = None, logits: Logits = "last") -> np.ndarray:
+        """Append ``ids`` to ``cache`` (None: a fresh sequence, kept nowhere); float32 logits of the last position
+        [1, vocab], or of every position [len(ids), vocab] with ``logits="all"``."""
+        ids = [int(t) for t in ids]
+        if not ids:
+            raise ValueError("forward needs at least one token")
+        if cache is None and len(ids) > self.max_pass:
+            cache = self.make_cache()  # several passes must share a cache
+        outs = [self._pass(ids[s : s + self.max_pass], cache, logits) for s in range(0, len(ids), self.max_pass)]
+        return np.concatenate(outs) if logits == "all" and len(outs) > 1 else outs[-1]
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Full forward pass without a cache: float32 [len(token_ids), vocab]."""
+        return self.forward(token_ids, None, "all")
+
+    def generate(self, token_ids: Sequence[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int | None = None, stop_tokens: Sequence[int] | None = None,
+                 cache: list | None = None) -> Iterator[int]:
+        """Yield up to ``max_tokens`` new token ids, stopping after a stop token (the generation loop's tokens)."""
+        from moepack.runtime.generation import Generation
+        from moepack.runtime.sampling import SamplingParams
+
+        if not token_ids:
+            raise ValueError("generate needs at least one prompt token")
+        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        for s in Generation(self, token_ids, max_tokens, params, stop_tokens or (), cache):
+            yield s.token
+
+    def __enter__(self) -> "BaseEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def plan_memory(reader: PackReader, budget: int | None, compute: mx.Dtype, stage=None) -> Plan:
-    """``stage``: plan a pipeline stage's share only (its ``owns(name)`` dense tensors and MoE ``layers``)."""
-    a = reader.manifest.architecture
-    dense = sum(memory.resident_bytes(r, compute) for n, r in reader.manifest.dense.items() if stage is None or stage.owns(n))
-    moe = [L for L in reader.moe_layers if stage is None or L in stage.layers]
-    per_slot = slot_bytes(reader.expert_layout(moe[0]), compute) if moe else 0
-    total_experts = len(moe) * a["num_experts"]
-    minimum = dense + a["top_k"] * per_slot
-    if budget is None:
-        budget = max(minimum, memory.default_budget())
-    if budget < minimum:
-        raise BudgetError(
-            f"memory budget {budget} bytes is too small for this pack: it needs at least {minimum} bytes "
-            f"(dense weights {dense} + {a['top_k']} expert slots of {per_slot}); minimum budget: {minimum}",
-            minimum,
-        )
-    n_slots = min(total_experts, (budget - dense) // per_slot) if per_slot else 0
-    return Plan(budget, dense, per_slot, max(n_slots, a["top_k"] if per_slot else 0), minimum)
+@dataclass(frozen=True)
+class Stage:
+    """The layers ``start .. stop-1`` an engine runs, of a ``count``-stage pipeline: the first stage also embeds the
+    tokens, the last applies the final norm and the LM head. One process runs the single stage of :meth:`whole`."""
+
+    index: int
+    count: int
+    start: int
+    stop: int
+    tied: bool = False  # tie_word_embeddings: the last stage needs the embedding matrix as its head
+
+    @classmethod
+    def whole(cls, n_layers: int) -> "Stage":
+        return cls(0, 1, 0, n_layers)
+
+    @property
+    def layers(self) -> range:
+        return range(self.start, self.stop)
+
+    @property
+    def first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.count - 1
+
+    def owns(self, name: str) -> bool:
+        """Whether this stage loads the dense tensor ``name`` (a pack name)."""
+        layer = arch.layer_of(name)
+        if layer is not None:
+            return self.start <= layer < self.stop
+        if "embed_tokens" in name:
+            return self.first or (self.last and self.tied)
+        return self.last  # final norm, lm_head
+
+    def drop_others(self, model: nn.Module) -> None:
+        """Remove what other stages run from a freshly built (not yet loaded) CausalLM, so it is never allocated.
+
+        Other stages' layers become empty modules in place, so the kept ones keep their index and their pack names.
+        """
+        if self.count == 1:
+            return
+        layers = model.model.layers
+        for i in range(len(layers)):
+            if i not in self.layers:
+                layers[i] = nn.Module()
+        if not self.first and not (self.last and self.tied):
+            model.model.pop("embed_tokens")
+        if not self.last:
+            model.model.pop("norm")
+            model.pop("lm_head", None)
 
 
-class Engine:
-    def __init__(self, path: str | Path, memory_budget: int | str | None = None, compute_dtype: mx.Dtype | None = None,
-                 direct_io: bool = True, io_threads: int = 8, policy: EvictionPolicy | str | None = None,
-                 prefetch: bool = False, heat: str | Path | bool | None = True, pin_hot: float = 0.0,
-                 verify: bool = False, stage=None):
+class Engine(BaseEngine):
+    def __init__(self, path: str | Path, memory_budget: int | str | None = None, *,
+                 compute_dtype: mx.Dtype | None = None, direct_io: bool = True, io_threads: int = 8,
+                 policy: EvictionPolicy | str | None = None, prefetch: bool = False,
+                 heat: str | Path | bool | None = True, pin_hot: float = 0.0, verify: bool = False,
+                 stage: Stage | None = None):
         """``policy``: "lru" (default), "lfu" or an EvictionPolicy. ``heat``: a heat profile to warm-start the pool from (a path;
         True, the default, uses the one `moepack profile` saved for this pack in the user cache if there is one); ``pin_hot``:
         the fraction of slots whose hottest experts are never evicted. ``prefetch``: guess the next layer's
         experts during decode and read them early (never changes output; off by default because on the machines
         measured so far it did not pay, see BENCHMARKS.md). ``verify``: check each file's blake3 the first time it is
         read (dense files at load, each expert file on its first read; cost in RELIABILITY.md). ``stage``: load only a
-        pipeline stage's layers (a ``runtime.distributed.Stage``; ``moepack.runtime.distributed`` runs it)."""
-        self.path = Path(path)
-        self.reader = PackReader(path, verify=verify)
+        pipeline stage's layers (``moepack.runtime.distributed`` runs it)."""
+        self.path = Path(path).expanduser()
+        self.reader = PackReader(self.path, verify=verify)  # validates the manifest and config.json up front
         self.config = arch.text_config(self.reader.config)  # a multimodal wrapper's language model (Kimi K2.5)
         self.family = arch.family_for(self.config)
         self.compute_dtype = compute_dtype or memory.default_compute_dtype(self.reader.manifest.recipe.get("dtype", "float32"))
-        self.stage = stage
-        self.plan = plan_memory(self.reader, memory.parse_bytes(memory_budget), self.compute_dtype, stage)
+        self.stage = stage or Stage.whole(arch.num_layers(self.config))
+        part = stage  # None: the whole pack
+        self.plan = plan_memory(self.reader, memory.parse_bytes(memory_budget), self.compute_dtype, part)
         hot = heat_keys(self.reader, heat)
         if isinstance(policy, str) or policy is None:
             policy = POLICIES[policy or "lru"]()
@@ -91,15 +180,14 @@ class Engine:
             policy = PinnedPolicy(policy, set(hot[: int(pin_hot * self.plan.n_slots)]))
         self.store = ExpertStore(self.reader, self.plan.n_slots, self.compute_dtype, direct=direct_io,
                                  threads=io_threads, policy=policy, prefetch=prefetch, verify=verify,
-                                 layers=stage.layers if stage is not None else None)
-        try:  # config.json and the dense tensors are pack data: a mismatch is a bad pack, not a crash
+                                 layers=self.stage.layers)
+        try:
             self.model = module_for(self.family.name).Model(self.config, self.store)
-            if stage is not None:
-                stage.trim(self.model)
+            self.stage.drop_others(self.model)
             self._load_dense()
-        except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError) as e:
+        except BaseException:
             self.store.close()
-            raise PackError(f"{self.path}: the model cannot be built from this pack ({type(e).__name__}: {e})") from e
+            raise
         self._wire_prefetch()
         if hot:
             n = self.store.preload(hot)
@@ -110,7 +198,7 @@ class Engine:
                  self.plan.n_slots, self.plan.slot_bytes, self.plan.dense_bytes, self.store.io.mode)
 
     def _load_dense(self) -> None:
-        weights = self.model.sanitize(self.reader.dense_weights(self.stage.owns if self.stage is not None else None))
+        weights = self.model.sanitize(self.reader.dense_weights(self.stage.owns))
         recs = {self.model.rename(n)[: -len(".weight")]: r for n, r in self.reader.manifest.dense.items()
                 if r.encoding != "raw"}  # keyed by module path, as nn.quantize's predicate sees it
 
@@ -125,66 +213,50 @@ class Engine:
             raise PackError(f"{self.path}: dense weights do not match the {self.family.name} model: {e}") from e
         self.model.set_dtype(self.compute_dtype)
         # Routers stay float32 (as transformers keeps them): in bf16, near-tied experts could be chosen differently.
-        keep = [(k, v.astype(mx.float32)) for k, v in weights.items() if ROUTER_F32.search(k)]
+        keep = [(f"{path}.{k}", weights[f"{path}.{k}"].astype(mx.float32))
+                for path, m in self.model.named_modules() if getattr(m, "float32", False)
+                for k in m.parameters() if f"{path}.{k}" in weights]
         if keep:
             self.model.load_weights(keep, strict=False)
         mx.eval(self.model.parameters())
         del weights
         self.reader.release()
 
+    def moe_blocks(self) -> list[MoE]:
+        """This engine's MoE blocks in layer order."""
+        blocks = [m for _, m in self.model.named_modules() if isinstance(m, MoE)]
+        return sorted(blocks, key=lambda m: m.experts.layer)
+
     def _wire_prefetch(self) -> None:
         """Give each MoE block the next MoE block's router, to guess (and read early) that layer's experts."""
-        blocks = [m for _, m in self.model.named_modules() if isinstance(getattr(m, "experts", None), StreamedExperts)
-                  and hasattr(m, "route")]
-        blocks.sort(key=lambda m: m.experts.layer)
+        blocks = self.moe_blocks()
         for cur, nxt in zip(blocks, blocks[1:]):
             cur.experts.next_layer = nxt.experts.layer
-            cur.experts.predict = nxt.route
+            cur.experts.predict = nxt.router
 
     # ---- inference --------------------------------------------------------------------------
-    def _forward(self, tokens: mx.array, cache) -> mx.array:
-        t0 = time.perf_counter()
-        io0 = self.store.counters.io_wait_s
-        out = self.model(tokens, cache)
-        mx.eval(out)
+    def run(self, x: mx.array, cache: list | None, logits: Logits = "last") -> mx.array:
+        """One pass of this engine's stage: token ids [1, T] (the first stage) or hidden states [1, T, H] through its
+        layers, all T positions through a layer before the next; the last stage returns float32 logits
+        [1, 1 or T, vocab] (the head runs only on the positions asked for)."""
+        t0, io0 = time.perf_counter(), self.store.counters.io_wait_s
+        st, m = self.stage, self.model
+        h = m.model.embed_tokens(x) if st.first else x
+        h = m.run_layers(h, cache, st.layers)
+        if st.last:
+            h = m.head(h if logits == "all" else h[:, -1:]).astype(mx.float32)
+        mx.eval(h)
         self.compute_s += time.perf_counter() - t0 - (self.store.counters.io_wait_s - io0)
-        self.tokens_processed += tokens.size
-        return out
+        self.tokens_processed += x.shape[1]
+        return h
 
-    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
-        """Full forward pass without a cache: float32 [len(token_ids), vocab]."""
-        out = self._forward(mx.array([list(token_ids)], dtype=mx.int32), None)
-        return np.array(out[0].astype(mx.float32))
-
-    def generate(self, token_ids: Sequence[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, seed: int | None = None, stop_tokens: Sequence[int] | None = None,
-                 cache=None) -> Iterator[int]:
-        """Yield up to ``max_tokens`` new token ids (stopping after a stop token), with a KV cache and chunked prefill."""
-        if not token_ids:
-            raise ValueError("generate needs at least one prompt token")
-        sampler = Sampler(SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed))
-        cache = cache if cache is not None else self.make_cache()
-        stops = set(stop_tokens or ())
-        last = self.prefill(token_ids, cache)
-        for _ in range(max_tokens):
-            tok = sampler(last).token
-            yield tok
-            if tok in stops:
-                return
-            last = self.prefill([tok], cache)
+    def _pass(self, ids: list[int], cache: list | None, logits: Logits) -> np.ndarray:
+        return np.array(self.run(mx.array([ids], dtype=mx.int32), cache, logits)[0])
 
     def make_cache(self) -> list:
-        return self.model.make_cache()
-
-    def prefill(self, token_ids: Sequence[int], cache) -> np.ndarray:
-        """Append ``token_ids`` to ``cache`` (in chunks of PREFILL_CHUNK); float32 logits [vocab] of the last one.
-
-        The step that every generation loop is built from (see moepack.runtime.generation).
-        """
-        ids = list(token_ids)
-        for s in range(0, len(ids), PREFILL_CHUNK):
-            logits = self._forward(mx.array([ids[s : s + PREFILL_CHUNK]], dtype=mx.int32), cache)
-        return np.array(logits[0, -1].astype(mx.float32))
+        """Caches for this engine's layers (a pipeline stage's only)."""
+        full = self.model.make_cache()
+        return full if self.stage.count == 1 else [full[i] for i in self.stage.layers]
 
     def stats(self) -> dict:
         c = self.store.counters
@@ -197,4 +269,5 @@ class Engine:
 
 
 def load(path: str | Path, memory_budget: int | str | None = None, **kwargs) -> Engine:
+    """Open a pack (``~`` expands) with a memory budget ("12GB", bytes, or None for 60% of available memory)."""
     return Engine(path, memory_budget=memory_budget, **kwargs)

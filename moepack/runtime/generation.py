@@ -1,5 +1,8 @@
-"""Request-level generation shared by ``moepack serve`` and ``moepack chat``.
+"""The generation loop, the one every caller uses (``Engine.generate``, the CLI, ``moepack chat``, the server, a
+pipeline's rank 0), built from two named steps over the engine interface (runtime/engine.py):
 
+- :func:`prefill`: the whole prompt (or its uncached part) through the model, layer by layer; logits of its last token.
+- :func:`decode`: one sampled token through the model; its logits.
 - :class:`Generation`: one request's token loop over a KV cache, advanced a token at a time so a scheduler can
   interleave requests, stop one early (``close()``) or survive an interruption (``settle()``).
 - :class:`PromptCache`: KV caches of recent sequences; a prompt that starts with one of them (the next turn
@@ -7,7 +10,7 @@
 - :class:`TextStream`: token ids to text deltas, ending at the first stop string and never emitting it.
 
 Engine interface used here: ``make_cache()`` -> list of caches with ``offset``/``trim(n)``, and
-``prefill(ids, cache)`` -> float32 logits of the last position (see runtime/engine.py).
+``forward(ids, cache, logits="last")`` -> float32 logits [1, vocab] of the last position.
 """
 
 from __future__ import annotations
@@ -16,10 +19,23 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
+import numpy as np
+
 from moepack.runtime.sampling import Sampled, Sampler, SamplingParams
 from moepack.runtime.tokenizer import StreamDecoder, Tokenizer
 
 log = logging.getLogger(__name__)
+
+
+def prefill(engine: Any, prompt: Sequence[int], cache: list) -> np.ndarray:
+    """The prompt step: ``prompt`` appended to ``cache`` in one pass (all tokens through a layer before the next, so
+    each expert the prompt needs is read once per layer); float32 logits [vocab] of its last token."""
+    return engine.forward(prompt, cache, "last")[-1]
+
+
+def decode(engine: Any, token: int, cache: list) -> np.ndarray:
+    """The decode step: one token appended to ``cache``; float32 logits [vocab] for the next."""
+    return engine.forward([token], cache, "last")[-1]
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -102,7 +118,7 @@ class Generation:
         if self.max_tokens <= 0:
             self.finish_reason = "length"
             return
-        last = self.engine.prefill(self.prompt[self.reused :], self.cache)
+        last = prefill(self.engine, self.prompt[self.reused :], self.cache)
         self.tokens = list(self.prompt)
         while True:
             s = self.sampler(last)
@@ -114,7 +130,7 @@ class Generation:
             yield s
             if self.finish_reason:
                 return
-            last = self.engine.prefill([s.token], self.cache)
+            last = decode(self.engine, s.token, self.cache)
             self.tokens.append(s.token)
 
     def settle(self) -> None:

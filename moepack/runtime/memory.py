@@ -1,16 +1,21 @@
-"""Memory budgets: parsing "8GB", the machine's available memory, and what a pack costs when resident."""
+"""Memory budgets: parsing "8GB", the machine's available memory, what a pack costs when resident, and how a budget
+is split into dense weights and expert slots (:func:`plan_memory`, used by the engine and the pipeline planner alike)."""
 
 from __future__ import annotations
 
 import os
 import re
 import sys
+from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
+from moepack.errors import BudgetError
 from moepack.formats import dtypes
 from moepack.formats.manifest import TensorRecord
+from moepack.formats.reader import PackReader
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20,
           "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40}
@@ -83,3 +88,58 @@ def peak_rss() -> int:
 
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """What a pack (or one pipeline stage of it) takes resident at a compute dtype: the one place budgets are sized."""
+
+    dense_bytes: int  # dense weights, resident
+    slot_bytes: int  # one expert slot of the pool
+    experts: int  # routed experts in all (MoE layers x experts per layer)
+    top_k: int
+
+    @property
+    def minimum(self) -> int:
+        """The smallest budget: the dense weights plus one token's experts of one layer."""
+        return self.dense_bytes + (self.top_k * self.slot_bytes if self.slot_bytes else 0)
+
+    def slots(self, budget: int) -> int:
+        """Expert slots a budget buys (at least top-k, never more than there are experts)."""
+        if not self.slot_bytes:
+            return 0
+        return max(self.top_k, min(self.experts, (budget - self.dense_bytes) // self.slot_bytes))
+
+
+@dataclass
+class MemoryPlan:
+    """How a budget is spent: dense weights resident, the rest as expert slots."""
+
+    budget: int
+    dense_bytes: int
+    slot_bytes: int
+    n_slots: int
+    minimum: int
+
+
+def memory_need(reader: PackReader, compute: mx.Dtype, stage: Any = None) -> MemoryNeed:
+    """``stage``: only a pipeline stage's share (its ``owns(name)`` dense tensors and its MoE ``layers``).
+    ``compute``: the dtype weights are held in; the pack's own dtype gives the bytes as stored."""
+    a = reader.manifest.architecture
+    dense = sum(resident_bytes(r, compute) for n, r in reader.manifest.dense.items() if stage is None or stage.owns(n))
+    moe = [L for L in reader.moe_layers if stage is None or L in stage.layers]
+    per_slot = sum(resident_bytes(r, compute) for r in reader.expert_layout(moe[0]).tensors.values()) if moe else 0
+    return MemoryNeed(dense, per_slot, len(moe) * a["num_experts"], a["top_k"])
+
+
+def plan_memory(reader: PackReader, budget: int | None, compute: mx.Dtype, stage: Any = None) -> MemoryPlan:
+    """Split ``budget`` (default: :func:`default_budget`) into dense weights and expert slots; BudgetError below the minimum."""
+    need = memory_need(reader, compute, stage)
+    if budget is None:
+        budget = max(need.minimum, default_budget())
+    if budget < need.minimum:
+        raise BudgetError(
+            f"memory budget {budget} bytes is too small for this pack: it needs at least {need.minimum} bytes "
+            f"(dense weights {need.dense_bytes} + {need.top_k} expert slots of {need.slot_bytes}); "
+            f"minimum budget: {need.minimum}", need.minimum)
+    return MemoryPlan(budget, need.dense_bytes, need.slot_bytes, need.slots(budget), need.minimum)

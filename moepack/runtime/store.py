@@ -182,7 +182,7 @@ class ExpertStore:
         direct: bool = True,
         threads: int = 8,
         policy: EvictionPolicy | None = None,
-        prefetch: bool = True,
+        prefetch: bool = False,
         verify: bool = False,
         layers: Sequence[int] | None = None,
     ):

@@ -17,8 +17,11 @@ import mlx.nn as nn
 
 from moepack import arch
 from moepack.errors import UnsupportedArchitecture
-from moepack.runtime.models.base import (MLP, MoEArgs, CausalLM, DecoderLayer, KVCache, ScaledRoPE, SigmoidMoE,
-                                         StreamedExperts, attend, yarn_mscale)
+from moepack.runtime.models.attention import attend
+from moepack.runtime.models.base import MLP, CausalLM, DecoderLayer, MoEArgs
+from moepack.runtime.models.cache import Causal, KVCache
+from moepack.runtime.models.moe import GroupedRouter, MoE, StreamedExperts
+from moepack.runtime.models.rope import ScaledRoPE, yarn_mscale
 
 # q_a_layernorm / kv_a_layernorm are built with RMSNorm's default eps in transformers, not rms_norm_eps.
 LORA_NORM_EPS = 1e-6
@@ -28,7 +31,7 @@ LORA_NORM_EPS = 1e-6
 class Variant:
     """What transformers' DeepseekV2 and DeepseekV3 code do differently (Kimi K2 runs the V3 code)."""
 
-    score: str  # router score function, SigmoidMoE's ``score``
+    score: str  # router score function, GroupedRouter's ``score``
     group_score: str  # how a group of experts is scored: its best ("max") or two best summed ("top2")
     correction_bias: bool  # router has e_score_correction_bias (selection only)
     honours_norm_topk_prob: bool  # V2 never renormalises, whatever norm_topk_prob says
@@ -105,7 +108,7 @@ class MLAttention(nn.Module):
         self.rope = rope
         self.scale = softmax_scale(a)
 
-    def __call__(self, x: mx.array, mask: mx.array | None, cache: KVCache | None) -> mx.array:
+    def __call__(self, x: mx.array, mask: Causal, cache: KVCache | None) -> mx.array:
         B, T, _ = x.shape
         q = self.q_proj(x) if "q_proj" in self else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.reshape(B, T, self.n_heads, -1).transpose(0, 2, 1, 3)  # [B, nH, T, nope+rope]
@@ -127,13 +130,13 @@ class MLAttention(nn.Module):
         return self.o_proj(attend(q, k, kv[..., self.nope :], self.scale, mask))
 
     def _absorbed(self, q_nope: mx.array, q_pe: mx.array, latent: mx.array, k_pe: mx.array,
-                  mask: mx.array | None) -> mx.array:
+                  mask: Causal) -> mx.array:
         """Attention in latent space: q_nope·k_nope = (q_nope W_uk)·latent, and o = (p·latent) W_uvᵀ."""
         B, _, T, _ = q_nope.shape
         q_lat = self._per_head(q_nope, 0, self.nope, transpose=False)  # [B, nH, T, kv_lora]
         q = mx.concatenate([q_lat, q_pe], axis=-1)  # [B, nH, T, kv_lora+rope]
         k = mx.concatenate([latent, k_pe], axis=-1)  # [B, 1, S, kv_lora+rope]
-        o = mx.fast.scaled_dot_product_attention(q, k, latent, scale=self.scale, mask=mask)  # [B, nH, T, kv_lora]
+        o = attend(q, k, latent, self.scale, mask, merge_heads=False)  # [B, nH, T, kv_lora]
         o = self._per_head(o, self.nope, self.nope + self.v_dim, transpose=True)  # [B, nH, T, v]
         return o.transpose(0, 2, 1, 3).reshape(B, T, -1)
 
@@ -152,7 +155,7 @@ class MLAttention(nn.Module):
         return x @ (w.swapaxes(-1, -2) if transpose else w)
 
 
-def moe_block(a: ModelArgs, v: Variant, store, layer: int) -> SigmoidMoE:
+def moe_block(a: ModelArgs, v: Variant, store, layer: int) -> MoE:
     """Router (V2: softmax, group max; V3: sigmoid + correction bias, group top-2), routed and shared experts."""
     grouped = True
     if v.reads_topk_method:
@@ -161,10 +164,11 @@ def moe_block(a: ModelArgs, v: Variant, store, layer: int) -> SigmoidMoE:
                 f"deepseek_v2 topk_method {a.topk_method!r} is not supported; supported: {', '.join(V2_TOPK_METHODS)}")
         grouped = V2_TOPK_METHODS[a.topk_method]
     shared = MLP(a.hidden_size, a.moe_intermediate_size * a.n_shared_experts, a.mlp_bias) if a.n_shared_experts else None
-    return SigmoidMoE(a.hidden_size, a.num_experts, a.top_k, StreamedExperts(store, layer),
-                      n_group=(a.n_group or 1) if grouped else 1, topk_group=a.topk_group or 1,
-                      renormalize=a.norm_topk_prob and v.honours_norm_topk_prob, scaling=a.routed_scaling_factor,
-                      correction_bias=v.correction_bias, shared=shared, score=v.score, group_score=v.group_score)
+    router = GroupedRouter(a.hidden_size, a.num_experts, a.top_k, n_group=(a.n_group or 1) if grouped else 1,
+                           topk_group=a.topk_group or 1, renormalize=a.norm_topk_prob and v.honours_norm_topk_prob,
+                           scaling=a.routed_scaling_factor, correction_bias=v.correction_bias, score=v.score,
+                           group_score=v.group_score)
+    return MoE(router, StreamedExperts(store, layer), shared=shared)
 
 
 class Model(CausalLM):
@@ -178,8 +182,8 @@ class Model(CausalLM):
         layers = []
         for i in range(a.num_hidden_layers):
             mlp = moe_block(a, v, store, i) if i in moe else MLP(a.hidden_size, a.intermediate_size, a.mlp_bias)
-            layers.append(DecoderLayer(MLAttention(a, rope), mlp, a.hidden_size, a.rms_norm_eps))
-        super().__init__(a.vocab_size, a.hidden_size, layers, a.rms_norm_eps, a.tie_word_embeddings)
+            layers.append(DecoderLayer(MLAttention(a, rope), mlp, a))
+        super().__init__(a, layers)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         # Some hub checkpoints save the rotary buffer; frequencies are recomputed from config.json.

@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moepack import arch
-from moepack.runtime.models.base import (MLP, Attention, MoEArgs, CausalLM, DecoderLayer,
-                                          ScaledRoPE, SigmoidMoE, StreamedExperts)
+from moepack.runtime.models.attention import Attention
+from moepack.runtime.models.base import MLP, CausalLM, DecoderLayer, MoEArgs
+from moepack.runtime.models.moe import GroupedRouter, MoE, StreamedExperts
+from moepack.runtime.models.rope import ScaledRoPE
 
 
 @dataclass(kw_only=True)
@@ -31,21 +33,19 @@ class ModelArgs(MoEArgs):
 class Model(CausalLM):
     def __init__(self, cfg: dict, store):
         a = ModelArgs.from_config(cfg)
-        head_dim = a.head_size
-        rotary = arch.rotary_dim(cfg, head_dim, default_factor=0.5)  # transformers' default when unspelled
+        rotary = arch.rotary_dim(cfg, a.head_size, default_factor=0.5)  # transformers' default when unspelled
         rope = ScaledRoPE(rotary, a.rope_theta, a.rope_scaling, a.max_position_embeddings)
         moe = set(arch.moe_layers(cfg))
         layers = []
         for i in range(a.num_hidden_layers):
-            attn = Attention(a.hidden_size, a.num_attention_heads, a.num_key_value_heads, head_dim,
-                             rope, qkv_bias=a.attention_bias, qk_norm="head" if a.use_qk_norm else None,
-                             eps=a.rms_norm_eps)
+            attn = Attention.for_args(a, rope, qkv_bias=a.attention_bias, qk_norm="head" if a.use_qk_norm else None)
             if i in moe:
                 width = a.moe_intermediate_size * a.n_shared_experts
-                shared = MLP(a.hidden_size, width) if width else None
-                mlp = SigmoidMoE(a.hidden_size, a.num_experts, a.top_k, StreamedExperts(store, i), a.n_group,
-                                 a.topk_group, a.norm_topk_prob, a.routed_scaling_factor, shared=shared)
+                router = GroupedRouter(a.hidden_size, a.num_experts, a.top_k, n_group=a.n_group,
+                                       topk_group=a.topk_group, renormalize=a.norm_topk_prob,
+                                       scaling=a.routed_scaling_factor)
+                mlp = MoE(router, StreamedExperts(store, i), shared=MLP(a.hidden_size, width) if width else None)
             else:
                 mlp = MLP(a.hidden_size, a.intermediate_size)
-            layers.append(DecoderLayer(attn, mlp, a.hidden_size, a.rms_norm_eps))
-        super().__init__(a.vocab_size, a.hidden_size, layers, a.rms_norm_eps, a.tie_word_embeddings)
+            layers.append(DecoderLayer(attn, mlp, a))
+        super().__init__(a, layers)

@@ -15,8 +15,11 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from moepack.runtime.models.base import (Attention, CausalLM, DecoderLayer, MoEArgs, ScaledRoPE, StreamedExperts,
-                                          topk)
+from moepack.runtime.models.attention import Attention, attend
+from moepack.runtime.models.base import CausalLM, DecoderLayer, MoEArgs
+from moepack.runtime.models.cache import Causal
+from moepack.runtime.models.moe import MoE, StreamedExperts, topk
+from moepack.runtime.models.rope import ScaledRoPE
 
 
 @dataclass(kw_only=True)
@@ -48,39 +51,41 @@ def clamped_swiglu(alpha: float, limit: float):
     return act
 
 
-class TopKLogitsMoE(nn.Module):
-    """Router ``router`` (weight and bias) -> top-k logits -> softmax over those k -> streamed experts."""
+class SinkAttention(Attention):
+    """Attention with a learned per-head sink logit ``sinks [H]`` that joins the softmax and takes probability mass
+    without contributing a value."""
 
-    def __init__(self, hidden: int, n_experts: int, top_k: int, experts: StreamedExperts):
-        super().__init__()
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.sinks = mx.zeros((self.n_heads,))
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, mask: Causal | None) -> mx.array:
+        return attend(q, k, v, self.scale, mask, self.sinks)
+
+
+class TopKLogitsRouter(nn.Linear):
+    """Router weight and bias -> top-k logits -> softmax over those k."""
+
+    def __init__(self, hidden: int, n_experts: int, top_k: int):
+        super().__init__(hidden, n_experts, bias=True)
         self.top_k = top_k
-        self.router = nn.Linear(hidden, n_experts, bias=True)
-        self.experts = experts
 
-    def route(self, flat: mx.array) -> tuple[mx.array, mx.array]:
-        """[N, H] -> expert ids [N, K] and weights [N, K] (the engine also uses it to predict experts early)."""
-        logits = self.router(flat).astype(mx.float32)  # [N, E]
+    def __call__(self, flat: mx.array) -> tuple[mx.array, mx.array]:
+        """[N, H] -> expert ids [N, K] and weights [N, K]."""
+        logits = super().__call__(flat).astype(mx.float32)  # [N, E]
         inds = topk(logits, self.top_k)
         return inds, mx.softmax(mx.take_along_axis(logits, inds, axis=-1), axis=-1)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])  # [N, H]
-        inds, w = self.route(flat)
-        return self.experts(flat, inds, w.astype(flat.dtype)).reshape(shape)
 
 
 class Model(CausalLM):
     def __init__(self, cfg: dict, store):
         a = ModelArgs.from_config(cfg)
-        head_dim = a.head_size
-        rope = ScaledRoPE(head_dim, a.rope_theta, a.rope_scaling, a.max_position_embeddings)
+        rope = ScaledRoPE(a.head_size, a.rope_theta, a.rope_scaling, a.max_position_embeddings)
         act = clamped_swiglu(a.swiglu_alpha, a.swiglu_limit)
         layers = []
         for i in range(a.num_hidden_layers):
-            attn = Attention(a.hidden_size, a.num_attention_heads, a.num_key_value_heads, head_dim, rope,
-                             qkv_bias=a.attention_bias, o_bias=a.attention_bias, eps=a.rms_norm_eps, sinks=True)
-            moe = TopKLogitsMoE(a.hidden_size, a.num_experts, a.top_k, StreamedExperts(store, i, activation=act))
+            attn = SinkAttention.for_args(a, rope, qkv_bias=a.attention_bias, o_bias=a.attention_bias)
+            moe = MoE(TopKLogitsRouter(a.hidden_size, a.num_experts, a.top_k), StreamedExperts(store, i, activation=act))
             window = a.sliding_window if a.layer_types[i] == "sliding_attention" else None
-            layers.append(DecoderLayer(attn, moe, a.hidden_size, a.rms_norm_eps, sliding_window=window))
-        super().__init__(a.vocab_size, a.hidden_size, layers, a.rms_norm_eps, a.tie_word_embeddings)
+            layers.append(DecoderLayer(attn, moe, a, sliding_window=window))
+        super().__init__(a, layers)

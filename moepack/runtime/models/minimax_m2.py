@@ -14,8 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moepack import arch
-from moepack.runtime.models.base import (Attention, MoEArgs, CausalLM, DecoderLayer,
-                                          ScaledRoPE, SigmoidMoE, StreamedExperts)
+from moepack.runtime.models.attention import Attention
+from moepack.runtime.models.base import CausalLM, DecoderLayer, MoEArgs
+from moepack.runtime.models.moe import GroupedRouter, MoE, StreamedExperts
+from moepack.runtime.models.rope import ScaledRoPE
 
 
 @dataclass(kw_only=True)
@@ -28,12 +30,10 @@ class Model(CausalLM):
 
     def __init__(self, cfg: dict, store):
         a = ModelArgs.from_config(cfg)
-        head_dim = a.head_size
-        rope = ScaledRoPE(arch.rotary_dim(cfg, head_dim), a.rope_theta, a.rope_scaling, a.max_position_embeddings)
+        rope = ScaledRoPE(arch.rotary_dim(cfg, a.head_size), a.rope_theta, a.rope_scaling, a.max_position_embeddings)
         layers = []
         for i in range(a.num_hidden_layers):
-            attn = Attention(a.hidden_size, a.num_attention_heads, a.num_key_value_heads, head_dim, rope,
-                             qk_norm="full", eps=a.rms_norm_eps)
-            moe = SigmoidMoE(a.hidden_size, a.num_experts, a.top_k, StreamedExperts(store, i))
-            layers.append(DecoderLayer(attn, moe, a.hidden_size, a.rms_norm_eps))
-        super().__init__(a.vocab_size, a.hidden_size, layers, a.rms_norm_eps, a.tie_word_embeddings)
+            attn = Attention.for_args(a, rope, qk_norm="full")
+            moe = MoE(GroupedRouter(a.hidden_size, a.num_experts, a.top_k), StreamedExperts(store, i))
+            layers.append(DecoderLayer(attn, moe, a))
+        super().__init__(a, layers)

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import mlx.nn as nn
 
-from moepack.runtime.models.base import Attention, MoEArgs, CausalLM, DecoderLayer, SparseMoE, StreamedExperts
+from moepack.runtime.models.attention import Attention
+from moepack.runtime.models.base import CausalLM, DecoderLayer, MoEArgs
+from moepack.runtime.models.moe import MoE, SoftmaxRouter, StreamedExperts
 
 
 @dataclass(kw_only=True)
@@ -26,11 +28,9 @@ class Model(CausalLM):
 
     def __init__(self, cfg: dict, store):
         a = ModelArgs.from_config(cfg)
-        head_dim = a.head_size
         layers = []
         for i in range(a.num_hidden_layers):  # every layer is MoE
-            attn = Attention(a.hidden_size, a.num_attention_heads, a.num_key_value_heads, head_dim,
-                             nn.RoPE(head_dim, base=a.rope_theta))
-            moe = SparseMoE(a.hidden_size, a.num_experts, a.top_k, True, StreamedExperts(store, i))
-            layers.append(DecoderLayer(attn, moe, a.hidden_size, a.rms_norm_eps, sliding_window=a.sliding_window))
-        super().__init__(a.vocab_size, a.hidden_size, layers, a.rms_norm_eps, a.tie_word_embeddings)
+            attn = Attention.for_args(a, nn.RoPE(a.head_size, base=a.rope_theta))
+            moe = MoE(SoftmaxRouter(a.hidden_size, a.num_experts, a.top_k, renormalize=True), StreamedExperts(store, i))
+            layers.append(DecoderLayer(attn, moe, a, sliding_window=a.sliding_window))
+        super().__init__(a, layers)

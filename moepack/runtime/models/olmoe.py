@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import mlx.core as mx
 import mlx.nn as nn
 
-from moepack.runtime.models.base import Attention, MoEArgs, CausalLM, DecoderLayer, SparseMoE, StreamedExperts
+from moepack.runtime.models.attention import Attention
+from moepack.runtime.models.base import CausalLM, DecoderLayer, MoEArgs
+from moepack.runtime.models.moe import MoE, SoftmaxRouter, StreamedExperts
 
 
 @dataclass(kw_only=True)
@@ -20,15 +23,28 @@ class ModelArgs(MoEArgs):
     attention_bias: bool = False
 
 
+class ClippedAttention(Attention):
+    """q, k and v clamped to [-clip_qkv, clip_qkv] after the full-projection norm, before RoPE."""
+
+    def __init__(self, clip_qkv: float | None, **kw):
+        super().__init__(**kw)
+        self.clip_qkv = clip_qkv
+
+    def project(self, x: mx.array):
+        q, k, v, _ = super().project(x)
+        if self.clip_qkv is not None:
+            q, k, v = (mx.clip(t, -self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        return q, k, v, None
+
+
 class Model(CausalLM):
     def __init__(self, cfg: dict, store):
         a = ModelArgs.from_config(cfg)
-        head_dim = a.head_size  # q_norm spans n_heads * head_dim
         layers = []
-        for i in range(a.num_hidden_layers):
-            attn = Attention(a.hidden_size, a.num_attention_heads, a.num_key_value_heads, head_dim,
-                             nn.RoPE(head_dim, base=a.rope_theta), qkv_bias=a.attention_bias,
-                             o_bias=a.attention_bias, qk_norm="full", eps=a.rms_norm_eps, clip_qkv=a.clip_qkv)
-            moe = SparseMoE(a.hidden_size, a.num_experts, a.top_k, a.norm_topk_prob, StreamedExperts(store, i))
-            layers.append(DecoderLayer(attn, moe, a.hidden_size, a.rms_norm_eps))
-        super().__init__(a.vocab_size, a.hidden_size, layers, a.rms_norm_eps, a.tie_word_embeddings)
+        for i in range(a.num_hidden_layers):  # q_norm spans n_heads * head_dim
+            attn = ClippedAttention.for_args(a, nn.RoPE(a.head_size, base=a.rope_theta), clip_qkv=a.clip_qkv,
+                                             qkv_bias=a.attention_bias, o_bias=a.attention_bias, qk_norm="full")
+            moe = MoE(SoftmaxRouter(a.hidden_size, a.num_experts, a.top_k, renormalize=a.norm_topk_prob),
+                      StreamedExperts(store, i))
+            layers.append(DecoderLayer(attn, moe, a))
+        super().__init__(a, layers)

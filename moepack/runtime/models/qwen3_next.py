@@ -26,8 +26,11 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from moepack import arch
-from moepack.runtime.models.base import (MLP, Attention, CausalLM, DecoderLayer, KVCache, MoEArgs, ScaledRoPE,
-                                          SparseMoE, StreamedExperts)
+from moepack.runtime.models.attention import Attention
+from moepack.runtime.models.base import MLP, CausalLM, DecoderLayer, MoEArgs
+from moepack.runtime.models.cache import KVCache, RecurrentCache
+from moepack.runtime.models.moe import MoE, SoftmaxRouter, StreamedExperts
+from moepack.runtime.models.rope import ScaledRoPE
 
 CHUNK = 64  # the delta rule's chunk length in prefill
 ZERO_CENTRED = re.compile(r"(input_layernorm|post_attention_layernorm|q_norm|k_norm)\.weight$|^model\.norm\.weight$")
@@ -59,22 +62,21 @@ class ModelArgs(MoEArgs):
                                 for i in range(self.num_hidden_layers)]
 
 
-class RecurrentCache:
-    """A DeltaNet layer's state: the conv's last ``kernel - 1`` inputs and the [B, Hv, Dk, Dv] recurrent matrix.
+class GatedAttention(Attention):
+    """``q_proj`` yields [query | gate] per head; the attention output is scaled by sigmoid(gate) before ``o_proj``."""
 
-    Unlike a KV cache it cannot be rewound to an earlier position: ``trim`` forgets everything (``offset`` 0), which
-    tells a caller (``PromptCache``) that the cache no longer holds the prefix.
-    """
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.q_proj = nn.Linear(self.k_proj.weight.shape[1], 2 * self.n_heads * self.head_dim,
+                                bias="bias" in self.k_proj)
 
-    def __init__(self) -> None:
-        self.conv: mx.array | None = None
-        self.state: mx.array | None = None
-        self.offset = 0
+    def project(self, x: mx.array):
+        B, T, _ = x.shape  # [B, T, H * 2D] -> query, gate [B, T, H * D]
+        q, gate = mx.split(self.q_proj(x).reshape(B, T, self.n_heads, 2 * self.head_dim), 2, axis=-1)
+        return q.reshape(B, T, -1), self.k_proj(x), self.v_proj(x), gate.reshape(B, T, -1)
 
-    def trim(self, n: int) -> None:
-        """Forget the last ``n`` positions: impossible for a recurrent state, so forget them all."""
-        self.conv = self.state = None
-        self.offset = 0
+    def output(self, o: mx.array, gate: mx.array) -> mx.array:
+        return self.o_proj(o * mx.sigmoid(gate))
 
 
 class DepthwiseConv(nn.Module):
@@ -186,7 +188,7 @@ class GatedDeltaNet(nn.Module):
         qkv = mx.concatenate([t.reshape(B, T, -1) for t in (q, k, v)], axis=-1)
         return qkv, z.reshape(B, T, self.nv, self.dv), b.reshape(B, T, self.nv), a.reshape(B, T, self.nv)
 
-    def __call__(self, x: mx.array, mask: mx.array | None, cache: RecurrentCache | None) -> mx.array:
+    def __call__(self, x: mx.array, mask, cache: RecurrentCache | None) -> mx.array:
         B, T, _ = x.shape
         qkv, z, b, a = self._project(x)
         K = self.conv1d.weight.shape[-1]
@@ -222,8 +224,7 @@ class Model(CausalLM):
         cfg = arch.text_config(cfg)
         a = ModelArgs.from_config(cfg)
         qwen3_5 = a.model_type.startswith("qwen3_5")
-        head_dim = a.head_size
-        rope = ScaledRoPE(arch.rotary_dim(cfg, head_dim, default_factor=0.25), a.rope_theta, a.rope_scaling,
+        rope = ScaledRoPE(arch.rotary_dim(cfg, a.head_size, default_factor=0.25), a.rope_theta, a.rope_scaling,
                           a.max_position_embeddings)
         moe = set(arch.moe_layers(cfg))
         layers = []
@@ -231,17 +232,16 @@ class Model(CausalLM):
             if a.layer_types[i] == "linear_attention":
                 mixer, name = GatedDeltaNet(a, split=qwen3_5), "linear_attn"
             else:
-                mixer = Attention(a.hidden_size, a.num_attention_heads, a.num_key_value_heads, head_dim, rope,
-                                  qkv_bias=a.attention_bias, qk_norm="head", eps=a.rms_norm_eps, output_gate=True)
+                mixer = GatedAttention.for_args(a, rope, qkv_bias=a.attention_bias, qk_norm="head")
                 name = "self_attn"
             if i in moe:
-                shared = MLP(a.hidden_size, a.shared_expert_intermediate_size)
-                mlp = SparseMoE(a.hidden_size, a.num_experts, a.top_k, a.norm_topk_prob or qwen3_5,
-                                StreamedExperts(store, i), shared=shared, shared_gate=True)
+                router = SoftmaxRouter(a.hidden_size, a.num_experts, a.top_k, renormalize=a.norm_topk_prob or qwen3_5)
+                mlp = MoE(router, StreamedExperts(store, i), shared=MLP(a.hidden_size, a.shared_expert_intermediate_size),
+                          shared_gate=True)
             else:
                 mlp = MLP(a.hidden_size, a.intermediate_size)
-            layers.append(DecoderLayer(mixer, mlp, a.hidden_size, a.rms_norm_eps, mixer=name))
-        super().__init__(a.vocab_size, a.hidden_size, layers, a.rms_norm_eps, a.tie_word_embeddings)
+            layers.append(DecoderLayer(mixer, mlp, a, mixer_name=name))
+        super().__init__(a, layers)
 
     def make_cache(self) -> list:
         return [RecurrentCache() if layer.mixer == "linear_attn" else KVCache() for layer in self.model.layers]

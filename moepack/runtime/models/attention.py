@@ -1,0 +1,104 @@
+"""Scaled dot-product attention over query blocks, and the grouped-query attention layer most families share.
+
+Family quirks live in the family's file as small subclasses that override one hook: ``project`` (what q, k, v
+are made of: OLMoE's clipping, Qwen3-Next's output gate), ``attend`` (gpt-oss's sinks) or ``output``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from moepack.runtime.models.cache import Causal, KVCache
+
+# Attention scores held at once (float32 [B, H, queries, keys]): a long prompt attends one block of queries at a
+# time, so its memory stays bounded whatever its length (README: "Memory").
+SCORE_BYTES = 64 << 20
+
+
+def attend(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Causal | None,
+           sinks: mx.array | None = None, merge_heads: bool = True) -> mx.array:
+    """q [B, H, T, D], k/v [B, H_kv, S, D] -> [B, T, H*D_v] (or [B, H, T, D_v] without ``merge_heads``).
+
+    Queries go in blocks sized so their scores fit in SCORE_BYTES; each block attends only to the keys its mask
+    lets it see (a causal block skips the keys after it, a sliding window those before it). ``sinks`` [H]: a
+    per-head logit that joins the softmax and takes probability mass without contributing a value (gpt-oss).
+    """
+    B, H, T, _ = q.shape
+    S = k.shape[2]
+    block = max(1, min(T, SCORE_BYTES // (4 * B * H * S)))
+    outs = []
+    for q0 in range(0, T, block):
+        q1 = min(T, q0 + block)
+        lo, hi = mask.keys(q0, q1) if mask is not None else (0, S)
+        m = mask.block(q0, q1, q.dtype) if mask is not None else None
+        o = mx.fast.scaled_dot_product_attention(q[:, :, q0:q1], k[:, :, lo:hi], v[:, :, lo:hi], scale=scale,
+                                                 mask=m, sinks=sinks)
+        if block < T:
+            mx.eval(o)  # one block's scores at a time
+        outs.append(o)
+    o = mx.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]  # [B, H, T, D_v]
+    if not merge_heads:
+        return o
+    return o.transpose(0, 2, 1, 3).reshape(B, T, -1)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped KV heads.
+
+    qk_norm: None, "head" (RMSNorm over each head's dims: Qwen3, GLM) or "full" (RMSNorm over the whole projection
+    before splitting heads: OLMoE, MiniMax-M2). The rope module decides partial rotary.
+    """
+
+    def __init__(self, *, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int, rope: nn.Module,
+                 qkv_bias: bool = False, o_bias: bool = False, qk_norm: str | None = None, eps: float = 1e-6):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.scale = head_dim**-0.5
+        self.q_proj = nn.Linear(hidden, n_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=o_bias)
+        self.qk_norm = qk_norm
+        if qk_norm == "head":
+            self.q_norm, self.k_norm = nn.RMSNorm(head_dim, eps=eps), nn.RMSNorm(head_dim, eps=eps)
+        elif qk_norm == "full":
+            self.q_norm = nn.RMSNorm(n_heads * head_dim, eps=eps)
+            self.k_norm = nn.RMSNorm(n_kv_heads * head_dim, eps=eps)
+        self.rope = rope
+
+    @classmethod
+    def for_args(cls, a: Any, rope: nn.Module, **kw: Any) -> "Attention":
+        """From a family's ``MoEArgs``: its head counts and head size; ``kw`` the family's options."""
+        return cls(hidden=a.hidden_size, n_heads=a.num_attention_heads, n_kv_heads=a.num_key_value_heads,
+                   head_dim=a.head_size, rope=rope, eps=a.rms_norm_eps, **kw)
+
+    def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array, Any]:
+        """x [B, T, hidden] -> q, k, v [B, T, heads * D] and whatever ``output`` needs besides the attention."""
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v, None
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, mask: Causal | None) -> mx.array:
+        return attend(q, k, v, self.scale, mask)
+
+    def output(self, o: mx.array, extra: Any) -> mx.array:
+        return self.o_proj(o)
+
+    def __call__(self, x: mx.array, mask: Causal | None, cache: KVCache | None) -> mx.array:
+        B, T, _ = x.shape
+        q, k, v, extra = self.project(x)
+        q = q.reshape(B, T, self.n_heads, self.head_dim)  # [B, T, H, D]
+        k = k.reshape(B, T, self.n_kv_heads, self.head_dim)
+        v = v.reshape(B, T, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, H, T, D]
+        offset = cache.offset if cache is not None else 0
+        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        return self.output(self.attend(q, k, v, mask), extra)

@@ -1,0 +1,241 @@
+"""The MoE block: a router picks each token's experts, the routed experts stream from the expert store, and an
+optional shared expert runs on every token.
+
+One block serves every family; what differs is the router module (softmax top-k, grouped sigmoid, gpt-oss's top-k
+logits) and the expert activation. Output never depends on the memory budget: the experts a layer needs are split
+into pool-sized batches of whole experts (:func:`plan_batches`), and each (token, choice) pair is computed the same
+way whichever batch it falls in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+# ---- routing ---------------------------------------------------------------------------------
+
+
+def topk(scores: mx.array, k: int) -> mx.array:
+    """Indices of the k largest scores along the last axis, largest first (as torch.topk orders them)."""
+    return mx.argsort(-scores, axis=-1)[..., :k]
+
+
+def route_softmax(logits: mx.array, k: int, renormalize: bool) -> tuple[mx.array, mx.array]:
+    """Softmax over all experts, then top-k, then optionally renormalise (Mixtral, Qwen, OLMoE)."""
+    probs = mx.softmax(logits.astype(mx.float32), axis=-1)
+    inds = topk(probs, k)
+    w = mx.take_along_axis(probs, inds, axis=-1)
+    if renormalize:
+        w = w / w.sum(axis=-1, keepdims=True)
+    return inds, w
+
+
+def route_grouped(scores: mx.array, k: int, bias: mx.array | None = None, n_group: int = 1, topk_group: int = 1,
+                  group_score: str = "top2", renormalize: bool = True, scaling: float = 1.0) -> tuple[mx.array, mx.array]:
+    """Group-limited top-k (DeepSeek, GLM, MiniMax): select on ``scores + bias``, weigh by ``scores``.
+
+    ``group_score``: "top2" sums each group's two best (DeepSeek-V3, GLM), "max" takes its best (DeepSeek-V2).
+    """
+    choice = scores if bias is None else scores + bias
+    if n_group > 1 and topk_group < n_group:
+        N, E = choice.shape
+        g = choice.reshape(N, n_group, E // n_group)
+        gs = mx.sort(g, axis=-1)[..., -2:].sum(axis=-1) if group_score == "top2" else g.max(axis=-1)
+        keep = topk(gs, topk_group)  # [N, topk_group]
+        gmask = mx.put_along_axis(mx.zeros((N, n_group), dtype=mx.bool_), keep, mx.array(True), axis=-1)
+        # -inf, as transformers masks: with a correction bias, kept scores can be negative
+        choice = mx.where(mx.repeat(gmask, E // n_group, axis=-1), choice, mx.array(-math.inf, choice.dtype))
+    inds = topk(choice, k)
+    w = mx.take_along_axis(scores, inds, axis=-1)
+    if renormalize:
+        w = w / (w.sum(axis=-1, keepdims=True) + 1e-20)
+    return inds, w * scaling
+
+
+class SoftmaxRouter(nn.Linear):
+    """Router weight [E, H]; softmax over all experts, top-k, optionally renormalised (Mixtral, Qwen, OLMoE)."""
+
+    float32 = True  # the engine keeps router weights float32, as transformers does: near-ties stay ties
+
+    def __init__(self, hidden: int, n_experts: int, top_k: int, renormalize: bool):
+        super().__init__(hidden, n_experts, bias=False)
+        self.top_k, self.renormalize = top_k, renormalize
+
+    def __call__(self, flat: mx.array) -> tuple[mx.array, mx.array]:
+        """[N, H] -> expert ids [N, K] and weights [N, K]."""
+        return route_softmax(super().__call__(flat), self.top_k, self.renormalize)
+
+
+SCORES = {"sigmoid": mx.sigmoid, "softmax": lambda logits: mx.softmax(logits, axis=-1)}
+
+
+class GroupedRouter(nn.Module):
+    """Sigmoid- (or softmax-) scored, optionally group-limited routing with a selection-only
+    ``e_score_correction_bias`` [E] (DeepSeek-V3, GLM-4.5, MiniMax-M2). Logits in float32.
+
+    ``score="softmax", group_score="max", correction_bias=False, renormalize=False`` is DeepSeek-V2's router.
+    """
+
+    float32 = True
+
+    def __init__(self, hidden: int, n_experts: int, top_k: int, *, n_group: int = 1, topk_group: int = 1,
+                 renormalize: bool = True, scaling: float = 1.0, correction_bias: bool = True,
+                 score: str = "sigmoid", group_score: str = "top2"):
+        super().__init__()
+        self.weight = mx.zeros((n_experts, hidden))
+        if correction_bias:
+            self.e_score_correction_bias = mx.zeros((n_experts,))
+        self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
+        self.renormalize, self.scaling = renormalize, scaling
+        self.score, self.group_score = SCORES[score], group_score
+
+    def __call__(self, flat: mx.array) -> tuple[mx.array, mx.array]:
+        scores = self.score(flat.astype(mx.float32) @ self.weight.astype(mx.float32).T)  # [N, E]
+        return route_grouped(scores, self.top_k, self.get("e_score_correction_bias"), self.n_group, self.topk_group,
+                             self.group_score, self.renormalize, self.scaling)
+
+
+# ---- routed experts, streamed ----------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """Whole experts that fit in the pool at once, and the (token, choice) pairs they serve."""
+
+    experts: np.ndarray  # expert ids, ascending
+    rows: np.ndarray  # pairs per expert
+    pairs: np.ndarray  # flat pair indices (token * K + choice), grouped by expert in ``experts`` order
+
+
+def plan_batches(ids: np.ndarray, capacity: int) -> list[Batch]:
+    """Expert id of every (token, choice) pair [P] -> pool-sized batches of whole experts, in ascending expert order.
+
+    Concatenating the batches' ``pairs`` gives a stable sort of the pairs by expert (``np.argsort(order)`` undoes it).
+    """
+    order = np.argsort(ids, kind="stable")
+    experts, rows = np.unique(ids, return_counts=True)
+    out, p = [], 0
+    for a in range(0, len(experts), max(1, capacity)):
+        e, r = experts[a : a + capacity], rows[a : a + capacity]
+        out.append(Batch(e, r, order[p : p + int(r.sum())]))
+        p += int(r.sum())
+    return out
+
+
+_EXTRA_STREAMS: list | None = None
+
+
+def compute_streams() -> list:
+    """Streams for the routed experts: the caller's default stream (None), plus on the CPU one more per core
+    (up to 8 in all). Thread-local streams, so a model loaded on one thread can generate on another."""
+    global _EXTRA_STREAMS
+    if _EXTRA_STREAMS is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n = min(cores, 8) - 1 if mx.default_device() == mx.cpu else 0
+        _EXTRA_STREAMS = [mx.new_thread_local_stream(mx.cpu) for _ in range(n)]
+    return [None, *_EXTRA_STREAMS]
+
+
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    return nn.silu(gate) * up
+
+
+class StreamedExperts:
+    """Computes the routed experts of one layer from the store's slot pool."""
+
+    def __init__(self, store, layer: int, activation: Callable[[mx.array, mx.array], mx.array] = swiglu):
+        self.store = store
+        self.layer = layer
+        self.activation = activation
+        # Set by the engine: the next MoE layer and its router, to guess that layer's experts from this layer's
+        # input and read them while this layer computes (decode only; a wrong guess costs a read, never a
+        # different output, since misses are still read exactly).
+        self.next_layer: int | None = None
+        self.predict: Callable | None = None
+
+    def _project(self, x: mx.array, name: str, slots: mx.array) -> mx.array:
+        # x: [P, 1, D_in]; slots: [P] -> [P, 1, D_out], plus the expert's bias [D_out] where the pack has one (gpt-oss)
+        rec, parts = self.store.records[name], self.store.pool[name]
+        if rec.encoding != "raw":  # affine or mxfp4: MLX quantization modes of the same name
+            y = mx.gather_qmm(x, parts["weight"], parts["scales"], parts.get("biases"), rhs_indices=slots,
+                              transpose=True, group_size=rec.group_size, bits=rec.bits, mode=rec.encoding)
+        else:  # a transposed view of the pool: gather_mm indexes slots in place, no per-pair weight copies
+            y = mx.gather_mm(x, parts["data"].swapaxes(-1, -2), rhs_indices=slots)
+        bias = self.store.pool.get(name + "_bias")
+        return y if bias is None else y + bias["data"][slots][:, None, :]
+
+    def _pairs(self, xs: mx.array, slots: mx.array) -> mx.array:
+        """xs [P, 1, H], slots [P] -> [P, 1, H]: each pair its own 1-row matmul, the pairs split over the CPU
+        compute streams (MLX's CPU back end runs each quantized matmul on one thread), so the result is the same
+        whatever the split."""
+        streams = compute_streams()
+        P = xs.shape[0]
+        n = min(len(streams), P)
+        outs = []
+        for i in range(n):
+            a, b = i * P // n, (i + 1) * P // n
+            with mx.stream(streams[i]) if streams[i] is not None else contextlib.nullcontext():
+                x, s = xs[a:b], slots[a:b]
+                h = self.activation(self._project(x, "gate", s), self._project(x, "up", s))
+                outs.append(self._project(h, "down", s))
+        return mx.concatenate(outs, axis=0) if n > 1 else outs[0]
+
+    def __call__(self, x: mx.array, inds: mx.array, weights: mx.array) -> mx.array:
+        """x [N, H], inds [N, K] expert ids, weights [N, K] -> [N, H]."""
+        N, K = inds.shape
+        guess = self.predict(x)[0] if N == 1 and self.predict is not None and self.store.prefetching else None
+        mx.eval(inds) if guess is None else mx.eval(inds, guess)
+        ids = np.array(inds).reshape(-1)  # host sync: the store must know which experts to read
+        batches = plan_batches(ids, self.store.n_slots)
+        outs = []
+        for i, b in enumerate(batches):
+            slots = self.store.fetch(self.layer, b.experts)
+            if guess is not None:
+                self.store.prefetch(self.next_layer, np.array(guess).reshape(-1).tolist())
+            xs = x[mx.array(b.pairs // K)][:, None, :]  # [P, 1, H]
+            y = self._pairs(xs, mx.array(np.repeat(slots, b.rows).astype(np.uint32)))[:, 0, :]  # [P, H]
+            if i + 1 < len(batches):
+                mx.eval(y)  # the next batch may reuse these slots
+            outs.append(y)
+        y = mx.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
+        order = np.concatenate([b.pairs for b in batches])
+        y = y[mx.array(np.argsort(order, kind="stable"))].reshape(N, K, -1)  # back to pair order
+        return (y * weights[..., None].astype(y.dtype)).sum(axis=1)
+
+
+# ---- the block -------------------------------------------------------------------------------
+
+
+class MoE(nn.Module):
+    """Router -> streamed routed experts, plus an optional shared expert (scaled per token by
+    sigmoid(shared_expert_gate(x)) where ``shared_gate``: Qwen2-MoE, Qwen3-Next)."""
+
+    def __init__(self, router: nn.Module, experts: StreamedExperts, shared: nn.Module | None = None,
+                 shared_gate: bool = False):
+        super().__init__()
+        self.router = router
+        self.experts = experts
+        if shared is not None:
+            self.shared_expert = shared
+            if shared_gate:
+                hidden = router.weight.shape[1]
+                self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # [N, H]
+        inds, w = self.router(flat)
+        y = self.experts(flat, inds, w.astype(flat.dtype))
+        if "shared_expert" in self:
+            s = self.shared_expert(flat)
+            if "shared_expert_gate" in self:
+                s = mx.sigmoid(self.shared_expert_gate(flat)) * s
+            y = y + s
+        return y.reshape(shape)

@@ -1,0 +1,82 @@
+"""Rotary position embeddings with the scalings transformers implements (default, linear, YaRN), computed from
+explicit inverse frequencies so every family's variant (partial rotary, interleaved pairs, attention factor) is one module."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from moepack.errors import UnsupportedArchitecture
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction 0.1·mscale·ln(factor) + 1 (1 when not extending)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn(inv: np.ndarray, dim: int, theta: float, s: dict, max_pos: int | None) -> tuple[np.ndarray, float]:
+    # transformers' _compute_yarn_parameters, step for step
+    orig = s.get("original_max_position_embeddings") or max_pos
+    factor = s.get("factor") or max_pos / orig
+    attention_factor = s.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = s.get("mscale"), s.get("mscale_all_dim")
+        attention_factor = yarn_mscale(factor, m) / yarn_mscale(factor, m_all) if m and m_all else yarn_mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(s.get("beta_fast") or 32), correction_dim(s.get("beta_slow") or 1)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = np.clip((np.arange(dim // 2) - low) / ((high + 0.001 if low == high else high) - low), 0, 1)
+    extrapolate = 1 - ramp  # 1: keep the original frequency, 0: interpolate (divide by factor)
+    return inv / factor * (1 - extrapolate) + inv * extrapolate, float(attention_factor)
+
+
+# rope_type -> (inverse frequencies, rope dims, theta, scaling dict, max_position_embeddings) -> (inv_freq, cos/sin factor)
+ROPE_TYPES = {
+    "default": lambda inv, dim, theta, s, max_pos: (inv, 1.0),
+    "linear": lambda inv, dim, theta, s, max_pos: (inv / s["factor"], 1.0),
+    "yarn": _yarn,
+}
+
+
+def rope_frequencies(dim: int, theta: float, scaling: dict | None,
+                     max_position_embeddings: int | None = None) -> tuple[np.ndarray, float]:
+    """Inverse frequencies [dim // 2] and cos/sin factor, as transformers' ROPE_INIT_FUNCTIONS compute them.
+
+    ``scaling`` is ``arch.rope(cfg)[1]``: None for plain RoPE, else a dict with ``rope_type``.
+    """
+    inv = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind not in ROPE_TYPES:
+        raise UnsupportedArchitecture(f"rope_type {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+    return ROPE_TYPES[kind](inv, dim, theta, scaling, max_position_embeddings)
+
+
+class ScaledRoPE(nn.Module):
+    """RoPE on the first ``dims`` features from explicit inverse frequencies, cos/sin scaled by ``attention_factor``.
+
+    ``traditional``: rotate interleaved pairs (x0, x1), (x2, x3)... instead of the two halves.
+    """
+
+    def __init__(self, dims: int, theta: float, scaling: dict | None, max_position_embeddings: int | None = None,
+                 traditional: bool = False):
+        super().__init__()
+        inv, self.attention_factor = rope_frequencies(dims, theta, scaling, max_position_embeddings)
+        self.dims, self.traditional = dims, traditional
+        self._freqs = mx.array((1.0 / inv).astype(np.float32))  # mx.fast.rope takes wavelengths/2π
+
+    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+        y = mx.fast.rope(x, self.dims, traditional=self.traditional, base=None, scale=1.0, offset=offset,
+                         freqs=self._freqs)
+        if self.attention_factor == 1.0:
+            return y
+        if self.dims == x.shape[-1]:
+            return y * self.attention_factor
+        return mx.concatenate([y[..., : self.dims] * self.attention_factor, y[..., self.dims :]], axis=-1)
