@@ -83,3 +83,32 @@ def peak_rss() -> int:
 
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024
+
+
+def current_rss() -> int:
+    """Resident set size of this process now, in bytes: VmRSS on Linux. Elsewhere the peak (``peak_rss``), an
+    upper bound, since the current figure needs an OS-specific API (psutil is not a dependency)."""
+    if sys.platform.startswith("linux"):
+        try:
+            with open("/proc/self/status") as f:
+                m = re.search(r"^VmRSS:\s*(\d+)\s*kB", f.read(), re.MULTILINE)
+            if m:
+                return int(m[1]) * 1024
+        except OSError:
+            pass
+    return peak_rss()
+
+
+def memory_stats() -> dict[str, int]:
+    """This process's resident memory and MLX's allocator figures (the server's /stats reports them)."""
+    return {"rss_bytes": current_rss(), "mlx_active_bytes": mx.get_active_memory(),
+            "mlx_cache_bytes": mx.get_cache_memory()}
+
+
+def human_bytes(n: float) -> str:
+    """``n`` bytes for people: ``512 B``, ``1.5 KiB`` ... ``2.0 TiB`` (binary units, as budgets are parsed)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
