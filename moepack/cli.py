@@ -12,14 +12,7 @@ from pathlib import Path
 import click
 
 from moepack.errors import MoepackError
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
+from moepack.units import human_bytes
 
 
 class _Group(click.Group):
@@ -98,10 +91,10 @@ def inspect(pack, as_json) -> None:
     click.echo(f"  architecture   {a['family']} ({a['model_type']}), {a['num_layers']} layers, "
                f"{len(a['moe_layers'])} MoE layers x {a['num_experts']} experts, top-{a['top_k']}")
     click.echo(f"  parameters     {p['total']:,} total, {p['dense']:,} dense, {p['active_per_token']:,} active per token")
-    click.echo(f"  size           {_human(b['total'])} in {s['files']} files; dense {_human(b['dense'])}, "
-               f"experts {_human(b['experts'])}")
-    click.echo(f"  per expert     {_human(b['per_expert'])} (one file each, aligned to {_human(s['alignment'])})")
-    click.echo(f"  per token      {_human(b['per_token_uncached'])} read when no expert is cached")
+    click.echo(f"  size           {human_bytes(b['total'])} in {s['files']} files; dense {human_bytes(b['dense'])}, "
+               f"experts {human_bytes(b['experts'])}")
+    click.echo(f"  per expert     {human_bytes(b['per_expert'])} (one file each, aligned to {human_bytes(s['alignment'])})")
+    click.echo(f"  per token      {human_bytes(b['per_token_uncached'])} read when no expert is cached")
     r = s["recipe"]
     q = (f"experts {r['expert_bits']}-bit g{r['expert_group_size']}, dense {r['dense_bits']}-bit g{r['dense_group_size']}"
          if r["quantize"] else "unquantized")
@@ -194,7 +187,7 @@ def plan(pack, hosts, budget, as_json) -> None:
     """
     from moepack.formats.reader import PackReader
     from moepack.runtime.distributed import read_hosts, split_pack
-    from moepack.runtime.memory import parse_bytes
+    from moepack.units import parse_bytes
 
     n, names, _ = read_hosts(hosts)
     reader = PackReader(pack)
@@ -220,14 +213,14 @@ def plan(pack, hosts, budget, as_json) -> None:
     click.echo("sizes as stored, i.e. resident on Apple silicon's GPU (the CPU back end widens bf16 to float32)")
     head = f"{'rank':<5}{'host':<18}{'layers':<9}{'MoE':>4}{'dense':>12}{'experts (SSD)':>15}{'read/token':>12}{'minimum':>12}"
     if b is not None:
-        head += f"{'slots at ' + _human(b):>22}{'cached':>8}"
+        head += f"{'slots at ' + human_bytes(b):>22}{'cached':>8}"
     click.echo(head)
     for r in rows:
         extra = "+embed" if r["rank"] == 0 else ""
         extra += "+head" if r["lm_head"] else ""
         line = (f"{r['rank']:<5}{r['host'][:17]:<18}{'%d-%d' % tuple(r['layers']):<9}{r['moe_layers']:>4}"
-                f"{_human(r['dense_bytes']):>12}{_human(r['expert_bytes']):>15}{_human(r['read_per_token_uncached']):>12}"
-                f"{_human(r['minimum_budget']):>12}")
+                f"{human_bytes(r['dense_bytes']):>12}{human_bytes(r['expert_bytes']):>15}{human_bytes(r['read_per_token_uncached']):>12}"
+                f"{human_bytes(r['minimum_budget']):>12}")
         if b is not None:
             line += f"{r['slots']:>22,}{r['experts_cached']:>8.1%}" if r["fits"] else "   does not fit: raise the budget"
         click.echo(line + (f"  ({extra[1:]})" if extra else ""))
@@ -306,7 +299,7 @@ def _print_stats(engine, n_prompt: int, n_gen: int, t0: float, first: float | No
     click.echo(
         f"prompt: {n_prompt} tokens, {n_prompt / prompt_s if prompt_s else 0:.1f} tok/s | "
         f"generation: {n_gen} tokens, {(n_gen - 1) / gen_s if gen_s and n_gen > 1 else 0:.2f} tok/s | "
-        f"peak memory {_human(peak_rss())} | read {_human(s['bytes_read'] / tokens)}/token | "
+        f"peak memory {human_bytes(peak_rss())} | read {human_bytes(s['bytes_read'] / tokens)}/token | "
         f"hit rate {s['hit_rate']:.1%} | I/O wait {s['io_wait_s']:.2f}s, compute {s['compute_s']:.2f}s ({s['io_mode']})",
         err=True,
     )
@@ -410,11 +403,11 @@ def bench(pack, prompt_tokens, gen_tokens, memory_budget, policy, prefetch, io_t
         ms = run_["ms_per_token"]
         click.echo(f"{run_['label']:>5}: prompt {run_['prompt_tok_s']:.1f} tok/s, decode {run_['decode_tok_s']:.2f} tok/s, "
                    f"{ms['ms']:.1f} ms/token (compute {ms['compute_ms']:.1f}, I/O wait {ms['io_ms']:.1f}, "
-                   f"other {ms['other_ms']:.1f}), {_human(run_['bytes_read_per_token'])}/token, "
+                   f"other {ms['other_ms']:.1f}), {human_bytes(run_['bytes_read_per_token'])}/token, "
                    f"hit rate {run_['hit_rate']:.1%}, amplification {run_['read_amplification']:.3f}, "
                    f"fetch {run_['fetch_gbps']:.2f} GB/s ({run_['fetch_ratio_to_device']:.0%} of device)")
-    click.echo(f"slots {r['plan']['n_slots']} x {_human(r['plan']['slot_bytes'])}, policy {r['policy']}, "
-               f"peak memory {_human(r['peak_rss'])}")
+    click.echo(f"slots {r['plan']['n_slots']} x {human_bytes(r['plan']['slot_bytes'])}, policy {r['policy']}, "
+               f"peak memory {human_bytes(r['peak_rss'])}")
 
 
 @main.command()

@@ -447,7 +447,7 @@ CALL_TEXT = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"
 
 def test_template_renders_tools_and_results(ref):
     _, tok = ref
-    from moepack.serve.app import _template_message
+    from moepack.serve.prompt import _template_message
     from moepack.serve.schemas import Message
 
     msgs = [Message(role="user", content="Weather in Paris?"),

@@ -26,8 +26,9 @@ from fastapi.testclient import TestClient
 import moepack
 from moepack.errors import BudgetError
 from moepack.runtime.tokenizer import Tokenizer
-from moepack.serve import app as app_module
-from moepack.serve.app import MAX_DEPTH, create_app
+from moepack.serve import http as http_module
+from moepack.serve.app import create_app
+from moepack.serve.http import MAX_DEPTH
 from test_serve import HELLO, TIMEOUT, err, run_app
 from tiny_pack import ScriptedEngine, build_pack, reference
 
@@ -216,8 +217,8 @@ def test_known_openai_fields_and_nested_extras_are_accepted(tok):
 
 def test_api_key_guards_every_route_but_health(tok, monkeypatch):
     compared = []
-    real = app_module.secrets.compare_digest
-    monkeypatch.setattr(app_module.secrets, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
+    real = http_module.secrets.compare_digest
+    monkeypatch.setattr(http_module.secrets, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
     with scripted(tok, api_key=KEY) as (c, engine, worker):
         paths = {r.path.replace("{model_id:path}", "tiny") for r in c.app.routes} | {"/nowhere", "/v1/nowhere"}
         assert {"/docs", "/openapi.json", "/stats", "/v1/models", CHAT, COMPLETIONS} <= paths

@@ -16,22 +16,7 @@ from moepack.errors import BudgetError
 from moepack.formats import dtypes
 from moepack.formats.manifest import TensorRecord
 from moepack.formats.reader import PackReader
-
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20,
-          "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40}
-
-
-def parse_bytes(value: int | float | str | None) -> int | None:
-    """``8GB``, ``512MiB``, ``1.5G`` or a plain integer of bytes (binary units: 1 GB = 2**30 bytes)."""
-    if value is None or isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return int(value)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
-    if not m or m[2].upper() not in _UNITS:
-        raise ValueError(f"cannot read {value!r} as a size; write e.g. 8GB, 512MB or a number of bytes")
-    return int(float(m[1]) * _UNITS[m[2].upper()])
-
+from moepack.units import parse_bytes  # noqa: F401 - re-exported: budgets are parsed here
 
 def available_memory() -> int:
     """Bytes the OS says could be given to a new process without swapping (MemAvailable on Linux)."""
@@ -71,19 +56,26 @@ def default_compute_dtype(pack_dtype: str) -> mx.Dtype:
     return dtypes.get(pack_dtype).mlx
 
 
+def _proc_status(field: str) -> int | None:
+    """A byte figure of this process from Linux's /proc/self/status (``VmHWM``, ``VmRSS``); None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        with open("/proc/self/status") as f:
+            m = re.search(rf"^{field}:\s*(\d+)\s*kB", f.read(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(m[1]) * 1024 if m else None
+
+
 def peak_rss() -> int:
     """Peak resident set size of this process in bytes.
 
     Linux: VmHWM, since ru_maxrss carries the parent's peak across fork+exec. macOS: ru_maxrss (bytes there).
     """
-    if sys.platform.startswith("linux"):
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
+    peak = _proc_status("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -143,3 +135,16 @@ def plan_memory(reader: PackReader, budget: int | None, compute: mx.Dtype, stage
             f"(dense weights {need.dense_bytes} + {need.top_k} expert slots of {need.slot_bytes}); "
             f"minimum budget: {need.minimum}", need.minimum)
     return MemoryPlan(budget, need.dense_bytes, need.slot_bytes, need.slots(budget), need.minimum)
+
+
+def current_rss() -> int:
+    """Resident set size of this process now, in bytes: VmRSS on Linux. Elsewhere the peak (``peak_rss``), an
+    upper bound, since the current figure needs an OS-specific API (psutil is not a dependency)."""
+    rss = _proc_status("VmRSS")
+    return rss if rss is not None else peak_rss()
+
+
+def memory_stats() -> dict[str, int]:
+    """This process's resident memory and MLX's allocator figures (the server's /stats reports them)."""
+    return {"rss_bytes": current_rss(), "mlx_active_bytes": mx.get_active_memory(),
+            "mlx_cache_bytes": mx.get_cache_memory()}

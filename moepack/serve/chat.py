@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Iterator, TextIO
 
 from moepack.runtime.generation import Generation, PromptCache, TextStream
+from moepack.units import human_bytes
 from moepack.runtime.sampling import SamplingParams
 
 HELP = """Commands:
@@ -49,14 +50,6 @@ RANGES: dict[str, tuple[float, float]] = {
 }
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 @dataclass
 class TurnStats:
     prompt_tokens: int = 0
@@ -75,7 +68,7 @@ class TurnStats:
         per_tok = self.bytes_read / self.tokens_forwarded if self.tokens_forwarded else 0
         hit = self.hits / self.lookups if self.lookups else 0.0
         return (f"[{self.generated} tokens, {tps:.1f} tok/s | prompt {self.prompt_tokens} tokens "
-                f"({self.cached_tokens} cached) | read {_human(per_tok)}/token | hit rate {hit:.0%}"
+                f"({self.cached_tokens} cached) | read {human_bytes(per_tok)}/token | hit rate {hit:.0%}"
                 f"{' | stopped' if self.interrupted else ''}]")
 
 
@@ -200,7 +193,7 @@ class ChatSession:
         lines = [
             f"turns {len(self.turns)}, messages {len(self.messages)}, KV cache {len(held)} tokens "
             f"of a {self.context_length}-token context, {gen} tokens generated",
-            f"engine: {s.get('tokens', 0)} tokens forwarded, read {_human(s.get('bytes_read', 0))} in "
+            f"engine: {s.get('tokens', 0)} tokens forwarded, read {human_bytes(s.get('bytes_read', 0))} in "
             f"{s.get('reads', 0)} reads, hit rate {s.get('hit_rate', 0.0):.1%}, "
             f"I/O wait {s.get('io_wait_s', 0.0):.2f}s, "
             f"compute {s.get('compute_s', 0.0):.2f}s, {s.get('slots', '?')} expert slots ({s.get('io_mode', '?')})",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from moepack.runtime.sampling import SamplingParams
 
@@ -279,6 +279,65 @@ class Completion(BaseModel):
     choices: list[CompletionChoice]
     usage: UsageOut
     system_fingerprint: str | None = None
+
+
+# ---- stream chunks (``stream: true``) ---------------------------------------------------------
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
+class ChatDelta(BaseModel):
+    """What a chunk adds to the reply. Keys left None are omitted, as in OpenAI's deltas (``{}`` ends it)."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class _Chunk(BaseModel):
+    """Fields of every chunk. ``usage`` is sent (null until the last chunk) only when the request asked for it
+    with ``stream_options.include_usage``; the writer leaves it out otherwise."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[Any]
+    usage: UsageOut | None = None
+
+
+class ChatCompletionChunk(_Chunk):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+
+
+class CompletionChunk(_Chunk):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChunkChoice]
 
 
 class ModelCard(BaseModel):
