@@ -14,7 +14,7 @@ from moepack.cli import main
 from moepack.convert.pipeline import convert
 from moepack.convert.recipe import Recipe
 from moepack.demo import SyntheticSpec, write_checkpoint
-from moepack.runtime.store import LFUPolicy, LRUPolicy, PinnedPolicy
+from moepack.runtime.policy import LFUPolicy, LRUPolicy, PinnedPolicy
 
 PROMPT = [11, 40, 7, 300, 12, 99]
 

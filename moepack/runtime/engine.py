@@ -30,7 +30,8 @@ from moepack.runtime.heat import heat_keys
 from moepack.runtime.memory import MemoryPlan, plan_memory
 from moepack.runtime.models import module_for
 from moepack.runtime.models.moe import MoE
-from moepack.runtime.store import POLICIES, EvictionPolicy, ExpertStore, PinnedPolicy
+from moepack.runtime.policy import POLICIES, EvictionPolicy, PinnedPolicy
+from moepack.runtime.store import ExpertStore
 
 log = logging.getLogger(__name__)
 

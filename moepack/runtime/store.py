@@ -12,10 +12,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Hashable, Protocol, Sequence
+from typing import Sequence
 
 import blake3
 import mlx.core as mx
@@ -27,124 +26,12 @@ from moepack.formats.manifest import ExpertLayout, TensorRecord
 from moepack.formats.reader import PackReader
 from moepack.runtime.io import DirectReader, aligned_buffer
 from moepack.runtime.memory import resident_bytes, resident_dtype
+from moepack.runtime.policy import EvictionPolicy, Key, LRUPolicy
 
 log = logging.getLogger(__name__)
 
-Key = tuple[int, int]  # (layer, expert)
-
-
-class EvictionPolicy(Protocol):
-    """Chooses which resident expert gives up its slot. The performance work swaps implementations."""
-
-    def touch(self, key: Key) -> None: ...
-    def insert(self, key: Key) -> None: ...
-    def remove(self, key: Key) -> None: ...
-    def victim(self, pinned: set[Key]) -> Key: ...
-
-
-class LRUPolicy:
-    """Evict the least recently used expert."""
-
-    name = "lru"
-
-    def __init__(self) -> None:
-        self._order: OrderedDict[Hashable, None] = OrderedDict()
-
-    def touch(self, key: Key) -> None:
-        self._order.move_to_end(key)
-
-    def insert(self, key: Key) -> None:
-        self._order[key] = None
-
-    def remove(self, key: Key) -> None:
-        self._order.pop(key, None)
-
-    def victim(self, pinned: set[Key]) -> Key:
-        for key in self._order:
-            if key not in pinned:
-                return key
-        raise RuntimeError("every slot is pinned")
-
-
-class LFUPolicy:
-    """Evict the least frequently used expert, with ageing so old popularity fades.
-
-    Counts halve every ``period`` accesses. The victim is the lowest count among ``sample`` random residents
-    (the approximation Redis uses): O(1) per miss instead of a scan of every slot.
-    """
-
-    name = "lfu"
-
-    def __init__(self, period: int = 4096, sample: int = 16, seed: int = 0) -> None:
-        self.count: dict[Key, float] = {}
-        self._keys: list[Key] = []
-        self._index: dict[Key, int] = {}
-        self.period, self.sample = period, sample
-        self._n = 0
-        self._rng = np.random.default_rng(seed)
-
-    def _tick(self) -> None:
-        self._n += 1
-        if self._n % self.period == 0:
-            for k in self.count:
-                self.count[k] /= 2
-
-    def touch(self, key: Key) -> None:
-        self.count[key] = self.count.get(key, 0.0) + 1
-        self._tick()
-
-    def insert(self, key: Key) -> None:
-        self._index[key] = len(self._keys)
-        self._keys.append(key)
-        self.touch(key)
-
-    def remove(self, key: Key) -> None:
-        i = self._index.pop(key, None)
-        if i is None:
-            return
-        last = self._keys.pop()
-        if last != key:
-            self._keys[i] = last
-            self._index[last] = i
-        # the count stays: an expert that comes back keeps its history (ageing still applies)
-
-    def victim(self, pinned: set[Key]) -> Key:
-        n = len(self._keys)
-        cand = [self._keys[i] for i in self._rng.integers(0, n, size=min(self.sample, n))]
-        cand = [k for k in cand if k not in pinned] or [k for k in self._keys if k not in pinned]
-        if not cand:
-            raise RuntimeError("every slot is pinned")
-        return min(cand, key=lambda k: self.count.get(k, 0.0))
-
-
-class PinnedPolicy:
-    """Never evict a fixed hot set (from a heat profile); everything else is handled by ``inner``."""
-
-    def __init__(self, inner: EvictionPolicy, hot: set[Key]) -> None:
-        self.inner, self.hot = inner, hot
-        self.name = f"{getattr(inner, 'name', 'custom')}+pinned"
-
-    def touch(self, key: Key) -> None:
-        self.inner.touch(key)
-
-    def insert(self, key: Key) -> None:
-        self.inner.insert(key)
-
-    def remove(self, key: Key) -> None:
-        self.inner.remove(key)
-
-    def victim(self, pinned: set[Key]) -> Key:
-        try:
-            return self.inner.victim(pinned | self.hot)
-        except RuntimeError:  # only hot experts left unpinned: give one up rather than fail
-            return self.inner.victim(pinned)
-
-
-POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy}
-
-
 @dataclass
-class Counters:
+class IOCounters:
     bytes_read: int = 0
     reads: int = 0
     hits: int = 0
@@ -195,7 +82,7 @@ class ExpertStore:
         self.compute_dtype = compute_dtype
         self.io = DirectReader(direct)
         self.policy = policy or LRUPolicy()
-        self.counters = Counters()
+        self.counters = IOCounters()
         layouts = {reader.manifest.experts[i].layer: reader.expert_layout(reader.manifest.experts[i].layer)
                    for i in range(len(reader.manifest.experts))
                    if layers is None or reader.manifest.experts[i].layer in layers}

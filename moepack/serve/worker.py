@@ -59,7 +59,7 @@ class Job:
 
 
 @dataclass
-class Counters:
+class RequestCounters:
     requests: int = 0
     completed: int = 0
     cancelled: int = 0
@@ -90,7 +90,7 @@ class Worker:
         self.parallel = max(1, parallel)
         self.stop_tokens = set(tokenizer.eos_token_ids)
         self.cache = PromptCache(prompt_cache)
-        self.counters = Counters()
+        self.counters = RequestCounters()
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.active: list[_Running] = []
         self._thread = threading.Thread(target=self._run, name="moepack-generate", daemon=True)

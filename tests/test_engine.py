@@ -1,0 +1,92 @@
+"""The engine interface and the pieces around it: batch planning, options on every path, loading conveniences."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import moepack
+from moepack.cli import main
+from moepack.convert.pipeline import convert
+from moepack.demo import SyntheticSpec, write_checkpoint
+from moepack.runtime import distributed
+from moepack.runtime.models.moe import plan_batches
+
+SPEC = SyntheticSpec(hidden_size=64, num_hidden_layers=2, num_experts=8, num_experts_per_tok=2,
+                     moe_intermediate_size=32, vocab_size=256)
+
+
+@pytest.mark.parametrize("capacity", [1, 2, 3, 8, 100])
+def test_batches_hold_whole_experts_and_every_pair_once(capacity):
+    rng = np.random.default_rng(capacity)
+    ids = rng.integers(0, 8, size=(37, 2)).reshape(-1)
+    batches = plan_batches(ids, capacity)
+    experts = np.concatenate([b.experts for b in batches])
+    assert list(experts) == sorted(set(ids.tolist()))  # ascending, each expert in exactly one batch
+    assert all(1 <= len(b.experts) <= capacity for b in batches)
+    order = np.concatenate([b.pairs for b in batches])
+    np.testing.assert_array_equal(order, np.argsort(ids, kind="stable"))  # every pair once, grouped by expert
+    for b in batches:
+        np.testing.assert_array_equal(ids[b.pairs], np.repeat(b.experts, b.rows))
+
+
+def test_batches_do_not_depend_on_capacity_within_an_expert():
+    ids = np.array([5, 1, 5, 5, 1, 0])
+    rows = {int(e): list(p) for b in plan_batches(ids, 1) for e, p in zip(b.experts, np.split(b.pairs, np.cumsum(b.rows)[:-1]))}
+    assert rows == {0: [5], 1: [1, 4], 5: [0, 2, 3]}
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("engine")
+    return convert(str(write_checkpoint(root / "ckpt", SPEC)), root / "pack", progress=False)
+
+
+def test_load_expands_home_and_closes_as_a_context_manager(pack, monkeypatch):
+    monkeypatch.setenv("HOME", str(pack.parent))
+    with moepack.load("~/pack") as eng:
+        assert eng.path == pack
+        assert eng.forward([1, 2, 3], eng.make_cache()).shape == (1, SPEC.vocab_size)
+        assert eng.logits([1, 2, 3]).shape == (3, SPEC.vocab_size)
+    assert eng.store._io._shutdown  # close() ran: the I/O threads are gone
+
+
+def test_forward_splits_long_input_into_passes_with_the_same_result(pack):
+    ids = list(range(1, 40))
+    with moepack.load(pack) as eng:
+        whole = eng.logits(ids)
+        eng.max_pass = 16  # three passes, one cache
+        np.testing.assert_allclose(eng.logits(ids), whole, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(eng.forward(ids)[0], whole[-1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_engine_options_reach_a_pipeline_rank_as_they_reach_a_local_engine(pack, monkeypatch, command):
+    """--verify/--policy/--prefetch go to every rank of a pipeline exactly as to a local engine."""
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def start(pack_, memory_budget, timeout, **kwargs):
+        seen["pipeline"] = kwargs
+        raise Stop
+
+    def load(pack_, memory_budget=None, **kwargs):
+        seen["local"] = kwargs
+        raise Stop
+
+    monkeypatch.setattr(distributed, "start", start)
+    monkeypatch.setattr(moepack, "load", load)
+    import moepack.serve.app as app
+
+    monkeypatch.setattr(app, "serve", lambda *a, load_kwargs, **k: load(None, **load_kwargs))
+    args = [command, str(pack), "--verify", "--policy", "lfu", "--prefetch"]
+    args += ["-p", "hi"] if command == "generate" else ["--port", "1"]
+    CliRunner().invoke(main, args)
+    monkeypatch.setenv("MOEPACK_PIPELINE", "1")
+    CliRunner().invoke(main, args)
+    assert seen["pipeline"] == seen["local"] == {"verify": True, "policy": "lfu", "prefetch": True}
