@@ -28,17 +28,12 @@ from moepack.errors import BudgetError
 from moepack.runtime.tokenizer import Tokenizer
 from moepack.serve import app as app_module
 from moepack.serve.app import MAX_DEPTH, create_app
-from test_serve import HELLO, TIMEOUT, err, run_app
-from tiny_pack import ScriptedEngine, build_pack, reference
+from conftest import HELLO, TIMEOUT, err, run_app
+from tiny_pack import ScriptedEngine, reference
 
 KEY = "sk-hostile"
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 JSON = {"Content-Type": "application/json"}
-
-
-@pytest.fixture(scope="module")
-def pack(tmp_path_factory):
-    return build_pack(tmp_path_factory.mktemp("hostile"))
 
 
 @pytest.fixture(scope="module")
