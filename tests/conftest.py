@@ -20,6 +20,11 @@ import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# Child processes (the CLI, pipeline ranks, scripts) import the moepack of this checkout, as this process does,
+# not whichever one is installed: a script's own folder, not the working directory, heads its sys.path.
+ROOT = Path(__file__).resolve().parent.parent
+_paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, _paths)])
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
