@@ -90,6 +90,16 @@ def small_pack(tmp_path_factory) -> Path:
     return small_pack_of(tmp_path_factory.mktemp("small"), 3)
 
 
+def minimum_budget(pack: Path) -> int:
+    """The smallest memory budget ``pack`` loads under (one layer's top-k expert slots), as BudgetError states it."""
+    import moepack
+    from moepack.errors import BudgetError
+
+    with pytest.raises(BudgetError) as e:
+        moepack.load(pack, memory_budget=1, heat=False)
+    return e.value.minimum
+
+
 # ---- damage --------------------------------------------------------------------------------------
 
 

@@ -24,11 +24,10 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 
 import moepack
-from moepack.errors import BudgetError
 from moepack.runtime.tokenizer import Tokenizer
 from moepack.serve import app as app_module
 from moepack.serve.app import MAX_DEPTH, create_app
-from conftest import HELLO, TIMEOUT, err, run_app
+from conftest import HELLO, TIMEOUT, err, minimum_budget, run_app
 from tiny_pack import ScriptedEngine, reference
 
 KEY = "sk-hostile"
@@ -266,10 +265,7 @@ def faulty(pack, tmp_path):
     """A copy of the pack served at its minimum budget (2 expert slots: every token re-reads its experts), with
     heat-profile warm start off; yields (base url, engine)."""
     copy = shutil.copytree(pack, tmp_path / "pack")
-    try:
-        moepack.load(copy, memory_budget=1, heat=False)
-    except BudgetError as e:
-        minimum = e.minimum
+    minimum = minimum_budget(copy)
     engine = moepack.load(copy, memory_budget=minimum, heat=False)
     assert engine.plan.n_slots == 2
     with run_app(create_app(engine, Tokenizer(copy), model_id="tiny", parallel=2, close_engine=True)) as base:
