@@ -13,9 +13,9 @@ import pytest
 
 from moepack.runtime.sampling import SamplingParams
 from moepack.serve.chat import ChatSession, read_message, repl
+from conftest import TIMEOUT
 from tiny_pack import reference
 
-TIMEOUT = 120
 SUMMARY = (r"\[(\d+) tokens, [\d.]+ tok/s \| prompt (\d+) tokens \((\d+) cached\) \| read .*?/token \| "
            r"hit rate \d+%( \| stopped)?\]")
 
