@@ -11,27 +11,13 @@ import sys
 import pexpect
 import pytest
 
-import moepack
 from moepack.runtime.sampling import SamplingParams
-from moepack.runtime.tokenizer import Tokenizer
 from moepack.serve.chat import ChatSession, read_message, repl
-from tiny_pack import build_pack, reference
+from conftest import TIMEOUT
+from tiny_pack import reference
 
-TIMEOUT = 120
 SUMMARY = (r"\[(\d+) tokens, [\d.]+ tok/s \| prompt (\d+) tokens \((\d+) cached\) \| read .*?/token \| "
            r"hit rate \d+%( \| stopped)?\]")
-
-
-@pytest.fixture(scope="module")
-def pack(tmp_path_factory):
-    return build_pack(tmp_path_factory.mktemp("chat"))
-
-
-@pytest.fixture(scope="module")
-def ref(pack):
-    engine = moepack.load(pack)
-    yield engine, Tokenizer(pack)
-    engine.close()
 
 
 def expected(ref, messages, n) -> str:

@@ -8,7 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import transformers
 from click.testing import CliRunner
+
+import moepack
 
 from moepack.cli import main
 from moepack.demo import SyntheticSpec, write_checkpoint
@@ -72,17 +75,34 @@ def test_convert_refuses_unknown_architecture_cleanly(tmp_path):
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
+def expected_text(pack: Path, ids: list[int], n: int, **sampling) -> str:
+    """What the engine generates in-process for ``ids``, decoded by transformers from the pack's tokenizer.json."""
+    hf = transformers.AutoTokenizer.from_pretrained(str(pack))
+    engine = moepack.load(pack)
+    try:
+        tokens = list(engine.generate(ids, n, stop_tokens={hf.eos_token_id}, **sampling))
+    finally:
+        engine.close()
+    return hf.decode([t for t in tokens if t != hf.eos_token_id], skip_special_tokens=True)
+
+
 def test_generate_streams_text_and_stats(converted):
     _, pack = converted
+    hf = transformers.AutoTokenizer.from_pretrained(str(pack))
     res = subprocess.run([sys.executable, "-m", "moepack.cli", "generate", str(pack), "-p", "Hello experts",
                           "--max-tokens", "6", "--stats", "--memory-budget", "4MB"], capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr
+    # the greedy text, streamed at the minimum budget, is what the whole model in memory gives
+    assert res.stdout == expected_text(pack, hf.encode("Hello experts"), 6) + "\n", res.stdout
     assert "tok/s" in res.stderr and "hit rate" in res.stderr and "/token" in res.stderr
     chat = subprocess.run([sys.executable, "-m", "moepack.cli", "generate", str(pack), "-p", "Hi", "--chat",
                            "--max-tokens", "4", "--temp", "0.7", "--seed", "1"], capture_output=True, text=True,
                           timeout=300)
     assert chat.returncode == 0, chat.stderr
+    ids = list(hf.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
+                                      tokenize=True, return_dict=True)["input_ids"])
+    assert chat.stdout == expected_text(pack, ids, 4, temperature=0.7, top_p=1.0, top_k=0, seed=1) + "\n", chat.stdout
 
 
 def test_budget_error_states_minimum(converted):

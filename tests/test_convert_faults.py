@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from checkpoints import build
+from conftest import flip
 from moepack.convert.pipeline import ConvertError, convert
 from moepack.convert.recipe import Recipe
 from moepack.errors import MoepackError, SourceError, UnsupportedArchitecture
@@ -51,14 +52,6 @@ def src(ckpt, tmp_path) -> Path:
 # verify
 
 
-def _flip(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x01]))
-
-
 @pytest.mark.parametrize("damage", ["flip-expert", "flip-dense", "truncate", "missing"])
 def test_verify_catches(pack, tmp_path, damage):
     p = Path(shutil.copytree(pack, tmp_path / "pack"))
@@ -66,7 +59,7 @@ def test_verify_catches(pack, tmp_path, damage):
     expert, dense = p / "experts/001/0005.bin", p / "dense/dense-00000.bin"
     target = {"flip-expert": expert, "flip-dense": dense, "truncate": expert, "missing": dense}[damage]
     if damage.startswith("flip"):
-        _flip(target, 1000)  # inside the first tensor's data
+        flip(target, 1000)  # inside the first tensor's data
     elif damage == "truncate":
         os.truncate(target, target.stat().st_size - 4096)
     else:

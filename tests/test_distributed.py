@@ -20,6 +20,7 @@ import mlx.core as mx
 
 import moepack
 from checkpoints import build
+from conftest import wait_healthy
 from moepack.convert.pipeline import convert
 from moepack.convert.recipe import Recipe
 from moepack.demo import SyntheticSpec, write_checkpoint
@@ -215,8 +216,10 @@ def test_two_ranks_match_one_process_and_fail_cleanly(qwen, tmp_path):
     # a killed rank fails the request at once and leaves the engine unhealthy; later calls fail fast
     killed, after = res["killed"], res["after"]
     assert killed["error"] == "PipelineError" and not killed["healthy"], killed
-    assert "lost a pipeline rank" in killed["message"] and killed["seconds"] < 10, killed
-    assert after["error"] == "PipelineError" and after["seconds"] < 1, after
+    # the error path, not the rank timeout (60s here, whose message says "did not answer within")
+    assert "lost a pipeline rank" in killed["message"] and "did not answer" not in killed["message"], killed
+    # failing fast: the recorded error raised again, not a new attempt that ran into the dead rank
+    assert after["error"] == "PipelineError" and after["message"] == killed["message"], after
 
 
 def test_three_ranks_match_one_process(deepseek, tmp_path):
@@ -237,7 +240,7 @@ def test_frozen_rank_times_out(qwen, tmp_path):
         stalled = ranks.result()["stalled"]
     assert stalled["error"] == "PipelineError" and not stalled["healthy"], stalled
     assert "did not answer within 2s" in stalled["message"], stalled
-    assert 2 <= stalled["seconds"] < 10, stalled
+    assert stalled["seconds"] >= 2, stalled  # the timeout fired, and not before its time
 
 
 @pytest.mark.parametrize("other, says", [("deepseek", "different packs"), ("missing", "rank(s) 1 could not load")])
@@ -270,14 +273,7 @@ def test_server_over_two_hosts_reports_a_lost_host(qwen, tmp_path):
         procs = distributed.spawn_local(2, [sys.executable, "-m", "moepack.cli", "serve", str(qwen), "--port",
                                             str(port)], stdout=log, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + 60
-            while True:
-                assert procs[0].poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
-                try:
-                    if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.1)
+            wait_healthy(base, procs[0], timeout=60, output=(tmp_path / "serve.log").read_text)
             body = {"prompt": "Hello", "max_tokens": 3000, "temperature": 0, "stream": True}
             events = []
             with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:

@@ -86,6 +86,14 @@ def to_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return blocks.contiguous(), (e + 127).to(torch.uint8)
 
 
+def assert_matches(pack: Path, want: np.ndarray, greedy: list[int]) -> None:
+    """The pack's logits within NMSE 1e-5 of ``want`` and its 8 greedy tokens ``greedy``."""
+    eng = moepack.load(pack)
+    got = eng.logits(PROMPT)
+    assert nmse(got, want) < 1e-5, nmse(got, want)
+    assert list(eng.generate(PROMPT, 8)) == greedy
+
+
 def _checkpoint(path: Path, tensors: dict, config: dict | None = None) -> Checkpoint:
     path.mkdir(parents=True, exist_ok=True)
     save_torch(tensors, str(path / "model.safetensors"))
@@ -249,10 +257,7 @@ def test_deepseek_v3_fp8_release(tmp_path):
     want, model = reference_logits(ref, PROMPT)
 
     pack = convert(str(rel), tmp_path / "pack", EXACT, progress=False)
-    eng = moepack.load(pack)
-    got = eng.logits(PROMPT)
-    assert nmse(got, want) < 1e-5, nmse(got, want)
-    assert list(eng.generate(PROMPT, 8)) == reference_greedy(model, PROMPT, 8)
+    assert_matches(pack, want, reference_greedy(model, PROMPT, 8))
     r = PackReader(pack)
     name = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"  # [40, 64]: a padded edge block
     assert (r.manifest.dense[name].source_encoding, r.manifest.dense[name].carried) == ("fp8-e4m3-block32x32", "dequantized")
@@ -327,10 +332,7 @@ def test_kimi_k25_int4_release(tmp_path):
         ("affine", 4, 32, "float32", "int4-pack-quantized-g32", "lossless")
     assert np.array_equal(np.array(r.expert_tensor(2, 5, "up")), exact["language_model.model.layers.2.mlp.experts.5.up_proj"].numpy())
 
-    eng = moepack.load(pack)
-    got = eng.logits(PROMPT)
-    assert nmse(got, want) < 1e-5, nmse(got, want)
-    assert list(eng.generate(PROMPT, 8)) == greedy
+    assert_matches(pack, want, greedy)
     assert "affine4/g32 float32 (from int4-pack-quantized-g32, lossless)" in _inspect(pack)
 
     res = CliRunner().invoke(cli, ["convert", str(src), str(tmp_path / "rq"), "--requantize"])  # decode, recipe
@@ -363,8 +365,5 @@ def test_gpt_oss_mxfp4_release(tmp_path):
     lay = PackReader(pack).expert_layout(0)
     assert {(p, t.encoding, t.carried) for p, t in lay.tensors.items() if not p.endswith("_bias")} == \
         {(p, "mxfp4", "lossless") for p in ("gate", "up", "down")}
-    eng = moepack.load(pack)
-    got = eng.logits(PROMPT)
-    assert nmse(got, want) < 1e-5, nmse(got, want)
-    assert list(eng.generate(PROMPT, 8)) == reference_greedy(model, PROMPT, 8)
+    assert_matches(pack, want, reference_greedy(model, PROMPT, 8))
     assert "mxfp4 float32 (from mxfp4, lossless)" in _inspect(pack)

@@ -1,11 +1,14 @@
 """A short run of tools/load_test.py (10 clients for 10 s against `moepack serve` on loopback); the full run (50
-clients, 2 minutes) and its figures are in RELIABILITY.md."""
+clients, 2 minutes) and its figures are in RELIABILITY.md. A timed run: opt in with MOEPACK_LOAD_TEST=1 or
+`-m load` (the ``load`` marker, tests/conftest.py)."""
 
 from __future__ import annotations
 
 import importlib.util
 import sys
 from pathlib import Path
+
+import pytest
 
 
 def load_tool():
@@ -16,6 +19,7 @@ def load_tool():
     return mod
 
 
+@pytest.mark.load
 def test_short_load_run():
     report = load_tool().run(clients=10, seconds=10, log=lambda _: None)
     assert report["failures"] == [], report

@@ -1,4 +1,5 @@
-"""Quantized packs against transformers' float32 logits: within the bounds README.md documents.
+"""Quantized packs against transformers' float32 logits: within the bounds README.md documents (CAP), and per
+family within about 3x what was measured (BOUNDS); the measured NMSE is printed (`-s` shows it).
 
 Tiny random models route on near-ties, so quantization noise flips some expert choices and the error is far
 larger than on trained models; the bounds are for these checkpoints. A broken quantized path (wrong scales,
@@ -15,17 +16,42 @@ from moepack.convert.pipeline import convert
 from moepack.convert.recipe import Recipe
 from parity import PROMPT, nmse
 
-RECIPES = {  # name -> (recipe, NMSE bound); group 32 so the tiny models' 32/64-wide matrices quantize
-    "8bit": (Recipe(dtype="float32", expert_bits=8, dense_bits=8, expert_group_size=32, dense_group_size=32), 0.1),
-    "default": (Recipe(expert_bits=4, dense_bits=8, expert_group_size=32, dense_group_size=32), 0.5),
+RECIPES = {  # group 32 so the tiny models' 32/64-wide matrices quantize
+    "8bit": Recipe(dtype="float32", expert_bits=8, dense_bits=8, expert_group_size=32, dense_group_size=32),
+    "default": Recipe(expert_bits=4, dense_bits=8, expert_group_size=32, dense_group_size=32),
 }
+CAP = {"8bit": 0.1, "default": 0.5}  # the bounds README.md documents for every family; none below is looser
+
+# Per family, about 3x the NMSE measured on these checkpoints (in the comment: 8bit, default), never above CAP.
+# A regression that leaves a family inside CAP but several times worse than it was still fails here.
+BOUNDS = {
+    "deepseek_v2": {"8bit": 0.0057, "default": 0.46},  # 1.90e-3, 0.152
+    "deepseek_v3": {"8bit": 0.0038, "default": 0.044},  # 1.27e-3, 1.48e-2
+    "glm4_moe": {"8bit": 0.05, "default": 0.066},  # 1.67e-2, 2.19e-2
+    "gpt_oss": {"8bit": 0.1, "default": 0.16},  # 3.32e-2 (3x: 0.0996), 5.30e-2
+    "minimax_m2": {"8bit": 0.00043, "default": 0.015},  # 1.42e-4, 4.89e-3
+    "mixtral": {"8bit": 0.0007, "default": 0.039},  # 2.31e-4, 1.31e-2
+    "olmoe": {"8bit": 0.00062, "default": 0.026},  # 2.07e-4, 8.58e-3
+    "qwen2_moe": {"8bit": 0.00089, "default": 0.03},  # 2.96e-4, 9.89e-3
+    "qwen3_5_moe": {"8bit": 0.1, "default": 0.5},  # 3.71e-2, 0.265: 3x is above CAP, CAP holds
+    "qwen3_moe": {"8bit": 0.034, "default": 0.068},  # 1.12e-2, 2.27e-2
+    "qwen3_next": {"8bit": 0.014, "default": 0.5},  # 4.82e-3, 0.300: 3x is above CAP, CAP holds
+}
+
+
+def test_every_family_has_bounds_within_the_documented_ones():
+    assert set(BOUNDS) == set(TINY)
+    assert all(b[name] <= CAP[name] for b in BOUNDS.values() for name in CAP)
 
 
 @pytest.mark.parametrize("kind", sorted(TINY))
 def test_quantized_pack_within_bound(kind, tmp_path):
     ckpt = build(kind, tmp_path / "ckpt")
     ref, _ = reference_logits(ckpt, PROMPT)
-    for name, (recipe, bound) in RECIPES.items():
+    measured = {}
+    for name, recipe in RECIPES.items():
         pack = convert(str(ckpt), tmp_path / name, recipe, progress=False)
-        got = moepack.load(pack).logits(PROMPT)
-        assert nmse(got, ref) < bound, f"{kind} {name}: NMSE {nmse(got, ref):.3g} >= {bound}"
+        measured[name] = nmse(moepack.load(pack).logits(PROMPT), ref)
+    print(f"{kind}: NMSE " + ", ".join(f"{name} {v:.3g} (bound {BOUNDS[kind][name]:g})" for name, v in measured.items()))
+    for name, v in measured.items():
+        assert v < BOUNDS[kind][name], f"{kind} {name}: NMSE {v:.3g} >= {BOUNDS[kind][name]:g}"

