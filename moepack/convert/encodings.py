@@ -33,7 +33,7 @@ import numpy as np
 from moepack import arch
 from moepack.convert.source import Checkpoint, TensorInfo
 from moepack.errors import SourceError
-from moepack.formats import quant
+from moepack.formats import dtypes, quant
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ class PackQuantized(Format):
             raise _fail(ckpt, parts["zero_point"], "is asymmetric (has a zero point); moepack reads symmetric "
                         "pack-quantized tensors")
         if p.dtype != "int32" or len(p.shape) != 2 or len(s.shape) != 2 or s.shape[0] != p.shape[0] or \
-                s.dtype not in _MX:
+                s.dtype not in dtypes.FLOATS:
             raise _fail(ckpt, p, f"({p.dtype} {p.shape}, scale {s.dtype} {s.shape}) is not a pack-quantized int32 "
                         "[out, in/pf] tensor with a float [out, groups] scale")
         if "shape" in parts:
@@ -239,7 +239,7 @@ class PackQuantized(Format):
         if bits not in quant.BITS or gs not in quant.GROUP_SIZES or q.shape[-1] % (32 // bits) or q.shape[-1] % gs:
             return None
         d = carry_dtype(q.source.params["scale"], dtype)
-        s = q.parts["scale"].astype(_MX[d])
+        s = q.parts["scale"].astype(dtypes.get(d).mlx)
         return "affine", {"weight": q.parts["packed"].view(mx.uint32), "scales": s,
                           "biases": s * -(2 ** (bits - 1))}, bits, gs, d
 
@@ -279,7 +279,6 @@ class MXFP4(Format):
         return "mxfp4", {"weight": w, "scales": q.parts["scales"]}, 4, 32, dtype
 
 
-_MX = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 FORMATS: dict[str, Format] = {f.name: f for f in (FP8Block(), PackQuantized(), MXFP4())}
 
 

@@ -25,8 +25,9 @@ from tqdm import tqdm
 from moepack import __version__, arch
 from moepack.convert import encodings
 from moepack.convert.recipe import Recipe
-from moepack.convert.source import FLOAT_DTYPES, Checkpoint, file_fingerprint, resolve
+from moepack.convert.source import Checkpoint, file_fingerprint, resolve
 from moepack.errors import MoepackError, SourceError
+from moepack.formats import dtypes
 from moepack.formats.manifest import ExpertLayer, ExpertLayout, Manifest, TensorRecord
 from moepack.formats.writer import PackWriter, hash_file
 
@@ -103,7 +104,7 @@ def plan(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Unit], dict]:
             dropped += 1  # multi-token-prediction layers beyond num_hidden_layers
             continue
         quantized = encodings.is_quantized(info)
-        if not quantized and info.dtype not in FLOAT_DTYPES:
+        if not quantized and info.dtype not in dtypes.FLOATS:
             raise SourceError(
                 f"{ckpt.root / info.file}: tensor {name} has dtype {info.dtype}; this converter reads "
                 f"float32/float16/bfloat16 tensors and the quantized formats {', '.join(encodings.FORMATS)}"

@@ -22,6 +22,7 @@ from typing import Any, Callable, NoReturn
 
 from moepack.errors import MoepackError, PackError
 from moepack.formats import dtypes
+from moepack.formats.dtypes import FLOATS
 from moepack.formats.quant import BITS, GROUP_SIZES
 
 FORMAT_NAME = "moepack"
@@ -36,7 +37,6 @@ MAX_WIDTH = 1 << 24  # hidden size, expert width
 MAX_PATH = 1024
 MAX_ALIGNMENT = 1 << 30
 BLOB_ALIGN = 64  # SPEC section 2: every array starts on a 64-byte boundary
-FLOATS = ("float32", "float16", "bfloat16")
 EXPERT_SHAPES = {  # expert tensor -> its shape from (hidden, width); the first three are required
     "gate": lambda h, w: [w, h], "up": lambda h, w: [w, h], "down": lambda h, w: [h, w],
     "gate_bias": lambda h, w: [w], "up_bias": lambda h, w: [w], "down_bias": lambda h, w: [h],
