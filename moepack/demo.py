@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -181,7 +181,3 @@ def write_tokenizer(out: Path, vocab_size: int) -> None:
         "eos_token": "<|im_end|>", "bos_token": None, "pad_token": "<|endoftext|>", "chat_template": CHATML,
         "model_max_length": 4096, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [SPECIAL.index("<|im_end|>")]}))
-
-
-def spec_json(spec: SyntheticSpec) -> dict:
-    return asdict(spec)
