@@ -12,8 +12,8 @@ the same numbers (:meth:`Quantized.repack`) or decodes to float32 for the recipe
   q+8, eight a word, lowest bits first), ``X.weight_scale`` [out, in/32], ``X.weight_shape`` [2]; X = q * s.
   Carried as MLX affine 4-bit group 32 with scale s and bias -8s: the words are MLX's own packing.
 - MXFP4 (gpt-oss experts): ``X_blocks`` U8 [..., out, in/32, 16] (two e2m1 codes a byte, low nibble first) and
-  ``X_scales`` U8 [..., out, in/32] (e8m0); X = e2m1 * 2^(scale - 127). Carried as MLX's mxfp4 (the same bytes)
-  where the installed MLX has that mode, else decoded and requantized with a warning.
+  ``X_scales`` U8 [..., out, in/32] (e8m0); X = e2m1 * 2^(scale - 127). Carried as MLX's mxfp4 (the same bytes;
+  every MLX moepack supports has that mode), or decoded for the recipe with ``requantize``.
 
 Each format is a row of :data:`FORMATS`: a class saying which suffixes form a group and how to describe, read,
 decode and repack it. Quantized tensors are always stored [out, in] with groups along ``in``, whatever
@@ -22,7 +22,6 @@ orientation the family's float checkpoints use.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from dataclasses import dataclass, field, replace
@@ -98,16 +97,6 @@ class Quantized:
 
 def carry_dtype(source: str, recipe: str) -> str:
     return recipe if recipe == source or (source, recipe) in HOLDS else source
-
-
-@functools.cache
-def mlx_has_mode(mode: str) -> bool:
-    """Whether the installed MLX quantizes in ``mode`` (older MLX releases have affine only)."""
-    try:
-        mx.eval(mx.quantize(mx.zeros((1, 32)), group_size=32, bits=4, mode=mode))
-        return True
-    except (ValueError, TypeError, RuntimeError):
-        return False
 
 
 class Format:
@@ -271,20 +260,11 @@ class MXFP4(Format):
         return v * mx.repeat(scale, 32, axis=-1)
 
     def repack(self, q, dtype):
-        if not mlx_has_mode("mxfp4"):
-            _warn_once(f"MLX {mx.__version__} has no mxfp4 mode: MXFP4 tensors are dequantized and requantized "
-                       "with the recipe (upgrade MLX to carry them losslessly)")
-            return None
         w = q.parts["blocks"].reshape(*q.shape[:-1], -1).view(mx.uint32)  # [..., R, C/8]
         return "mxfp4", {"weight": w, "scales": q.parts["scales"]}, 4, 32, dtype
 
 
 FORMATS: dict[str, Format] = {f.name: f for f in (FP8Block(), PackQuantized(), MXFP4())}
-
-
-@functools.cache
-def _warn_once(msg: str) -> None:
-    log.warning(msg)
 
 
 def unpack_bits(words: mx.array, bits: int) -> mx.array:
