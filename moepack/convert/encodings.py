@@ -37,17 +37,6 @@ from moepack.formats import dtypes, quant
 log = logging.getLogger(__name__)
 
 
-def _e4m3_table() -> np.ndarray:
-    """The float32 value of every float8 e4m3fn byte: sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent 0
-    is subnormal (m/8 * 2^-6); no infinities, S.1111.111 is NaN. Max 448."""
-    c = np.arange(256)
-    e, m = (c >> 3) & 0xF, (c & 7).astype(np.float64)
-    v = np.where(e == 0, m / 8 * 2.0**-6, (1 + m / 8) * np.exp2(e - 7.0))
-    v[(c & 0x7F) == 0x7F] = np.nan
-    return np.where(c & 0x80, -v, v).astype(np.float32)
-
-
-E4M3 = _e4m3_table()
 # e2m1 (FP4) codes: sign bit 3, then exponent and mantissa; and the e8m0 scale byte E meaning 2^(E-127) (255: NaN)
 E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
 E8M0 = np.append(np.ldexp(np.float32(1), np.arange(-127, 128)).astype(np.float32), np.float32(np.nan))
@@ -170,7 +159,7 @@ class FP8Block(Format):
 
     def decode(self, q):
         bo, bi = q.source.params["block"]
-        v = mx.take(mx.array(E4M3), q.parts["weight"].astype(mx.uint32))  # [R, C]
+        v = mx.from_fp8(q.parts["weight"], dtype=mx.float32)  # [R, C]; bit-identical to torch's float8_e4m3fn
         s = q.parts["scale_inv"].astype(mx.float32)  # [ceil, ceil] blocks covering them
         R, C = v.shape
         off = q.row_offset
