@@ -1,6 +1,6 @@
 """Synthetic checkpoints of a real architecture (Qwen3-MoE, hub spelling), made locally with no network.
 
-Used by ``moepack demo`` (the whole path on a fresh machine) and by the benchmarks in ``tools/`` (multi-GB
+Used by ``moepack demo`` (the whole path on a fresh machine; :func:`minimum_budget` picks its memory budget) and by the benchmarks in ``tools/`` (multi-GB
 checkpoints written shard by shard, never held whole in memory). The weights are random: the text a demo
 model generates is gibberish by construction, which says nothing about moepack's correctness (the parity
 tests against transformers do that).
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -183,5 +183,14 @@ def write_tokenizer(out: Path, vocab_size: int) -> None:
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [SPECIAL.index("<|im_end|>")]}))
 
 
-def spec_json(spec: SyntheticSpec) -> dict:
-    return asdict(spec)
+def minimum_budget(pack: str | os.PathLike) -> int:
+    """The smallest memory budget ``pack`` runs in (dense weights + one layer's top-k expert slots), the one at which
+    the demo really streams experts from disk. Worked out from the manifest by the engine's own arithmetic
+    (``plan_memory``), at the compute dtype ``moepack.load`` would pick, without building the model."""
+    from moepack.formats.reader import PackReader
+    from moepack.runtime import memory
+    from moepack.runtime.engine import plan_memory
+
+    reader = PackReader(pack)
+    compute = memory.default_compute_dtype(reader.manifest.recipe.get("dtype", "float32"))
+    return plan_memory(reader, None, compute).minimum

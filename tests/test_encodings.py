@@ -8,7 +8,7 @@ bit-exact, decoded ones within the encoding's bound, and converted models must m
 Bounds (documented in README "Quantized releases"):
 - FP8 e4m3 blocks decode bit-identically to torch's float8_e4m3fn cast times the block scale; against the tensor
   that was quantized, |w' - w| <= 2^-4 |w| + 2^-10 s (half an e4m3 step; s the block's scale).
-- MXFP4 requantized to affine when MLX lacks mxfp4: within one step (the stored scale) of the MXFP4 values.
+- MXFP4 requantized to affine (``requantize``): within one step (the stored scale) of the MXFP4 values.
   Not half a step: MLX's affine quantizer moves its grid off plain [min, max] rounding (measured: up to 1.0 step).
 """
 
@@ -110,11 +110,11 @@ def _inspect(pack: Path) -> str:
 # ---- encodings, tensor by tensor ------------------------------------------------------------------------
 
 
-def test_e4m3_table_is_torchs_float8():
+def test_from_fp8_is_torchs_float8():
+    """The FP8 decode (``mx.from_fp8``) is bit-identical to torch's float8_e4m3fn cast on all 256 codes."""
     want = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
-    got = encodings.E4M3
-    assert np.array_equal(np.isnan(got), np.isnan(want))
-    assert np.array_equal(got.view(np.uint32)[~np.isnan(got)], want.view(np.uint32)[~np.isnan(want)])  # -0.0 too
+    got = np.array(mx.from_fp8(mx.arange(256, dtype=mx.uint8), dtype=mx.float32))
+    assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), want.view(np.uint32))  # -0.0, NaNs too
 
 
 def test_fp8_blocks_decode_exactly_and_within_e4m3_bound(tmp_path):
@@ -218,14 +218,11 @@ def test_mxfp4_repacks_bit_exactly(tmp_path):
     assert np.array_equal(np.array(gate.decode()), want[1][0::2])
 
 
-def test_mxfp4_without_mlx_support_is_requantized_with_a_warning(tmp_path, monkeypatch, caplog):
+def test_mxfp4_requantized_within_one_step(tmp_path):
     ckpt, t, *_ = _gpt_oss_like(tmp_path)
-    monkeypatch.setattr(encodings, "mlx_has_mode", lambda mode: False)
-    encodings._warn_once.cache_clear()
     q = encodings.read(ckpt, t, index=0)
-    with caplog.at_level("WARNING"):
-        e = Recipe(expert_group_size=32).encode_source("gate", q, expert=True)
-    assert "mxfp4" in caplog.text and (e.encoding, e.carried) == ("affine", "requantized")
+    e = Recipe(expert_group_size=32, requantize=True).encode_source("gate", q, expert=True)
+    assert (e.encoding, e.carried) == ("affine", "requantized")
     f32 = {k: v.astype(mx.float32) for k, v in e.parts.items() if k != "weight"}
     got = np.array(mx.dequantize(e.parts["weight"], f32["scales"], f32["biases"], group_size=32, bits=4))
     step = np.abs(np.repeat(np.array(f32["scales"]), 32, axis=-1))

@@ -12,8 +12,8 @@ the same numbers (:meth:`Quantized.repack`) or decodes to float32 for the recipe
   q+8, eight a word, lowest bits first), ``X.weight_scale`` [out, in/32], ``X.weight_shape`` [2]; X = q * s.
   Carried as MLX affine 4-bit group 32 with scale s and bias -8s: the words are MLX's own packing.
 - MXFP4 (gpt-oss experts): ``X_blocks`` U8 [..., out, in/32, 16] (two e2m1 codes a byte, low nibble first) and
-  ``X_scales`` U8 [..., out, in/32] (e8m0); X = e2m1 * 2^(scale - 127). Carried as MLX's mxfp4 (the same bytes)
-  where the installed MLX has that mode, else decoded and requantized with a warning.
+  ``X_scales`` U8 [..., out, in/32] (e8m0); X = e2m1 * 2^(scale - 127). Carried as MLX's mxfp4 (the same bytes;
+  every MLX moepack supports has that mode), or decoded for the recipe with ``requantize``.
 
 Each format is a row of :data:`FORMATS`: a class saying which suffixes form a group and how to describe, read,
 decode and repack it. Quantized tensors are always stored [out, in] with groups along ``in``, whatever
@@ -22,7 +22,6 @@ orientation the family's float checkpoints use.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from dataclasses import dataclass, field, replace
@@ -33,22 +32,11 @@ import numpy as np
 from moepack import arch
 from moepack.convert.source import Checkpoint, TensorInfo
 from moepack.errors import SourceError
-from moepack.formats import quant
+from moepack.formats import dtypes, quant
 
 log = logging.getLogger(__name__)
 
 
-def _e4m3_table() -> np.ndarray:
-    """The float32 value of every float8 e4m3fn byte: sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent 0
-    is subnormal (m/8 * 2^-6); no infinities, S.1111.111 is NaN. Max 448."""
-    c = np.arange(256)
-    e, m = (c >> 3) & 0xF, (c & 7).astype(np.float64)
-    v = np.where(e == 0, m / 8 * 2.0**-6, (1 + m / 8) * np.exp2(e - 7.0))
-    v[(c & 0x7F) == 0x7F] = np.nan
-    return np.where(c & 0x80, -v, v).astype(np.float32)
-
-
-E4M3 = _e4m3_table()
 # e2m1 (FP4) codes: sign bit 3, then exponent and mantissa; and the e8m0 scale byte E meaning 2^(E-127) (255: NaN)
 E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
 E8M0 = np.append(np.ldexp(np.float32(1), np.arange(-127, 128)).astype(np.float32), np.float32(np.nan))
@@ -98,16 +86,6 @@ class Quantized:
 
 def carry_dtype(source: str, recipe: str) -> str:
     return recipe if recipe == source or (source, recipe) in HOLDS else source
-
-
-@functools.cache
-def mlx_has_mode(mode: str) -> bool:
-    """Whether the installed MLX quantizes in ``mode`` (older MLX releases have affine only)."""
-    try:
-        mx.eval(mx.quantize(mx.zeros((1, 32)), group_size=32, bits=4, mode=mode))
-        return True
-    except (ValueError, TypeError, RuntimeError):
-        return False
 
 
 class Format:
@@ -181,7 +159,7 @@ class FP8Block(Format):
 
     def decode(self, q):
         bo, bi = q.source.params["block"]
-        v = mx.take(mx.array(E4M3), q.parts["weight"].astype(mx.uint32))  # [R, C]
+        v = mx.from_fp8(q.parts["weight"], dtype=mx.float32)  # [R, C]; bit-identical to torch's float8_e4m3fn
         s = q.parts["scale_inv"].astype(mx.float32)  # [ceil, ceil] blocks covering them
         R, C = v.shape
         off = q.row_offset
@@ -214,7 +192,7 @@ class PackQuantized(Format):
             raise _fail(ckpt, parts["zero_point"], "is asymmetric (has a zero point); moepack reads symmetric "
                         "pack-quantized tensors")
         if p.dtype != "int32" or len(p.shape) != 2 or len(s.shape) != 2 or s.shape[0] != p.shape[0] or \
-                s.dtype not in _MX:
+                s.dtype not in dtypes.FLOATS:
             raise _fail(ckpt, p, f"({p.dtype} {p.shape}, scale {s.dtype} {s.shape}) is not a pack-quantized int32 "
                         "[out, in/pf] tensor with a float [out, groups] scale")
         if "shape" in parts:
@@ -239,7 +217,7 @@ class PackQuantized(Format):
         if bits not in quant.BITS or gs not in quant.GROUP_SIZES or q.shape[-1] % (32 // bits) or q.shape[-1] % gs:
             return None
         d = carry_dtype(q.source.params["scale"], dtype)
-        s = q.parts["scale"].astype(_MX[d])
+        s = q.parts["scale"].astype(dtypes.get(d).mlx)
         return "affine", {"weight": q.parts["packed"].view(mx.uint32), "scales": s,
                           "biases": s * -(2 ** (bits - 1))}, bits, gs, d
 
@@ -271,21 +249,11 @@ class MXFP4(Format):
         return v * mx.repeat(scale, 32, axis=-1)
 
     def repack(self, q, dtype):
-        if not mlx_has_mode("mxfp4"):
-            _warn_once(f"MLX {mx.__version__} has no mxfp4 mode: MXFP4 tensors are dequantized and requantized "
-                       "with the recipe (upgrade MLX to carry them losslessly)")
-            return None
         w = q.parts["blocks"].reshape(*q.shape[:-1], -1).view(mx.uint32)  # [..., R, C/8]
         return "mxfp4", {"weight": w, "scales": q.parts["scales"]}, 4, 32, dtype
 
 
-_MX = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 FORMATS: dict[str, Format] = {f.name: f for f in (FP8Block(), PackQuantized(), MXFP4())}
-
-
-@functools.cache
-def _warn_once(msg: str) -> None:
-    log.warning(msg)
 
 
 def unpack_bits(words: mx.array, bits: int) -> mx.array:

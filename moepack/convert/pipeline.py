@@ -25,8 +25,9 @@ from tqdm import tqdm
 from moepack import __version__, arch
 from moepack.convert import encodings
 from moepack.convert.recipe import Recipe
-from moepack.convert.source import FLOAT_DTYPES, Checkpoint, file_fingerprint, resolve
+from moepack.convert.source import Checkpoint, file_fingerprint, resolve
 from moepack.errors import MoepackError, SourceError
+from moepack.formats import dtypes
 from moepack.formats.manifest import ExpertLayer, ExpertLayout, Manifest, TensorRecord
 from moepack.formats.writer import PackWriter, hash_file
 
@@ -81,7 +82,10 @@ def _fused_reads(name: str, e: int, proj: str, bias: str, shape: tuple[int, ...]
 # planning
 
 
-def plan(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Unit], dict]:
+def plan_units(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Unit], dict]:
+    """The units of work that convert ``ckpt`` and the manifest's ``architecture``, from shard headers alone; a
+    source that cannot make a whole pack (a missing expert, a wrong shape) is refused here, before anything is
+    written."""
     cfg = arch.text_config(ckpt.config)
     fam = arch.family_for(cfg)
     n_layers = arch.num_layers(cfg)
@@ -103,7 +107,7 @@ def plan(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Unit], dict]:
             dropped += 1  # multi-token-prediction layers beyond num_hidden_layers
             continue
         quantized = encodings.is_quantized(info)
-        if not quantized and info.dtype not in FLOAT_DTYPES:
+        if not quantized and info.dtype not in dtypes.FLOATS:
             raise SourceError(
                 f"{ckpt.root / info.file}: tensor {name} has dtype {info.dtype}; this converter reads "
                 f"float32/float16/bfloat16 tensors and the quantized formats {', '.join(encodings.FORMATS)}"
@@ -190,23 +194,24 @@ def plan(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Unit], dict]:
 # running one unit (top level so worker processes can run it)
 
 
-def run_unit(src: str, out: str, recipe_json: dict, unit: Unit) -> dict:
+def run_unit(src_dir: str, out: str, recipe_json: dict, unit: Unit) -> dict:
+    """Write one unit's output file (or hash one source file); returns what the manifest records of it."""
     recipe = Recipe(**recipe_json)
     writer = PackWriter(out, recipe.alignment)
     if unit.kind == "hash":
-        return {"source_hash": {unit.payload["file"]: hash_file(Path(src) / unit.payload["file"])}}
-    ckpt = _checkpoint(src)
+        return {"source_hash": {unit.payload["file"]: hash_file(Path(src_dir) / unit.payload["file"])}}
+    ckpt = _checkpoint(src_dir)
     f = writer.open(unit.payload["file"])
     try:
         if unit.kind == "dense":
             records = {}
             for name in unit.payload["names"]:
-                src = unit.payload["sources"][name]
-                a = encodings.read(ckpt, src)
+                info = unit.payload["sources"][name]
+                a = encodings.read(ckpt, info)
                 e = recipe.encode_source(name, a, expert=False)
                 blobs = {k: f.add(v) for k, v in e.parts.items()}
                 records[name] = TensorRecord(e.encoding, list(a.shape), e.dtype, blobs, e.bits, e.group_size,
-                                             source_encoding=src.dtype, carried=e.carried).to_json()
+                                             source_encoding=info.dtype, carried=e.carried).to_json()
                 del a, e
             result = {"dense": records}
         else:
@@ -214,14 +219,14 @@ def run_unit(src: str, out: str, recipe_json: dict, unit: Unit) -> dict:
             for proj in sorted(unit.payload["projs"], key=_proj_order):
                 r = unit.payload["projs"][proj]
                 sel = slice(*r.sel) if r.sel else None
-                src = unit.payload["sources"][r.name]
-                a = encodings.read(ckpt, src, r.index, sel if r.axis == 0 else None, sel if r.axis == 1 else None)
+                info = unit.payload["sources"][r.name]
+                a = encodings.read(ckpt, info, r.index, sel if r.axis == 0 else None, sel if r.axis == 1 else None)
                 a = a.T if r.transpose else a
                 e = recipe.encode_source(proj, a, expert=True)
                 f.pad_to(recipe.alignment)  # every projection segment starts on an aligned boundary
                 blobs = {k: f.add(v, with_file=False) for k, v in e.parts.items()}
                 tensors[proj] = TensorRecord(e.encoding, list(a.shape), e.dtype, blobs, e.bits, e.group_size,
-                                             source_encoding=src.dtype, carried=e.carried)
+                                             source_encoding=info.dtype, carried=e.carried)
             layout = ExpertLayout(length=0, tensors=tensors)
             result = {"layout": layout}
         entry = f.close()
@@ -243,10 +248,10 @@ def _proj_order(p: str) -> tuple[int, str]:
 _CKPTS: dict[str, Checkpoint] = {}
 
 
-def _checkpoint(src: str) -> Checkpoint:
-    if src not in _CKPTS:
-        _CKPTS[src] = Checkpoint(Path(src))
-    return _CKPTS[src]
+def _checkpoint(src_dir: str) -> Checkpoint:
+    if src_dir not in _CKPTS:
+        _CKPTS[src_dir] = Checkpoint(Path(src_dir))
+    return _CKPTS[src_dir]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +275,7 @@ def convert(
     root, provenance = resolve(src, revision)
     ckpt = Checkpoint(root)
     _CKPTS[str(root)] = ckpt
-    units, architecture = plan(ckpt, recipe)
+    units, architecture = plan_units(ckpt, recipe)
 
     job = {
         "converter": __version__,
@@ -356,7 +361,7 @@ def _check_job(state: Path, job: dict) -> None:
     os.replace(tmp, path)
 
 
-def _run_units(src: str, out: Path, recipe: Recipe, units: list[Unit], workers: int | None, progress: bool) -> dict[str, dict]:
+def _run_units(src_dir: str, out: Path, recipe: Recipe, units: list[Unit], workers: int | None, progress: bool) -> dict[str, dict]:
     done_dir = out / STATE_DIR / "done"
     done_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
@@ -384,13 +389,13 @@ def _run_units(src: str, out: Path, recipe: Recipe, units: list[Unit], workers: 
     try:
         if workers <= 1:
             for u in todo:
-                finish(u, _guard(run_unit, src, str(out), recipe.to_json(), u))
+                finish(u, _guard(run_unit, src_dir, str(out), recipe.to_json(), u))
         else:
             with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
                 pending = {}
                 it = iter(todo)
                 for u in it:  # keep a bounded number of units in flight
-                    pending[pool.submit(_guard, run_unit, src, str(out), recipe.to_json(), u)] = u
+                    pending[pool.submit(_guard, run_unit, src_dir, str(out), recipe.to_json(), u)] = u
                     if len(pending) >= 2 * workers:
                         break
                 while pending:
@@ -398,7 +403,7 @@ def _run_units(src: str, out: Path, recipe: Recipe, units: list[Unit], workers: 
                     for fut in fin:
                         finish(pending.pop(fut), fut.result())
                     for u in it:
-                        pending[pool.submit(_guard, run_unit, src, str(out), recipe.to_json(), u)] = u
+                        pending[pool.submit(_guard, run_unit, src_dir, str(out), recipe.to_json(), u)] = u
                         if len(pending) >= 2 * workers:
                             break
     finally:

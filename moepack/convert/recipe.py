@@ -14,11 +14,11 @@ import mlx.core as mx
 
 from moepack import arch
 from moepack.convert.encodings import Quantized
-from moepack.formats import quant
+from moepack.formats import dtypes, quant
 from moepack.formats.manifest import DEFAULT_ALIGNMENT
 from moepack.formats.writer import check_alignment
 
-DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+DTYPES = {name: dtypes.get(name).mlx for name in dtypes.FLOATS}
 
 
 class Encoded(NamedTuple):

@@ -16,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from moepack.errors import SourceError
+from moepack.formats import dtypes
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +34,6 @@ SIDE_FILES = [
     "vocab.json",
     "merges.txt",
 ]
-SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
-                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "U32": "uint32", "BOOL": "bool",
-                      "F8_E4M3": "float8_e4m3", "F8_E5M2": "float8_e5m2"}
-FLOAT_DTYPES = {"float32", "float16", "bfloat16"}
-# numpy dtype holding each source dtype's bytes (bfloat16 and float8 have none: raw unsigned ints)
-STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "float64": np.float64,
-           "int64": np.int64, "int32": np.int32, "uint32": np.uint32, "int16": np.int16, "int8": np.int8,
-           "uint8": np.uint8, "bool": np.bool_, "float8_e4m3": np.uint8, "float8_e5m2": np.uint8}
-ITEMSIZE = {k: np.dtype(v).itemsize for k, v in STORAGE.items()}
 MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
 
 
@@ -77,7 +69,7 @@ class TensorInfo:
         n = 1
         for s in self.shape:
             n *= s
-        return n * ITEMSIZE[self.dtype]
+        return n * dtypes.SOURCE[self.dtype].itemsize
 
 
 class Checkpoint:
@@ -141,8 +133,8 @@ class Checkpoint:
         for k, v in header.items():
             if k == "__metadata__":
                 continue
-            dt = SAFETENSORS_DTYPES.get(v.get("dtype")) if type(v) is dict and type(v.get("dtype")) is str else None
-            if dt is None:
+            d = dtypes.BY_SAFETENSORS.get(v.get("dtype")) if type(v) is dict and type(v.get("dtype")) is str else None
+            if d is None:
                 raise SourceError(f"{path}: tensor {k} has dtype {v.get('dtype') if type(v) is dict else v!r} "
                                   "that moepack cannot read")
             shape, offsets = v.get("shape"), v.get("data_offsets")
@@ -156,9 +148,9 @@ class Checkpoint:
             if base + end > size:
                 raise SourceError(f"{path}: tensor {k} ends at byte {base + end} but the file has {size} bytes; "
                                   "the shard is truncated (re-download it)")
-            info = TensorInfo(k, shard, dt, tuple(shape), base + begin)
+            info = TensorInfo(k, shard, d.name, tuple(shape), base + begin)
             if info.nbytes != end - begin:
-                raise SourceError(f"{path}: tensor {k} has {end - begin} bytes for shape {info.shape} of {dt}")
+                raise SourceError(f"{path}: tensor {k} has {end - begin} bytes for shape {info.shape} of {d.name}")
             out.append(info)
         return out
 
@@ -176,7 +168,8 @@ class Checkpoint:
             fd = self._fds.get(info.file)
             if fd is None:
                 fd = self._fds[info.file] = os.open(path, os.O_RDONLY)
-            item = ITEMSIZE[info.dtype]
+            storage = dtypes.SOURCE[info.dtype].numpy
+            item = storage.itemsize
             shape = list(info.shape)
             start = info.offset
             if index is not None:
@@ -188,7 +181,7 @@ class Checkpoint:
                 start += rows.start * row
                 shape = [rows.stop - rows.start, *shape[1:]]
             count = int(np.prod(shape, dtype=np.int64))
-            raw = _pread(fd, start, count * item).view(STORAGE[info.dtype]).reshape(shape)
+            raw = _pread(fd, start, count * item).view(storage).reshape(shape)
             if rows is not None and rows.step not in (None, 1):
                 raw = np.ascontiguousarray(raw[:: rows.step])
             if cols is not None:

@@ -13,10 +13,11 @@ from typing import Any
 
 from moepack.errors import PackError
 
-from moepack.formats.validate import FORMAT_NAME, FORMAT_VERSION  # readers refuse any version but their own
-from moepack.formats.validate import MAX_MANIFEST_BYTES, check_manifest, read_json, regular_file
+FORMAT_NAME = "moepack"
+FORMAT_VERSION = 1  # readers refuse any version but their own
 MANIFEST = "manifest.json"
 DEFAULT_ALIGNMENT = 16384
+BLOB_ALIGN = 64  # SPEC section 2: every array starts on a 64-byte boundary (cache line, SIMD loads)
 
 
 @dataclass
@@ -144,6 +145,8 @@ class Manifest:
     @classmethod
     def from_json(cls, d: dict) -> "Manifest":
         """Validate (see validate.py: every field, path, bound and size) and build; a bad field is a PackError."""
+        from moepack.formats.validate import check_manifest  # validate builds on this module's constants
+
         check_manifest(d)
         try:
             return cls(
@@ -162,6 +165,8 @@ class Manifest:
 
     @classmethod
     def load(cls, pack: str | os.PathLike) -> "Manifest":
+        from moepack.formats.validate import MAX_MANIFEST_BYTES, read_json, regular_file
+
         path = Path(pack) / MANIFEST
         if not path.exists():
             raise PackError(

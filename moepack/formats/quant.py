@@ -18,7 +18,6 @@ from moepack.errors import PackError
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
-QUANTIZED = ("affine", "mxfp4")  # encodings that are MLX quantization modes of the same name
 
 
 def can_quantize(shape: tuple[int, ...] | list[int], group_size: int) -> bool:

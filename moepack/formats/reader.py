@@ -1,4 +1,5 @@
-"""Reading a pack: the manifest, dense tensors, expert file locations and verification.
+"""Reading a pack: the manifest, config.json (checked against it), dense tensors, expert file locations and
+verification.
 
 The runtime reads expert bytes itself (direct I/O into its slot pool); this module only says where they are.
 """
@@ -10,16 +11,16 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 import mlx.core as mx
 import numpy as np
 
-from moepack.errors import PackError
+from moepack.errors import MoepackError, PackError
 from moepack.formats import dtypes
 from moepack.formats.manifest import Blob, ExpertLayout, Manifest, TensorRecord
 from moepack.formats.quant import decode
-from moepack.formats.validate import check_tree, load_config, relpath_problem
+from moepack.formats.validate import MAX_CONFIG_BYTES, check_tree, read_json, regular_file, relpath_problem, show
 from moepack.formats.writer import hash_file
 
 log = logging.getLogger(__name__)
@@ -188,6 +189,40 @@ class PackReader:
                 elif info["length"] != layout.length:
                     rep.problems.append(f"{rel}: length {info['length']} != layout length {layout.length}")
         return rep
+
+
+def load_config(root: Path, architecture: dict) -> dict:
+    """config.json: a JSON object that agrees with the manifest's architecture (the model is built from it)."""
+    cfg = read_json(regular_file(root, "config.json", MAX_CONFIG_BYTES), "config")
+    if type(cfg) is not dict:
+        raise PackError(f"{root / 'config.json'}: must be a JSON object, not {show(cfg)}")
+    check_config(cfg, architecture, root / "config.json")
+    return cfg
+
+
+def check_config(cfg: dict, a: dict, where: Path | str = "config.json") -> None:
+    """Refuse a config.json whose model shape differs from the manifest's ``architecture`` ``a``: the model is
+    built from the config and its experts are read by the manifest, so a disagreement would misread the pack."""
+    from moepack import arch  # the format knows no architectures; only this cross-check needs the table
+
+    def bad(msg: str) -> NoReturn:
+        raise PackError(f"{where}: {msg}; config.json and manifest.json disagree (a damaged or tampered pack)")
+
+    try:
+        tc = arch.text_config(cfg)
+        fam = arch.family_for(tc)
+        if fam.name != a["family"]:
+            bad(f"family {fam.name} != architecture.family {a['family']}")
+        checks = [("num_layers", lambda: arch.num_layers(tc)), ("moe_layers", lambda: arch.moe_layers(tc)),
+                  ("num_experts", lambda: int(arch.get(tc, "num_experts"))), ("top_k", lambda: int(arch.get(tc, "top_k"))),
+                  ("hidden_size", lambda: int(tc["hidden_size"])), ("expert_width", lambda: arch.expert_width(tc))]
+        for key, value in checks:  # num_layers first: it bounds the loop in moe_layers
+            if key in a and (got := value()) != a[key]:
+                bad(f"{key} is {show(got)} but manifest.json's architecture.{key} is {a[key]}")
+    except MoepackError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, IndexError) as e:
+        raise PackError(f"{where}: cannot read the model's shape from it ({type(e).__name__}: {e})") from None
 
 
 def summary(reader: PackReader) -> dict:

@@ -1,4 +1,5 @@
-"""Checks on a pack's manifest, config and file tree, made once at load before anything else uses them.
+"""Checks on a pack's manifest and file tree, made once at load before anything else uses them (config.json is
+checked against the manifest by the reader, ``reader.check_config``, since that needs the architecture table).
 
 Packs are downloaded from strangers, so manifest.json is untrusted input. Every field is type- and range-checked;
 every path must stay inside the pack (no absolute paths, no ``..``, no symlink leading out); every blob must lie
@@ -20,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
-from moepack.errors import MoepackError, PackError
+from moepack.errors import PackError
 from moepack.formats import dtypes
-from moepack.formats.quant import BITS, GROUP_SIZES
+from moepack.formats.dtypes import FLOATS
+from moepack.formats.manifest import BLOB_ALIGN, FORMAT_NAME, FORMAT_VERSION
+from moepack.formats.quant import BITS, GROUP_SIZES, packed_shape
 
-FORMAT_NAME = "moepack"
-FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = 256 << 20  # Kimi-K2's is ~6 MB
 MAX_CONFIG_BYTES = 16 << 20
 MAX_FILE_BYTES = 1 << 44  # 16 TiB: far above any one pack file
@@ -35,8 +36,6 @@ MAX_EXPERTS = 1 << 16
 MAX_WIDTH = 1 << 24  # hidden size, expert width
 MAX_PATH = 1024
 MAX_ALIGNMENT = 1 << 30
-BLOB_ALIGN = 64  # SPEC section 2: every array starts on a 64-byte boundary
-FLOATS = ("float32", "float16", "bfloat16")
 EXPERT_SHAPES = {  # expert tensor -> its shape from (hidden, width); the first three are required
     "gate": lambda h, w: [w, h], "up": lambda h, w: [w, h], "down": lambda h, w: [h, w],
     "gate_bias": lambda h, w: [w], "up_bias": lambda h, w: [w], "down_bias": lambda h, w: [h],
@@ -46,14 +45,13 @@ _HEX = "0123456789abcdef"
 
 
 def _affine_parts(shape: list[int], bits: int, gs: int, dtype: str) -> dict[str, tuple[str, list[int]]]:
-    *lead, cols = shape
-    return {"weight": ("uint32", [*lead, cols * bits // 32]), "scales": (dtype, [*lead, cols // gs]),
-            "biases": (dtype, [*lead, cols // gs])}
+    s = packed_shape(shape, bits, gs)
+    return {"weight": ("uint32", s["weight"]), "scales": (dtype, s["scales"]), "biases": (dtype, s["biases"])}
 
 
 def _mxfp4_parts(shape: list[int], bits: int, gs: int, dtype: str) -> dict[str, tuple[str, list[int]]]:
-    *lead, cols = shape
-    return {"weight": ("uint32", [*lead, cols * bits // 32]), "scales": ("uint8", [*lead, cols // gs])}
+    s = packed_shape(shape, bits, gs)  # affine's, less the biases; the scales are e8m0 bytes
+    return {"weight": ("uint32", s["weight"]), "scales": ("uint8", s["scales"])}
 
 
 @dataclass(frozen=True)
@@ -81,14 +79,15 @@ def _fail(where: str, msg: str) -> NoReturn:
     raise PackError(f"manifest.json: {where}: {msg}")
 
 
-def _show(v: Any) -> str:
+def show(v: Any) -> str:
+    """``v`` for an error message: a pack's own bytes, cut short so a hostile value cannot flood it."""
     s = repr(v)
     return s if len(s) <= 60 else s[:57] + "..."
 
 
 def _obj(v: Any, where: str, required: tuple[str, ...] = ()) -> dict:
     if type(v) is not dict:
-        _fail(where, f"must be an object, not {_show(v)}")
+        _fail(where, f"must be an object, not {show(v)}")
     for k in required:
         if k not in v:
             _fail(f"{where}.{k}" if where else k, "is missing")
@@ -97,13 +96,13 @@ def _obj(v: Any, where: str, required: tuple[str, ...] = ()) -> dict:
 
 def _list(v: Any, where: str) -> list:
     if type(v) is not list:
-        _fail(where, f"must be a list, not {_show(v)}")
+        _fail(where, f"must be a list, not {show(v)}")
     return v
 
 
 def _int(v: Any, where: str, lo: int = 0, hi: int = MAX_FILE_BYTES) -> int:
     if type(v) is not int:  # bool is not an int here, nor is 3.0
-        _fail(where, f"must be an integer, not {_show(v)}")
+        _fail(where, f"must be an integer, not {show(v)}")
     if not lo <= v <= hi:
         _fail(where, f"{v} is out of range [{lo}, {hi}]")
     return v
@@ -111,13 +110,13 @@ def _int(v: Any, where: str, lo: int = 0, hi: int = MAX_FILE_BYTES) -> int:
 
 def _str(v: Any, where: str, optional: bool = False) -> str | None:
     if not (isinstance(v, str) or optional and v is None):
-        _fail(where, f"must be a string, not {_show(v)}")
+        _fail(where, f"must be a string, not {show(v)}")
     return v
 
 
 def _dtype(v: Any, where: str, allowed: tuple[str, ...] | None = None) -> str:
     if type(v) is not str or v not in dtypes.BY_NAME:
-        _fail(where, f"unknown dtype {_show(v)}; this moepack knows {sorted(dtypes.BY_NAME)}")
+        _fail(where, f"unknown dtype {show(v)}; this moepack knows {sorted(dtypes.BY_NAME)}")
     if allowed is not None and v not in allowed:
         _fail(where, f"dtype {v} is not allowed here (one of {list(allowed)})")
     return v
@@ -135,14 +134,14 @@ def _shape(v: Any, where: str) -> list[int]:
 def relpath_problem(rel: Any) -> str | None:
     """Why ``rel`` may not name a file of a pack, or None: it must be a relative POSIX path that stays inside."""
     if type(rel) is not str or not rel:
-        return f"{_show(rel)} is not a file name"
+        return f"{show(rel)} is not a file name"
     if len(rel) > MAX_PATH or "\x00" in rel or "\\" in rel:
-        return f"{_show(rel)} is not a plain relative path"
+        return f"{show(rel)} is not a plain relative path"
     if rel.startswith("/"):
-        return f"{_show(rel)} is an absolute path (a pack names its files relative to its own directory)"
+        return f"{show(rel)} is an absolute path (a pack names its files relative to its own directory)"
     wrapped = f"/{rel}/"
     if "//" in wrapped or "/./" in wrapped or "/../" in wrapped:
-        return f"{_show(rel)} has an empty, '.' or '..' component (a pack may not name files outside itself)"
+        return f"{show(rel)} has an empty, '.' or '..' component (a pack may not name files outside itself)"
     return None
 
 
@@ -152,13 +151,13 @@ def relpath_problem(rel: Any) -> str | None:
 def check_manifest(d: Any) -> None:
     """Raise PackError at the first field of ``d`` (parsed manifest.json) that a valid pack cannot have."""
     if type(d) is not dict:
-        _fail("manifest", f"must be a JSON object, not {_show(d)}")
+        _fail("manifest", f"must be a JSON object, not {show(d)}")
     if d.get("format") != FORMAT_NAME:
-        raise PackError(f"not a moepack manifest (format={_show(d.get('format'))})")
+        raise PackError(f"not a moepack manifest (format={show(d.get('format'))})")
     version = d.get("format_version")
     if type(version) is not int or version != FORMAT_VERSION:
         raise PackError(
-            f"pack format version {_show(version)} is not supported by this moepack (reads version {FORMAT_VERSION}); "
+            f"pack format version {show(version)} is not supported by this moepack (reads version {FORMAT_VERSION}); "
             "upgrade moepack or re-convert the model"
         )
     _obj(d, "", ("architecture", "alignment", "recipe", "provenance", "files", "dense", "expert_layouts", "experts"))
@@ -214,7 +213,7 @@ def _files(f: Any) -> dict[str, int]:
         where = f"files[{json.dumps(rel)}]"
         _obj(info, where, ("length", "blake3"))
         _int(info["length"], f"{where}.length")
-        _fail(f"{where}.blake3", f"{_show(info['blake3'])} is not a blake3 digest (64 lowercase hex digits)")
+        _fail(f"{where}.blake3", f"{show(info['blake3'])} is not a blake3 digest (64 lowercase hex digits)")
     return out
 
 
@@ -225,7 +224,7 @@ def _blob(b: Any, where: str, limit: int | None, files: dict[str, int] | None) -
     if files is not None:
         rel = b.get("file")
         if type(rel) is not str or rel not in files:
-            _fail(f"{where}.file", f"{_show(rel)} is not a file listed in files")
+            _fail(f"{where}.file", f"{show(rel)} is not a file listed in files")
         limit = files[rel]
     elif b.get("file") is not None:
         _fail(f"{where}.file", "blobs of an expert layout lie in each expert's own file and name none")
@@ -251,16 +250,16 @@ def _record(r: Any, where: str, limit: int | None = None, files: dict[str, int] 
     enc_name = r["encoding"]
     enc = ENCODINGS.get(enc_name) if type(enc_name) is str else None
     if enc is None:
-        _fail(f"{where}.encoding", f"unknown tensor encoding {_show(enc_name)}; this moepack knows {list(ENCODINGS)}")
+        _fail(f"{where}.encoding", f"unknown tensor encoding {show(enc_name)}; this moepack knows {list(ENCODINGS)}")
     shape = _shape(r["shape"], f"{where}.shape")
     dtype = _dtype(r["dtype"], f"{where}.dtype", enc.dtypes)
     bits = gs = 0
     if enc.bits:
         bits, gs = r.get("bits"), r.get("group_size")
         if type(bits) is not int or bits not in enc.bits:
-            _fail(f"{where}.bits", f"{_show(bits)} is not one of {list(enc.bits)} ({enc_name})")
+            _fail(f"{where}.bits", f"{show(bits)} is not one of {list(enc.bits)} ({enc_name})")
         if type(gs) is not int or gs not in enc.group_sizes:
-            _fail(f"{where}.group_size", f"{_show(gs)} is not one of {list(enc.group_sizes)} ({enc_name})")
+            _fail(f"{where}.group_size", f"{show(gs)} is not one of {list(enc.group_sizes)} ({enc_name})")
         if not shape or shape[-1] % gs or shape[-1] * bits % 32:
             _fail(f"{where}.shape", f"{shape} does not split into groups of {gs} and whole 32-bit words of {bits}-bit codes")
     for k in ("source_encoding", "carried"):
@@ -325,14 +324,14 @@ def _experts(ex: Any, a: dict, layouts: dict[str, int], files: dict[str, int]) -
         seen_layers.add(L)
         lay = e["layout"]
         if type(lay) is not str or lay not in layouts:
-            _fail(f"{where}.layout", f"{_show(lay)} is not one of expert_layouts {sorted(layouts)}")
+            _fail(f"{where}.layout", f"{show(lay)} is not one of expert_layouts {sorted(layouts)}")
         length = layouts[lay]
         fl = _list(e["files"], f"{where}.files")
         if len(fl) != n:
             _fail(f"{where}.files", f"lists {len(fl)} files for architecture.num_experts={n} experts")
         for j, rel in enumerate(fl):
             if type(rel) is not str or rel not in files:
-                _fail(f"{where}.files[{j}]", f"{_show(rel)} is not a file listed in files")
+                _fail(f"{where}.files[{j}]", f"{show(rel)} is not a file listed in files")
             if rel in seen_files:
                 _fail(f"{where}.files[{j}]", f"{rel} is the file of another expert too")
             seen_files.add(rel)
@@ -423,35 +422,3 @@ def check_tree(root: Path, files: dict[str, dict]) -> None:
                     raise PackError(f"{root / rel}: not a regular file")
             except FileNotFoundError:
                 pass
-
-
-def load_config(root: Path, architecture: dict) -> dict:
-    """config.json: a JSON object that agrees with the manifest's architecture (the model is built from it)."""
-    cfg = read_json(regular_file(root, "config.json", MAX_CONFIG_BYTES), "config")
-    if type(cfg) is not dict:
-        raise PackError(f"{root / 'config.json'}: must be a JSON object, not {_show(cfg)}")
-    check_config(cfg, architecture, root / "config.json")
-    return cfg
-
-
-def check_config(cfg: dict, a: dict, where: Path | str = "config.json") -> None:
-    from moepack import arch  # the format knows no architectures; only this cross-check needs the table
-
-    def bad(msg: str) -> NoReturn:
-        raise PackError(f"{where}: {msg}; config.json and manifest.json disagree (a damaged or tampered pack)")
-
-    try:
-        tc = arch.text_config(cfg)
-        fam = arch.family_for(tc)
-        if fam.name != a["family"]:
-            bad(f"family {fam.name} != architecture.family {a['family']}")
-        checks = [("num_layers", lambda: arch.num_layers(tc)), ("moe_layers", lambda: arch.moe_layers(tc)),
-                  ("num_experts", lambda: int(arch.get(tc, "num_experts"))), ("top_k", lambda: int(arch.get(tc, "top_k"))),
-                  ("hidden_size", lambda: int(tc["hidden_size"])), ("expert_width", lambda: arch.expert_width(tc))]
-        for key, value in checks:  # num_layers first: it bounds the loop in moe_layers
-            if key in a and (got := value()) != a[key]:
-                bad(f"{key} is {_show(got)} but manifest.json's architecture.{key} is {a[key]}")
-    except MoepackError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, IndexError) as e:
-        raise PackError(f"{where}: cannot read the model's shape from it ({type(e).__name__}: {e})") from None

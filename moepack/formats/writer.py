@@ -10,9 +10,8 @@ import mlx.core as mx
 import numpy as np
 
 from moepack.formats import dtypes
-from moepack.formats.manifest import Blob, atomic_write
+from moepack.formats.manifest import BLOB_ALIGN, Blob, atomic_write
 
-BLOB_ALIGN = 64  # every array starts on a 64-byte boundary (cache line, SIMD loads)
 _ZEROS = bytes(1 << 16)
 
 
