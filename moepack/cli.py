@@ -446,7 +446,7 @@ def demo(workdir, max_tokens) -> None:
     (convert -> inspect -> verify -> stream experts from disk), not a useful model.
     """
     from moepack.convert.pipeline import convert as run
-    from moepack.demo import write_checkpoint
+    from moepack.demo import minimum_budget, write_checkpoint
 
     root = Path(workdir or Path.home() / ".cache" / "moepack" / "demo")
     ckpt, pack = root / "checkpoint", root / "pack"
@@ -461,10 +461,7 @@ def demo(workdir, max_tokens) -> None:
 
     rep = PackReader(pack).verify()
     click.echo(f"  verify         {'ok' if rep.ok else rep.problems}")
-    from moepack.runtime.memory import default_compute_dtype, memory_need
-
-    reader = PackReader(pack)
-    budget = memory_need(reader, default_compute_dtype(reader.manifest.recipe.get("dtype", "float32"))).minimum
+    budget = minimum_budget(pack)  # the smallest budget: experts really stream from disk
     click.echo(f"4/4 generating with a memory budget of {budget} bytes (dense + one layer's experts); "
                "random weights, so expect gibberish:")
     ctx.invoke(generate, pack=str(pack), prompt="Hello! Tell me about experts.", max_tokens=max_tokens, temp=0.8,

@@ -186,11 +186,9 @@ def write_tokenizer(out: Path, vocab_size: int) -> None:
 def minimum_budget(pack: str | os.PathLike) -> int:
     """The smallest memory budget ``pack`` runs in (dense weights + one layer's top-k expert slots), the one at which
     the demo really streams experts from disk. Worked out from the manifest by the engine's own arithmetic
-    (``plan_memory``), at the compute dtype ``moepack.load`` would pick, without building the model."""
+    (``memory_need``), at the compute dtype ``moepack.load`` would pick, without building the model."""
     from moepack.formats.reader import PackReader
-    from moepack.runtime import memory
-    from moepack.runtime.engine import plan_memory
+    from moepack.runtime.memory import compute_dtype_for, memory_need
 
     reader = PackReader(pack)
-    compute = memory.default_compute_dtype(reader.manifest.recipe.get("dtype", "float32"))
-    return plan_memory(reader, None, compute).minimum
+    return memory_need(reader, compute_dtype_for(reader)).minimum

@@ -177,20 +177,20 @@ def io_only(engine: Engine, trace: list[tuple[str, int, list[int]]]) -> dict:
 
 
 def record_trace(engine: Engine) -> list:
-    """Wrap the store so every fetch and prefetch is logged as (kind, layer, experts)."""
+    """Wrap the store so every request for experts (``acquire``) and prefetch is logged as (kind, layer, experts)."""
     trace: list = []
     store = engine.store
-    fetch, prefetch = store.fetch, store.prefetch
+    acquire, prefetch = store.acquire, store.prefetch
 
-    def f(layer, experts):
+    def f(layer, experts, *args, **kwargs):
         trace.append(("fetch", layer, [int(e) for e in experts]))
-        return fetch(layer, experts)
+        return acquire(layer, experts, *args, **kwargs)
 
     def p(layer, experts):
         trace.append(("prefetch", layer, [int(e) for e in experts]))
         return prefetch(layer, experts)
 
-    store.fetch, store.prefetch = f, p
+    store.acquire, store.prefetch = f, p
     return trace
 
 

@@ -170,7 +170,7 @@ class Engine(BaseEngine):
         self.reader = PackReader(self.path, verify=verify)  # validates the manifest and config.json up front
         self.config = arch.text_config(self.reader.config)  # a multimodal wrapper's language model (Kimi K2.5)
         self.family = arch.family_for(self.config)
-        self.compute_dtype = compute_dtype or memory.default_compute_dtype(self.reader.manifest.recipe.get("dtype", "float32"))
+        self.compute_dtype = compute_dtype or memory.compute_dtype_for(self.reader)
         self.stage = stage or Stage.whole(arch.num_layers(self.config))
         part = stage  # None: the whole pack
         self.plan = plan_memory(self.reader, memory.parse_bytes(memory_budget), self.compute_dtype, part)

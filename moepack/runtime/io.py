@@ -60,9 +60,6 @@ class DirectReader:
             log.warning("direct I/O refused on %s (%s); falling back to buffered reads (the page cache will hold experts)",
                         os.path.dirname(path), err.strerror)
 
-    def open(self, path: str) -> int:
-        return self._open(path)[0]
-
     def _open(self, path: str) -> tuple[int, bool]:
         """(fd, whether this descriptor reads uncached). Several I/O threads call this at once."""
         if self.direct and self.platform.startswith("linux") and hasattr(os, "O_DIRECT"):

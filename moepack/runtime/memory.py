@@ -68,6 +68,11 @@ def _proc_status(field: str) -> int | None:
     return int(m[1]) * 1024 if m else None
 
 
+def compute_dtype_for(reader: PackReader) -> mx.Dtype:
+    """The dtype ``moepack.load`` computes a pack in on this machine (see :func:`default_compute_dtype`)."""
+    return default_compute_dtype(reader.manifest.recipe.get("dtype", "float32"))
+
+
 def peak_rss() -> int:
     """Peak resident set size of this process in bytes.
 

@@ -14,7 +14,7 @@ class EvictionPolicy(Protocol):
     """Chooses which resident expert gives up its slot. The performance work swaps implementations."""
 
     def touch(self, key: Key) -> None: ...
-    def insert(self, key: Key) -> None: ...
+    def insert(self, key: Key, cold: bool = False) -> None: ...  # cold: the next victim (a prompt's one-off read)
     def remove(self, key: Key) -> None: ...
     def victim(self, pinned: set[Key]) -> Key: ...
 
@@ -30,8 +30,10 @@ class LRUPolicy:
     def touch(self, key: Key) -> None:
         self._order.move_to_end(key)
 
-    def insert(self, key: Key) -> None:
+    def insert(self, key: Key, cold: bool = False) -> None:
         self._order[key] = None
+        if cold:
+            self._order.move_to_end(key, last=False)
 
     def remove(self, key: Key) -> None:
         self._order.pop(key, None)
@@ -70,10 +72,11 @@ class LFUPolicy:
         self.count[key] = self.count.get(key, 0.0) + 1
         self._tick()
 
-    def insert(self, key: Key) -> None:
+    def insert(self, key: Key, cold: bool = False) -> None:
         self._index[key] = len(self._keys)
         self._keys.append(key)
-        self.touch(key)
+        if not cold:  # a cold key enters with the count it had (its history), not one more use
+            self.touch(key)
 
     def remove(self, key: Key) -> None:
         i = self._index.pop(key, None)
@@ -104,8 +107,8 @@ class PinnedPolicy:
     def touch(self, key: Key) -> None:
         self.inner.touch(key)
 
-    def insert(self, key: Key) -> None:
-        self.inner.insert(key)
+    def insert(self, key: Key, cold: bool = False) -> None:
+        self.inner.insert(key, cold)
 
     def remove(self, key: Key) -> None:
         self.inner.remove(key)

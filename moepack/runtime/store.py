@@ -158,8 +158,9 @@ class ExpertStore:
                     np.copyto(dst, src, casting="unsafe")
         return n
 
-    def _assign(self, key: Key, pinned: set[Key]) -> int:
-        """Give ``key`` a slot: a free one, or the policy's victim among unpinned, settled experts."""
+    def _assign(self, key: Key, pinned: set[Key], cold: bool = False) -> int:
+        """Give ``key`` a slot: a free one, or the policy's victim among unpinned, settled experts. ``cold``: enter
+        it as the policy's next victim."""
         if self._free:
             slot = self._free.pop()
         else:
@@ -177,7 +178,7 @@ class ExpertStore:
             self._guessed.discard(old)
         self._slot_of[key] = slot
         self._key_of[slot] = key
-        self.policy.insert(key)
+        self.policy.insert(key, cold)
         return slot
 
     def _forget(self, key: Key) -> None:
@@ -208,41 +209,54 @@ class ExpertStore:
             except Exception as e:  # a failed guess costs nothing; a real fetch re-reads and reports it
                 log.debug("prefetch of %s failed: %s", key, e)
 
-    def fetch(self, layer: int, experts: Sequence[int]) -> np.ndarray:
-        """Make ``experts`` of ``layer`` resident; returns their slot indices (int32, same order).
+    def acquire(self, layer: int, experts: Sequence[int], busy: Sequence[int] = (), cold: bool = False) -> list[Key]:
+        """Pin ``experts`` of ``layer`` and start reading the missing ones; returns at once (then :meth:`wait`).
 
-        They stay pinned until the next ``fetch``: the caller computes on their slots in between.
+        They stay pinned until the next ``acquire``, with ``busy`` (experts of ``layer`` a batch is still computing
+        on while this one loads). ``cold``: read for a prompt, which visits every expert it needs once, so they go
+        in as the policy's first victims rather than pushing the decode working set out (:meth:`keep`).
         """
         keys = [(layer, int(e)) for e in experts]
         uniq = list(dict.fromkeys(keys))
-        if len(uniq) > self.n_slots:
-            raise ValueError(f"{len(uniq)} experts requested at once but the pool has {self.n_slots} slots")
+        pinned = set(uniq) | {(layer, int(e)) for e in busy}
+        if len(pinned) > self.n_slots:
+            raise ValueError(f"{len(pinned)} experts requested at once but the pool has {self.n_slots} slots")
         self._reap()
-        self._in_use = set(uniq)
+        self._in_use = pinned
         guessed = {k for k in self._guessed if k[0] == layer}
         if guessed:  # score the guesses made for this layer
             used = len(guessed & self._in_use)
             self.counters.prefetch_used += used
             self.accuracy = 0.8 * self.accuracy + 0.2 * used / len(guessed)
             self._guessed -= guessed
-        waiting, misses = [], []
         for key in uniq:
             self.heat[key] = self.heat.get(key, 0) + 1
-            if key in self._inflight:
+            if key in self._inflight or key in self._slot_of:
                 self.counters.hits += 1
-                waiting.append(key)
-            elif key in self._slot_of:
-                self.counters.hits += 1
-                self.policy.touch(key)
+                if key in self._slot_of and key not in self._inflight:
+                    self.policy.touch(key)
             else:
                 self.counters.misses += 1
-                misses.append((key, self._assign(key, self._in_use)))
-        if misses or waiting:
+                slot = self._assign(key, self._in_use, cold)
+                self._inflight[key] = self._io.submit(self._load, key, slot)
+        return keys
+
+    def slots(self, keys: Sequence[Key]) -> np.ndarray:
+        """Slot indices of acquired ``keys`` (int32), whether or not their reads have landed."""
+        return np.array([self._slot_of[k] for k in keys], dtype=np.int32)
+
+    def pending(self, keys: Sequence[Key]) -> set[Key]:
+        """Which of ``keys`` are still being read."""
+        return {k for k in keys if k in self._inflight}
+
+    def wait(self, keys: Sequence[Key]) -> np.ndarray:
+        """Wait for the reads of acquired ``keys``; returns their slot indices (int32, same order). A failed read
+        raises (this call fails; the store stays usable)."""
+        waiting = [k for k in dict.fromkeys(keys) if k in self._inflight]
+        if waiting:
             t0 = time.perf_counter()
-            futs = {key: self._io.submit(self._load, key, slot) for key, slot in misses}
-            self._inflight.update(futs)
             error = None
-            for key in [*waiting, *futs]:
+            for key in waiting:
                 try:
                     self._settle(key)
                 except BaseException as e:
@@ -250,7 +264,22 @@ class ExpertStore:
             self.counters.io_wait_s += time.perf_counter() - t0
             if error is not None:
                 raise error
-        return np.array([self._slot_of[k] for k in keys], dtype=np.int32)
+        return self.slots(keys)
+
+    def fetch(self, layer: int, experts: Sequence[int]) -> np.ndarray:
+        """Make ``experts`` of ``layer`` resident; returns their slot indices (int32, same order).
+
+        They stay pinned until the next ``fetch``: the caller computes on their slots in between.
+        """
+        return self.wait(self.acquire(layer, experts))
+
+    def keep(self, layer: int, experts: Sequence[int]) -> None:
+        """After a prompt's pass through ``layer``: mark its most used ``experts`` recently used, so the decode that
+        follows finds each layer's likely experts still cached (the rest of the prompt's reads go first)."""
+        for e in experts:
+            key = (layer, int(e))
+            if key in self._slot_of and key not in self._inflight:
+                self.policy.touch(key)
 
     def prefetch(self, layer: int | None, experts: Sequence[int]) -> None:
         """Start reading experts a later layer will probably need; returns at once.
@@ -266,7 +295,7 @@ class ExpertStore:
             key = (layer, e)
             if key in self._slot_of or key in self._inflight:
                 continue
-            if len(self._in_use) + len(self._inflight) + 1 > self.n_slots:
+            if len(self._in_use | self._inflight.keys()) + 1 > self.n_slots:
                 return  # no slot may be taken without stalling the current layer
             slot = self._assign(key, self._in_use)
             self._inflight[key] = self._io.submit(self._load, key, slot)

@@ -19,6 +19,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from moepack.runtime.kernels import expert_matmul
+
 # ---- routing ---------------------------------------------------------------------------------
 
 
@@ -189,25 +191,75 @@ class StreamedExperts:
 
     def __call__(self, x: mx.array, inds: mx.array, weights: mx.array) -> mx.array:
         """x [N, H], inds [N, K] expert ids, weights [N, K] -> [N, H]."""
+        return self._decode(x, inds, weights) if inds.shape[0] == 1 else self._prompt(x, inds, weights)
+
+    def _decode(self, x: mx.array, inds: mx.array, weights: mx.array) -> mx.array:
+        """One token: each (token, choice) pair its own 1-row matmul. The experts already cached compute while the
+        missing ones are read; the next layer's experts may be guessed and read early (``predict``)."""
         N, K = inds.shape
-        guess = self.predict(x)[0] if N == 1 and self.predict is not None and self.store.prefetching else None
+        guess = self.predict(x)[0] if self.predict is not None and self.store.prefetching else None
         mx.eval(inds) if guess is None else mx.eval(inds, guess)
         ids = np.array(inds).reshape(-1)  # host sync: the store must know which experts to read
         batches = plan_batches(ids, self.store.n_slots)
-        outs = []
-        for i, b in enumerate(batches):
-            slots = self.store.fetch(self.layer, b.experts)
+        pairs, outs = [], []
+        for b in batches:
+            keys = self.store.acquire(self.layer, b.experts)
             if guess is not None:
                 self.store.prefetch(self.next_layer, np.array(guess).reshape(-1).tolist())
-            xs = x[mx.array(b.pairs // K)][:, None, :]  # [P, 1, H]
-            y = self._pairs(xs, mx.array(np.repeat(slots, b.rows).astype(np.uint32)))[:, 0, :]  # [P, H]
-            if i + 1 < len(batches):
-                mx.eval(y)  # the next batch may reuse these slots
-            outs.append(y)
+            pend = self.store.pending(keys)
+            late = np.repeat([k in pend for k in keys], b.rows)
+            slots = np.repeat(self.store.slots(keys), b.rows).astype(np.uint32)
+            for part in (~late, late):
+                p = b.pairs[part]
+                if not len(p):
+                    continue
+                if part is late:
+                    if outs:
+                        mx.eval(outs[-1])  # compute the cached experts while the missing ones are read...
+                    self.store.wait(keys)  # ...then wait for those
+                pairs.append(p)
+                outs.append(self._pairs(x[mx.array(p // K)][:, None, :], mx.array(slots[part]))[:, 0, :])
+            if b is not batches[-1]:
+                mx.eval(outs[-1])  # the next batch may reuse these slots
         y = mx.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
-        order = np.concatenate([b.pairs for b in batches])
-        y = y[mx.array(np.argsort(order, kind="stable"))].reshape(N, K, -1)  # back to pair order
+        y = y[mx.array(np.argsort(np.concatenate(pairs), kind="stable"))].reshape(N, K, -1)  # back to pair order
         return (y * weights[..., None].astype(y.dtype)).sum(axis=1)
+
+    def _prompt(self, x: mx.array, inds: mx.array, weights: mx.array) -> mx.array:
+        """Many tokens, expert by expert: every row routed to an expert in one matmul per projection, each expert read
+        at most once. While one batch of experts computes, the next batch is read into the other half of the pool.
+        Rows are summed into the output in ascending expert order, whatever the batches: output does not depend on
+        the budget."""
+        N, K = inds.shape
+        mx.eval(inds, weights)
+        ids = np.array(inds).reshape(-1)
+        w = weights.reshape(-1)
+        n = self.store.n_slots
+        experts = len(np.unique(ids))
+        batches = plan_batches(ids, n if experts <= n or n < 2 else n // 2)  # two batches fit: one reads, one computes
+        y = mx.zeros(x.shape, x.dtype)
+        keys = self.store.acquire(self.layer, batches[0].experts, cold=True)
+        for i, b in enumerate(batches):
+            slots = self.store.wait(keys)
+            if i + 1 < len(batches):
+                keys = self.store.acquire(self.layer, batches[i + 1].experts, busy=b.experts, cold=True)
+            for slot, rows in zip(slots.tolist(), np.split(b.pairs, np.cumsum(b.rows)[:-1])):
+                tok = mx.array(rows // K)
+                o = self._rows(x[tok], int(slot))
+                y = y.at[tok].add(o * w[mx.array(rows)][:, None].astype(o.dtype))
+            mx.eval(y)  # these slots may be reused from here on
+        order = np.argsort(-np.bincount(ids, minlength=int(ids.max()) + 1), kind="stable")
+        self.store.keep(self.layer, order[: max(1, n // max(1, len(self.store.layouts)))])
+        return y
+
+    def _rows(self, x: mx.array, slot: int) -> mx.array:
+        """One expert on its rows: x [r, H] -> [r, H] (``kernels.expert_matmul`` picks the fastest path)."""
+        def project(h: mx.array, name: str) -> mx.array:
+            bias = self.store.pool.get(name + "_bias")
+            return expert_matmul(h, self.store.pool[name], slot, self.store.records[name],
+                                 bias=None if bias is None else bias["data"][slot])
+
+        return project(self.activation(project(x, "gate"), project(x, "up")), "down")
 
 
 # ---- the block -------------------------------------------------------------------------------
