@@ -25,7 +25,7 @@ import numpy as np
 from moepack import arch
 from moepack.errors import PackError
 from moepack.formats.reader import PackReader
-from moepack.runtime import memory
+from moepack.runtime import kernels, memory
 from moepack.runtime.heat import heat_keys
 from moepack.runtime.memory import MemoryPlan, plan_memory
 from moepack.runtime.models import module_for
@@ -220,6 +220,7 @@ class Engine(BaseEngine):
         if keep:
             self.model.load_weights(keep, strict=False)
         mx.eval(self.model.parameters())
+        kernels.blas_for_many_rows(self.model)  # CPU only: prompts' matmuls through numpy's BLAS
         del weights
         self.reader.release()
 

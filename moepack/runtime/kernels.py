@@ -169,3 +169,38 @@ def dense_matmul(x: mx.array, layer: nn.Module, *, path: str | None = None) -> m
         y += _host(bias)
     out = mx.array(y).reshape(*lead, out_dims)
     return out if x.dtype == mx.float32 else out.astype(x.dtype)
+
+
+class _RowsLinear:
+    """Mixin: many rows through numpy's BLAS (``dense_matmul``), few through the layer's own MLX call."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        encoding = self.mode if isinstance(self, nn.QuantizedLinear) else "raw"
+        if choose_path(math.prod(x.shape[:-1]), encoding) == "blas":
+            return dense_matmul(x, self, path="blas")
+        return super().__call__(x)
+
+
+class RowsLinear(_RowsLinear, nn.Linear):
+    pass
+
+
+class RowsQuantizedLinear(_RowsLinear, nn.QuantizedLinear):
+    pass
+
+
+def blas_for_many_rows(model: nn.Module) -> int:
+    """On MLX's CPU back end, let every plain ``nn.Linear``/``nn.QuantizedLinear`` of ``model`` send calls with many
+    rows (a prompt) through numpy's BLAS; returns how many layers. Subclasses (routers) keep their own call."""
+    if not on_cpu():
+        return 0
+    n = 0
+    for _, m in model.named_modules():
+        if type(m) is nn.QuantizedLinear:
+            m.__class__ = RowsQuantizedLinear
+        elif type(m) is nn.Linear:
+            m.__class__ = RowsLinear
+        else:
+            continue
+        n += 1
+    return n
