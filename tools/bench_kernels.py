@@ -10,10 +10,12 @@ affine 8-bit g64, mxfp4 (g32), raw float32. Methods:
   deq_mx       mx.dequantize of the slot + mx.matmul
   deq_np       mx.dequantize of the slot + numpy np.matmul (OpenBLAS): kernels.expert_matmul(path="blas")
 
-Median of repeated calls after a warm-up (each call fully evaluated). Also reports numpy's BLAS threads and
+``--dense``: also kernels.dense_matmul on a 2048x2048 nn.Linear / QuantizedLinear (8-bit, 4-bit), MLX vs BLAS.
+
+Median and min of repeated calls after a warm-up (each call fully evaluated). Also reports numpy's BLAS threads and
 whether a numpy sgemm and MLX CPU compute slow each other down when run at the same time.
 
-    python tools/bench_kernels.py [--rows 1,4,16,64,256,1024] [--json out.json]
+    python tools/bench_kernels.py [--rows 1,4,16,64,256,1024] [--encodings affine4,raw] [--dense] [--json out.json]
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python tools/bench_kernels.py   # without those overrides
 """
 
@@ -122,6 +124,26 @@ def bench_one(parts, rec, P: int, d_in: int) -> dict[str, float]:
     return res
 
 
+def bench_dense(rows: list[int]) -> list[dict]:
+    """kernels.dense_matmul on a 2048x2048 projection (attention-sized): layer(x) (MLX) vs the BLAS path."""
+    import mlx.nn as nn
+
+    lin = nn.Linear(HIDDEN, HIDDEN, bias=False)
+    layers = {"raw": lin, "affine8": nn.QuantizedLinear.from_linear(lin, group_size=64, bits=8),
+              "affine4": nn.QuantizedLinear.from_linear(lin, group_size=64, bits=4)}
+    mx.eval([m.parameters() for m in layers.values()])
+    out = []
+    for name, layer in layers.items():
+        for P in rows:
+            x = mx.random.normal((P, HIDDEN), key=mx.random.key(7))
+            mx.eval(x)
+            r = {m: timeit(lambda m=m: mx.eval(kernels.dense_matmul(x, layer, path=m))) for m in kernels.PATHS}
+            out.append({"dense": name, "P": P, **r})
+            print(f"dense {name:8s} 2048x2048 P={P:5d}  " + "  ".join(f"{k} {v[0]:8.2f}/{v[1]:.2f}"
+                                                                       for k, v in r.items()), flush=True)
+    return out
+
+
 def contention() -> dict:
     """A numpy sgemm [256, 2048]x[2048, 768] alone and while an MLX thread runs 1-row quantized matmuls, and the
     MLX loop alone and beside numpy: do they share the cores?"""
@@ -160,6 +182,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", default="1,4,16,64,256,1024")
     ap.add_argument("--encodings", default=",".join(ENCODINGS))
+    ap.add_argument("--dense", action="store_true", help="also time dense_matmul on a 2048x2048 layer")
     ap.add_argument("--json")
     args = ap.parse_args()
     rows = [int(r) for r in args.rows.split(",")]
@@ -179,6 +202,7 @@ def main() -> None:
                 print(f"{name:8s} {proj:7s} P={P:5d}  " + "  ".join(f"{k} {v[0]:8.2f}/{v[1]:.2f}"
                                                                      for k, v in r.items()), flush=True)
             del parts
+    dense = bench_dense(rows) if args.dense else []
     cont = contention()
     print(json.dumps(cont, indent=1))
     methods = ["mlx_qmm", "gather_qmm", "deq_mx", "deq_np"]
@@ -193,7 +217,7 @@ def main() -> None:
     print(f"\nloadavg at end: {os.getloadavg()}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"info": info, "table": table, "contention": cont}, f, indent=1)
+            json.dump({"info": info, "table": table, "dense": dense, "contention": cont}, f, indent=1)
 
 
 if __name__ == "__main__":
