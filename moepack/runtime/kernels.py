@@ -56,7 +56,8 @@ import numpy as np
 # quiet machine BLAS would win from ~3 rows (affine). On this shared VM the 2-thread OpenBLAS stalls in multiples
 # of the 4 ms scheduler tick when its second thread is not scheduled (e.g. [16,2048]x[2048,768] at 36-84 ms
 # instead of ~1 ms), so the BLAS path wins reliably only from: affine 16 rows (won 12 of 16 measurements at 16 rows,
-# all at 64), mxfp4 64 (mixed at 16-48), raw 32 (won 4 of 4 at 32, lost every gate/up one at 16).
+# all at 64), mxfp4 64 (mixed at 16-48), raw 32 (won 5 of 6 at 32, the loss 44 vs 42 ms;
+# lost every gate/up one at 16; won all at 64).
 # With OPENBLAS_NUM_THREADS=1 the stalls go away and BLAS wins from 4 rows (affine, 8 of 8), 2 rows (raw) and
 # 16-32 rows (mxfp4); a deployment that pins BLAS to one thread per MLX-free core can lower these.
 CPU_BLAS_MIN_ROWS = {"affine": 16, "mxfp4": 64, "raw": 32}
