@@ -53,9 +53,9 @@ import numpy as np
 #   raw float32       (mx.matmul)  P=4 5.8 vs 0.8-80   P=16 21-45 vs 1.2-84   P=32 42-76 vs 1.9-10   P=64 120-280 vs 4-38
 # The fixed cost of the BLAS path is the dequantize, ~2-3.5 ms (affine) or ~13-20 ms (mxfp4, MLX decodes e2m1
 # slowly on the CPU); MLX costs ~1.4 ms (affine) / ~1 ms (mxfp4) per row; sgemm itself is ~0.02-0.05 ms a row. On a
-# quiet machine BLAS would win from ~3 rows (affine). On this shared VM the 2-thread OpenBLAS stalls in multiples
-# of the 4 ms scheduler tick when its second thread is not scheduled (e.g. [16,2048]x[2048,768] at 36-84 ms
-# instead of ~1 ms), so the BLAS path wins reliably only from: affine 16 rows (won 12 of 16 measurements at 16 rows,
+# quiet machine BLAS would win from ~3 rows (affine). On this shared VM the 2-thread OpenBLAS often stalls (e.g.
+# [16,2048]x[2048,768] at 36-84 ms instead of ~1 ms; our reading: it waits for its second thread to be scheduled,
+# since the stalls vanish with OPENBLAS_NUM_THREADS=1), so the BLAS path wins reliably only from: affine 16 rows (won 12 of 16 measurements at 16 rows,
 # all at 64), mxfp4 64 (mixed at 16-48), raw 32 (won 5 of 6 at 32, the loss 44 vs 42 ms;
 # lost every gate/up one at 16; won all at 64).
 # With OPENBLAS_NUM_THREADS=1 the stalls go away and BLAS wins from 4 rows (affine, 8 of 8), 2 rows (raw) and
