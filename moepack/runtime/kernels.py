@@ -17,12 +17,21 @@ agree to float32 rounding (~1e-6 relative), not bitwise. Each path is determinis
 Which path serves a call depends only on the device and the row count, so a caller that always computes one
 expert's rows together (sorted prefill) gets results independent of the memory budget.
 
-Row independence (measured, tests/test_kernels.py): OpenBLAS sgemm as numpy calls it gives each row bitwise
-the same result whatever other rows share the call, for P >= 2 rows; a single row is not the same (numpy calls
-sgemv for one row, a different summation order). The MLX path at P=1 differs from both. So decode (P=1,
-MLX path) and prefill (P rows, BLAS path) agree to rounding only, as they already do elsewhere (attention).
+Row independence (measured, tests/test_kernels.py, 768x2048): OpenBLAS sgemm as numpy calls it gives each row
+bitwise the same result whatever other rows share the call, for P >= 2 rows; a single row alone differs (numpy
+calls sgemv, another summation order), and so do tiny matrices (M*N*K below ~2^18 take OpenBLAS's small-matrix
+kernel). This is the BLAS build's and CPU's behaviour, not a guarantee. MLX's CPU path is row-invariant, P=1
+included. Decode (P=1, MLX path) and prefill (many rows, BLAS path) thus agree to rounding only.
 
-Timings behind the crossovers: ``python tools/bench_kernels.py`` (see its docstring for the table).
+Bias: ``expert_matmul`` adds an expert bias only when the caller passes it (``bias=``, the slot's row of
+``store.pool[name + "_bias"]["data"]``); ``dense_matmul`` adds the layer's own bias.
+
+Contention: numpy's OpenBLAS uses all cores (2 threads here) and MLX's CPU streams are threads too; running both
+at once oversubscribes the cores (measured here: a [256,2048]x[2048,768] sgemm 8.6 -> 43 ms while one MLX thread
+ran 1-row quantized matmuls, which went 1.6 -> 3.6 ms). Call the BLAS path when no MLX CPU work is in flight
+(it evaluates its inputs first, so work it depends on is finished before sgemm starts).
+
+Timings behind the crossovers: the comment on ``CPU_BLAS_MIN_ROWS``; ``python tools/bench_kernels.py`` remeasures.
 """
 
 from __future__ import annotations
@@ -34,18 +43,24 @@ import mlx.nn as nn
 import numpy as np
 
 # Rows from which the CPU BLAS path is used, per encoding (CPU only; a GPU always uses MLX).
-# Measured with tools/bench_kernels.py on the 2-core AMD EPYC (SkylakeX kernels) dev VM, mlx 0.32.4 [cpu],
-# numpy 2.4.6 + OpenBLAS 0.3.31 (2 threads), expert 768x2048, median ms per call, P rows:
-#   affine 4-bit g64: quantized_matmul  P=1 0.4  P=4 5.3  P=16 22  P=64 88
-#                     dequantize+np     P=1 3.5  P=4 3.6  P=16 4.7  P=64 5.9
-#   affine 8-bit g64: quantized_matmul  P=1 0.4  P=4 5.4  P=16 21  P=64 88
-#                     dequantize+np     P=1 3.9  P=4 4.0  P=16 4.7  P=64 6.0
-#   raw float32:      mx.matmul         P=1 0.4  P=4 4.4  P=16 20  P=64 89
-#                     np.matmul         P=1 0.2  P=4 0.4  P=16 0.9  P=64 2.2
-# Quantized: MLX costs ~1.4 ms a row from 2 rows on, BLAS ~3.5 ms fixed (the dequantize) + ~0.04 ms a row:
-# the break-even is 3 rows; at 4 rows BLAS already wins 1.5x. Raw: no dequantize, BLAS wins from 2 rows;
-# one row stays on MLX (a gemv, about the same and no host round trip).
-CPU_BLAS_MIN_ROWS = {"affine": 4, "mxfp4": 4, "raw": 2}
+# Measured with tools/bench_kernels.py on the dev VM: 2 vCPUs (AMD EPYC, OpenBLAS picks SkylakeX kernels), mlx 0.32.4
+# [cpu], numpy 2.4.6 + OpenBLAS 0.3.31 with its default 2 threads, shared with other jobs (load average 4-5).
+# Expert 768x2048 (gate/up) and 2048x768 (down); ms per call, min of repeats, MLX quantized_matmul vs
+# dequantize+np.matmul:
+#   affine 4-bit g64  P=1 1.4 vs 3.2-12   P=4 5.7 vs 4-40   P=16 22 vs 4-44   P=64 92 vs 5-52   P=256 370 vs 9-94
+#   affine 8-bit g64  P=1 1.9 vs 8-12     P=4 6.2 vs 4-44   P=16 23 vs 4-86   P=64 95-185 vs 5-24  P=1024 1600 vs 25-81
+#   mxfp4 g32         P=1 0.9 vs 20-60    P=16 11-20 vs 14-64   P=32 22-30 vs 15-23   P=64 63-93 vs 22-61
+#   raw float32       (mx.matmul)  P=4 5.8 vs 0.8-80   P=16 21-45 vs 1.2-84   P=32 42-76 vs 1.9-10   P=64 120-280 vs 4-38
+# The fixed cost of the BLAS path is the dequantize, ~2-3.5 ms (affine) or ~13-20 ms (mxfp4, MLX decodes e2m1
+# slowly on the CPU); MLX costs ~1.4 ms (affine) / ~1 ms (mxfp4) per row; sgemm itself is ~0.02-0.05 ms a row. On a
+# quiet machine BLAS would win from ~3 rows (affine). On this shared VM the 2-thread OpenBLAS often stalls (e.g.
+# [16,2048]x[2048,768] at 36-84 ms instead of ~1 ms; our reading: it waits for its second thread to be scheduled,
+# since the stalls vanish with OPENBLAS_NUM_THREADS=1), so the BLAS path wins reliably only from: affine 16 rows (won 12 of 16 measurements at 16 rows,
+# all at 64), mxfp4 64 (mixed at 16-48), raw 32 (won 5 of 6 at 32, the loss 44 vs 42 ms;
+# lost every gate/up one at 16; won all at 64).
+# With OPENBLAS_NUM_THREADS=1 the stalls go away and BLAS wins from 4 rows (affine, 8 of 8), 2 rows (raw) and
+# 16-32 rows (mxfp4); a deployment that pins BLAS to one thread per MLX-free core can lower these.
+CPU_BLAS_MIN_ROWS = {"affine": 16, "mxfp4": 64, "raw": 32}
 
 # The dense BLAS path dequantizes a quantized weight in slices of output rows of at most this many float32
 # bytes, so the temporary is bounded (a 151936x2048 LM head would otherwise need 1.2 GiB at once). The slicing
@@ -140,7 +155,10 @@ def dense_matmul(x: mx.array, layer: nn.Module, *, path: str | None = None) -> m
     On the CPU with many rows (``choose_path`` on the row count), a quantized weight is dequantized per call
     into float32 slices of at most ``DENSE_SLICE_BYTES`` (64 MiB) of output rows, each multiplied with numpy's
     BLAS; without slicing that temporary would be one float32 [out, in] matrix (4 bytes per weight). A float32
-    nn.Linear weight is used in place (no copy). Otherwise ``layer(x)`` itself (MLX).
+    nn.Linear weight is used in place (no copy). Otherwise ``layer(x)`` itself (MLX). The crossover is the experts'
+    (``CPU_BLAS_MIN_ROWS`` by encoding: nn.Linear counts as raw); both costs scale with in*out, and a 2048x2048
+    layer measured the same way (ms, MLX vs BLAS, tools/bench_kernels.py --dense): 8-bit P=4 17 vs 14-19, P=16
+    69 vs 16, P=256 1040 vs 25; 4-bit P=16 58 vs 14; float32 P=4 14 vs 40, P=16 76 vs 3, P=256 1000 vs 16.
     """
     encoding, p, bits, group_size = _layer_parts(layer)
     *lead, d_in = x.shape
