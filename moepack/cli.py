@@ -382,16 +382,29 @@ def chat(pack, system, temp, top_p, seed, max_tokens, memory_budget, verify, pol
 @click.option("--io-only", is_flag=True, help="Judge the read path only: replay a short decode's expert fetches.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of latency per token and hit rate.")
-def bench(pack, prompt_tokens, gen_tokens, memory_budget, policy, prefetch, io_threads, io_only, as_json, plot) -> None:
-    """Measure PACK cold and warm: tok/s, ms/token split, bytes per token, hit rate, and the device's own bandwidth."""
+@click.option("--prompt-only", is_flag=True, help="Only the long-prompt runs (prefill, then 32 decode tokens).")
+def bench(pack, prompt_tokens, gen_tokens, memory_budget, policy, prefetch, io_threads, io_only, as_json, plot,
+          prompt_only) -> None:
+    """Measure PACK: a prompt of --prompt-tokens (prefill tok/s, time to first token, bytes read against the distinct
+    experts it touched, peak memory, the decode hit rate after it), then decode cold and warm (tok/s, ms/token split,
+    bytes per token, hit rate) beside the device's own bandwidth."""
     from moepack.runtime.bench import bench as run
     from moepack.runtime.bench import plot as draw
 
-    r = run(pack, prompt_tokens, gen_tokens, memory_budget, policy, prefetch, io_threads, io_only_mode=io_only)
+    r = run(pack, prompt_tokens, gen_tokens, memory_budget, policy, prefetch, io_threads, io_only_mode=io_only,
+            prompt_only=prompt_only)
     if plot and "per_token" in r:
         draw(r, plot)
     if as_json:
         click.echo(json.dumps(r, indent=2))
+        return
+    for p in r.get("prompt", []):
+        click.echo(f"prompt {p['prompt_tokens']} tokens: {p['prefill_tok_s']:.1f} tok/s, first token after "
+                   f"{p['ttft_s']:.2f}s, read {human_bytes(p['bytes_read'])} = {p['read_ratio']:.3f}x the "
+                   f"{p['distinct_experts']} distinct experts it touched, peak memory {human_bytes(p['peak_rss'])} "
+                   f"(budget {human_bytes(p['budget'])}); next {p['decode_tokens']} tokens hit "
+                   f"{p['decode_hit_rate']:.1%} with the decode set {'kept' if p['keep_decode_set'] else 'not kept'}")
+    if prompt_only:
         return
     d, io = r["device"], r["io_only"]
     click.echo(f"device ({d['mode']}): {d['sequential_gbps']:.2f} GB/s one stream, {d['sequential_qd_gbps']:.2f} GB/s "

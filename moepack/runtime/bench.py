@@ -23,7 +23,8 @@ from moepack.errors import MoepackError
 from moepack.formats.reader import PackReader
 from moepack.runtime.engine import Engine
 from moepack.runtime.io import DirectReader, aligned_buffer
-from moepack.runtime.memory import peak_rss
+from moepack.runtime.generation import decode, prefill
+from moepack.runtime.memory import peak_rss, reset_peak_rss
 from moepack.runtime.store import ExpertStore
 
 log = logging.getLogger(__name__)
@@ -194,15 +195,55 @@ def record_trace(engine: Engine) -> list:
     return trace
 
 
+def prompt_run(pack: str | Path, prompt: list[int], memory_budget=None, policy: str = "lru", io_threads: int = 8,
+               keep_decode_set: bool = True, decode_tokens: int = 32) -> dict:
+    """One long prompt on a fresh engine with a cold pool and page cache: prefill tok/s, time to first token, bytes
+    read against the bytes of the distinct experts the prompt touched, peak RSS, then the hit rate of the first
+    ``decode_tokens`` greedy tokens after it (how much of the decode working set the prompt left cached)."""
+    engine = Engine(pack, memory_budget=memory_budget, policy=policy, io_threads=io_threads, heat=False,
+                    keep_decode_set=keep_decode_set)
+    drop_page_cache(engine.reader)
+    reset_peak_rss()
+    cache = engine.make_cache()
+    t0 = time.perf_counter()
+    logits = prefill(engine, prompt, cache)
+    tok = int(np.argmax(logits))
+    ttft = time.perf_counter() - t0
+    c = engine.store.counters
+    pre = {"bytes_read": c.bytes_read, "reads": c.reads, "io_wait_s": c.io_wait_s, "compute_s": engine.compute_s}
+    touched = len(engine.store.heat)  # (layer, expert) keys the prompt asked for: a fresh engine, nothing before
+    peak = peak_rss()
+    h0, m0 = c.hits, c.misses
+    t1 = time.perf_counter()
+    for _ in range(decode_tokens):
+        tok = int(np.argmax(decode(engine, tok, cache)))
+    dt = time.perf_counter() - t1
+    hits, misses = c.hits - h0, c.misses - m0
+    out = {"prompt_tokens": len(prompt), "ttft_s": ttft, "prefill_tok_s": len(prompt) / ttft, **pre,
+           "distinct_experts": touched, "distinct_expert_bytes": touched * engine.store.file_bytes,
+           "read_ratio": pre["bytes_read"] / (touched * engine.store.file_bytes) if touched else 0.0,
+           "peak_rss": peak, "budget": engine.plan.budget, "slots": engine.plan.n_slots,
+           "keep_decode_set": keep_decode_set, "decode_tokens": decode_tokens,
+           "decode_hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+           "decode_tok_s": decode_tokens / dt if dt else 0.0}
+    engine.close()
+    return out
+
+
 def bench(pack: str | Path, prompt_tokens: int = 64, gen_tokens: int = 32, memory_budget=None, policy: str = "lru",
-          prefetch: bool = False, io_threads: int = 8, seed: int = 0, io_only_mode: bool = False) -> dict:
+          prefetch: bool = False, io_threads: int = 8, seed: int = 0, io_only_mode: bool = False,
+          prompt_only: bool = False) -> dict:
+    """``prompt_only``: just the long-prompt runs (:func:`prompt_run`, decode set kept and not), no decode runs."""
     reader = PackReader(pack)
+    vocab = reader.manifest.architecture.get("vocab_size") or 1000
+    prompt = np.random.default_rng(seed).integers(0, vocab, size=prompt_tokens).tolist()
+    if prompt_only:
+        return {"pack": str(pack), "platform": sys.platform,
+                "prompt": [prompt_run(pack, prompt, memory_budget, policy, io_threads, keep) for keep in (True, False)]}
     how = drop_page_cache(reader)
     dev = device_bandwidth(reader, threads=io_threads)
     engine = Engine(pack, memory_budget=memory_budget, policy=policy, prefetch=prefetch, io_threads=io_threads,
                     heat=False)  # cold means cold: no warm start
-    vocab = engine.reader.manifest.architecture.get("vocab_size") or 1000
-    prompt = np.random.default_rng(seed).integers(0, vocab, size=prompt_tokens).tolist()
     payload = engine.store.payload[engine.reader.moe_layers[0]] if engine.reader.moe_layers else 0
     drop_page_cache(reader)
     trace = record_trace(engine)
@@ -224,6 +265,8 @@ def bench(pack: str | Path, prompt_tokens: int = 64, gen_tokens: int = 32, memor
             r["fetch_ratio_to_device"] = r["fetch_gbps"] / dev["device_gbps"] if dev["device_gbps"] else 0.0
     out["peak_rss"] = peak_rss()
     engine.close()
+    if not io_only_mode:
+        out["prompt"] = [prompt_run(pack, prompt, memory_budget, policy, io_threads, keep) for keep in (True, False)]
     return out
 
 

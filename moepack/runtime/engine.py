@@ -158,13 +158,15 @@ class Engine(BaseEngine):
                  compute_dtype: mx.Dtype | None = None, direct_io: bool = True, io_threads: int = 8,
                  policy: EvictionPolicy | str | None = None, prefetch: bool = False,
                  heat: str | Path | bool | None = True, pin_hot: float = 0.0, verify: bool = False,
-                 stage: Stage | None = None):
+                 keep_decode_set: bool = True, stage: Stage | None = None):
         """``policy``: "lru" (default), "lfu" or an EvictionPolicy. ``heat``: a heat profile to warm-start the pool from (a path;
         True, the default, uses the one `moepack profile` saved for this pack in the user cache if there is one); ``pin_hot``:
         the fraction of slots whose hottest experts are never evicted. ``prefetch``: guess the next layer's
         experts during decode and read them early (never changes output; off by default because on the machines
         measured so far it did not pay, see BENCHMARKS.md). ``verify``: check each file's blake3 the first time it is
-        read (dense files at load, each expert file on its first read; cost in RELIABILITY.md). ``stage``: load only a
+        read (dense files at load, each expert file on its first read; cost in RELIABILITY.md). ``keep_decode_set``: a
+        prompt's expert reads go into the pool as first victims, and each layer's most used experts of the prompt are
+        kept for the decode that follows (False: prompt reads are cached like decode's). ``stage``: load only a
         pipeline stage's layers (``moepack.runtime.distributed`` runs it)."""
         self.path = Path(path).expanduser()
         self.reader = PackReader(self.path, verify=verify)  # validates the manifest and config.json up front
@@ -181,7 +183,7 @@ class Engine(BaseEngine):
             policy = PinnedPolicy(policy, set(hot[: int(pin_hot * self.plan.n_slots)]))
         self.store = ExpertStore(self.reader, self.plan.n_slots, self.compute_dtype, direct=direct_io,
                                  threads=io_threads, policy=policy, prefetch=prefetch, verify=verify,
-                                 layers=self.stage.layers)
+                                 keep_decode_set=keep_decode_set, layers=self.stage.layers)
         try:
             self.model = module_for(self.family.name).Model(self.config, self.store)
             self.stage.drop_others(self.model)

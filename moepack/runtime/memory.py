@@ -142,6 +142,16 @@ def plan_memory(reader: PackReader, budget: int | None, compute: mx.Dtype, stage
     return MemoryPlan(budget, need.dense_bytes, need.slot_bytes, need.slots(budget), need.minimum)
 
 
+def reset_peak_rss() -> bool:
+    """Start a new peak for :func:`peak_rss` (Linux: ``5`` to /proc/self/clear_refs); False where impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def current_rss() -> int:
     """Resident set size of this process now, in bytes: VmRSS on Linux. Elsewhere the peak (``peak_rss``), an
     upper bound, since the current figure needs an OS-specific API (psutil is not a dependency)."""

@@ -71,12 +71,16 @@ class ExpertStore:
         policy: EvictionPolicy | None = None,
         prefetch: bool = False,
         verify: bool = False,
+        keep_decode_set: bool = True,
         layers: Sequence[int] | None = None,
     ):
         """``verify``: check each expert file's blake3 against the manifest the first time it is read.
         ``layers``: serve only these MoE layers (a pipeline stage's, runtime/distributed.py); default all."""
         self.reader = reader
         self.verify = verify
+        # A prompt's reads enter the pool as first victims and each layer's most used experts are kept afterwards,
+        # so a long prompt does not flush the decode working set (False: prompt reads are ordinary, as in decode).
+        self.keep_decode_set = keep_decode_set
         self._verified: set[Key] = set()
         self.n_slots = n_slots
         self.compute_dtype = compute_dtype

@@ -233,23 +233,33 @@ class StreamedExperts:
         N, K = inds.shape
         mx.eval(inds, weights)
         ids = np.array(inds).reshape(-1)
-        w = weights.reshape(-1)
+        w = np.array(weights.astype(mx.float32)).reshape(-1)
         n = self.store.n_slots
         experts = len(np.unique(ids))
         batches = plan_batches(ids, n if experts <= n or n < 2 else n // 2)  # two batches fit: one reads, one computes
-        y = mx.zeros(x.shape, x.dtype)
-        keys = self.store.acquire(self.layer, batches[0].experts, cold=True)
+        # The sum over experts: in place in numpy on the CPU (MLX's scatter would copy [N, H] per expert)
+        cpu = mx.default_device() == mx.cpu
+        y = np.zeros(x.shape, np.float32) if cpu else mx.zeros(x.shape, x.dtype)
+        cold = self.store.keep_decode_set
+        keys = self.store.acquire(self.layer, batches[0].experts, cold=cold)
         for i, b in enumerate(batches):
             slots = self.store.wait(keys)
             if i + 1 < len(batches):
-                keys = self.store.acquire(self.layer, batches[i + 1].experts, busy=b.experts, cold=True)
+                keys = self.store.acquire(self.layer, batches[i + 1].experts, busy=b.experts, cold=cold)
             for slot, rows in zip(slots.tolist(), np.split(b.pairs, np.cumsum(b.rows)[:-1])):
-                tok = mx.array(rows // K)
-                o = self._rows(x[tok], int(slot))
-                y = y.at[tok].add(o * w[mx.array(rows)][:, None].astype(o.dtype))
-            mx.eval(y)  # these slots may be reused from here on
-        order = np.argsort(-np.bincount(ids, minlength=int(ids.max()) + 1), kind="stable")
-        self.store.keep(self.layer, order[: max(1, n // max(1, len(self.store.layouts)))])
+                tok = rows // K
+                o = self._rows(x[mx.array(tok)], int(slot)) * mx.array(w[rows])[:, None]  # [r, H] weighted
+                if cpu:
+                    y[tok] += np.asarray(o.astype(mx.float32))
+                else:
+                    y = y.at[mx.array(tok)].add(o.astype(y.dtype))
+            if not cpu:
+                mx.eval(y)  # these slots may be reused from here on
+        if cpu:
+            y = mx.array(y).astype(x.dtype)
+        if cold:  # each layer's most used experts of the prompt stay for the decode that follows
+            order = np.argsort(-np.bincount(ids), kind="stable")
+            self.store.keep(self.layer, order[: max(1, n // max(1, len(self.store.layouts)))])
         return y
 
     def _rows(self, x: mx.array, slot: int) -> mx.array:
