@@ -90,3 +90,57 @@ def test_engine_options_reach_a_pipeline_rank_as_they_reach_a_local_engine(pack,
     monkeypatch.setenv("MOEPACK_PIPELINE", "1")
     CliRunner().invoke(main, args)
     assert seen["pipeline"] == seen["local"] == {"verify": True, "policy": "lfu", "prefetch": True}
+
+
+PROMPT_SCRIPT = """
+import json, sys
+import numpy as np
+from moepack.runtime.memory import current_rss, peak_rss, reset_peak_rss
+import moepack
+base = current_rss()
+eng = moepack.load(sys.argv[1], memory_budget=int(sys.argv[2]), heat=False)
+ids = np.random.default_rng(0).integers(0, 1000, size=int(sys.argv[3])).tolist()
+cache = eng.make_cache()
+logits = eng.forward(ids, cache)
+print(json.dumps({"base": base, "peak": peak_rss(), "working": eng.working_memory(len(ids)), "shape": logits.shape,
+                  "budget": eng.plan.budget, "passes": -(-len(ids) // eng.max_pass), "offset": cache[0].offset}))
+"""
+
+
+def test_long_prompt_stays_within_budget_plus_documented_working_memory(tmp_path):
+    """A 3,000-token prompt on a model with a 32k vocabulary: the head runs on the last position only ([T, vocab]
+    float32 logits would be 390 MB, more than the whole allowance) and peak RSS stays within budget + the README's
+    working memory for that context."""
+    import json
+    import subprocess
+    import sys
+
+    spec = SyntheticSpec(hidden_size=128, num_hidden_layers=2, num_experts=8, num_experts_per_tok=2,
+                         moe_intermediate_size=64, vocab_size=32768)
+    pack = convert(str(write_checkpoint(tmp_path / "ckpt", spec)), tmp_path / "pack", progress=False)
+    budget = 64 << 20
+    out = subprocess.run([sys.executable, "-c", PROMPT_SCRIPT, str(pack), str(budget), "3000"], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["shape"] == [1, 32768] and r["offset"] == 3000 and r["passes"] == 1
+    assert r["working"] < 3000 * 32768 * 4  # the allowance could not hold [T, vocab] logits
+    assert r["peak"] - r["base"] <= r["budget"] + r["working"], (r["peak"] - r["base"], r["budget"], r["working"])
+
+
+def test_long_prompt_same_at_minimum_and_full_budget_and_reads_each_expert_once(pack):
+    """A 300-token prompt touches most experts of every layer: at the minimum budget (two slots, batches of one expert,
+    the next read while one computes) logits equal the full budget's bitwise, and each expert is read exactly once."""
+    ids = np.random.default_rng(1).integers(0, SPEC.vocab_size, size=300).tolist()
+    with moepack.load(pack, heat=False) as full:
+        want = full.logits(ids)
+        tokens = list(full.generate(ids, 4))
+        minimum = full.plan.minimum
+    with moepack.load(pack, memory_budget=minimum, heat=False) as small:
+        assert small.plan.n_slots == SPEC.num_experts_per_tok
+        np.testing.assert_array_equal(small.logits(ids), want)
+        s = small.stats()
+        touched = len(small.store.heat)
+        assert touched > 4 * small.plan.n_slots  # far more experts than the pool holds: batches streamed
+        assert s["bytes_read"] == touched * small.store.file_bytes  # once per expert per layer, not per chunk
+        assert list(small.generate(ids, 4)) == tokens

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Decode speed of moepack beside mlx-lm and llama.cpp on one synthetic Qwen3-MoE, under the same memory cap.
+"""Decode and prompt speed of moepack beside mlx-lm and llama.cpp on one synthetic Qwen3-MoE, under the same memory cap.
 
 One bf16 checkpoint of a real architecture (Qwen3-MoE tensor names and hub config, random weights, written
 shard by shard by ``moepack.demo.write_checkpoint``) is converted once per engine:
@@ -34,6 +34,11 @@ did produce.
 
     python tools/bench_peers.py --work /tmp/moepack-peers --caps none,2.75GiB,0.9GiB --tokens 16 --repeat 3 \\
         --gguf-converter /tmp/llama.cpp-py/convert_hf_to_gguf.py --plot docs/bench_peers.png
+
+Prompt rows (``--prompt-tokens 1500,8000``): the prompt is English text repeated to that many tokens, each engine
+generates ``--tokens`` tokens after it (2 is enough), and the table gives prefill tok/s (loaded to first token),
+the bytes read from the device meanwhile, and peak memory. llama.cpp runs with its default ``n_batch`` 512 and a
+context just long enough; mlx-lm with its default prefill step.
 
 Needs root (cgroup, drop_caches), mlx-lm, llama-cpp-python and matplotlib; figures in BENCHMARKS.md.
 """
@@ -85,7 +90,8 @@ def _vm_hwm() -> int:
 def run_moepack(path: str, ids: list[int], n: int, budget: int | None) -> None:
     import moepack
 
-    engine = moepack.load(path, memory_budget=budget)
+    # the budget covers the context's working memory too (KV cache, a pass's activations): taken from the expert slots
+    engine = moepack.load(path, memory_budget=budget, reserve_tokens=len(ids) + n if budget is not None else 0)
     _emit("loaded", plan=asdict(engine.plan))
     first = last = None
     for i, tok in enumerate(engine.generate(ids, n)):
@@ -127,8 +133,8 @@ def run_llama_cpp(path: str, ids: list[int], n: int, repack: bool) -> None:
 
         low.llama_model_default_params = no_repack
     threads = os.cpu_count() or 1
-    llm = Llama(model_path=path, n_ctx=max(256, 2 * (len(ids) + n)), n_threads=threads, n_threads_batch=threads,
-                verbose=False)
+    llm = Llama(model_path=path, n_ctx=max(256, len(ids) + n + 64), n_batch=512, n_threads=threads,
+                n_threads_batch=threads, verbose=False)
     _emit("loaded")
     for i, tok in enumerate(llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0, reset=True)):
         _emit("token", i=i, tok=int(tok))
@@ -258,10 +264,17 @@ def prepare(args, work: Path) -> dict[str, Path]:
     return paths
 
 
-def prompt_ids(ckpt: Path) -> list[int]:
+def prompt_ids(ckpt: Path, n: int | None = None) -> list[int]:
+    """PROMPT's token ids; with ``n``, English text (PROMPT and the demo's paragraph) repeated to exactly n tokens."""
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(ckpt / "tokenizer.json")).encode(PROMPT).ids
+    from moepack.demo import CORPUS
+
+    tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    if n is None:
+        return tok.encode(PROMPT).ids
+    text = tok.encode(PROMPT + " " + CORPUS).ids
+    return (text * (n // len(text) + 1))[:n]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,13 +343,16 @@ class Run:
     rss_peak: int = 0
     wall_s: float = 0.0
     budget: int | None = None
+    prompt_tokens: int = 0
+    prefill_read: int = 0  # bytes read from the device between loaded and the first token
     token_ids: list[int] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
 
 def measure(engine: str, path: Path, ids: list[int], cap: int | None, args) -> Run:
     budget = None if cap is None else cap - parse_size(args.moepack_overhead)
-    run = Run(engine, cap, dir_bytes(path), args.tokens, budget=budget if engine == "moepack" else None)
+    run = Run(engine, cap, dir_bytes(path), args.tokens, budget=budget if engine == "moepack" else None,
+              prompt_tokens=len(ids))
     cmd = [sys.executable, os.path.abspath(__file__), "--runner", engine, str(path), json.dumps(ids), str(args.tokens),
            "none" if budget is None else str(budget)]
     drop_caches()
@@ -373,6 +389,7 @@ def measure(engine: str, path: Path, ids: list[int], cap: int | None, args) -> R
     run.finished = run.status == "ok" and len(toks) >= args.tokens
     if loaded and toks:
         run.prefill_s = toks[0]["t"] - loaded["t"]
+        run.prefill_read = toks[0]["io"] - loaded["io"]
     if len(toks) >= 2:
         span = toks[-1]["t"] - toks[0]["t"]
         run.decode_tok_s = (len(toks) - 1) / span
@@ -437,6 +454,29 @@ def table(runs: list[Run]) -> str:
     return "\n".join(rows)
 
 
+def prompt_table(runs: list[Run]) -> str:
+    head = ("| engine | prompt tokens | cap GiB | model/cap | finished | prefill tok/s | first token s | "
+            "read GB during prompt | peak GiB (cgroup) |")
+    rows = [head, "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+    cells: dict[tuple, list[Run]] = {}
+    for r in runs:
+        cells.setdefault((r.prompt_tokens, r.cap is not None, -(r.cap or 0), r.engine), []).append(r)
+    for (n, _, _, _), cell in sorted(cells.items(), key=lambda kv: kv[0][:3]):
+        ok = sorted((r for r in cell if r.tokens), key=lambda r: r.prefill_s)
+        r = ok[(len(ok) - 1) // 2] if ok else cell[0]
+        cap = "none" if r.cap is None else _gb(r.cap)
+        ratio = "-" if r.cap is None else f"{r.model_bytes / r.cap:.1f}x"
+        fin = f"{sum(x.tokens > 0 and x.status == 'ok' for x in cell)}/{len(cell)}" + (
+            "" if all(x.status == "ok" for x in cell) else f" ({', '.join(dict.fromkeys(x.status for x in cell))})")
+        rate = f"{n / r.prefill_s:.1f}" if r.tokens and r.prefill_s else "-"
+        if len(ok) > 1:
+            rate += f" ({n / ok[-1].prefill_s:.1f}-{n / ok[0].prefill_s:.1f})"
+        first = f"{r.load_s + r.prefill_s:.0f}" if r.tokens else "-"
+        read = f"{r.prefill_read / 1e9:.2f}" if r.tokens else "-"
+        rows.append(f"| {r.engine} | {n} | {cap} | {ratio} | {fin} | {rate} | {first} | {read} | {_gb(r.peak_bytes)} |")
+    return "\n".join(rows)
+
+
 def plot(runs: list[Run], out: Path) -> None:
     import matplotlib
 
@@ -485,7 +525,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=16, help="tokens to generate per run")
     ap.add_argument("--timeout", type=int, default=420, help="seconds per run (load + prefill + decode)")
     ap.add_argument("--moepack-overhead", default="320MiB",
-                    help="cap minus this is moepack's memory_budget (Python, MLX, I/O staging, KV cache, activations)")
+                    help="cap minus this is moepack's memory_budget (Python, MLX and BLAS themselves); the budget "
+                    "reserves the context's KV cache, activations and I/O staging inside it (reserve_tokens)")
     ap.add_argument("--gguf-converter", help="llama.cpp's convert_hf_to_gguf.py (or $LLAMA_CPP_CONVERT)")
     for k, v in dict(hidden=2048, layers=16, heads=16, kv_heads=4, head_dim=128, experts=64, top_k=8, width=768,
                      vocab=32768).items():
@@ -496,6 +537,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--report", type=Path, nargs="+", help="only print the table (and plot) of earlier results JSONs")
     ap.add_argument("--plot", type=Path, help="write a bar chart of ms/token here (PNG)")
     ap.add_argument("--out", type=Path, help="results JSON (default: WORK/results.json)")
+    ap.add_argument("--prompt-tokens", type=lambda s: [int(x) for x in s.split(",")],
+                    help="comma-separated prompt lengths: measure prompt processing instead of decode")
     args = ap.parse_args(argv)
 
     if args.report:
@@ -505,20 +548,21 @@ def main(argv: list[str] | None = None) -> None:
         paths = prepare(args, args.work)
         if args.prepare_only:
             return
-        ids = prompt_ids(paths["checkpoint"])
+        prompts = {n: prompt_ids(paths["checkpoint"], n) for n in args.prompt_tokens or [None]}
         runs = []
-        cells = [(parse_size(c), e) for c in args.caps.split(",") for e in args.engines]
-        for cap, eng in cells * args.repeat:
-            print(f"[bench] {eng} cap={cap}", file=sys.stderr, flush=True)
+        cells = [(n, parse_size(c), e) for n in prompts for c in args.caps.split(",") for e in args.engines]
+        for n, cap, eng in cells * args.repeat:
+            ids = prompts[n]
+            print(f"[bench] {eng} cap={cap} prompt={len(ids)}", file=sys.stderr, flush=True)
             r = measure(eng, paths[eng], ids, cap, args)
-            print(f"[bench]   {r.status}: {r.tokens} tokens, {r.decode_tok_s:.2f} tok/s, "
+            print(f"[bench]   {r.status}: {r.tokens} tokens, prefill {r.prefill_s:.1f}s, {r.decode_tok_s:.2f} tok/s, "
                   f"{r.read_per_token / 1e6:.0f} MB/token, peak {_gb(r.peak_bytes)} GiB {r.extra or ''}",
                   file=sys.stderr, flush=True)
             runs.append(r)
             (args.out or args.work / "results.json").write_text(json.dumps(
-                {"prompt_tokens": len(ids), "args": {k: str(v) for k, v in vars(args).items()},
+                {"args": {k: str(v) for k, v in vars(args).items()},
                  "runs": [asdict(x) for x in runs]}, indent=1))
-    print(table(runs))
+    print(prompt_table(runs) if any(r.prompt_tokens > 100 for r in runs) else table(runs))
     if args.plot:
         plot(runs, args.plot)
 

@@ -38,8 +38,10 @@ log = logging.getLogger(__name__)
 __all__ = ["BaseEngine", "Engine", "MemoryPlan", "Stage", "load", "plan_memory"]
 
 # Tokens in one forward pass. A prompt passes through the model layer by layer as one block (each expert it needs is
-# read at most once per layer); only prompts longer than this are split, to bound activation memory.
-MAX_PASS = 8192
+# read at most once per layer); only prompts longer than this, or than ACTIVATION_BYTES of activations allow (the
+# larger of 512 MiB and a sixteenth of the budget), are split into passes.
+MAX_PASS = 16384
+ACTIVATION_BYTES = 512 << 20
 
 Logits = Literal["last", "all"]
 
@@ -158,7 +160,7 @@ class Engine(BaseEngine):
                  compute_dtype: mx.Dtype | None = None, direct_io: bool = True, io_threads: int = 8,
                  policy: EvictionPolicy | str | None = None, prefetch: bool = False,
                  heat: str | Path | bool | None = True, pin_hot: float = 0.0, verify: bool = False,
-                 keep_decode_set: bool = True, stage: Stage | None = None):
+                 keep_decode_set: bool = True, reserve_tokens: int = 0, stage: Stage | None = None):
         """``policy``: "lru" (default), "lfu" or an EvictionPolicy. ``heat``: a heat profile to warm-start the pool from (a path;
         True, the default, uses the one `moepack profile` saved for this pack in the user cache if there is one); ``pin_hot``:
         the fraction of slots whose hottest experts are never evicted. ``prefetch``: guess the next layer's
@@ -166,7 +168,9 @@ class Engine(BaseEngine):
         measured so far it did not pay, see BENCHMARKS.md). ``verify``: check each file's blake3 the first time it is
         read (dense files at load, each expert file on its first read; cost in RELIABILITY.md). ``keep_decode_set``: a
         prompt's expert reads go into the pool as first victims, and each layer's most used experts of the prompt are
-        kept for the decode that follows (False: prompt reads are cached like decode's). ``stage``: load only a
+        kept for the decode that follows (False: prompt reads are cached like decode's). ``reserve_tokens``: count the
+        working memory of a context of that many tokens (KV cache, activations, scratch) inside the budget, taking it
+        from the expert slots, so the whole process stays within the budget. ``stage``: load only a
         pipeline stage's layers (``moepack.runtime.distributed`` runs it)."""
         self.path = Path(path).expanduser()
         self.reader = PackReader(self.path, verify=verify)  # validates the manifest and config.json up front
@@ -174,8 +178,17 @@ class Engine(BaseEngine):
         self.family = arch.family_for(self.config)
         self.compute_dtype = compute_dtype or memory.compute_dtype_for(self.reader)
         self.stage = stage or Stage.whole(arch.num_layers(self.config))
-        part = stage  # None: the whole pack
-        self.plan = plan_memory(self.reader, memory.parse_bytes(memory_budget), self.compute_dtype, part)
+        budget = memory.parse_bytes(memory_budget)
+        self.working = memory.working_memory(self.reader, self.compute_dtype, io_threads)
+        allowance = max(ACTIVATION_BYTES, (budget or memory.default_budget()) // 16)
+        self.max_pass = max(256, min(MAX_PASS, allowance // self.working.act_per_token))
+        need = memory.memory_need(self.reader, self.compute_dtype, stage)
+        while reserve_tokens and budget and self.max_pass > 256 and \
+                need.minimum + self.working.bytes(reserve_tokens, self.max_pass) > budget:
+            self.max_pass //= 2  # a context that does not fit in one pass goes in several (each reads its experts)
+        reserve = self.working.bytes(reserve_tokens, self.max_pass) if reserve_tokens else 0
+        self.plan = plan_memory(self.reader, budget, self.compute_dtype, stage, reserve)
+        mx.set_cache_limit(memory.MLX_CACHE_BYTES)  # freed buffers MLX keeps for reuse count against memory too
         hot = heat_keys(self.reader, heat)
         if isinstance(policy, str) or policy is None:
             policy = POLICIES[policy or "lru"]()
@@ -256,6 +269,10 @@ class Engine(BaseEngine):
 
     def _pass(self, ids: list[int], cache: list | None, logits: Logits) -> np.ndarray:
         return np.array(self.run(mx.array([ids], dtype=mx.int32), cache, logits)[0])
+
+    def working_memory(self, context: int) -> int:
+        """Bytes beyond the budget a sequence of ``context`` tokens may take at peak (README "Memory")."""
+        return self.working.bytes(context, self.max_pass)
 
     def make_cache(self) -> list:
         """Caches for this engine's layers (a pipeline stage's only)."""

@@ -12,6 +12,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from moepack import arch
 from moepack.errors import BudgetError
 from moepack.formats import dtypes
 from moepack.formats.manifest import TensorRecord
@@ -108,6 +109,42 @@ class MemoryNeed:
         return max(self.top_k, min(self.experts, (budget - self.dense_bytes) // self.slot_bytes))
 
 
+# Working memory beyond the budget (README "Memory"): MLX's buffer cache is held to MLX_CACHE_BYTES; a pass's
+# attention scores and dequantized weight slices to fixed scratch (attention.SCORE_BYTES twice: the scores and the
+# block's K/V copies; kernels.DENSE_SLICE_BYTES); activations grow with the tokens of one pass, the KV cache with
+# the context.
+MLX_CACHE_BYTES = 64 << 20
+SCRATCH_BYTES = (2 * 64 << 20) + (64 << 20)
+ACTIVATION_WIDTHS = 6  # live [T, hidden] float32 tensors in a pass (residual, norm, attention out, MoE sum, ...)
+
+
+@dataclass(frozen=True)
+class WorkingMemory:
+    """What a sequence costs beyond the budget, from the manifest alone (measured against RSS in the tests)."""
+
+    fixed: int  # I/O staging buffers + MLX's buffer cache + attention and dequantization scratch
+    kv_per_token: int  # KV cache bytes per position of the context (K and V, or MLA's latent, over all layers)
+    act_per_token: int  # activation bytes per token of one pass
+
+    def bytes(self, context: int, pass_tokens: int) -> int:
+        return self.fixed + context * self.kv_per_token + min(context, pass_tokens) * self.act_per_token
+
+
+def working_memory(reader: PackReader, compute: mx.Dtype, io_threads: int = 8) -> WorkingMemory:
+    """KV width per layer from the K/V projections' output dims (``k_proj``+``v_proj``, or MLA's
+    ``kv_a_proj_with_mqa``: latent + roped key); activations from the hidden size and the widest dense projection
+    (the LM head excluded: it runs on the last position only)."""
+    dense = reader.manifest.dense
+    hidden = int(reader.config.get("hidden_size") or arch.text_config(reader.config)["hidden_size"])
+    kv = sum(r.shape[0] for n, r in dense.items() if n.endswith(("k_proj.weight", "v_proj.weight", "kv_a_proj_with_mqa.weight")))
+    widest = max((r.shape[0] for n, r in dense.items() if len(r.shape) == 2 and "embed_tokens" not in n
+                  and "lm_head" not in n), default=hidden)
+    size = 4 if compute == mx.float32 else compute.size
+    staging = io_threads * max((lay.length for lay in reader.manifest.expert_layouts.values()), default=0)
+    return WorkingMemory(staging + MLX_CACHE_BYTES + SCRATCH_BYTES, kv * size,
+                         4 * (ACTIVATION_WIDTHS * hidden + 2 * widest))
+
+
 @dataclass
 class MemoryPlan:
     """How a budget is spent: dense weights resident, the rest as expert slots."""
@@ -129,17 +166,21 @@ def memory_need(reader: PackReader, compute: mx.Dtype, stage: Any = None) -> Mem
     return MemoryNeed(dense, per_slot, len(moe) * a["num_experts"], a["top_k"])
 
 
-def plan_memory(reader: PackReader, budget: int | None, compute: mx.Dtype, stage: Any = None) -> MemoryPlan:
-    """Split ``budget`` (default: :func:`default_budget`) into dense weights and expert slots; BudgetError below the minimum."""
+def plan_memory(reader: PackReader, budget: int | None, compute: mx.Dtype, stage: Any = None,
+                reserve: int = 0) -> MemoryPlan:
+    """Split ``budget`` (default: :func:`default_budget`) into dense weights and expert slots; BudgetError below the
+    minimum. ``reserve``: bytes of the budget kept for working memory (a long context), taken from the slots."""
     need = memory_need(reader, compute, stage)
+    minimum = need.minimum + reserve
     if budget is None:
-        budget = max(need.minimum, default_budget())
-    if budget < need.minimum:
+        budget = max(minimum, default_budget())
+    if budget < minimum:
+        held = f" + {reserve} reserved for the context" if reserve else ""
         raise BudgetError(
-            f"memory budget {budget} bytes is too small for this pack: it needs at least {need.minimum} bytes "
-            f"(dense weights {need.dense_bytes} + {need.top_k} expert slots of {need.slot_bytes}); "
-            f"minimum budget: {need.minimum}", need.minimum)
-    return MemoryPlan(budget, need.dense_bytes, need.slot_bytes, need.slots(budget), need.minimum)
+            f"memory budget {budget} bytes is too small for this pack: it needs at least {minimum} bytes "
+            f"(dense weights {need.dense_bytes} + {need.top_k} expert slots of {need.slot_bytes}{held}); "
+            f"minimum budget: {minimum}", minimum)
+    return MemoryPlan(budget, need.dense_bytes, need.slot_bytes, need.slots(budget - reserve), minimum)
 
 
 def reset_peak_rss() -> bool:

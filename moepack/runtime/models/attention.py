@@ -41,7 +41,8 @@ def _attend_blas(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.a
     if sinks is not None:  # a per-head logit in the softmax that contributes no value
         sk = np.asarray(sinks.astype(mx.float32)).reshape(1, Hkv, G, 1, 1)
         m = np.maximum(m, sk)
-    np.exp(s - m, out=s)
+    s -= m
+    np.exp(s, out=s)
     denom = s.sum(axis=-1, keepdims=True)
     if sinks is not None:
         denom += np.exp(sk - m)
