@@ -13,6 +13,13 @@ release ships them (``--carried-experts 4:32`` for Kimi K2.5's INT4 group-32 exp
 source is quantized), each expert projection on an aligned boundary of its own file.
 
 CONFIG is a config.json path or a preset (``kimi-k2.5``: Kimi K2.5's published text-model dimensions).
+
+``--ttft 2048,8192,32768`` also prints the expected time to first token for prompts of those lengths: bytes read
+over the SSD's bandwidth plus compute, under the old scheme (the prompt in 512-token chunks, each chunk reading every
+expert it touches) and the new one (the prompt layer by layer in passes sized like the engine's, each pass reading
+every expert it touches once). Experts touched by n tokens assume uniform routing: E·(1 - (1 - k/E)^n) per layer.
+Compute is 2 FLOPs per active parameter per token plus causal attention, at ``--tflops`` (an assumption: set it to
+your machine's measured matmul rate).
 """
 
 from __future__ import annotations
@@ -157,6 +164,41 @@ def virtual_pack(config: dict, out: Path, recipe: Recipe, carried: tuple[int, in
     return out
 
 
+def ttft(pack: Path, tokens: list[int], ssd_gbps: float, tflops: float, budget: int, chunk: int = 512) -> list[dict]:
+    """Expected time to first token for each prompt length, old (chunked) and new (layer-major passes) schemes."""
+    import mlx.core as mx
+
+    from moepack.formats.reader import PackReader
+    from moepack.runtime.engine import ACTIVATION_BYTES, MAX_PASS
+    from moepack.runtime.memory import working_memory
+
+    reader = PackReader(pack)
+    m, tc = reader.manifest, arch.text_config(reader.config)
+    E, k = m.architecture["num_experts"], m.architecture["top_k"]
+    per_layer = [m.expert_layouts[el.layout].length for el in m.experts]  # one expert file, per MoE layer
+    active = sum(math.prod(r.shape) for r in m.dense.values()) + sum(
+        k * sum(math.prod(t.shape) for t in m.expert_layouts[el.layout].tensors.values()) for el in m.experts)
+    heads = int(tc["num_attention_heads"])
+    qk = int(tc.get("qk_nope_head_dim", 0) + tc.get("qk_rope_head_dim", 0)) or int(tc.get("head_dim") or tc["hidden_size"] // heads)
+    v = int(tc.get("v_head_dim") or qk)
+    work = working_memory(reader, mx.bfloat16)
+    max_pass = max(256, min(MAX_PASS, max(ACTIVATION_BYTES, budget // 16) // work.act_per_token))
+
+    def read(n_tokens: int, size: int) -> float:  # bytes one run of ``size``-token blocks reads over n_tokens
+        blocks = [min(size, n_tokens - s) for s in range(0, n_tokens, size)]
+        return sum(E * (1 - (1 - k / E) ** b) * L for b in blocks for L in per_layer)
+
+    rows = []
+    for T in tokens:
+        flops = 2 * active * T + 2 * T * T * arch.num_layers(tc) * heads * (qk + v)  # causal: T²/2 pairs, qk and pv
+        compute = flops / (tflops * 1e12)
+        old, new = read(T, chunk), read(T, max_pass)
+        rows.append({"tokens": T, "old_read_gb": old / 1e9, "old_s": old / (ssd_gbps * 1e9) + compute,
+                     "passes": -(-T // max_pass), "new_read_gb": new / 1e9, "new_s": new / (ssd_gbps * 1e9) + compute,
+                     "compute_s": compute})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", help=f"config.json or a preset: {', '.join(PRESETS)}")
@@ -168,6 +210,11 @@ def main() -> None:
     ap.add_argument("--dense-group-size", type=int, default=64)
     ap.add_argument("--carried-experts", metavar="BITS:GROUP",
                     help="the release ships experts quantized like this and moepack carries them as they are")
+    ap.add_argument("--ttft", type=lambda s: [int(x) for x in s.split(",")], metavar="TOKENS,...",
+                    help="print the expected time to first token for these prompt lengths, old and new scheme")
+    ap.add_argument("--ssd-gbps", type=float, default=5.3, help="the SSD's read bandwidth, GB/s (for --ttft)")
+    ap.add_argument("--tflops", type=float, default=20.0, help="sustained matmul TFLOP/s (for --ttft; an assumption)")
+    ap.add_argument("--budget", default="64GB", help="the memory budget the passes are sized for (for --ttft)")
     args = ap.parse_args()
     if args.config in PRESETS:
         config, carried = PRESETS[args.config]
@@ -178,6 +225,15 @@ def main() -> None:
                     dense_bits=args.dense_bits, dense_group_size=args.dense_group_size)
     bits_gs = tuple(int(x) for x in carried.split(":")) if carried else None
     print(virtual_pack(config, args.out, recipe, bits_gs))
+    if args.ttft:
+        from moepack.units import parse_bytes
+
+        print(f"time to first token, SSD {args.ssd_gbps:g} GB/s, {args.tflops:g} TFLOP/s, budget {args.budget}")
+        print(f"{'tokens':>7} | {'old: read GB':>12} {'TTFT s':>8} | {'new: passes':>11} {'read GB':>8} {'TTFT s':>8} | "
+              f"{'compute s':>9}")
+        for r in ttft(args.out, args.ttft, args.ssd_gbps, args.tflops, parse_bytes(args.budget)):
+            print(f"{r['tokens']:>7} | {r['old_read_gb']:>12.0f} {r['old_s']:>8.0f} | {r['passes']:>11} "
+                  f"{r['new_read_gb']:>8.0f} {r['new_s']:>8.0f} | {r['compute_s']:>9.0f}")
 
 
 if __name__ == "__main__":
