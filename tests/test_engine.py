@@ -144,3 +144,24 @@ def test_long_prompt_same_at_minimum_and_full_budget_and_reads_each_expert_once(
         assert touched > 4 * small.plan.n_slots  # far more experts than the pool holds: batches streamed
         assert s["bytes_read"] == touched * small.store.file_bytes  # once per expert per layer, not per chunk
         assert list(small.generate(ids, 4)) == tokens
+
+
+@pytest.mark.parametrize("v2", [True, False])
+def test_default_budget_honours_the_cgroup_limit(tmp_path, v2):
+    from moepack.runtime.memory import cgroup_available
+
+    proc = tmp_path / "cgroup"
+    if v2:
+        proc.write_text("0::/box\n")
+        (tmp_path / "fs" / "box").mkdir(parents=True)
+        (tmp_path / "fs" / "box" / "memory.max").write_text(f"{3 << 30}\n")
+        (tmp_path / "fs" / "box" / "memory.current").write_text(f"{1 << 30}\n")
+    else:
+        proc.write_text("5:devices:/\n4:memory:/box\n0::/\n")
+        (tmp_path / "fs" / "memory" / "box").mkdir(parents=True)
+        (tmp_path / "fs" / "memory" / "box" / "memory.limit_in_bytes").write_text(f"{3 << 30}\n")
+        (tmp_path / "fs" / "memory" / "box" / "memory.usage_in_bytes").write_text(f"{1 << 30}\n")
+    assert cgroup_available(tmp_path / "fs", proc) == 2 << 30
+    name = "memory.max" if v2 else "memory/box/memory.limit_in_bytes"
+    (tmp_path / "fs" / (("box/" + name) if v2 else name)).write_text("max\n" if v2 else f"{(1 << 63) - 4096}\n")
+    assert cgroup_available(tmp_path / "fs", proc) is None  # no limit

@@ -7,6 +7,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -19,17 +20,51 @@ from moepack.formats.manifest import TensorRecord
 from moepack.formats.reader import PackReader
 from moepack.units import parse_bytes  # noqa: F401 - re-exported: budgets are parsed here
 
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return None if not text or text == "max" else int(text)
+
+
+def cgroup_available(root: Path = Path("/sys/fs/cgroup"), proc: Path = Path("/proc/self/cgroup")) -> int | None:
+    """Bytes this process's memory cgroup still allows (limit minus usage), v2 ``memory.max`` or v1
+    ``memory.limit_in_bytes``; None without a limit. Containers and benchmark caps set these, not /proc/meminfo."""
+    try:
+        lines = proc.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: one unified hierarchy
+            files, base = ("memory.max", "memory.current"), root / path.lstrip("/")
+        elif "memory" in controllers.split(","):  # v1: the memory controller's own hierarchy
+            files, base = ("memory.limit_in_bytes", "memory.usage_in_bytes"), root / "memory" / path.lstrip("/")
+        else:
+            continue
+        limit, used = _read_int(base / files[0]), _read_int(base / files[1])
+        if limit is not None and limit < (1 << 60):  # v1 writes a huge number for "no limit"
+            return max(0, limit - (used or 0))
+    return None
+
+
 def available_memory() -> int:
-    """Bytes the OS says could be given to a new process without swapping (MemAvailable on Linux)."""
+    """Bytes that could be given to a new process without swapping: MemAvailable on Linux, lowered to what the
+    process's cgroup still allows where one limits it; physical memory elsewhere."""
+    avail = None
     if sys.platform.startswith("linux"):
         try:
             with open("/proc/meminfo") as f:
                 for line in f:
                     if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
+                        avail = int(line.split()[1]) * 1024
+                        break
         except OSError:
             pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    avail = avail if avail is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    group = cgroup_available() if sys.platform.startswith("linux") else None
+    return avail if group is None else min(avail, group)
 
 
 def default_budget() -> int:
