@@ -101,3 +101,16 @@ def test_recurrent_cache_continues_and_is_never_rewound(tmp_path):
     cache, reused = prompts.take(PROMPT, engine.make_cache)
     assert reused == 8
     np.testing.assert_allclose(prefill(engine, PROMPT[8:], cache), whole, rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_conv_is_the_causal_sum_bit_for_bit():
+    """MLX's grouped Conv1d, as the DeltaNet layers run it, equals Σ_j x[t+j]·w[:, j] exactly."""
+    import mlx.nn as nn
+
+    for C, K, T in ((96, 4, 37), (64, 4, 1), (130, 3, 200)):
+        w = mx.random.normal((C, 1, K), key=mx.random.key(C))
+        xp = mx.random.normal((2, K - 1 + T, C), key=mx.random.key(T))
+        conv = nn.Conv1d(C, C, K, groups=C, bias=False)
+        conv.weight = w.swapaxes(1, 2)
+        want = sum(xp[:, j : j + T] * w[:, 0, j] for j in range(K))
+        assert mx.array_equal(conv(xp), want)

@@ -79,21 +79,6 @@ class GatedAttention(Attention):
         return self.o_proj(o * mx.sigmoid(gate))
 
 
-class DepthwiseConv(nn.Module):
-    """Causal depthwise conv1d with the checkpoint's ``weight [C, 1, K]`` and no bias."""
-
-    def __init__(self, channels: int, kernel: int):
-        super().__init__()
-        self.weight = mx.zeros((channels, 1, kernel))
-
-    def __call__(self, xp: mx.array) -> mx.array:
-        """xp [B, K-1+T, C]: the K-1 inputs before this call's T, then those T -> [B, T, C]."""
-        K = self.weight.shape[-1]
-        T = xp.shape[1] - (K - 1)
-        w = self.weight[:, 0, :]  # [C, K]
-        return sum(xp[:, j : j + T] * w[:, j] for j in range(K))
-
-
 class GatedRMSNorm(nn.Module):
     """RMSNorm(x)·w·silu(gate) over the last axis (plain weight, not zero-centred)."""
 
@@ -168,7 +153,8 @@ class GatedDeltaNet(nn.Module):
         else:  # Qwen3-Next
             self.in_proj_qkvz = nn.Linear(H, conv_dim + self.value_dim, bias=False)
             self.in_proj_ba = nn.Linear(H, 2 * self.nv, bias=False)
-        self.conv1d = DepthwiseConv(conv_dim, a.linear_conv_kernel_dim)
+        # causal depthwise conv, no bias: the checkpoint's weight [C, 1, K] is MLX's [C, K, 1] (sanitize)
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, a.linear_conv_kernel_dim, groups=conv_dim, bias=False)
         self.dt_bias = mx.ones((self.nv,))
         self.A_log = mx.zeros((self.nv,))
         self.norm = GatedRMSNorm(self.dv, a.rms_norm_eps)
@@ -191,7 +177,7 @@ class GatedDeltaNet(nn.Module):
     def __call__(self, x: mx.array, mask, cache: RecurrentCache | None) -> mx.array:
         B, T, _ = x.shape
         qkv, z, b, a = self._project(x)
-        K = self.conv1d.weight.shape[-1]
+        K = self.conv1d.weight.shape[1]
         past = cache.conv if cache is not None and cache.conv is not None else mx.zeros((B, K - 1, qkv.shape[-1]), qkv.dtype)
         xp = mx.concatenate([past, qkv], axis=1)  # [B, K-1+T, C]
         if cache is not None:
@@ -247,6 +233,8 @@ class Model(CausalLM):
         return [RecurrentCache() if layer.mixer == "linear_attn" else KVCache() for layer in self.model.layers]
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Zero-centred norms store w and scale by 1 + w: add the 1 here, so plain RMSNorm runs them."""
+        """Zero-centred norms store w and scale by 1 + w: add the 1 here, so plain RMSNorm runs them. The conv's
+        weight goes from the checkpoint's [C, 1, K] to MLX's [C, K, 1]."""
         weights = super().sanitize(weights)
+        weights = {k: (v.swapaxes(1, 2) if k.endswith("conv1d.weight") else v) for k, v in weights.items()}
         return {k: (v.astype(mx.float32) + 1 if ZERO_CENTRED.search(k) else v) for k, v in weights.items()}
