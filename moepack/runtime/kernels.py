@@ -36,7 +36,10 @@ Timings behind the crossovers: the comment on ``CPU_BLAS_MIN_ROWS``; ``python to
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -68,6 +71,38 @@ CPU_BLAS_MIN_ROWS = {"affine": 16, "mxfp4": 64, "raw": 32}
 DENSE_SLICE_BYTES = 64 << 20
 
 PATHS = ("mlx", "blas")
+
+
+_EXTRA_STREAMS: list | None = None
+
+
+def compute_streams() -> list:
+    """Streams for independent MLX work: the caller's default stream (None), plus on the CPU one more per core (up
+    to 8 in all), since MLX's CPU back end runs each op on one thread. Thread-local streams, so a model loaded on one
+    thread can generate on another."""
+    global _EXTRA_STREAMS
+    if _EXTRA_STREAMS is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n = min(cores, 8) - 1 if on_cpu() else 0
+        _EXTRA_STREAMS = [mx.new_thread_local_stream(mx.cpu) for _ in range(n)]
+    return [None, *_EXTRA_STREAMS]
+
+
+def on_stream(stream) -> contextlib.AbstractContextManager:
+    return mx.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
+def dequantize_slots(jobs: list[tuple[dict[str, mx.array], int, Any]]) -> list[mx.array]:
+    """Several expert matrices (pool parts, slot, TensorRecord) dequantized to float32 [out, in] over the compute
+    streams (MLX dequantizes on one core per op), started at once (``mx.async_eval``): the caller takes them with
+    ``np.asarray`` when it needs them, so the next experts' weights decode while this expert multiplies."""
+    streams = compute_streams()
+    outs = []
+    for i, (parts, slot, rec) in enumerate(jobs):
+        with on_stream(streams[i % len(streams)]):
+            outs.append(_dequantize(_slot_parts(parts, slot), rec.encoding, rec.bits, rec.group_size))
+    mx.async_eval(*outs)
+    return outs
 
 
 def on_cpu() -> bool:

@@ -9,9 +9,7 @@ way whichever batch it falls in.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,7 +17,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from moepack.runtime.kernels import expert_matmul
+from moepack.runtime import kernels
+from moepack.runtime.kernels import compute_streams, expert_matmul, on_stream
 
 # ---- routing ---------------------------------------------------------------------------------
 
@@ -131,22 +130,27 @@ def plan_batches(ids: np.ndarray, capacity: int) -> list[Batch]:
     return out
 
 
-_EXTRA_STREAMS: list | None = None
-
-
-def compute_streams() -> list:
-    """Streams for the routed experts: the caller's default stream (None), plus on the CPU one more per core
-    (up to 8 in all). Thread-local streams, so a model loaded on one thread can generate on another."""
-    global _EXTRA_STREAMS
-    if _EXTRA_STREAMS is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        n = min(cores, 8) - 1 if mx.default_device() == mx.cpu else 0
-        _EXTRA_STREAMS = [mx.new_thread_local_stream(mx.cpu) for _ in range(n)]
-    return [None, *_EXTRA_STREAMS]
+# Experts whose weights are dequantized together on the CPU prompt path (their float32 copies are held at once:
+# 3 matrices each, e.g. 3 x 6 MiB for a 768 x 2048 expert).
+DEQUANT_GROUP = 2
 
 
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:
     return nn.silu(gate) * up
+
+
+def swiglu_numpy(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """``swiglu`` on float32 numpy arrays, in place in ``gate`` (the CPU prompt path: MLX's CPU elementwise ops cost
+    more than the conversions they would need)."""
+    with np.errstate(over="ignore"):  # exp(-g) overflows to inf for very negative g: silu is then -0, as in MLX
+        s = np.exp(-gate)
+    s += 1
+    np.divide(gate, s, out=gate)
+    gate *= up
+    return gate
+
+
+NUMPY_ACTIVATIONS = {swiglu: swiglu_numpy}
 
 
 class StreamedExperts:
@@ -183,7 +187,7 @@ class StreamedExperts:
         outs = []
         for i in range(n):
             a, b = i * P // n, (i + 1) * P // n
-            with mx.stream(streams[i]) if streams[i] is not None else contextlib.nullcontext():
+            with on_stream(streams[i]):
                 x, s = xs[a:b], slots[a:b]
                 h = self.activation(self._project(x, "gate", s), self._project(x, "up", s))
                 outs.append(self._project(h, "down", s))
@@ -238,15 +242,24 @@ class StreamedExperts:
         experts = len(np.unique(ids))
         batches = plan_batches(ids, n if experts <= n or n < 2 else n // 2)  # two batches fit: one reads, one computes
         # The sum over experts: in place in numpy on the CPU (MLX's scatter would copy [N, H] per expert)
-        cpu = mx.default_device() == mx.cpu
+        cpu = kernels.on_cpu()
         y = np.zeros(x.shape, np.float32) if cpu else mx.zeros(x.shape, x.dtype)
+        x_np = np.asarray(x.astype(mx.float32)) if cpu else None
         cold = self.store.keep_decode_set
         keys = self.store.acquire(self.layer, batches[0].experts, cold=cold)
         for i, b in enumerate(batches):
             slots = self.store.wait(keys)
             if i + 1 < len(batches):
                 keys = self.store.acquire(self.layer, batches[i + 1].experts, busy=b.experts, cold=cold)
-            for slot, rows in zip(slots.tolist(), np.split(b.pairs, np.cumsum(b.rows)[:-1])):
+            groups = list(zip(slots.tolist(), np.split(b.pairs, np.cumsum(b.rows)[:-1])))
+            if cpu:  # many rows: numpy's BLAS on weights dequantized a few experts at a time; few rows: MLX
+                blas = [(slot, rows) for slot, rows in groups if kernels.choose_path(len(rows), self._encoding) == "blas"]
+                ahead = self._dequantize(blas[:DEQUANT_GROUP])
+                for j in range(0, len(blas), DEQUANT_GROUP):
+                    mats, ahead = ahead, self._dequantize(blas[j + DEQUANT_GROUP : j + 2 * DEQUANT_GROUP])
+                    self._rows_blas(x_np, blas[j : j + DEQUANT_GROUP], mats, K, w, y)
+                groups = [(slot, rows) for slot, rows in groups if kernels.choose_path(len(rows), self._encoding) != "blas"]
+            for slot, rows in groups:
                 tok = rows // K
                 o = self._rows(x[mx.array(tok)], int(slot)) * mx.array(w[rows])[:, None]  # [r, H] weighted
                 if cpu:
@@ -261,6 +274,40 @@ class StreamedExperts:
             order = np.argsort(-np.bincount(ids), kind="stable")
             self.store.keep(self.layer, order[: max(1, n // max(1, len(self.store.layouts)))])
         return y
+
+    @property
+    def _encoding(self) -> str:
+        return self.store.records["gate"].encoding
+
+    def _dequantize(self, experts: list[tuple[int, np.ndarray]]) -> list[mx.array]:
+        """Start decoding the gate, up and down weights of ``experts`` to float32 (kernels.dequantize_slots)."""
+        return kernels.dequantize_slots([(self.store.pool[n], slot, self.store.records[n]) for slot, _ in experts
+                                         for n in ("gate", "up", "down")]) if experts else []
+
+    def _rows_blas(self, x: np.ndarray, experts: list[tuple[int, np.ndarray]], mats: list[mx.array], K: int,
+                   w: np.ndarray, y: np.ndarray) -> None:
+        """Experts with many rows on the CPU: each expert's rows through numpy's BLAS on its dequantized weights
+        ``mats`` (gate, up, down per expert), summed into ``y`` [N, H] in place, weighted."""
+        names = ("gate", "up", "down")
+        for i, (slot, rows) in enumerate(experts):
+            tok = rows // K
+            wg, wu, wd = (np.asarray(m) for m in mats[3 * i : 3 * i + 3])
+            bias = {n: self._bias(n, slot) for n in names}
+            xe = x[tok]
+            g, u = xe @ wg.T, xe @ wu.T
+            if bias["gate"] is not None:
+                g, u = g + bias["gate"], u + bias["up"]
+            act = NUMPY_ACTIVATIONS.get(self.activation)
+            h = act(g, u) if act else np.asarray(self.activation(mx.array(g), mx.array(u)).astype(mx.float32))
+            o = h @ wd.T
+            if bias["down"] is not None:
+                o += bias["down"]
+            o *= w[rows, None]
+            y[tok] += o
+
+    def _bias(self, name: str, slot: int) -> np.ndarray | None:
+        b = self.store.pool.get(name + "_bias")
+        return None if b is None else np.asarray(b["data"][slot].astype(mx.float32))
 
     def _rows(self, x: mx.array, slot: int) -> mx.array:
         """One expert on its rows: x [r, H] -> [r, H] (``kernels.expert_matmul`` picks the fastest path)."""
