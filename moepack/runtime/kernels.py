@@ -224,14 +224,29 @@ def dense_matmul(x: mx.array, layer: nn.Module, *, path: str | None = None) -> m
     return out if x.dtype == mx.float32 else out.astype(x.dtype)
 
 
+def matmul_nt(x: mx.array, w: mx.array) -> mx.array:
+    """``x @ w.T`` for float matrices, through numpy's BLAS from ``CPU_BLAS_MIN_ROWS["raw"]`` rows of x on the CPU."""
+    if choose_path(math.prod(x.shape[:-1]), "raw") == "mlx":
+        return x @ w.T
+    mx.eval(x, w)
+    return mx.array(np.matmul(_host(x), _host(w).T))
+
+
+def linear(layer: nn.Module, x: mx.array) -> mx.array:
+    """``nn.Linear.__call__``/``nn.QuantizedLinear.__call__`` for ``layer``, through numpy's BLAS where
+    ``choose_path`` says so (modules that subclass a linear layer, e.g. routers, call this)."""
+    encoding = layer.mode if isinstance(layer, nn.QuantizedLinear) else "raw"
+    if choose_path(math.prod(x.shape[:-1]), encoding) == "blas":
+        return dense_matmul(x, layer, path="blas")
+    base = nn.QuantizedLinear if isinstance(layer, nn.QuantizedLinear) else nn.Linear
+    return base.__call__(layer, x)
+
+
 class _RowsLinear:
     """Mixin: many rows through numpy's BLAS (``dense_matmul``), few through the layer's own MLX call."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        encoding = self.mode if isinstance(self, nn.QuantizedLinear) else "raw"
-        if choose_path(math.prod(x.shape[:-1]), encoding) == "blas":
-            return dense_matmul(x, self, path="blas")
-        return super().__call__(x)
+        return linear(self, x)
 
 
 class RowsLinear(_RowsLinear, nn.Linear):

@@ -207,7 +207,9 @@ class ExpertStore:
         self.counters.payload_bytes += self.payload[key[0]]
 
     def _reap(self) -> None:
-        for key in [k for k, f in self._inflight.items() if f.done()]:
+        """Settle finished reads nobody waits for yet (guesses); acquired ones are left to :meth:`wait`, which reports
+        their errors to the call that needs them."""
+        for key in [k for k, f in self._inflight.items() if f.done() and k not in self._in_use]:
             try:
                 self._settle(key)
             except Exception as e:  # a failed guess costs nothing; a real fetch re-reads and reports it

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from moepack.runtime import kernels
 from moepack.runtime.models.attention import Attention, attend
 from moepack.runtime.models.base import CausalLM, DecoderLayer, MoEArgs
 from moepack.runtime.models.cache import Causal
@@ -72,7 +73,7 @@ class TopKLogitsRouter(nn.Linear):
 
     def __call__(self, flat: mx.array) -> tuple[mx.array, mx.array]:
         """[N, H] -> expert ids [N, K] and weights [N, K]."""
-        logits = super().__call__(flat).astype(mx.float32)  # [N, E]
+        logits = kernels.linear(self, flat).astype(mx.float32)  # [N, E]
         inds = topk(logits, self.top_k)
         return inds, mx.softmax(mx.take_along_axis(logits, inds, axis=-1), axis=-1)
 

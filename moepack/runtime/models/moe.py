@@ -71,7 +71,7 @@ class SoftmaxRouter(nn.Linear):
 
     def __call__(self, flat: mx.array) -> tuple[mx.array, mx.array]:
         """[N, H] -> expert ids [N, K] and weights [N, K]."""
-        return route_softmax(super().__call__(flat), self.top_k, self.renormalize)
+        return route_softmax(kernels.linear(self, flat), self.top_k, self.renormalize)
 
 
 SCORES = {"sigmoid": mx.sigmoid, "softmax": lambda logits: mx.softmax(logits, axis=-1)}
@@ -98,7 +98,7 @@ class GroupedRouter(nn.Module):
         self.score, self.group_score = SCORES[score], group_score
 
     def __call__(self, flat: mx.array) -> tuple[mx.array, mx.array]:
-        scores = self.score(flat.astype(mx.float32) @ self.weight.astype(mx.float32).T)  # [N, E]
+        scores = self.score(kernels.matmul_nt(flat.astype(mx.float32), self.weight.astype(mx.float32)))  # [N, E]
         return route_grouped(scores, self.top_k, self.get("e_score_correction_bias"), self.n_group, self.topk_group,
                              self.group_score, self.renormalize, self.scaling)
 
@@ -248,18 +248,21 @@ class StreamedExperts:
         cold = self.store.keep_decode_set
         keys = self.store.acquire(self.layer, batches[0].experts, cold=cold)
         for i, b in enumerate(batches):
-            slots = self.store.wait(keys)
+            groups = list(zip(keys, self.store.slots(keys).tolist(), np.split(b.pairs, np.cumsum(b.rows)[:-1])))
             if i + 1 < len(batches):
                 keys = self.store.acquire(self.layer, batches[i + 1].experts, busy=b.experts, cold=cold)
-            groups = list(zip(slots.tolist(), np.split(b.pairs, np.cumsum(b.rows)[:-1])))
+            # each expert computes as soon as its own read has landed (store.wait per expert)
             if cpu:  # many rows: numpy's BLAS on weights dequantized a few experts at a time; few rows: MLX
-                blas = [(slot, rows) for slot, rows in groups if kernels.choose_path(len(rows), self._encoding) == "blas"]
-                ahead = self._dequantize(blas[:DEQUANT_GROUP])
+                blas = [g for g in groups if kernels.choose_path(len(g[2]), self._encoding) == "blas"]
+                ahead = None
                 for j in range(0, len(blas), DEQUANT_GROUP):
-                    mats, ahead = ahead, self._dequantize(blas[j + DEQUANT_GROUP : j + 2 * DEQUANT_GROUP])
+                    mats = ahead or self._dequantize(blas[j : j + DEQUANT_GROUP])
+                    nxt = blas[j + DEQUANT_GROUP : j + 2 * DEQUANT_GROUP]  # decode it during this group's matmuls
+                    ahead = self._dequantize(nxt) if nxt and not self.store.pending([k for k, _, _ in nxt]) else None
                     self._rows_blas(x_np, blas[j : j + DEQUANT_GROUP], mats, K, w, y)
-                groups = [(slot, rows) for slot, rows in groups if kernels.choose_path(len(rows), self._encoding) != "blas"]
-            for slot, rows in groups:
+                groups = [g for g in groups if kernels.choose_path(len(g[2]), self._encoding) != "blas"]
+            for key, slot, rows in groups:
+                self.store.wait([key])
                 tok = rows // K
                 o = self._rows(x[mx.array(tok)], int(slot)) * mx.array(w[rows])[:, None]  # [r, H] weighted
                 if cpu:
@@ -279,17 +282,19 @@ class StreamedExperts:
     def _encoding(self) -> str:
         return self.store.records["gate"].encoding
 
-    def _dequantize(self, experts: list[tuple[int, np.ndarray]]) -> list[mx.array]:
-        """Start decoding the gate, up and down weights of ``experts`` to float32 (kernels.dequantize_slots)."""
-        return kernels.dequantize_slots([(self.store.pool[n], slot, self.store.records[n]) for slot, _ in experts
-                                         for n in ("gate", "up", "down")]) if experts else []
+    def _dequantize(self, experts: list[tuple]) -> list[mx.array]:
+        """Wait for the reads of ``experts`` (key, slot, rows), then start decoding their gate, up and down weights to
+        float32 (kernels.dequantize_slots)."""
+        self.store.wait([k for k, _, _ in experts])
+        return kernels.dequantize_slots([(self.store.pool[n], slot, self.store.records[n]) for _, slot, _ in experts
+                                         for n in ("gate", "up", "down")])
 
-    def _rows_blas(self, x: np.ndarray, experts: list[tuple[int, np.ndarray]], mats: list[mx.array], K: int,
+    def _rows_blas(self, x: np.ndarray, experts: list[tuple], mats: list[mx.array], K: int,
                    w: np.ndarray, y: np.ndarray) -> None:
         """Experts with many rows on the CPU: each expert's rows through numpy's BLAS on its dequantized weights
         ``mats`` (gate, up, down per expert), summed into ``y`` [N, H] in place, weighted."""
         names = ("gate", "up", "down")
-        for i, (slot, rows) in enumerate(experts):
+        for i, (_, slot, rows) in enumerate(experts):
             tok = rows // K
             wg, wu, wd = (np.asarray(m) for m in mats[3 * i : 3 * i + 3])
             bias = {n: self._bias(n, slot) for n in names}
