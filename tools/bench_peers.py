@@ -90,8 +90,10 @@ def _vm_hwm() -> int:
 def run_moepack(path: str, ids: list[int], n: int, budget: int | None) -> None:
     import moepack
 
-    # the budget covers the context's working memory too (KV cache, a pass's activations): taken from the expert slots
-    engine = moepack.load(path, memory_budget=budget, reserve_tokens=len(ids) + n if budget is not None else 0)
+    # For a long prompt the budget covers the context's working memory too (KV cache, a pass's activations), taken
+    # from the expert slots; a short one fits in --moepack-overhead, as before prompt rows existed.
+    reserve = {"reserve_tokens": len(ids) + n} if budget is not None and len(ids) > 256 else {}
+    engine = moepack.load(path, memory_budget=budget, **reserve)
     _emit("loaded", plan=asdict(engine.plan))
     first = last = None
     for i, tok in enumerate(engine.generate(ids, n)):
