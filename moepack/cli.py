@@ -187,45 +187,17 @@ def plan(pack, hosts, budget, as_json) -> None:
     """
     from moepack.formats.reader import PackReader
     from moepack.runtime.distributed import read_hosts, split_pack
+    from moepack.runtime.distributed.split import describe, split_rows
     from moepack.units import parse_bytes
 
     n, names, _ = read_hosts(hosts)
     reader = PackReader(pack)
     p = split_pack(reader, n)
-    b = parse_bytes(budget)
-    rows = []
-    for s, name in zip(p.shares, names):
-        row = {"host": name, "rank": s.stage.index, "layers": [s.stage.start, s.stage.stop - 1],
-               "moe_layers": len(s.moe_layers), "embeddings": s.stage.first or (s.stage.last and s.stage.tied),
-               "lm_head": s.stage.last, "dense_bytes": s.dense_bytes, "expert_bytes": s.expert_bytes,
-               "read_per_token_uncached": s.read_per_token, "minimum_budget": s.minimum}
-        if b is not None:
-            slots = s.need.slots(b) if b >= s.minimum else 0
-            row.update(budget=b, fits=b >= s.minimum, slots=slots,
-                       experts_cached=slots / (len(s.moe_layers) * p.num_experts) if s.moe_layers else 1.0)
-        rows.append(row)
+    rows = split_rows(p, names, parse_bytes(budget))
     if as_json:
         click.echo(json.dumps({"pack": str(reader.root), "hosts": n, "stages": rows}, indent=2))
         return
-    a = reader.manifest.architecture
-    click.echo(f"{reader.root}: {a['family']} ({a['model_type']}), {p.num_layers} layers, {len(a['moe_layers'])} MoE "
-               f"layers x {a['num_experts']} experts, top-{a['top_k']}; {n} hosts")
-    click.echo("sizes as stored, i.e. resident on Apple silicon's GPU (the CPU back end widens bf16 to float32)")
-    head = f"{'rank':<5}{'host':<18}{'layers':<9}{'MoE':>4}{'dense':>12}{'experts (SSD)':>15}{'read/token':>12}{'minimum':>12}"
-    if b is not None:
-        head += f"{'slots at ' + human_bytes(b):>22}{'cached':>8}"
-    click.echo(head)
-    for r in rows:
-        extra = "+embed" if r["rank"] == 0 else ""
-        extra += "+head" if r["lm_head"] else ""
-        line = (f"{r['rank']:<5}{r['host'][:17]:<18}{'%d-%d' % tuple(r['layers']):<9}{r['moe_layers']:>4}"
-                f"{human_bytes(r['dense_bytes']):>12}{human_bytes(r['expert_bytes']):>15}{human_bytes(r['read_per_token_uncached']):>12}"
-                f"{human_bytes(r['minimum_budget']):>12}")
-        if b is not None:
-            line += f"{r['slots']:>22,}{r['experts_cached']:>8.1%}" if r["fits"] else "   does not fit: raise the budget"
-        click.echo(line + (f"  ({extra[1:]})" if extra else ""))
-    click.echo("read/token: expert bytes a token reads on that host when none is cached (top-k per MoE layer); "
-               "minimum: dense + top-k expert slots")
+    click.echo(describe(reader, p, rows, parse_bytes(budget)))
 
 
 @main.command()
@@ -389,6 +361,7 @@ def bench(pack, prompt_tokens, gen_tokens, memory_budget, policy, prefetch, io_t
     experts it touched, peak memory, the decode hit rate after it), then decode cold and warm (tok/s, ms/token split,
     bytes per token, hit rate) beside the device's own bandwidth."""
     from moepack.runtime.bench import bench as run
+    from moepack.runtime.bench import describe
     from moepack.runtime.bench import plot as draw
 
     r = run(pack, prompt_tokens, gen_tokens, memory_budget, policy, prefetch, io_threads, io_only_mode=io_only,
@@ -398,29 +371,7 @@ def bench(pack, prompt_tokens, gen_tokens, memory_budget, policy, prefetch, io_t
     if as_json:
         click.echo(json.dumps(r, indent=2))
         return
-    for p in r.get("prompt", []):
-        click.echo(f"prompt {p['prompt_tokens']} tokens: {p['prefill_tok_s']:.1f} tok/s, first token after "
-                   f"{p['ttft_s']:.2f}s, read {human_bytes(p['bytes_read'])} = {p['read_ratio']:.3f}x the "
-                   f"{p['distinct_experts']} distinct experts it touched, peak memory {human_bytes(p['peak_rss'])} "
-                   f"(budget {human_bytes(p['budget'])}); next {p['decode_tokens']} tokens hit "
-                   f"{p['decode_hit_rate']:.1%} with the decode set {'kept' if p['keep_decode_set'] else 'not kept'}")
-    if prompt_only:
-        return
-    d, io = r["device"], r["io_only"]
-    click.echo(f"device ({d['mode']}): {d['sequential_gbps']:.2f} GB/s one stream, {d['sequential_qd_gbps']:.2f} GB/s "
-               f"with {d['threads']} reads in flight, {d['expert_files_gbps']:.2f} GB/s whole expert files x{d['threads']} "
-               f"threads; page cache: {r['page_cache']}")
-    click.echo(f"read path (io-only replay): {io['gbps']:.2f} GB/s = {io['ratio_to_device']:.0%} of the device, "
-               f"read amplification {io['read_amplification']:.3f}")
-    for run_ in r.get("runs", []):
-        ms = run_["ms_per_token"]
-        click.echo(f"{run_['label']:>5}: prompt {run_['prompt_tok_s']:.1f} tok/s, decode {run_['decode_tok_s']:.2f} tok/s, "
-                   f"{ms['ms']:.1f} ms/token (compute {ms['compute_ms']:.1f}, I/O wait {ms['io_ms']:.1f}, "
-                   f"other {ms['other_ms']:.1f}), {human_bytes(run_['bytes_read_per_token'])}/token, "
-                   f"hit rate {run_['hit_rate']:.1%}, amplification {run_['read_amplification']:.3f}, "
-                   f"fetch {run_['fetch_gbps']:.2f} GB/s ({run_['fetch_ratio_to_device']:.0%} of device)")
-    click.echo(f"slots {r['plan']['n_slots']} x {human_bytes(r['plan']['slot_bytes'])}, policy {r['policy']}, "
-               f"peak memory {human_bytes(r['peak_rss'])}")
+    click.echo(describe(r))
 
 
 @main.command()

@@ -26,6 +26,7 @@ from moepack.runtime.io import DirectReader, aligned_buffer
 from moepack.runtime.generation import decode, prefill
 from moepack.runtime.memory import peak_rss, reset_peak_rss
 from moepack.runtime.store import ExpertStore
+from moepack.units import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +269,35 @@ def bench(pack: str | Path, prompt_tokens: int = 64, gen_tokens: int = 32, memor
     if not io_only_mode:
         out["prompt"] = [prompt_run(pack, prompt, memory_budget, policy, io_threads, keep) for keep in (True, False)]
     return out
+
+
+def describe(r: dict) -> str:
+    """``moepack bench``'s text report."""
+    out = []
+    for p in r.get("prompt", []):
+        out.append(f"prompt {p['prompt_tokens']} tokens: {p['prefill_tok_s']:.1f} tok/s, first token after "
+                   f"{p['ttft_s']:.2f}s, read {human_bytes(p['bytes_read'])} = {p['read_ratio']:.3f}x the "
+                   f"{p['distinct_experts']} distinct experts it touched, peak memory {human_bytes(p['peak_rss'])} "
+                   f"(budget {human_bytes(p['budget'])}); next {p['decode_tokens']} tokens hit "
+                   f"{p['decode_hit_rate']:.1%} with the decode set {'kept' if p['keep_decode_set'] else 'not kept'}")
+    if "device" not in r:  # prompt runs only
+        return "\n".join(out)
+    d, io = r["device"], r["io_only"]
+    out.append(f"device ({d['mode']}): {d['sequential_gbps']:.2f} GB/s one stream, {d['sequential_qd_gbps']:.2f} GB/s "
+               f"with {d['threads']} reads in flight, {d['expert_files_gbps']:.2f} GB/s whole expert files "
+               f"x{d['threads']} threads; page cache: {r['page_cache']}")
+    out.append(f"read path (io-only replay): {io['gbps']:.2f} GB/s = {io['ratio_to_device']:.0%} of the device, "
+               f"read amplification {io['read_amplification']:.3f}")
+    for run in r.get("runs", []):
+        ms = run["ms_per_token"]
+        out.append(f"{run['label']:>5}: prompt {run['prompt_tok_s']:.1f} tok/s, decode {run['decode_tok_s']:.2f} tok/s, "
+                   f"{ms['ms']:.1f} ms/token (compute {ms['compute_ms']:.1f}, I/O wait {ms['io_ms']:.1f}, "
+                   f"other {ms['other_ms']:.1f}), {human_bytes(run['bytes_read_per_token'])}/token, "
+                   f"hit rate {run['hit_rate']:.1%}, amplification {run['read_amplification']:.3f}, "
+                   f"fetch {run['fetch_gbps']:.2f} GB/s ({run['fetch_ratio_to_device']:.0%} of device)")
+    out.append(f"slots {r['plan']['n_slots']} x {human_bytes(r['plan']['slot_bytes'])}, policy {r['policy']}, "
+               f"peak memory {human_bytes(r['peak_rss'])}")
+    return "\n".join(out)
 
 
 def plot(report: dict, path: str | Path) -> Path:

@@ -15,6 +15,7 @@ from moepack.formats.manifest import Manifest
 from moepack.formats.reader import PackReader
 from moepack.runtime.engine import Stage
 from moepack.runtime.memory import MemoryNeed, memory_need
+from moepack.units import human_bytes
 
 
 class PipelineError(MoepackError):
@@ -126,3 +127,42 @@ def split_pack(reader: PackReader, hosts: int) -> PipelineSplit:
         cost = sum(costs[r.start : r.stop]) + (first if st.first else 0) + (last if st.last else 0)
         shares.append(StageShare(st, moe, need, files * a["num_experts"], files * a["top_k"], cost))
     return PipelineSplit(shares, a["num_experts"], a["top_k"], len(costs))
+
+
+def split_rows(split: PipelineSplit, names: Sequence[str], budget: int | None) -> list[dict]:
+    """One row per host for ``moepack plan`` (also its --json): layers, bytes, and with ``budget`` the slots it buys."""
+    rows = []
+    for s, name in zip(split.shares, names):
+        row = {"host": name, "rank": s.stage.index, "layers": [s.stage.start, s.stage.stop - 1],
+               "moe_layers": len(s.moe_layers), "embeddings": s.stage.first or (s.stage.last and s.stage.tied),
+               "lm_head": s.stage.last, "dense_bytes": s.dense_bytes, "expert_bytes": s.expert_bytes,
+               "read_per_token_uncached": s.read_per_token, "minimum_budget": s.minimum}
+        if budget is not None:
+            slots = s.need.slots(budget) if budget >= s.minimum else 0
+            row.update(budget=budget, fits=budget >= s.minimum, slots=slots,
+                       experts_cached=slots / (len(s.moe_layers) * split.num_experts) if s.moe_layers else 1.0)
+        rows.append(row)
+    return rows
+
+
+def describe(reader: PackReader, split: PipelineSplit, rows: list[dict], budget: int | None) -> str:
+    """``moepack plan``'s table."""
+    a = reader.manifest.architecture
+    out = [f"{reader.root}: {a['family']} ({a['model_type']}), {split.num_layers} layers, {len(a['moe_layers'])} MoE "
+           f"layers x {a['num_experts']} experts, top-{a['top_k']}; {len(rows)} hosts",
+           "sizes as stored, i.e. resident on Apple silicon's GPU (the CPU back end widens bf16 to float32)"]
+    head = f"{'rank':<5}{'host':<18}{'layers':<9}{'MoE':>4}{'dense':>12}{'experts (SSD)':>15}{'read/token':>12}{'minimum':>12}"
+    if budget is not None:
+        head += f"{'slots at ' + human_bytes(budget):>22}{'cached':>8}"
+    out.append(head)
+    for r in rows:
+        extra = ("+embed" if r["rank"] == 0 else "") + ("+head" if r["lm_head"] else "")
+        line = (f"{r['rank']:<5}{r['host'][:17]:<18}{'%d-%d' % tuple(r['layers']):<9}{r['moe_layers']:>4}"
+                f"{human_bytes(r['dense_bytes']):>12}{human_bytes(r['expert_bytes']):>15}"
+                f"{human_bytes(r['read_per_token_uncached']):>12}{human_bytes(r['minimum_budget']):>12}")
+        if budget is not None:
+            line += f"{r['slots']:>22,}{r['experts_cached']:>8.1%}" if r["fits"] else "   does not fit: raise the budget"
+        out.append(line + (f"  ({extra[1:]})" if extra else ""))
+    out.append("read/token: expert bytes a token reads on that host when none is cached (top-k per MoE layer); "
+               "minimum: dense + top-k expert slots")
+    return "\n".join(out)
