@@ -201,10 +201,11 @@ def prompt_run(pack: str | Path, prompt: list[int], memory_budget=None, policy: 
     """One long prompt on a fresh engine with a cold pool and page cache: prefill tok/s, time to first token, bytes
     read against the bytes of the distinct experts the prompt touched, peak RSS, then the hit rate of the first
     ``decode_tokens`` greedy tokens after it (how much of the decode working set the prompt left cached)."""
+    reset_peak_rss()
+    before = peak_rss()  # Python, MLX and the BLAS library, before the engine (after an earlier run: its peak)
     engine = Engine(pack, memory_budget=memory_budget, policy=policy, io_threads=io_threads, heat=False,
                     keep_decode_set=keep_decode_set)
     drop_page_cache(engine.reader)
-    reset_peak_rss()
     cache = engine.make_cache()
     t0 = time.perf_counter()
     logits = prefill(engine, prompt, cache)
@@ -223,7 +224,8 @@ def prompt_run(pack: str | Path, prompt: list[int], memory_budget=None, policy: 
     out = {"prompt_tokens": len(prompt), "ttft_s": ttft, "prefill_tok_s": len(prompt) / ttft, **pre,
            "distinct_experts": touched, "distinct_expert_bytes": touched * engine.store.file_bytes,
            "read_ratio": pre["bytes_read"] / (touched * engine.store.file_bytes) if touched else 0.0,
-           "peak_rss": peak, "budget": engine.plan.budget, "slots": engine.plan.n_slots,
+           "peak_rss": peak, "rss_before_load": before, "budget": engine.plan.budget, "slots": engine.plan.n_slots,
+           "working_memory": engine.working_memory(len(prompt) + decode_tokens),
            "keep_decode_set": keep_decode_set, "decode_tokens": decode_tokens,
            "decode_hit_rate": hits / (hits + misses) if hits + misses else 0.0,
            "decode_tok_s": decode_tokens / dt if dt else 0.0}
@@ -278,7 +280,8 @@ def describe(r: dict) -> str:
         out.append(f"prompt {p['prompt_tokens']} tokens: {p['prefill_tok_s']:.1f} tok/s, first token after "
                    f"{p['ttft_s']:.2f}s, read {human_bytes(p['bytes_read'])} = {p['read_ratio']:.3f}x the "
                    f"{p['distinct_experts']} distinct experts it touched, peak memory {human_bytes(p['peak_rss'])} "
-                   f"(budget {human_bytes(p['budget'])}); next {p['decode_tokens']} tokens hit "
+                   f"(before loading {human_bytes(p['rss_before_load'])} + budget {human_bytes(p['budget'])} + "
+                   f"working memory {human_bytes(p['working_memory'])}); next {p['decode_tokens']} tokens hit "
                    f"{p['decode_hit_rate']:.1%} with the decode set {'kept' if p['keep_decode_set'] else 'not kept'}")
     if "device" not in r:  # prompt runs only
         return "\n".join(out)
