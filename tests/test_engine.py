@@ -128,10 +128,12 @@ def test_long_prompt_stays_within_budget_plus_documented_working_memory(tmp_path
     assert r["peak"] - r["base"] <= r["budget"] + r["working"], (r["peak"] - r["base"], r["budget"], r["working"])
 
 
-def test_long_prompt_same_at_minimum_and_full_budget_and_reads_each_expert_once(pack):
-    """A 300-token prompt touches most experts of every layer: at the minimum budget (two slots, batches of one expert,
-    the next read while one computes) logits equal the full budget's bitwise, and each expert is read exactly once."""
-    ids = np.random.default_rng(1).integers(0, SPEC.vocab_size, size=300).tolist()
+@pytest.mark.parametrize("length", [60, 300])
+def test_long_prompt_same_at_minimum_and_full_budget_and_reads_each_expert_once(pack, length):
+    """A prompt touches most experts of every layer: at the minimum budget (two slots, batches of one expert, the next
+    read while one computes) logits equal the full budget's bitwise, and each expert is read exactly once. At 60
+    tokens some experts get few rows (MLX) and others many (numpy's BLAS on the CPU): the sum order still holds."""
+    ids = np.random.default_rng(1).integers(0, SPEC.vocab_size, size=length).tolist()
     with moepack.load(pack, heat=False) as full:
         want = full.logits(ids)
         tokens = list(full.generate(ids, 4))

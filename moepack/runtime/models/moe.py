@@ -251,17 +251,19 @@ class StreamedExperts:
             groups = list(zip(keys, self.store.slots(keys).tolist(), np.split(b.pairs, np.cumsum(b.rows)[:-1])))
             if i + 1 < len(batches):
                 keys = self.store.acquire(self.layer, batches[i + 1].experts, busy=b.experts, cold=cold)
-            # each expert computes as soon as its own read has landed (store.wait per expert)
-            if cpu:  # many rows: numpy's BLAS on weights dequantized a few experts at a time; few rows: MLX
-                blas = [g for g in groups if kernels.choose_path(len(g[2]), self._encoding) == "blas"]
-                ahead = None
-                for j in range(0, len(blas), DEQUANT_GROUP):
-                    mats = ahead or self._dequantize(blas[j : j + DEQUANT_GROUP])
-                    nxt = blas[j + DEQUANT_GROUP : j + 2 * DEQUANT_GROUP]  # decode it during this group's matmuls
+            # In ascending expert order (the order rows are summed in, whatever the batches), each expert as soon as
+            # its own read has landed: on the CPU runs of experts with many rows go through numpy's BLAS, a few at a
+            # time, the next run's weights decoding while this one multiplies; the rest through MLX.
+            steps = self._steps(groups) if cpu else [("mlx", [g]) for g in groups]
+            ahead = None
+            for j, (path, run) in enumerate(steps):
+                if path == "blas":
+                    mats = ahead or self._dequantize(run)
+                    nxt = next((r for p, r in steps[j + 1 :] if p == "blas"), None)
                     ahead = self._dequantize(nxt) if nxt and not self.store.pending([k for k, _, _ in nxt]) else None
-                    self._rows_blas(x_np, blas[j : j + DEQUANT_GROUP], mats, K, w, y)
-                groups = [g for g in groups if kernels.choose_path(len(g[2]), self._encoding) != "blas"]
-            for key, slot, rows in groups:
+                    self._rows_blas(x_np, run, mats, K, w, y)
+                    continue
+                key, slot, rows = run[0]
                 self.store.wait([key])
                 tok = rows // K
                 o = self._rows(x[mx.array(tok)], int(slot)) * mx.array(w[rows])[:, None]  # [r, H] weighted
@@ -278,9 +280,17 @@ class StreamedExperts:
             self.store.keep(self.layer, order[: max(1, n // max(1, len(self.store.layouts)))])
         return y
 
-    @property
-    def _encoding(self) -> str:
-        return self.store.records["gate"].encoding
+    def _steps(self, groups: list[tuple]) -> list[tuple[str, list[tuple]]]:
+        """Experts (key, slot, rows) in order -> steps: ("blas", up to DEQUANT_GROUP consecutive experts with enough
+        rows for numpy's BLAS) or ("mlx", [one expert])."""
+        encoding, steps = self.store.records["gate"].encoding, []
+        for g in groups:
+            path = kernels.choose_path(len(g[2]), encoding)
+            if path == "blas" and steps and steps[-1][0] == "blas" and len(steps[-1][1]) < DEQUANT_GROUP:
+                steps[-1][1].append(g)
+            else:
+                steps.append((path, [g]))
+        return steps
 
     def _dequantize(self, experts: list[tuple]) -> list[mx.array]:
         """Wait for the reads of ``experts`` (key, slot, rows), then start decoding their gate, up and down weights to
