@@ -63,7 +63,11 @@ import numpy as np
 # lost every gate/up one at 16; won all at 64).
 # With OPENBLAS_NUM_THREADS=1 the stalls go away and BLAS wins from 4 rows (affine, 8 of 8), 2 rows (raw) and
 # 16-32 rows (mxfp4); a deployment that pins BLAS to one thread per MLX-free core can lower these.
-CPU_BLAS_MIN_ROWS = {"affine": 16, "mxfp4": 64, "raw": 32}
+# In the engine's prompt path (two experts' weights dequantized at once over both cores, the next pair during this
+# pair's matmuls) the affine crossover measured lower: whole prompts on the 3 GiB 16-layer pack of BENCHMARKS.md,
+# quiet machine, seconds for 18 / 100 / 400 tokens at a minimum of 2 rows: 16.0 / 23.2 / 27.1; 4: 12.4 / 22.3 / 27.1;
+# 8: 9.6 / 24.7 / 23.8; 16: 9.1 / 29.7 / 26.5 (one Engine.forward each, 1.2 GB budget).
+CPU_BLAS_MIN_ROWS = {"affine": 8, "mxfp4": 64, "raw": 32}
 
 # The dense BLAS path dequantizes a quantized weight in slices of output rows of at most this many float32
 # bytes, so the temporary is bounded (a 151936x2048 LM head would otherwise need 1.2 GiB at once). The slicing

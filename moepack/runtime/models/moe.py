@@ -18,7 +18,7 @@ import mlx.nn as nn
 import numpy as np
 
 from moepack.runtime import kernels
-from moepack.runtime.kernels import compute_streams, expert_matmul, on_stream
+from moepack.runtime.kernels import compute_streams, on_stream
 
 # ---- routing ---------------------------------------------------------------------------------
 
@@ -254,7 +254,7 @@ class StreamedExperts:
             # In ascending expert order (the order rows are summed in, whatever the batches), each expert as soon as
             # its own read has landed: on the CPU runs of experts with many rows go through numpy's BLAS, a few at a
             # time, the next run's weights decoding while this one multiplies; the rest through MLX.
-            steps = self._steps(groups) if cpu else [("mlx", [g]) for g in groups]
+            steps = self._steps(groups, cpu)
             ahead = None
             for j, (path, run) in enumerate(steps):
                 if path == "blas":
@@ -263,14 +263,20 @@ class StreamedExperts:
                     ahead = self._dequantize(nxt) if nxt and not self.store.pending([k for k, _, _ in nxt]) else None
                     self._rows_blas(x_np, run, mats, K, w, y)
                     continue
-                key, slot, rows = run[0]
-                self.store.wait([key])
-                tok = rows // K
-                o = self._rows(x[mx.array(tok)], int(slot)) * mx.array(w[rows])[:, None]  # [r, H] weighted
+                self.store.wait([k for k, _, _ in run])  # few rows each: every pair a 1-row matmul, as in decode
+                rows = np.concatenate([r for _, _, r in run])
+                slots = np.repeat([s for _, s, _ in run], [len(r) for _, _, r in run]).astype(np.uint32)
+                o = self._pairs(x[mx.array(rows // K)][:, None, :], mx.array(slots))[:, 0, :] * mx.array(w[rows])[:, None]
                 if cpu:
-                    y[tok] += np.asarray(o.astype(mx.float32))
-                else:
-                    y = y.at[mx.array(tok)].add(o.astype(y.dtype))
+                    o = np.asarray(o.astype(mx.float32))
+                at = 0
+                for _, _, r in run:  # summed expert by expert, in order
+                    tok, seg = r // K, o[at : at + len(r)]
+                    at += len(r)
+                    if cpu:
+                        y[tok] += seg
+                    else:
+                        y = y.at[mx.array(tok)].add(seg.astype(y.dtype))
             if not cpu:
                 mx.eval(y)  # these slots may be reused from here on
         if cpu:
@@ -280,13 +286,13 @@ class StreamedExperts:
             self.store.keep(self.layer, order[: max(1, n // max(1, len(self.store.layouts)))])
         return y
 
-    def _steps(self, groups: list[tuple]) -> list[tuple[str, list[tuple]]]:
+    def _steps(self, groups: list[tuple], cpu: bool) -> list[tuple[str, list[tuple]]]:
         """Experts (key, slot, rows) in order -> steps: ("blas", up to DEQUANT_GROUP consecutive experts with enough
-        rows for numpy's BLAS) or ("mlx", [one expert])."""
+        rows for numpy's BLAS, on the CPU) or ("pairs", consecutive experts computed pair by pair in MLX)."""
         encoding, steps = self.store.records["gate"].encoding, []
         for g in groups:
-            path = kernels.choose_path(len(g[2]), encoding)
-            if path == "blas" and steps and steps[-1][0] == "blas" and len(steps[-1][1]) < DEQUANT_GROUP:
+            path = "blas" if cpu and kernels.choose_path(len(g[2]), encoding) == "blas" else "pairs"
+            if steps and steps[-1][0] == path and (path == "pairs" or len(steps[-1][1]) < DEQUANT_GROUP):
                 steps[-1][1].append(g)
             else:
                 steps.append((path, [g]))
@@ -323,15 +329,6 @@ class StreamedExperts:
     def _bias(self, name: str, slot: int) -> np.ndarray | None:
         b = self.store.pool.get(name + "_bias")
         return None if b is None else np.asarray(b["data"][slot].astype(mx.float32))
-
-    def _rows(self, x: mx.array, slot: int) -> mx.array:
-        """One expert on its rows: x [r, H] -> [r, H] (``kernels.expert_matmul`` picks the fastest path)."""
-        def project(h: mx.array, name: str) -> mx.array:
-            bias = self.store.pool.get(name + "_bias")
-            return expert_matmul(h, self.store.pool[name], slot, self.store.records[name],
-                                 bias=None if bias is None else bias["data"][slot])
-
-        return project(self.activation(project(x, "gate"), project(x, "up")), "down")
 
 
 # ---- the block -------------------------------------------------------------------------------
