@@ -166,18 +166,20 @@ class StreamedExperts:
         self.next_layer: int | None = None
         self.predict: Callable | None = None
 
-    def _project(self, x: mx.array, name: str, slots: mx.array) -> mx.array:
+    def _project(self, x: mx.array, name: str, slots: mx.array, grouped: bool = False) -> mx.array:
         # x: [P, 1, D_in]; slots: [P] -> [P, 1, D_out], plus the expert's bias [D_out] where the pack has one (gpt-oss)
+        # grouped: slots are sorted, so MLX may run each slot's rows as one matmul (its GPU kernels do)
         rec, parts = self.store.records[name], self.store.pool[name]
         if rec.encoding != "raw":  # affine or mxfp4: MLX quantization modes of the same name
             y = mx.gather_qmm(x, parts["weight"], parts["scales"], parts.get("biases"), rhs_indices=slots,
-                              transpose=True, group_size=rec.group_size, bits=rec.bits, mode=rec.encoding)
+                              transpose=True, group_size=rec.group_size, bits=rec.bits, mode=rec.encoding,
+                              sorted_indices=grouped)
         else:  # a transposed view of the pool: gather_mm indexes slots in place, no per-pair weight copies
-            y = mx.gather_mm(x, parts["data"].swapaxes(-1, -2), rhs_indices=slots)
+            y = mx.gather_mm(x, parts["data"].swapaxes(-1, -2), rhs_indices=slots, sorted_indices=grouped)
         bias = self.store.pool.get(name + "_bias")
         return y if bias is None else y + bias["data"][slots][:, None, :]
 
-    def _pairs(self, xs: mx.array, slots: mx.array) -> mx.array:
+    def _pairs(self, xs: mx.array, slots: mx.array, grouped: bool = False) -> mx.array:
         """xs [P, 1, H], slots [P] -> [P, 1, H]: each pair its own 1-row matmul, the pairs split over the CPU
         compute streams (MLX's CPU back end runs each quantized matmul on one thread), so the result is the same
         whatever the split."""
@@ -189,8 +191,8 @@ class StreamedExperts:
             a, b = i * P // n, (i + 1) * P // n
             with on_stream(streams[i]):
                 x, s = xs[a:b], slots[a:b]
-                h = self.activation(self._project(x, "gate", s), self._project(x, "up", s))
-                outs.append(self._project(h, "down", s))
+                h = self.activation(self._project(x, "gate", s, grouped), self._project(x, "up", s, grouped))
+                outs.append(self._project(h, "down", s, grouped))
         return mx.concatenate(outs, axis=0) if n > 1 else outs[0]
 
     def __call__(self, x: mx.array, inds: mx.array, weights: mx.array) -> mx.array:
@@ -266,7 +268,9 @@ class StreamedExperts:
                 self.store.wait([k for k, _, _ in run])  # few rows each: every pair a 1-row matmul, as in decode
                 rows = np.concatenate([r for _, _, r in run])
                 slots = np.repeat([s for _, s, _ in run], [len(r) for _, _, r in run]).astype(np.uint32)
-                o = self._pairs(x[mx.array(rows // K)][:, None, :], mx.array(slots))[:, 0, :] * mx.array(w[rows])[:, None]
+                by_slot = np.argsort(slots, kind="stable")  # sorted: a GPU runs each expert's rows as one matmul
+                o = self._pairs(x[mx.array(rows[by_slot] // K)][:, None, :], mx.array(slots[by_slot]), grouped=True)
+                o = o[mx.array(np.argsort(by_slot, kind="stable")), 0, :] * mx.array(w[rows])[:, None]
                 if cpu:
                     o = np.asarray(o.astype(mx.float32))
                 at = 0
