@@ -6,7 +6,7 @@ affine 8-bit g64, mxfp4 (g32), raw float32. Methods:
 
   mlx_qmm      mx.quantized_matmul on one slot of a pool (mx.matmul for raw): kernels.expert_matmul(path="mlx")
   gather_qmm   mx.gather_qmm over a 64-expert pool, x [P, 1, D], P rows spread evenly over the 64 experts with
-               sorted rhs_indices (mx.gather_mm for raw): today's whole-layer call (models/base.py _project)
+               sorted rhs_indices (mx.gather_mm for raw): today's whole-layer call (models/moe.py _project)
   deq_mx       mx.dequantize of the slot + mx.matmul
   deq_np       mx.dequantize of the slot + numpy np.matmul (OpenBLAS): kernels.expert_matmul(path="blas")
 

@@ -95,7 +95,7 @@ class PackReader:
     def dense_weights(self, keep: Callable[[str], bool] | None = None) -> dict[str, mx.array]:
         """Every dense tensor under MLX parameter names: ``x.weight`` raw, or ``x.weight/.scales(/.biases)`` quantized.
 
-        ``keep``: read only the tensors whose pack name it accepts (a pipeline stage's, runtime/distributed.py).
+        ``keep``: read only the tensors whose pack name it accepts (a pipeline stage's, runtime/distributed/).
         """
         out: dict[str, mx.array] = {}
         for name, rec in self.manifest.dense.items():

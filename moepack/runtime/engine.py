@@ -5,7 +5,7 @@ The engine interface (:class:`BaseEngine`) is what the CLI, chat, the server and
 :class:`Engine` runs a pack in this process; ``runtime.distributed.PipelineEngine`` runs it over several hosts.
 
 Follow one token: ``generation.decode`` -> ``BaseEngine.forward`` -> ``Engine.run`` -> ``CausalLM.run_layers``
-(models/base.py) -> the MoE block's router and ``StreamedExperts`` (models/moe.py) -> ``ExpertStore.fetch``
+(models/base.py) -> the MoE block's router and ``StreamedExperts`` (models/moe.py) -> ``ExpertStore.acquire``
 (store.py) -> ``DirectReader.read_into`` (io.py), one ``preadv`` per expert file.
 """
 

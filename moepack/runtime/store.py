@@ -75,7 +75,7 @@ class ExpertStore:
         layers: Sequence[int] | None = None,
     ):
         """``verify``: check each expert file's blake3 against the manifest the first time it is read.
-        ``layers``: serve only these MoE layers (a pipeline stage's, runtime/distributed.py); default all."""
+        ``layers``: serve only these MoE layers (a pipeline stage's, runtime/distributed/); default all."""
         self.reader = reader
         self.verify = verify
         # A prompt's reads enter the pool as first victims and each layer's most used experts are kept afterwards,

@@ -174,7 +174,7 @@ def create_app(engine: Any = None, tokenizer: Any = None, *, loader: Callable[[]
                close_engine: bool = False, on_loaded: Callable[[Exception | None], None] | None = None) -> FastAPI:
     """An app serving ``engine`` + ``tokenizer`` now, or what ``loader()`` returns once it has run in a thread
     (``/health`` answers 503 until then; ``on_loaded`` hears how it went). ``engine`` needs ``make_cache()``,
-    ``prefill(ids, cache)``, ``config`` and ``stats()`` (runtime/engine.py); tests inject a scripted one."""
+    ``forward(ids, cache)``, ``config`` and ``stats()`` (runtime/engine.py); tests inject a scripted one."""
     if (engine is None) == (loader is None):
         raise ValueError("pass either engine and tokenizer, or loader")
     st = State(Options(model_id, api_key, max_body, context_length, parallel, prompt_cache))
@@ -215,7 +215,7 @@ def serve(pack: str | Path, host: str = "127.0.0.1", port: int = 8080, memory_bu
           engine: Any = None, load_kwargs: dict | None = None) -> None:
     """Run the server until interrupted. It binds at once and loads the pack in the background; a pack that
     fails to load (a budget too small, say) stops the server and raises here. ``engine``: one already loaded
-    (rank 0 of a pipeline over several hosts, runtime/distributed.py) instead of loading ``pack`` here;
+    (rank 0 of a pipeline over several hosts, runtime/distributed/) instead of loading ``pack`` here;
     ``load_kwargs``: further options for ``moepack.load`` (verify, policy, prefetch)."""
     import uvicorn
 

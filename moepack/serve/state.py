@@ -56,7 +56,7 @@ class State:
             raise APIError(500, f"the model failed to load: {self.load_error}", "server_error", code="load_failed")
         if not self.ready.is_set():
             raise APIError(503, "the model is still loading; retry shortly", "server_error", code="model_loading")
-        if getattr(self.engine, "healthy", True) is False:  # a pipeline that lost a host (runtime/distributed.py)
+        if getattr(self.engine, "healthy", True) is False:  # a pipeline that lost a host (runtime/distributed/)
             raise APIError(503, f"the model is unavailable: {self.engine.error}", "server_error", code="unhealthy")
 
     def check_model(self, model: str | None) -> None:
