@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -300,6 +301,10 @@ def serve(pack, host, port, memory_budget, api_key, model_id, ctx_size, parallel
     """
     from moepack.serve.app import serve as run
 
+    empty_env = api_key is None and os.environ.get("MOEPACK_API_KEY", "unset").strip() == ""
+    if empty_env or (api_key is not None and not api_key.strip()):  # an unset shell variable in --api-key "$KEY"
+        raise click.UsageError("the API key is empty (--api-key or MOEPACK_API_KEY): give a key, or set neither to "
+                               "serve without authentication")
     options = _engine_options(verify, policy, prefetch)
     engine = _pipeline(pack, hosts, memory_budget, rank_timeout, **options)
     click.echo(f"serving {pack} on http://{host}:{port}/v1 (GET /health answers 200 once loaded)", err=True)

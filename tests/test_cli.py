@@ -140,3 +140,12 @@ def test_convert_from_hub_repo_id_via_offline_cache(tmp_path, monkeypatch):
     assert m["provenance"]["revision"] == snap.name
     missing = CliRunner().invoke(main, ["convert", "acme/not-there", str(tmp_path / "p2")])
     assert missing.exit_code == 1 and "could not fetch acme/not-there" in missing.output
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_serve_refuses_an_empty_api_key(converted, how):
+    """``--api-key "$KEY"`` with KEY unset, or an empty MOEPACK_API_KEY, must not silently serve without authentication."""
+    _, pack = converted
+    args, env = (["--api-key", ""], {}) if how == "flag" else ([], {"MOEPACK_API_KEY": ""})
+    res = CliRunner().invoke(main, ["serve", str(pack), "--port", "1", *args], env=env)
+    assert res.exit_code == 2 and "API key is empty" in res.output, res.output
