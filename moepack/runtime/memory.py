@@ -16,7 +16,7 @@ import numpy as np
 from moepack import arch
 from moepack.errors import BudgetError
 from moepack.formats import dtypes
-from moepack.formats.manifest import TensorRecord
+from moepack.formats.manifest import ExpertLayout, TensorRecord
 from moepack.formats.reader import PackReader
 from moepack.units import parse_bytes  # noqa: F401 - re-exported: budgets are parsed here
 
@@ -170,7 +170,7 @@ def working_memory(reader: PackReader, compute: mx.Dtype, io_threads: int = 8) -
     ``kv_a_proj_with_mqa``: latent + roped key); activations from the hidden size and the widest dense projection
     (the LM head excluded: it runs on the last position only)."""
     dense = reader.manifest.dense
-    hidden = int(reader.config.get("hidden_size") or arch.text_config(reader.config)["hidden_size"])
+    hidden = int(arch.text_config(reader.config)["hidden_size"])
     kv = sum(r.shape[0] for n, r in dense.items() if n.endswith(("k_proj.weight", "v_proj.weight", "kv_a_proj_with_mqa.weight")))
     widest = max((r.shape[0] for n, r in dense.items() if len(r.shape) == 2 and "embed_tokens" not in n
                   and "lm_head" not in n), default=hidden)
@@ -191,13 +191,18 @@ class MemoryPlan:
     minimum: int
 
 
+def slot_bytes(layout: ExpertLayout, compute: mx.Dtype) -> int:
+    """Bytes one slot of the expert pool takes for experts of ``layout`` at the compute dtype."""
+    return sum(resident_bytes(rec, compute) for rec in layout.tensors.values())
+
+
 def memory_need(reader: PackReader, compute: mx.Dtype, stage: Any = None) -> MemoryNeed:
     """``stage``: only a pipeline stage's share (its ``owns(name)`` dense tensors and its MoE ``layers``).
     ``compute``: the dtype weights are held in; the pack's own dtype gives the bytes as stored."""
     a = reader.manifest.architecture
     dense = sum(resident_bytes(r, compute) for n, r in reader.manifest.dense.items() if stage is None or stage.owns(n))
     moe = [L for L in reader.moe_layers if stage is None or L in stage.layers]
-    per_slot = sum(resident_bytes(r, compute) for r in reader.expert_layout(moe[0]).tensors.values()) if moe else 0
+    per_slot = slot_bytes(reader.expert_layout(moe[0]), compute) if moe else 0
     return MemoryNeed(dense, per_slot, len(moe) * a["num_experts"], a["top_k"])
 
 

@@ -25,7 +25,7 @@ from moepack.formats import dtypes
 from moepack.formats.manifest import ExpertLayout, TensorRecord
 from moepack.formats.reader import PackReader
 from moepack.runtime.io import DirectReader, aligned_buffer
-from moepack.runtime.memory import resident_bytes, resident_dtype
+from moepack.runtime.memory import resident_dtype, slot_bytes
 from moepack.runtime.policy import EvictionPolicy, Key, LRUPolicy
 
 log = logging.getLogger(__name__)
@@ -53,11 +53,6 @@ class IOCounters:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "hit_rate": self.hit_rate, "read_amplification": self.read_amplification}
-
-
-def slot_bytes(layout: ExpertLayout, compute: mx.Dtype) -> int:
-    """Bytes one slot of the pool takes for experts of ``layout`` at the compute dtype."""
-    return sum(resident_bytes(rec, compute) for rec in layout.tensors.values())
 
 
 class ExpertStore:
