@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from checkpoints import build
-from moepack.convert import pipeline
+from moepack.convert import units
 from moepack.convert.pipeline import convert
 from moepack.convert.recipe import Recipe
 from moepack.formats.reader import PackReader
@@ -286,7 +286,7 @@ def test_mtp_layers_dropped(tmp_path):
 
 def test_dense_split_into_shards(tmp_path, monkeypatch):
     """Dense tensors spread over several dense files when they exceed the shard size, and still read back exactly."""
-    monkeypatch.setattr(pipeline, "DENSE_SHARD_BYTES", 40_000)  # embed_tokens alone is 64 KiB
+    monkeypatch.setattr(units, "DENSE_SHARD_BYTES", 40_000)  # embed_tokens alone is 64 KiB
     src = build("qwen2_moe", tmp_path / "ckpt")
     r = check_pack(convert(str(src), tmp_path / "pack", EXACT, progress=False), src, EXACT)
     assert len({b.file for rec in r.manifest.dense.values() for b in rec.parts.values()}) > 2

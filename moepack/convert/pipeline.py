@@ -1,4 +1,5 @@
-"""The conversion pipeline: plan units of work from shard headers, run them (in parallel), write the manifest last.
+"""The conversion pipeline: plan units of work from shard headers (units.py), run them (in parallel), write the
+manifest last.
 
 Units are independent and each ends by renaming its output file into place and recording a small
 "done" note in ``OUT/.moepack/``. A re-run with the same arguments skips finished units, so an
@@ -16,9 +17,7 @@ import os
 import shutil
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import NamedTuple
 
 from tqdm import tqdm
 
@@ -26,168 +25,14 @@ from moepack import __version__, arch
 from moepack.convert import encodings
 from moepack.convert.recipe import Recipe
 from moepack.convert.source import Checkpoint, file_fingerprint, resolve
-from moepack.errors import MoepackError, SourceError
-from moepack.formats import dtypes
+from moepack.convert.units import Unit, expert_relpath, plan_units
+from moepack.errors import MoepackError
 from moepack.formats.manifest import ExpertLayer, ExpertLayout, Manifest, TensorRecord
 from moepack.formats.writer import PackWriter, hash_file
 
 log = logging.getLogger(__name__)
 
 STATE_DIR = ".moepack"
-DENSE_SHARD_BYTES = 2 << 30
-
-
-@dataclass
-class Unit:
-    """One independent piece of output: a dense shard, one expert file, or the hash of one source file."""
-
-    id: str
-    kind: str  # "dense" | "expert" | "hash"
-    cost: int  # source bytes, for the progress bar
-    payload: dict = field(default_factory=dict)
-
-
-def expert_relpath(layer: int, expert: int) -> str:
-    return f"experts/{layer:03d}/{expert:04d}.bin"
-
-
-class Read(NamedTuple):
-    """Where one expert projection comes from: tensor ``name``, ``[index]`` of a fused tensor's expert axis (None
-    for a per-expert tensor), then ``sel`` = (start, stop, step) along ``axis`` of what remains, then a transpose
-    to the pack's [out, in] orientation."""
-
-    name: str
-    index: int | None = None
-    sel: tuple[int, int, int] | None = None
-    axis: int = 0
-    transpose: bool = False
-
-    def shape(self, src: tuple[int, ...]) -> tuple[int, ...]:
-        s = list(src[(0 if self.index is None else 1):])
-        if self.sel is not None:
-            s[self.axis] = len(range(*self.sel))
-        return tuple(reversed(s)) if self.transpose else tuple(s)
-
-
-def _fused_reads(name: str, e: int, proj: str, bias: str, shape: tuple[int, ...], layout: arch.FusedLayout) -> dict:
-    """Expert ``e``'s projections in one fused tensor ``[E, ...]``: {"gate", "up"} or {"down"} (+ ``bias`` suffix)."""
-    transpose = layout.transposed and not bias  # a bias [E, D] has one axis: nothing to transpose
-    if proj == "down_proj":
-        return {"down" + bias: Read(name, e, transpose=transpose)}
-    axis = 1 if transpose else 0  # the 2I axis: [H, 2I] when transposed, else [2I, H] (or a bias's only axis)
-    return {p + bias: Read(name, e, sel, axis, transpose) for p, sel in layout.split(shape[1 + axis]).items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# planning
-
-
-def plan_units(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Unit], dict]:
-    """The units of work that convert ``ckpt`` and the manifest's ``architecture``, from shard headers alone; a
-    source that cannot make a whole pack (a missing expert, a wrong shape) is refused here, before anything is
-    written."""
-    cfg = arch.text_config(ckpt.config)
-    fam = arch.family_for(cfg)
-    n_layers = arch.num_layers(cfg)
-    n_experts = int(arch.get(cfg, "num_experts"))
-    moe_layers = arch.moe_layers(cfg)
-    hidden, width = int(cfg["hidden_size"]), arch.expert_width(cfg)
-
-    dense: list[str] = []
-    # experts[(layer, expert)][proj] = where to read it
-    experts: dict[tuple[int, int], dict[str, Read]] = {}
-    dropped = 0
-    tensors = encodings.logical_tensors(ckpt)  # quantized weights grouped with their scales, under pack names
-    for name, info in tensors.items():
-        layer = arch.layer_of(name)
-        if arch.SKIPPED.match(name):
-            dropped += 1  # multi-token-prediction heads, vision towers
-            continue
-        if layer is not None and layer >= n_layers:
-            dropped += 1  # multi-token-prediction layers beyond num_hidden_layers
-            continue
-        quantized = encodings.is_quantized(info)
-        if not quantized and info.dtype not in dtypes.FLOATS:
-            raise SourceError(
-                f"{ckpt.root / info.file}: tensor {name} has dtype {info.dtype}; this converter reads "
-                f"float32/float16/bfloat16 tensors and the quantized formats {', '.join(encodings.FORMATS)}"
-            )
-        if m := arch.EXPERT_TENSOR.match(name):
-            proj = arch.PROJ_ALIASES[m["proj"]] + ("_bias" if m["part"] == "bias" else "")
-            experts.setdefault((int(m["layer"]), int(m["expert"])), {})[proj] = Read(name)
-        elif m := arch.FUSED_EXPERT_TENSOR.match(name):
-            L, bias = int(m["layer"]), "_bias" if m["bias"] else ""
-            if info.shape[0] != n_experts:
-                raise SourceError(f"{ckpt.root / info.file}: {name} has {info.shape[0]} experts, config says {n_experts}")
-            for e in range(n_experts):
-                # quantized tensors are [out, in] whatever the family's float layout (gpt-oss: [in, out])
-                layout = replace(fam.fused, transposed=False) if quantized else fam.fused
-                experts.setdefault((L, e), {}).update(_fused_reads(name, e, m["proj"], bias, info.shape, layout))
-        else:
-            dense.append(name)
-    if dropped:
-        log.info("dropped %d tensors of multi-token prediction (or layers beyond num_hidden_layers=%d) and vision "
-                 "towers", dropped, n_layers)
-
-    # Every MoE layer must have every expert, with the shapes the config promises.
-    expect = {"gate": (width, hidden), "up": (width, hidden), "down": (hidden, width)}
-    biases = {"gate_bias": (width,), "up_bias": (width,), "down_bias": (hidden,)}  # checked where present
-    for L in moe_layers:
-        for e in range(n_experts):
-            projs = experts.get((L, e), {})
-            for p, shape in {**expect, **{b: s for b, s in biases.items() if b in projs}}.items():
-                if p not in projs:
-                    raise SourceError(f"{ckpt.root}: layer {L} expert {e} has no {p} projection; is a shard missing?")
-                r = projs[p]
-                src_shape = r.shape(tensors[r.name].shape)
-                if src_shape != shape:
-                    raise SourceError(
-                        f"{ckpt.root / tensors[r.name].file}: {r.name} has shape {src_shape} for layer {L} "
-                        f"expert {e} {p}, expected {shape} from config.json"
-                    )
-    stray = sorted({L for (L, _) in experts} - set(moe_layers))
-    if stray:
-        raise SourceError(f"{ckpt.root}: expert tensors found in layers {stray}, which config.json says are dense")
-
-    units: list[Unit] = []
-    # Dense tensors in a stable order, split into shards of bounded size.
-    dense.sort(key=lambda n: (arch.layer_of(n) if arch.layer_of(n) is not None else -1, n))
-    shard, size, shards = [], 0, []
-    for name in dense:
-        nb = tensors[name].nbytes
-        if shard and size + nb > DENSE_SHARD_BYTES:
-            shards.append(shard)
-            shard, size = [], 0
-        shard.append(name)
-        size += nb
-    if shard:
-        shards.append(shard)
-    for i, names in enumerate(shards):
-        units.append(Unit(f"dense-{i:05d}", "dense", sum(tensors[n].nbytes for n in names),
-                          {"file": f"dense/dense-{i:05d}.bin", "names": names, "sources": {n: tensors[n] for n in names}}))
-    for (L, e) in sorted(experts):
-        projs = experts[(L, e)]
-        cost = sum(tensors[r.name].nbytes // (tensors[r.name].shape[0] if r.index is not None else 1)
-                   for r in projs.values())
-        units.append(Unit(f"expert-{L:03d}-{e:04d}", "expert", cost,
-                          {"file": expert_relpath(L, e), "layer": L, "expert": e, "projs": projs,
-                           "sources": {r.name: tensors[r.name] for r in projs.values()}}))
-    for f in ckpt.source_files():
-        units.append(Unit(f"hash-{f}", "hash", 0, {"file": f}))
-
-    top_k = int(arch.get(cfg, "top_k"))
-    architecture = {
-        "family": fam.name,
-        "model_type": cfg.get("model_type"),
-        "num_layers": n_layers,
-        "moe_layers": moe_layers,
-        "num_experts": n_experts,
-        "top_k": top_k,
-        "hidden_size": hidden,
-        "expert_width": width,
-        "vocab_size": cfg.get("vocab_size"),
-    }
-    return units, architecture
 
 
 # ---------------------------------------------------------------------------------------------

@@ -165,7 +165,8 @@ class Manifest:
 
     @classmethod
     def load(cls, pack: str | os.PathLike) -> "Manifest":
-        from moepack.formats.validate import MAX_MANIFEST_BYTES, read_json, regular_file
+        from moepack.formats.files import read_json, regular_file
+        from moepack.formats.validate import MAX_MANIFEST_BYTES
 
         path = Path(pack) / MANIFEST
         if not path.exists():

@@ -20,7 +20,8 @@ from moepack.errors import MoepackError, PackError
 from moepack.formats import dtypes
 from moepack.formats.manifest import Blob, ExpertLayout, Manifest, TensorRecord
 from moepack.formats.quant import decode
-from moepack.formats.validate import MAX_CONFIG_BYTES, check_tree, read_json, regular_file, relpath_problem, show
+from moepack.formats.files import check_tree, read_json, regular_file
+from moepack.formats.validate import MAX_CONFIG_BYTES, relpath_problem, show
 from moepack.formats.writer import hash_file
 
 log = logging.getLogger(__name__)
