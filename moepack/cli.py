@@ -404,6 +404,42 @@ def profile(pack, prompts, max_tokens, memory_budget, out, into_pack) -> None:
     click.echo(f"wrote the heat of {len(engine.store.heat)} experts to {path}")
 
 
+@main.command("eval")
+@click.argument("pack", type=click.Path(exists=True, file_okay=False))
+@click.option("--text", "text_file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="UTF-8 text to score ('-' is not accepted: perplexity needs the whole text).")
+@click.option("--context", type=click.IntRange(min=2), default=512, show_default=True,
+              help="Tokens per window (each scored token sees at most context-1 before it).")
+@click.option("--stride", type=click.IntRange(min=1), help="Tokens between window starts (default: context/2).")
+@click.option("--max-text-tokens", type=click.IntRange(min=2), help="Score only the first N tokens of the text.")
+@_budget_option
+@_cache_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def eval_(pack, text_file, context, stride, max_text_tokens, memory_budget, policy, prefetch, as_json) -> None:
+    """Perplexity of PACK over a text file, in sliding windows (transformers' perplexity-guide windowing)."""
+    import moepack
+    from moepack.runtime.evaluate import perplexity
+    from moepack.runtime.tokenizer import Tokenizer
+
+    if stride is not None and stride > context:
+        raise click.BadParameter(f"--stride {stride} is larger than --context {context}", param_hint="--stride")
+    ids = Tokenizer(pack).encode(Path(text_file).read_text(encoding="utf-8", errors="strict"))
+    ids = ids[:max_text_tokens] if max_text_tokens else ids
+    if len(ids) < 2:
+        raise click.ClickException(f"{text_file} has fewer than 2 tokens: nothing to score")
+    with moepack.load(pack, memory_budget=memory_budget, **_engine_options(False, policy, prefetch)) as engine:
+        r = perplexity(engine, ids, context=context, stride=stride)
+    if as_json:
+        click.echo(json.dumps(r.as_dict()))
+        return
+    from moepack.units import human_bytes
+
+    click.echo(f"perplexity {r.perplexity:.4f} over {r.scored_tokens} tokens (context {r.context}, stride {r.stride}, "
+               f"{r.windows} windows)")
+    click.echo(f"{r.tokens_per_s:.1f} tok/s through the model, {human_bytes(r.bytes_read)} of experts read "
+               f"({human_bytes(r.bytes_per_token)}/token)")
+
+
 @main.command()
 @click.option("--dir", "workdir", type=click.Path(file_okay=False), default=None,
               help="Where to put the demo checkpoint and pack (default: ~/.cache/moepack/demo).")
