@@ -71,6 +71,12 @@ def _glm_moe_layer(cfg: dict, i: int) -> bool:
     return i >= cfg.get("first_k_dense_replace", 0)
 
 
+def _hy_v3_moe_layer(cfg: dict, i: int) -> bool:
+    # transformers' default when mlp_layer_types is absent: the first layer dense, the rest sparse
+    types = cfg.get("mlp_layer_types") or ["dense"] + ["sparse"] * (num_layers(cfg) - 1)
+    return types[i] == "sparse"
+
+
 @dataclass(frozen=True)
 class FusedLayout:
     """How a family's fused expert tensors lie on disk, after the leading expert axis.
@@ -110,6 +116,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("minimax_m2", ("minimax_m2",), ("intermediate_size",), _all_layers),
     Family("gpt_oss", ("gpt_oss",), ("intermediate_size",), _all_layers, FusedLayout(transposed=True, interleaved=True)),
     Family("qwen3_next", ("qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text"), ("moe_intermediate_size",), _qwen_moe_layer),
+    Family("hy_v3", ("hy_v3",), ("moe_intermediate_size",), _hy_v3_moe_layer),
 )
 BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 

@@ -73,6 +73,12 @@ TINY: dict[str, tuple[str, str, dict]] = {
         moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8,
         rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25})),
+    # a dense layer between MoE layers; sigmoid + correction bias routing, scaled, with an ungated shared expert
+    "hy_v3": ("HYV3Config", "HYV3ForCausalLM", dict(
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
+        moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, num_shared_experts=1,
+        router_scaling_factor=2.826, mlp_layer_types=["sparse", "dense", "sparse"],
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
 }
 
 
