@@ -17,8 +17,8 @@ from moepack.errors import UnsupportedArchitecture
 
 # Canonical config keys and the spellings found in the wild, first match wins.
 CONFIG_ALIASES: dict[str, tuple[str, ...]] = {
-    "num_experts": ("n_routed_experts", "num_local_experts", "num_experts"),
-    "top_k": ("num_experts_per_tok", "moe_topk", "top_k"),
+    "num_experts": ("n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts"),
+    "top_k": ("num_experts_per_tok", "moe_topk", "top_k", "moe_k"),
 }
 
 # Per-expert tensors: ...layers.L.(mlp|block_sparse_moe).experts.E.<proj>.<weight|bias>
@@ -77,6 +77,14 @@ def _hy_v3_moe_layer(cfg: dict, i: int) -> bool:
     return types[i] == "sparse"
 
 
+def _ernie_moe_layer(cfg: dict, i: int) -> bool:
+    # every moe_layer_interval-th layer from moe_layer_start_index to moe_layer_end_index (-1: the last layer)
+    end = cfg.get("moe_layer_end_index", -1)
+    end = num_layers(cfg) - 1 if end is None or end == -1 else end
+    return ((i + 1) % (cfg.get("moe_layer_interval") or 1) == 0 and cfg.get("moe_layer_start_index", 1) <= i <= end
+            and get(cfg, "num_experts", 0) > 0)
+
+
 @dataclass(frozen=True)
 class FusedLayout:
     """How a family's fused expert tensors lie on disk, after the leading expert axis.
@@ -117,6 +125,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("gpt_oss", ("gpt_oss",), ("intermediate_size",), _all_layers, FusedLayout(transposed=True, interleaved=True)),
     Family("qwen3_next", ("qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text"), ("moe_intermediate_size",), _qwen_moe_layer),
     Family("hy_v3", ("hy_v3",), ("moe_intermediate_size",), _hy_v3_moe_layer),
+    Family("ernie4_5_moe", ("ernie4_5_moe",), ("moe_intermediate_size",), _ernie_moe_layer),
 )
 BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 

@@ -79,6 +79,12 @@ TINY: dict[str, tuple[str, str, dict]] = {
         moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, num_shared_experts=1,
         router_scaling_factor=2.826, mlp_layer_types=["sparse", "dense", "sparse"],
         rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    # layers 1 and 3 MoE (start 1, interval 2), 0 and 2 dense; biases on attention and MLP projections
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", dict(
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+        moe_intermediate_size=32, moe_num_experts=8, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1,
+        moe_layer_interval=2, use_bias=True, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 5e5})),
 }
 
 
