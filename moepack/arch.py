@@ -126,6 +126,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("qwen3_next", ("qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text"), ("moe_intermediate_size",), _qwen_moe_layer),
     Family("hy_v3", ("hy_v3",), ("moe_intermediate_size",), _hy_v3_moe_layer),
     Family("ernie4_5_moe", ("ernie4_5_moe",), ("moe_intermediate_size",), _ernie_moe_layer),
+    Family("dots1", ("dots1",), ("moe_intermediate_size",), _glm_moe_layer),
 )
 BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 

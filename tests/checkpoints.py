@@ -85,6 +85,12 @@ TINY: dict[str, tuple[str, str, dict]] = {
         moe_intermediate_size=32, moe_num_experts=8, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1,
         moe_layer_interval=2, use_bias=True, tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": 5e5})),
+    # 4 groups of 2 experts, 2 groups kept; layer 0 dense; the last layer slides over a window of 5 < 12
+    "dots1": ("Dots1Config", "Dots1ForCausalLM", dict(
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+        moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=4,
+        topk_group=2, first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5, sliding_window=5,
+        max_window_layers=2, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
 }
 
 
