@@ -17,8 +17,8 @@ from moepack.errors import UnsupportedArchitecture
 
 # Canonical config keys and the spellings found in the wild, first match wins.
 CONFIG_ALIASES: dict[str, tuple[str, ...]] = {
-    "num_experts": ("n_routed_experts", "num_local_experts", "num_experts"),
-    "top_k": ("num_experts_per_tok", "moe_topk", "top_k"),
+    "num_experts": ("n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts"),
+    "top_k": ("num_experts_per_tok", "moe_topk", "top_k", "moe_k"),
 }
 
 # Per-expert tensors: ...layers.L.(mlp|block_sparse_moe).experts.E.<proj>.<weight|bias>
@@ -71,6 +71,20 @@ def _glm_moe_layer(cfg: dict, i: int) -> bool:
     return i >= cfg.get("first_k_dense_replace", 0)
 
 
+def _hy_v3_moe_layer(cfg: dict, i: int) -> bool:
+    # transformers' default when mlp_layer_types is absent: the first layer dense, the rest sparse
+    types = cfg.get("mlp_layer_types") or ["dense"] + ["sparse"] * (num_layers(cfg) - 1)
+    return types[i] == "sparse"
+
+
+def _ernie_moe_layer(cfg: dict, i: int) -> bool:
+    # every moe_layer_interval-th layer from moe_layer_start_index to moe_layer_end_index (-1: the last layer)
+    end = cfg.get("moe_layer_end_index", -1)
+    end = num_layers(cfg) - 1 if end is None or end == -1 else end
+    return ((i + 1) % (cfg.get("moe_layer_interval") or 1) == 0 and cfg.get("moe_layer_start_index", 1) <= i <= end
+            and get(cfg, "num_experts", 0) > 0)
+
+
 @dataclass(frozen=True)
 class FusedLayout:
     """How a family's fused expert tensors lie on disk, after the leading expert axis.
@@ -104,12 +118,16 @@ FAMILIES: tuple[Family, ...] = (
     Family("mixtral", ("mixtral",), ("intermediate_size",), _all_layers),
     Family("qwen2_moe", ("qwen2_moe",), ("moe_intermediate_size",), _qwen_moe_layer),
     Family("qwen3_moe", ("qwen3_moe",), ("moe_intermediate_size",), _qwen_moe_layer),
-    Family("deepseek", ("deepseek_v2", "deepseek_v3", "kimi_k2", "kimi_k25"), ("moe_intermediate_size",), _deepseek_moe_layer),
+    Family("deepseek", ("deepseek_v2", "deepseek_v3", "kimi_k2", "kimi_k25", "mistral4"), ("moe_intermediate_size",),
+           _deepseek_moe_layer),
     Family("olmoe", ("olmoe",), ("intermediate_size",), _all_layers),
     Family("glm4_moe", ("glm4_moe",), ("moe_intermediate_size",), _glm_moe_layer),
     Family("minimax_m2", ("minimax_m2",), ("intermediate_size",), _all_layers),
     Family("gpt_oss", ("gpt_oss",), ("intermediate_size",), _all_layers, FusedLayout(transposed=True, interleaved=True)),
     Family("qwen3_next", ("qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text"), ("moe_intermediate_size",), _qwen_moe_layer),
+    Family("hy_v3", ("hy_v3",), ("moe_intermediate_size",), _hy_v3_moe_layer),
+    Family("ernie4_5_moe", ("ernie4_5_moe",), ("moe_intermediate_size",), _ernie_moe_layer),
+    Family("dots1", ("dots1",), ("moe_intermediate_size",), _glm_moe_layer),
 )
 BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 

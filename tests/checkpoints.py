@@ -73,6 +73,33 @@ TINY: dict[str, tuple[str, str, dict]] = {
         moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8,
         rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25})),
+    # a dense layer between MoE layers; sigmoid + correction bias routing, scaled, with an ungated shared expert
+    "hy_v3": ("HYV3Config", "HYV3ForCausalLM", dict(
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
+        moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, num_shared_experts=1,
+        router_scaling_factor=2.826, mlp_layer_types=["sparse", "dense", "sparse"],
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    # layers 1 and 3 MoE (start 1, interval 2), 0 and 2 dense; biases on attention and MLP projections
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", dict(
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+        moe_intermediate_size=32, moe_num_experts=8, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1,
+        moe_layer_interval=2, use_bias=True, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 5e5})),
+    # 4 groups of 2 experts, 2 groups kept; layer 0 dense; the last layer slides over a window of 5 < 12
+    "dots1": ("Dots1Config", "Dots1ForCausalLM", dict(
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+        moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=4,
+        topk_group=2, first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5, sliding_window=5,
+        max_window_layers=2, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    # MLA with YaRN over an original context of 4 tokens, so llama_4_scaling_beta scales queries within the prompt;
+    # softmax routing over 4 groups of 2, 2 kept; layer 0 dense
+    "mistral4": ("Mistral4Config", "Mistral4ForCausalLM", dict(
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, intermediate_size=96,
+        moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+        first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.0, norm_topk_prob=True,
+        q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+        rope_parameters={**YARN, "original_max_position_embeddings": 4, "mscale": 1.0, "mscale_all_dim": 1.0,
+                         "llama_4_scaling_beta": 0.5})),
 }
 
 
@@ -134,7 +161,11 @@ def build(kind: str, out: str | Path, fused: bool = False, old_spelling: bool = 
 
 def reference_logits(ckpt: Path, ids: list[int]):
     """transformers' own float32 logits for ``ids`` from the checkpoint as saved (the parity oracle)."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    except ValueError:  # a model type the auto class does not map (mistral4): the class config.json names
+        arch = json.loads((Path(ckpt) / "config.json").read_text())["architectures"][0]
+        model = getattr(transformers, arch).from_pretrained(ckpt, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].numpy(), model
 

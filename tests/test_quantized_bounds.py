@@ -36,6 +36,10 @@ BOUNDS = {
     "qwen3_5_moe": {"8bit": 0.1, "default": 0.5},  # 3.71e-2, 0.265: 3x is above CAP, CAP holds
     "qwen3_moe": {"8bit": 0.034, "default": 0.068},  # 1.12e-2, 2.27e-2
     "qwen3_next": {"8bit": 0.014, "default": 0.5},  # 4.82e-3, 0.300: 3x is above CAP, CAP holds
+    "hy_v3": {"8bit": 0.0029, "default": 0.11},  # 9.79e-4, 3.51e-2
+    "ernie4_5_moe": {"8bit": 0.014, "default": 0.026},  # 4.62e-3, 8.78e-3
+    "dots1": {"8bit": 0.0021, "default": 0.41},  # 6.85e-4, 0.136
+    "mistral4": {"8bit": 0.046, "default": 0.22},  # 1.54e-2, 7.24e-2
 }
 
 

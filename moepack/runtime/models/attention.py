@@ -81,6 +81,15 @@ def attend(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Causal | N
     return o.transpose(0, 2, 1, 3).reshape(B, T, -1)
 
 
+def query_temperature(offset: int, T: int, beta: float, period: float, shift: int = 0) -> mx.array:
+    """Per-position query scale ``1 + beta * ln(1 + floor((pos + shift) / period))`` [T, 1] for T positions after
+    ``offset``, so attention sharpens with distance from the start. Llama 4's temperature tuning on its NoPE layers:
+    ``beta=attn_scale, period=floor_scale, shift=1``; Mistral 4's ``llama_4_scaling_beta``: ``period`` the original
+    context, ``shift=0``."""
+    pos = mx.arange(offset + shift, offset + shift + T).astype(mx.float32)
+    return (1 + beta * mx.log1p(mx.floor(pos / period)))[:, None]
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped KV heads.
 

@@ -113,12 +113,17 @@ COMMON_RENAMES = ((".mlp.gate.", ".mlp.router."), (".mlp.shared_experts.", ".mlp
 class CausalLM(nn.Module):
     """HF-named module tree (``model.embed_tokens``, ``model.layers.N...``, ``lm_head``) so pack tensors load by name."""
 
-    def __init__(self, a: MoEArgs, layers: list[nn.Module]):
+    def __init__(self, a: MoEArgs, layers: list[nn.Module], head_bias: bool = False):
+        """``head_bias``: the LM head has a bias ``lm_head.bias`` (ERNIE 4.5 with ``use_bias``), also when its weight
+        is tied to the embedding."""
         super().__init__()
         self.model = Body(a.vocab_size, a.hidden_size, layers, a.rms_norm_eps)
         self.tie = a.tie_word_embeddings
         if not self.tie:
-            self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
+            self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=head_bias)
+        elif head_bias:
+            self.lm_head = nn.Module()
+            self.lm_head.bias = mx.zeros((a.vocab_size,))
 
     def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
         """tokens [B, T] -> logits [B, T, vocab]."""
@@ -140,7 +145,10 @@ class CausalLM(nn.Module):
     def head(self, h: mx.array) -> mx.array:
         """Final norm and LM head: [B, T, H] -> logits [B, T, vocab]."""
         h = self.model.norm(h)
-        return self.model.embed_tokens.as_linear(h) if self.tie else self.lm_head(h)
+        if not self.tie:
+            return self.lm_head(h)
+        logits = self.model.embed_tokens.as_linear(h)
+        return logits + self.lm_head.bias if "lm_head" in self else logits
 
     def make_cache(self) -> list:
         return [KVCache() for _ in self.model.layers]

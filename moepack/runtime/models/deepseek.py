@@ -1,5 +1,6 @@
-"""DeepSeek-V2, DeepSeek-V3 and Kimi K2: multi-head latent attention (MLA) with a compressed KV cache,
-grouped routing with ungated shared experts, and leading dense layers.
+"""DeepSeek-V2, DeepSeek-V3, Kimi K2 and Mistral 4: multi-head latent attention (MLA) with a compressed KV cache,
+grouped routing with ungated shared experts, and leading dense layers. Mistral 4 routes with softmax scores,
+groups scored by their two best, no correction bias, and scales queries by position (``llama_4_scaling_beta``).
 
 The KV cache holds only what MLA compresses to: the normalised latent (``kv_lora_rank``) and the roped
 shared key (``qk_rope_head_dim``) per position, one "head" each. Prefill expands the latent through
@@ -17,7 +18,7 @@ import mlx.nn as nn
 
 from moepack import arch
 from moepack.errors import UnsupportedArchitecture
-from moepack.runtime.models.attention import attend
+from moepack.runtime.models.attention import attend, query_temperature
 from moepack.runtime.models.base import MLP, CausalLM, DecoderLayer, MoEArgs
 from moepack.runtime.models.cache import Causal, KVCache
 from moepack.runtime.models.moe import GroupedRouter, MoE, StreamedExperts
@@ -46,6 +47,8 @@ VARIANTS = {
     "deepseek_v2": Variant("softmax", "max", False, False, True, False),
     "deepseek_v3": V3,
     "kimi_k2": V3,
+    "mistral4": Variant("softmax", "top2", False, True, False, True,
+                        (("norm_topk_prob", True), ("max_position_embeddings", 1048576))),
 }
 # DeepseekV2TopkRouter's topk_method -> does it limit experts to the best groups?
 V2_TOPK_METHODS = {"greedy": False, "group_limited_greedy": True}
@@ -107,16 +110,21 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(nH * self.v_dim, H, bias=a.attention_bias)
         self.rope = rope
         self.scale = softmax_scale(a)
+        # Mistral 4: queries scaled by 1 + beta·ln(1 + floor(pos / original context))
+        s = a.rope_scaling or {}
+        self.temperature = s.get("llama_4_scaling_beta"), s.get("original_max_position_embeddings")
 
     def __call__(self, x: mx.array, mask: Causal, cache: KVCache | None) -> mx.array:
         B, T, _ = x.shape
         q = self.q_proj(x) if "q_proj" in self else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.reshape(B, T, self.n_heads, -1).transpose(0, 2, 1, 3)  # [B, nH, T, nope+rope]
+        offset = cache.offset if cache is not None else 0
+        if self.temperature[0]:  # a per-position scale commutes with RoPE: applied before it
+            q = q * query_temperature(offset, T, *self.temperature).astype(q.dtype)
         q_nope, q_pe = q[..., : self.nope], q[..., self.nope :]
         ckv = self.kv_a_proj_with_mqa(x)  # [B, T, kv_lora+rope]
         latent = self.kv_a_layernorm(ckv[..., : self.kv_lora])[:, None]  # [B, 1, T, kv_lora]
         k_pe = ckv[..., self.kv_lora :][:, None]  # [B, 1, T, rope]: one key head shared by all heads
-        offset = cache.offset if cache is not None else 0
         q_pe, k_pe = self.rope(q_pe, offset=offset), self.rope(k_pe, offset=offset)
         if cache is not None:
             latent, k_pe = cache.update_and_fetch(latent, k_pe)  # [B, 1, S, kv_lora], [B, 1, S, rope]
