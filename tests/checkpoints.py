@@ -73,7 +73,22 @@ TINY: dict[str, tuple[str, str, dict]] = {
         moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8,
         rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25})),
+    # transformers runs Sarvam with the GLM-4 MoE model; grouped routing and q/k/v bias so the fused-qkv split and the
+    # group limit both act
+    "sarvam_moe": ("SarvamMoEConfig", "Glm4MoeForCausalLM", dict(
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
+        moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+        first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
+        use_qk_norm=True, attention_bias=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 8e6, "partial_rotary_factor": 1.0})),
 }
+# model_type -> {transformers 5 key: the release's legacy key} (to_old_spelling)
+LEGACY_KEYS: dict[str, dict[str, str]] = {
+    "sarvam_moe": {"n_routed_experts": "num_experts", "n_shared_experts": "num_shared_experts",
+                   "attention_bias": "use_qkv_bias"},
+}
+# model_type -> rotary share its legacy configs leave unspelled (the family's default)
+LEGACY_ROTARY_DEFAULT = {"sarvam_moe": 1.0}
 
 
 def make_model(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
@@ -107,6 +122,8 @@ def to_old_spelling(cfg: dict) -> dict:
     scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "rope_type", "partial_rotary_factor")}
     kind = params.get("rope_type", "default")
     cfg["rope_scaling"] = {"type": kind, **scaling} if kind != "default" else None
+    if params.get("partial_rotary_factor") == LEGACY_ROTARY_DEFAULT.get(cfg.get("model_type")):
+        params = {k: v for k, v in params.items() if k != "partial_rotary_factor"}
     if "partial_rotary_factor" in params:
         if cfg.get("model_type") == "minimax_m2":
             cfg["rotary_dim"] = int(cfg["head_dim"] * params["partial_rotary_factor"])
@@ -116,6 +133,9 @@ def to_old_spelling(cfg: dict) -> dict:
         cfg["num_experts"] = cfg.pop("num_local_experts")
     for k in ("head_dim", "qk_head_dim") if cfg.get("model_type", "").startswith("deepseek") else ():
         cfg.pop(k, None)
+    for new, old in LEGACY_KEYS.get(cfg.get("model_type"), {}).items():
+        if new in cfg:
+            cfg[old] = cfg.pop(new)
     cfg.pop("layer_types", None)
     cfg["torch_dtype"] = cfg.pop("dtype", "float32")
     return cfg

@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 import mlx.nn as nn
 
 from moepack import arch
@@ -147,6 +148,10 @@ class CausalLM(nn.Module):
 
     # (old, new) substrings renamed in dense tensor names at load, e.g. hub "block_sparse_moe" -> in-model "mlp".
     renames: tuple[tuple[str, str], ...] = ()
+    # (fused, parts): a checkpoint module whose rows stack several of this tree's modules, split at load by each
+    # part's output rows, e.g. Sarvam's ``query_key_value`` = [q; k; v]. Rows quantize independently, so a quantized
+    # tensor's weight, scales and biases split the same way.
+    splits: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def rename(self, name: str) -> str:
         """A pack tensor name (the checkpoint's own) -> its parameter path in this module tree."""
@@ -154,6 +159,29 @@ class CausalLM(nn.Module):
             name = name.replace(old, new)
         return name
 
+    def _parts(self, module: str) -> list[str] | None:
+        """The modules a (renamed) fused module path splits into, or None."""
+        for fused, parts in self.splits:
+            if module.endswith("." + fused):
+                return [module[: -len(fused)] + p for p in parts]
+        return None
+
+    def module_paths(self, name: str) -> list[str]:
+        """The module path(s) a pack tensor ``<module>.weight`` loads into (several where ``splits`` splits it)."""
+        module = self.rename(name).removesuffix(".weight")
+        return self._parts(module) or [module]
+
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Map the pack's dense tensors onto this module tree (families may also adjust values here)."""
-        return {self.rename(k): v for k, v in weights.items()}
+        out, modules = {}, None
+        for k, v in weights.items():
+            k = self.rename(k)
+            module, _, leaf = k.rpartition(".")
+            parts = self._parts(module)
+            if parts is None:
+                out[k] = v
+                continue
+            modules = modules or dict(self.named_modules())
+            rows = [modules[p].weight.shape[0] for p in parts]  # still unquantized here: [out, in]
+            out.update({f"{p}.{leaf}": t for p, t in zip(parts, mx.split(v, np.cumsum(rows)[:-1].tolist(), axis=0))})
+        return out
