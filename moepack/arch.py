@@ -73,6 +73,10 @@ def _glm_moe_layer(cfg: dict, i: int) -> bool:
     return i >= cfg.get("first_k_dense_replace", 0)
 
 
+def _afmoe_layer(cfg: dict, i: int) -> bool:
+    return i >= cfg.get("num_dense_layers", 1)
+
+
 @dataclass(frozen=True)
 class FusedLayout:
     """How a family's fused expert tensors lie on disk, after the leading expert axis.
@@ -113,6 +117,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("gpt_oss", ("gpt_oss",), ("intermediate_size",), _all_layers, FusedLayout(transposed=True, interleaved=True)),
     Family("qwen3_next", ("qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text"), ("moe_intermediate_size",), _qwen_moe_layer),
     Family("sarvam_moe", ("sarvam_moe",), ("moe_intermediate_size",), _glm_moe_layer),
+    Family("afmoe", ("afmoe",), ("moe_intermediate_size",), _afmoe_layer),
 )
 BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 

@@ -81,6 +81,12 @@ TINY: dict[str, tuple[str, str, dict]] = {
         first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
         use_qk_norm=True, attention_bias=True,
         rope_parameters={"rope_type": "default", "rope_theta": 8e6, "partial_rotary_factor": 1.0})),
+    # sliding (window 4 < prompt, RoPE) and full (NoPE) layers alternate; layer 0 dense; muP scaling on
+    "afmoe": ("AfmoeConfig", "AfmoeForCausalLM", dict(
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
+        moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, num_shared_experts=1, num_dense_layers=1,
+        route_scale=2.5, global_attn_every_n_layers=2, sliding_window=4, mup_enabled=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
 }
 # model_type -> {transformers 5 key: the release's legacy key} (to_old_spelling)
 LEGACY_KEYS: dict[str, dict[str, str]] = {

@@ -37,6 +37,7 @@ BOUNDS = {
     "qwen3_moe": {"8bit": 0.034, "default": 0.068},  # 1.12e-2, 2.27e-2
     "qwen3_next": {"8bit": 0.014, "default": 0.5},  # 4.82e-3, 0.300: 3x is above CAP, CAP holds
     "sarvam_moe": {"8bit": 0.062, "default": 0.16},  # 2.05e-2, 5.19e-2
+    "afmoe": {"8bit": 0.0015, "default": 0.05},  # 5.08e-4, 1.65e-2
 }
 
 

@@ -258,7 +258,7 @@ class Engine(BaseEngine):
         [1, 1 or T, vocab] (the head runs only on the positions asked for)."""
         t0, io0 = time.perf_counter(), self.store.counters.io_wait_s
         st, m = self.stage, self.model
-        h = m.model.embed_tokens(x) if st.first else x
+        h = m.embed(x) if st.first else x
         h = m.run_layers(h, cache, st.layers)
         if st.last:
             h = m.head(h if logits == "all" else h[:, -1:]).astype(mx.float32)

@@ -81,21 +81,30 @@ class DecoderLayer(nn.Module):
 
     ``sliding_window``: this layer attends only to the last that many positions.
     ``mixer``: the token mixer's attribute (and checkpoint) name, e.g. "linear_attn" for Qwen3-Next's DeltaNet layers.
+    ``sandwich``: norms on both sides of each sublayer (AFMoE): x + post_attention_layernorm(attn(input_layernorm(x))),
+    then x + post_mlp_layernorm(mlp(pre_mlp_layernorm(x))).
     """
 
     def __init__(self, mixer: nn.Module, mlp: nn.Module, a: MoEArgs, *, sliding_window: int | None = None,
-                 mixer_name: str = "self_attn"):
+                 mixer_name: str = "self_attn", sandwich: bool = False):
         super().__init__()
         hidden, eps = a.hidden_size, a.rms_norm_eps
-        self.sliding_window, self.mixer = sliding_window, mixer_name
+        self.sliding_window, self.mixer, self.sandwich = sliding_window, mixer_name, sandwich
         setattr(self, mixer_name, mixer)
         self.mlp = mlp
         self.input_layernorm = nn.RMSNorm(hidden, eps=eps)
         self.post_attention_layernorm = nn.RMSNorm(hidden, eps=eps)
+        if sandwich:
+            self.pre_mlp_layernorm = nn.RMSNorm(hidden, eps=eps)
+            self.post_mlp_layernorm = nn.RMSNorm(hidden, eps=eps)
 
     def __call__(self, x: mx.array, mask: Causal, cache: KVCache | None) -> mx.array:
-        h = x + self[self.mixer](self.input_layernorm(x), mask, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        a = self[self.mixer](self.input_layernorm(x), mask, cache)
+        if not self.sandwich:
+            h = x + a
+            return h + self.mlp(self.post_attention_layernorm(h))
+        h = x + self.post_attention_layernorm(a)
+        return h + self.post_mlp_layernorm(self.mlp(self.pre_mlp_layernorm(h)))
 
 
 class Body(nn.Module):
@@ -121,9 +130,17 @@ class CausalLM(nn.Module):
         if not self.tie:
             self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
 
+    # Embeddings are multiplied by this (AFMoE's muP: sqrt(hidden_size)).
+    embed_scale: float = 1.0
+
     def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
         """tokens [B, T] -> logits [B, T, vocab]."""
-        return self.head(self.run_layers(self.model.embed_tokens(tokens), cache))  # [B, T, H] in between
+        return self.head(self.run_layers(self.embed(tokens), cache))  # [B, T, H] in between
+
+    def embed(self, tokens: mx.array) -> mx.array:
+        """tokens [B, T] -> the first layer's input [B, T, H]."""
+        h = self.model.embed_tokens(tokens)
+        return h if self.embed_scale == 1.0 else h * self.embed_scale
 
     def run_layers(self, h: mx.array, cache: list | None = None, layers: range | None = None) -> mx.array:
         """Hidden states [B, T, H] through ``layers`` (default: all), ``cache[j]`` serving the j-th of them.
