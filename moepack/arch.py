@@ -77,6 +77,12 @@ def _afmoe_layer(cfg: dict, i: int) -> bool:
     return i >= cfg.get("num_dense_layers", 1)
 
 
+def _mlp_layer_types(cfg: dict, i: int) -> bool:
+    """``mlp_layer_types`` ("dense"/"sparse" per layer; transformers' default: the first dense) (Laguna)."""
+    types = cfg.get("mlp_layer_types") or ["dense"] + ["sparse"] * (num_layers(cfg) - 1)
+    return types[i] == "sparse"
+
+
 @dataclass(frozen=True)
 class FusedLayout:
     """How a family's fused expert tensors lie on disk, after the leading expert axis.
@@ -118,6 +124,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("qwen3_next", ("qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text"), ("moe_intermediate_size",), _qwen_moe_layer),
     Family("sarvam_moe", ("sarvam_moe",), ("moe_intermediate_size",), _glm_moe_layer),
     Family("afmoe", ("afmoe",), ("moe_intermediate_size",), _afmoe_layer),
+    Family("laguna", ("laguna",), ("moe_intermediate_size",), _mlp_layer_types),
 )
 BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 

@@ -87,6 +87,16 @@ TINY: dict[str, tuple[str, str, dict]] = {
         moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, num_shared_experts=1, num_dense_layers=1,
         route_scale=2.5, global_attn_every_n_layers=2, sliding_window=4, mup_enabled=True,
         rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
+    # sliding (window 4 < prompt) and full layers, each with its own RoPE (full: half rotary) and head count;
+    # dense and MoE layers interleaved; a router softcap of 0.5 that bites on these logits; per-head softplus gate
+    "laguna": ("LagunaConfig", "LagunaForCausalLM", dict(
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
+        moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        mlp_layer_types=["dense", "sparse", "dense", "sparse"], num_attention_heads_per_layer=[4, 8, 2, 4],
+        sliding_window=4, gating=True, moe_routed_scaling_factor=2.5, moe_router_logit_softcapping=0.5,
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 5e5, "partial_rotary_factor": 0.5},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 1.0}})),
 }
 # model_type -> {transformers 5 key: the release's legacy key} (to_old_spelling)
 LEGACY_KEYS: dict[str, dict[str, str]] = {

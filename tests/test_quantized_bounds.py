@@ -38,6 +38,7 @@ BOUNDS = {
     "qwen3_next": {"8bit": 0.014, "default": 0.5},  # 4.82e-3, 0.300: 3x is above CAP, CAP holds
     "sarvam_moe": {"8bit": 0.062, "default": 0.16},  # 2.05e-2, 5.19e-2
     "afmoe": {"8bit": 0.0015, "default": 0.05},  # 5.08e-4, 1.65e-2
+    "laguna": {"8bit": 0.002, "default": 0.33},  # 6.69e-4, 0.111
 }
 
 

@@ -82,14 +82,16 @@ class GroupedRouter(nn.Module):
     ``e_score_correction_bias`` [E] (DeepSeek-V3, GLM-4.5, MiniMax-M2). Logits in float32.
 
     ``score="softmax", group_score="max", correction_bias=False, renormalize=False`` is DeepSeek-V2's router.
+    ``softcap``: logits pass through softcap·tanh(logits / softcap) first (Laguna).
     """
 
     float32 = True
 
     def __init__(self, hidden: int, n_experts: int, top_k: int, *, n_group: int = 1, topk_group: int = 1,
                  renormalize: bool = True, scaling: float = 1.0, correction_bias: bool = True,
-                 score: str = "sigmoid", group_score: str = "top2"):
+                 score: str = "sigmoid", group_score: str = "top2", softcap: float | None = None):
         super().__init__()
+        self.softcap = softcap or None
         self.weight = mx.zeros((n_experts, hidden))
         if correction_bias:
             self.e_score_correction_bias = mx.zeros((n_experts,))
@@ -98,7 +100,10 @@ class GroupedRouter(nn.Module):
         self.score, self.group_score = SCORES[score], group_score
 
     def __call__(self, flat: mx.array) -> tuple[mx.array, mx.array]:
-        scores = self.score(kernels.matmul_nt(flat.astype(mx.float32), self.weight.astype(mx.float32)))  # [N, E]
+        logits = kernels.matmul_nt(flat.astype(mx.float32), self.weight.astype(mx.float32))  # [N, E]
+        if self.softcap:
+            logits = mx.tanh(logits / self.softcap) * self.softcap
+        scores = self.score(logits)
         return route_grouped(scores, self.top_k, self.get("e_score_correction_bias"), self.n_group, self.topk_group,
                              self.group_score, self.renormalize, self.scaling)
 
