@@ -21,6 +21,8 @@ CONFIG_ALIASES: dict[str, tuple[str, ...]] = {
     "top_k": ("num_experts_per_tok", "moe_topk", "top_k"),
     "n_shared_experts": ("n_shared_experts", "num_shared_experts"),  # Sarvam's release: num_shared_experts
     "attention_bias": ("attention_bias", "use_qkv_bias"),  # Sarvam's release: use_qkv_bias
+    "num_hidden_layers": ("num_hidden_layers", "num_layers"),  # LongCat-Flash: num_layers (each two sublayers)
+    "zero_experts": ("zero_expert_num",),  # LongCat-Flash: identity experts the router may pick after the stored ones
 }
 
 # Per-expert tensors: ...layers.L.(mlp|block_sparse_moe).experts.E.<proj>.<weight|bias>
@@ -125,6 +127,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("sarvam_moe", ("sarvam_moe",), ("moe_intermediate_size",), _glm_moe_layer),
     Family("afmoe", ("afmoe",), ("moe_intermediate_size",), _afmoe_layer),
     Family("laguna", ("laguna",), ("moe_intermediate_size",), _mlp_layer_types),
+    Family("longcat_flash", ("longcat_flash",), ("expert_ffn_hidden_size", "moe_intermediate_size"), _all_layers),
 )
 BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 
@@ -206,7 +209,7 @@ def rotary_dim(cfg: dict, head_dim: int, default_factor: float = 1.0) -> int:
 
 
 def num_layers(cfg: dict) -> int:
-    return int(cfg["num_hidden_layers"])
+    return int(get(cfg, "num_hidden_layers"))
 
 
 def moe_layers(cfg: dict) -> list[int]:

@@ -97,6 +97,13 @@ TINY: dict[str, tuple[str, str, dict]] = {
         sliding_window=4, gating=True, moe_routed_scaling_factor=2.5, moe_router_logit_softcapping=0.5,
         rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 5e5, "partial_rotary_factor": 0.5},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 1.0}})),
+    # 2 layers of 2 sublayers each; 4 stored + 4 zero experts, top-2: the router picks zero experts on the prompt
+    # (test_parity_longcat_flash checks it)
+    "longcat_flash": ("LongcatFlashConfig", "LongcatFlashForCausalLM", dict(
+        num_layers=2, num_attention_heads=4, ffn_hidden_size=96, expert_ffn_hidden_size=32, n_routed_experts=4,
+        zero_expert_num=4, moe_topk=2, routed_scaling_factor=2.0, q_lora_rank=32, kv_lora_rank=32,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, head_dim=8,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e7})),
 }
 # model_type -> {transformers 5 key: the release's legacy key} (to_old_spelling)
 LEGACY_KEYS: dict[str, dict[str, str]] = {

@@ -39,6 +39,7 @@ BOUNDS = {
     "sarvam_moe": {"8bit": 0.062, "default": 0.16},  # 2.05e-2, 5.19e-2
     "afmoe": {"8bit": 0.0015, "default": 0.05},  # 5.08e-4, 1.65e-2
     "laguna": {"8bit": 0.002, "default": 0.33},  # 6.69e-4, 0.111
+    "longcat_flash": {"8bit": 0.0012, "default": 0.0046},  # 4.02e-4, 1.54e-3
 }
 
 
