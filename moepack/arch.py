@@ -19,6 +19,10 @@ from moepack.errors import UnsupportedArchitecture
 CONFIG_ALIASES: dict[str, tuple[str, ...]] = {
     "num_experts": ("n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts"),
     "top_k": ("num_experts_per_tok", "moe_topk", "top_k", "moe_k"),
+    "n_shared_experts": ("n_shared_experts", "num_shared_experts"),  # Sarvam's release: num_shared_experts
+    "attention_bias": ("attention_bias", "use_qkv_bias"),  # Sarvam's release: use_qkv_bias
+    "num_hidden_layers": ("num_hidden_layers", "num_layers"),  # LongCat-Flash: num_layers (each two sublayers)
+    "zero_experts": ("zero_expert_num",),  # LongCat-Flash: identity experts the router may pick after the stored ones
 }
 
 # Per-expert tensors: ...layers.L.(mlp|block_sparse_moe).experts.E.<proj>.<weight|bias>
@@ -71,8 +75,12 @@ def _glm_moe_layer(cfg: dict, i: int) -> bool:
     return i >= cfg.get("first_k_dense_replace", 0)
 
 
-def _hy_v3_moe_layer(cfg: dict, i: int) -> bool:
-    # transformers' default when mlp_layer_types is absent: the first layer dense, the rest sparse
+def _afmoe_layer(cfg: dict, i: int) -> bool:
+    return i >= cfg.get("num_dense_layers", 1)
+
+
+def _mlp_layer_types(cfg: dict, i: int) -> bool:
+    """``mlp_layer_types`` ("dense"/"sparse" per layer; transformers' default: the first dense) (Laguna, Hunyuan v3)."""
     types = cfg.get("mlp_layer_types") or ["dense"] + ["sparse"] * (num_layers(cfg) - 1)
     return types[i] == "sparse"
 
@@ -125,9 +133,13 @@ FAMILIES: tuple[Family, ...] = (
     Family("minimax_m2", ("minimax_m2",), ("intermediate_size",), _all_layers),
     Family("gpt_oss", ("gpt_oss",), ("intermediate_size",), _all_layers, FusedLayout(transposed=True, interleaved=True)),
     Family("qwen3_next", ("qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text"), ("moe_intermediate_size",), _qwen_moe_layer),
-    Family("hy_v3", ("hy_v3",), ("moe_intermediate_size",), _hy_v3_moe_layer),
+    Family("hy_v3", ("hy_v3",), ("moe_intermediate_size",), _mlp_layer_types),
     Family("ernie4_5_moe", ("ernie4_5_moe",), ("moe_intermediate_size",), _ernie_moe_layer),
     Family("dots1", ("dots1",), ("moe_intermediate_size",), _glm_moe_layer),
+    Family("sarvam_moe", ("sarvam_moe",), ("moe_intermediate_size",), _glm_moe_layer),
+    Family("afmoe", ("afmoe",), ("moe_intermediate_size",), _afmoe_layer),
+    Family("laguna", ("laguna",), ("moe_intermediate_size",), _mlp_layer_types),
+    Family("longcat_flash", ("longcat_flash",), ("expert_ffn_hidden_size", "moe_intermediate_size"), _all_layers),
 )
 BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 
@@ -209,7 +221,7 @@ def rotary_dim(cfg: dict, head_dim: int, default_factor: float = 1.0) -> int:
 
 
 def num_layers(cfg: dict) -> int:
-    return int(cfg["num_hidden_layers"])
+    return int(get(cfg, "num_hidden_layers"))
 
 
 def moe_layers(cfg: dict) -> list[int]:

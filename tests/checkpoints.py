@@ -100,7 +100,45 @@ TINY: dict[str, tuple[str, str, dict]] = {
         q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
         rope_parameters={**YARN, "original_max_position_embeddings": 4, "mscale": 1.0, "mscale_all_dim": 1.0,
                          "llama_4_scaling_beta": 0.5})),
+    # transformers runs Sarvam with the GLM-4 MoE model; grouped routing and q/k/v bias so the fused-qkv split and the
+    # group limit both act
+    "sarvam_moe": ("SarvamMoEConfig", "Glm4MoeForCausalLM", dict(
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
+        moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+        first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
+        use_qk_norm=True, attention_bias=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 8e6, "partial_rotary_factor": 1.0})),
+    # sliding (window 4 < prompt, RoPE) and full (NoPE) layers alternate; layer 0 dense; muP scaling on
+    "afmoe": ("AfmoeConfig", "AfmoeForCausalLM", dict(
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
+        moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, num_shared_experts=1, num_dense_layers=1,
+        route_scale=2.5, global_attn_every_n_layers=2, sliding_window=4, mup_enabled=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
+    # sliding (window 4 < prompt) and full layers, each with its own RoPE (full: half rotary) and head count;
+    # dense and MoE layers interleaved; a router softcap of 0.5 that bites on these logits; per-head softplus gate
+    "laguna": ("LagunaConfig", "LagunaForCausalLM", dict(
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
+        moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        mlp_layer_types=["dense", "sparse", "dense", "sparse"], num_attention_heads_per_layer=[4, 8, 2, 4],
+        sliding_window=4, gating=True, moe_routed_scaling_factor=2.5, moe_router_logit_softcapping=0.5,
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 5e5, "partial_rotary_factor": 0.5},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 1.0}})),
+    # 2 layers of 2 sublayers each; 4 stored + 4 zero experts, top-2: the router picks zero experts on the prompt
+    # (test_parity_longcat_flash checks it)
+    "longcat_flash": ("LongcatFlashConfig", "LongcatFlashForCausalLM", dict(
+        num_layers=2, num_attention_heads=4, ffn_hidden_size=96, expert_ffn_hidden_size=32, n_routed_experts=4,
+        zero_expert_num=4, moe_topk=2, routed_scaling_factor=2.0, q_lora_rank=32, kv_lora_rank=32,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, head_dim=8,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e7})),
 }
+# model_type -> {transformers 5 key: the release's legacy key} (to_old_spelling)
+LEGACY_KEYS: dict[str, dict[str, str]] = {
+    "sarvam_moe": {"n_routed_experts": "num_experts", "n_shared_experts": "num_shared_experts",
+                   "attention_bias": "use_qkv_bias"},
+}
+# model_type -> rotary share its legacy configs leave unspelled (the family's default)
+LEGACY_ROTARY_DEFAULT = {"sarvam_moe": 1.0}
 
 
 def make_model(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
@@ -134,6 +172,8 @@ def to_old_spelling(cfg: dict) -> dict:
     scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "rope_type", "partial_rotary_factor")}
     kind = params.get("rope_type", "default")
     cfg["rope_scaling"] = {"type": kind, **scaling} if kind != "default" else None
+    if params.get("partial_rotary_factor") == LEGACY_ROTARY_DEFAULT.get(cfg.get("model_type")):
+        params = {k: v for k, v in params.items() if k != "partial_rotary_factor"}
     if "partial_rotary_factor" in params:
         if cfg.get("model_type") == "minimax_m2":
             cfg["rotary_dim"] = int(cfg["head_dim"] * params["partial_rotary_factor"])
@@ -143,6 +183,9 @@ def to_old_spelling(cfg: dict) -> dict:
         cfg["num_experts"] = cfg.pop("num_local_experts")
     for k in ("head_dim", "qk_head_dim") if cfg.get("model_type", "").startswith("deepseek") else ():
         cfg.pop(k, None)
+    for new, old in LEGACY_KEYS.get(cfg.get("model_type"), {}).items():
+        if new in cfg:
+            cfg[old] = cfg.pop(new)
     cfg.pop("layer_types", None)
     cfg["torch_dtype"] = cfg.pop("dtype", "float32")
     return cfg

@@ -32,6 +32,7 @@ def check_parity(kind: str, tmp: Path, fused: bool = False, old_spelling: bool =
     full = moepack.load(pack)
     got = full.logits(PROMPT)
     assert got.shape == ref.shape
+    print(f"{kind}: float32 logits NMSE {nmse(got, ref):.3g}")  # `pytest -s` shows it
     assert nmse(got, ref) < 1e-5, f"{kind}: logits NMSE {nmse(got, ref):.3g}"
     assert list(full.generate(PROMPT, 8)) == want
     small = moepack.load(pack, memory_budget=full.plan.minimum)

@@ -40,6 +40,10 @@ BOUNDS = {
     "ernie4_5_moe": {"8bit": 0.014, "default": 0.026},  # 4.62e-3, 8.78e-3
     "dots1": {"8bit": 0.0021, "default": 0.41},  # 6.85e-4, 0.136
     "mistral4": {"8bit": 0.046, "default": 0.22},  # 1.54e-2, 7.24e-2
+    "sarvam_moe": {"8bit": 0.062, "default": 0.16},  # 2.05e-2, 5.19e-2
+    "afmoe": {"8bit": 0.0015, "default": 0.05},  # 5.08e-4, 1.65e-2
+    "laguna": {"8bit": 0.002, "default": 0.33},  # 6.69e-4, 0.111
+    "longcat_flash": {"8bit": 0.0012, "default": 0.0046},  # 4.02e-4, 1.54e-3
 }
 
 

@@ -215,8 +215,8 @@ class Engine(BaseEngine):
 
     def _load_dense(self) -> None:
         weights = self.model.sanitize(self.reader.dense_weights(self.stage.owns))
-        recs = {self.model.rename(n)[: -len(".weight")]: r for n, r in self.reader.manifest.dense.items()
-                if r.encoding != "raw"}  # keyed by module path, as nn.quantize's predicate sees it
+        recs = {path: r for n, r in self.reader.manifest.dense.items() if r.encoding != "raw"
+                for path in self.model.module_paths(n)}  # keyed by module path, as nn.quantize's predicate sees it
 
         def quantized(path: str, module: nn.Module):
             rec = recs.get(path)  # affine or mxfp4: MLX quantization modes of the same name
@@ -258,7 +258,7 @@ class Engine(BaseEngine):
         [1, 1 or T, vocab] (the head runs only on the positions asked for)."""
         t0, io0 = time.perf_counter(), self.store.counters.io_wait_s
         st, m = self.stage, self.model
-        h = m.model.embed_tokens(x) if st.first else x
+        h = m.embed(x) if st.first else x
         h = m.run_layers(h, cache, st.layers)
         if st.last:
             h = m.head(h if logits == "all" else h[:, -1:]).astype(mx.float32)

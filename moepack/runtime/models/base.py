@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 import mlx.nn as nn
 
 from moepack import arch
@@ -80,21 +81,30 @@ class DecoderLayer(nn.Module):
 
     ``sliding_window``: this layer attends only to the last that many positions.
     ``mixer``: the token mixer's attribute (and checkpoint) name, e.g. "linear_attn" for Qwen3-Next's DeltaNet layers.
+    ``sandwich``: norms on both sides of each sublayer (AFMoE): x + post_attention_layernorm(attn(input_layernorm(x))),
+    then x + post_mlp_layernorm(mlp(pre_mlp_layernorm(x))).
     """
 
     def __init__(self, mixer: nn.Module, mlp: nn.Module, a: MoEArgs, *, sliding_window: int | None = None,
-                 mixer_name: str = "self_attn"):
+                 mixer_name: str = "self_attn", sandwich: bool = False):
         super().__init__()
         hidden, eps = a.hidden_size, a.rms_norm_eps
-        self.sliding_window, self.mixer = sliding_window, mixer_name
+        self.sliding_window, self.mixer, self.sandwich = sliding_window, mixer_name, sandwich
         setattr(self, mixer_name, mixer)
         self.mlp = mlp
         self.input_layernorm = nn.RMSNorm(hidden, eps=eps)
         self.post_attention_layernorm = nn.RMSNorm(hidden, eps=eps)
+        if sandwich:
+            self.pre_mlp_layernorm = nn.RMSNorm(hidden, eps=eps)
+            self.post_mlp_layernorm = nn.RMSNorm(hidden, eps=eps)
 
     def __call__(self, x: mx.array, mask: Causal, cache: KVCache | None) -> mx.array:
-        h = x + self[self.mixer](self.input_layernorm(x), mask, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        a = self[self.mixer](self.input_layernorm(x), mask, cache)
+        if not self.sandwich:
+            h = x + a
+            return h + self.mlp(self.post_attention_layernorm(h))
+        h = x + self.post_attention_layernorm(a)
+        return h + self.post_mlp_layernorm(self.mlp(self.pre_mlp_layernorm(h)))
 
 
 class Body(nn.Module):
@@ -125,9 +135,17 @@ class CausalLM(nn.Module):
             self.lm_head = nn.Module()
             self.lm_head.bias = mx.zeros((a.vocab_size,))
 
+    # Embeddings are multiplied by this (AFMoE's muP: sqrt(hidden_size)).
+    embed_scale: float = 1.0
+
     def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
         """tokens [B, T] -> logits [B, T, vocab]."""
-        return self.head(self.run_layers(self.model.embed_tokens(tokens), cache))  # [B, T, H] in between
+        return self.head(self.run_layers(self.embed(tokens), cache))  # [B, T, H] in between
+
+    def embed(self, tokens: mx.array) -> mx.array:
+        """tokens [B, T] -> the first layer's input [B, T, H]."""
+        h = self.model.embed_tokens(tokens)
+        return h if self.embed_scale == 1.0 else h * self.embed_scale
 
     def run_layers(self, h: mx.array, cache: list | None = None, layers: range | None = None) -> mx.array:
         """Hidden states [B, T, H] through ``layers`` (default: all), ``cache[j]`` serving the j-th of them.
@@ -155,6 +173,10 @@ class CausalLM(nn.Module):
 
     # (old, new) substrings renamed in dense tensor names at load, e.g. hub "block_sparse_moe" -> in-model "mlp".
     renames: tuple[tuple[str, str], ...] = ()
+    # (fused, parts): a checkpoint module whose rows stack several of this tree's modules, split at load by each
+    # part's output rows, e.g. Sarvam's ``query_key_value`` = [q; k; v]. Rows quantize independently, so a quantized
+    # tensor's weight, scales and biases split the same way.
+    splits: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def rename(self, name: str) -> str:
         """A pack tensor name (the checkpoint's own) -> its parameter path in this module tree."""
@@ -162,6 +184,29 @@ class CausalLM(nn.Module):
             name = name.replace(old, new)
         return name
 
+    def _parts(self, module: str) -> list[str] | None:
+        """The modules a (renamed) fused module path splits into, or None."""
+        for fused, parts in self.splits:
+            if module.endswith("." + fused):
+                return [module[: -len(fused)] + p for p in parts]
+        return None
+
+    def module_paths(self, name: str) -> list[str]:
+        """The module path(s) a pack tensor ``<module>.weight`` loads into (several where ``splits`` splits it)."""
+        module = self.rename(name).removesuffix(".weight")
+        return self._parts(module) or [module]
+
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Map the pack's dense tensors onto this module tree (families may also adjust values here)."""
-        return {self.rename(k): v for k, v in weights.items()}
+        out, modules = {}, None
+        for k, v in weights.items():
+            k = self.rename(k)
+            module, _, leaf = k.rpartition(".")
+            parts = self._parts(module)
+            if parts is None:
+                out[k] = v
+                continue
+            modules = modules or dict(self.named_modules())
+            rows = [modules[p].weight.shape[0] for p in parts]  # still unquantized here: [out, in]
+            out.update({f"{p}.{leaf}": t for p, t in zip(parts, mx.split(v, np.cumsum(rows)[:-1].tolist(), axis=0))})
+        return out

@@ -58,6 +58,18 @@ class RecurrentCache:
         self.offset = 0
 
 
+class LayerCaches(list):
+    """The caches of one layer with several attention sublayers (LongCat-Flash: two), one each, kept at one offset."""
+
+    @property
+    def offset(self) -> int:
+        return self[0].offset
+
+    def trim(self, n: int) -> None:
+        for c in self:
+            c.trim(n)
+
+
 @dataclass(frozen=True)
 class Causal:
     """The causal mask of one block of T queries that follows ``offset`` cached positions: query i sees keys up to

@@ -90,10 +90,15 @@ def softmax_scale(a: ModelArgs) -> float:
 
 
 class MLAttention(nn.Module):
-    """Multi-head latent attention; module names are transformers' so pack tensors load by name."""
+    """Multi-head latent attention; module names are transformers' so pack tensors load by name.
 
-    def __init__(self, a: ModelArgs, rope: nn.Module):
+    ``lora_scales``: the query and the normalised KV latent multiplied by these (LongCat-Flash:
+    sqrt(hidden / q_lora_rank) and sqrt(hidden / kv_lora_rank)); the cache holds the scaled latent.
+    """
+
+    def __init__(self, a: ModelArgs, rope: nn.Module, lora_scales: tuple[float, float] = (1.0, 1.0)):
         super().__init__()
+        self.q_scale, self.kv_scale = lora_scales
         H, nH = a.hidden_size, a.num_attention_heads
         self.n_heads, self.kv_lora = nH, a.kv_lora_rank
         self.nope, self.rope_dim, self.v_dim = a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
@@ -117,6 +122,8 @@ class MLAttention(nn.Module):
     def __call__(self, x: mx.array, mask: Causal, cache: KVCache | None) -> mx.array:
         B, T, _ = x.shape
         q = self.q_proj(x) if "q_proj" in self else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        if self.q_scale != 1.0:
+            q = q * self.q_scale
         q = q.reshape(B, T, self.n_heads, -1).transpose(0, 2, 1, 3)  # [B, nH, T, nope+rope]
         offset = cache.offset if cache is not None else 0
         if self.temperature[0]:  # a per-position scale commutes with RoPE: applied before it
@@ -124,6 +131,8 @@ class MLAttention(nn.Module):
         q_nope, q_pe = q[..., : self.nope], q[..., self.nope :]
         ckv = self.kv_a_proj_with_mqa(x)  # [B, T, kv_lora+rope]
         latent = self.kv_a_layernorm(ckv[..., : self.kv_lora])[:, None]  # [B, 1, T, kv_lora]
+        if self.kv_scale != 1.0:
+            latent = latent * self.kv_scale
         k_pe = ckv[..., self.kv_lora :][:, None]  # [B, 1, T, rope]: one key head shared by all heads
         q_pe, k_pe = self.rope(q_pe, offset=offset), self.rope(k_pe, offset=offset)
         if cache is not None:

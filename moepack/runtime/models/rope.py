@@ -9,6 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from moepack import arch
 from moepack.errors import UnsupportedArchitecture
 
 
@@ -80,3 +81,15 @@ class ScaledRoPE(nn.Module):
         if self.dims == x.shape[-1]:
             return y * self.attention_factor
         return mx.concatenate([y[..., : self.dims] * self.attention_factor, y[..., self.dims :]], axis=-1)
+
+
+def ropes_by_layer_type(cfg: dict, head_dim: int, defaults: dict[str, dict]) -> dict[str, ScaledRoPE]:
+    """One RoPE per layer type, where ``rope_parameters`` is keyed by it (Laguna, Step 3.7:
+    ``{"full_attention": {"rope_theta": ..., "partial_rotary_factor": ...}, "sliding_attention": {...}}``);
+    ``defaults`` (the family's, in that form) when the config gives none."""
+    out = {}
+    for kind, params in (cfg.get("rope_parameters") or defaults).items():
+        theta, scaling = arch.rope({"rope_parameters": params})
+        out[kind] = ScaledRoPE(arch.rotary_dim({"rope_parameters": params}, head_dim), theta, scaling,
+                               cfg.get("max_position_embeddings"))
+    return out
