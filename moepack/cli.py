@@ -228,7 +228,7 @@ def generate(pack, prompt, max_tokens, temp, top_p, top_k, seed, memory_budget, 
     try:
         if prompt == "-":
             prompt = sys.stdin.read()
-        tok = Tokenizer(pack)
+        tok = Tokenizer(pack, verify=verify)  # validates the pack first (a checkpoint here is told to convert)
         if chat:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
             ids = tok.encode_chat(messages)
@@ -336,7 +336,7 @@ def chat(pack, system, temp, top_p, seed, max_tokens, memory_budget, verify, pol
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    tok = Tokenizer(pack)
+    tok = Tokenizer(pack, verify=verify)
     if not tok.chat_template:
         raise click.ClickException("this pack has no chat template; use `moepack generate` with a plain prompt")
     click.echo(f"loading {pack} ...", err=True)

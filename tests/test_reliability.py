@@ -198,7 +198,9 @@ def test_bad_manifest_field_is_named(work, pack, case):
 
 @pytest.mark.parametrize("text,expect", [
     ('{"format": "moepack", "format": "moepack"}', r'key "format" appears twice'),
-    ("[" * 100_000 + "]" * 100_000, r"not valid manifest JSON: RecursionError"),
+    ("[" * 100_000 + "]" * 100_000, r"far more than a manifest holds"),  # refused before parsing
+    (" " * 8 * 100_000 + "[" * 100_000 + "]" * 100_000, r"not valid manifest JSON: RecursionError"),
+    ('{"format": NaN}', r"NaN is not a JSON value"),
     (b"\xff\xfe garbage", r"not valid manifest JSON"),
     ("[1, 2]", r"must be a JSON object"),
 ])

@@ -1,0 +1,241 @@
+"""Side files of a pack as untrusted input (issue #12): every file opened from a pack goes through
+formats/files.py (no symlink out, regular files only, bounded size), --verify covers each of them, strange JSON
+and templates are one-line errors, and the manifest's cost in time and memory is bounded.
+
+Oracle: a MoepackError naming the file (the CLI: one line, exit 1, no traceback), and an audit hook that records
+every file this process opens, so "refused before opening anything outside the pack" is checked, not assumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import threading
+import tracemalloc
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from moepack.cli import main
+from moepack.errors import MoepackError, PackError
+from moepack.formats.files import read_pack_file
+from moepack.formats.reader import PackReader
+from moepack.runtime import heat
+from moepack.runtime.tokenizer import Tokenizer
+
+_OPENED: list[str] | None = None
+
+
+def _audit(event: str, args: tuple) -> None:
+    if _OPENED is not None and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        _OPENED.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_audit)
+
+SIDE_FILES = ["chat_template.jinja", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "heat.json"]
+
+
+@pytest.fixture
+def copy(pack, tmp_path) -> Path:
+    """A private copy of the tiny pack, beside a secret it must never read."""
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret").write_text("MOEPACK_API_KEY=hunter2\n")
+    return Path(shutil.copytree(pack, tmp_path / "pack"))
+
+
+def audited(fn, outside: Path):
+    """Run ``fn``; fail if it opened anything under ``outside``. Returns its result or the MoepackError it raised."""
+    global _OPENED
+    _OPENED = []
+    try:
+        try:
+            out = fn()
+        except MoepackError as e:
+            out = e
+    finally:
+        opened, _OPENED = _OPENED, None
+    base = os.path.realpath(outside)
+    stray = [p for p in opened if os.path.realpath(p).startswith(base + os.sep)]
+    assert not stray, f"opened outside the pack: {stray}"
+    return out
+
+
+def one_line_error(result) -> str:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", SIDE_FILES)
+def test_side_file_symlinked_out_of_the_pack_is_never_opened(copy, name):
+    target = copy / name
+    target.unlink(missing_ok=True)
+    os.symlink("../outside/secret", target)
+    if name == "heat.json":
+        got = audited(lambda: heat.load(PackReader(copy)), copy.parent / "outside")
+        assert got == []  # skipped with a warning: a profile only warms the pool
+        return
+    got = audited(lambda: Tokenizer(copy), copy.parent / "outside")
+    assert isinstance(got, PackError) and "leads outside the pack" in str(got), got
+
+
+@pytest.mark.parametrize("name", ["chat_template.jinja", "tokenizer.json", "config.json"])
+def test_generate_refuses_a_side_file_leading_out_in_one_line(copy, name):
+    (copy / name).unlink(missing_ok=True)
+    os.symlink("../outside/secret", copy / name)
+    r = audited(lambda: CliRunner().invoke(main, ["generate", str(copy), "-p", "hi", "--max-tokens", "2"]),
+                copy.parent / "outside")
+    assert "leads outside the pack" in one_line_error(r)
+
+
+@pytest.mark.parametrize("name", ["chat_template.jinja", "tokenizer_config.json"])
+def test_a_fifo_side_file_is_refused_without_blocking(copy, name):
+    (copy / name).unlink(missing_ok=True)
+    os.mkfifo(copy / name)
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(audited(lambda: Tokenizer(copy), copy.parent / "outside")),
+                         daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "opening a FIFO side file blocked"
+    assert isinstance(out[0], PackError) and "not a regular file" in str(out[0])
+
+
+def test_oversized_side_file_refused(copy):
+    (copy / "chat_template.jinja").write_text("{{ 'x' }}" * (1 << 18))  # 2.25 MiB > 1 MiB
+    with pytest.raises(PackError, match="implausibly large"):
+        Tokenizer(copy)
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json"])
+def test_verify_covers_every_file_the_run_opens(copy, name):
+    path = copy / name
+    path.write_text(json.dumps(json.loads(path.read_text()), separators=(",", ":")))  # same JSON, other bytes
+    assert PackReader(copy).verify().problems  # `moepack verify` reported it before; --verify now does too
+    with pytest.raises(PackError, match="blake3 mismatch"):
+        Tokenizer(copy, verify=True)
+    r = CliRunner().invoke(main, ["generate", str(copy), "-p", "hi", "--max-tokens", "2", "--verify"])
+    assert "blake3 mismatch" in one_line_error(r)
+
+
+def test_verify_covers_the_template(pack, tmp_path):
+    """A pack converted with a chat_template.jinja: that file is in the manifest and --verify checks it."""
+    from moepack.convert.pipeline import convert
+    from moepack.demo import SyntheticSpec, write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "ckpt", SyntheticSpec(hidden_size=64, num_hidden_layers=1, num_experts=4,
+                                                            num_experts_per_tok=2, moe_intermediate_size=32,
+                                                            num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                                                            vocab_size=512))
+    (ckpt / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    out = convert(str(ckpt), tmp_path / "p", progress=False, workers=1)
+    assert "chat_template.jinja" in PackReader(out).manifest.files
+    Tokenizer(out, verify=True)
+    (out / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}!")
+    with pytest.raises(PackError, match="blake3 mismatch"):
+        Tokenizer(out, verify=True)
+
+
+@pytest.mark.parametrize("name,text,expect", [
+    ("tokenizer_config.json", "[1, 2]", "must be a JSON object"),
+    ("tokenizer_config.json", '"text"', "must be a JSON object"),
+    ("generation_config.json", "[]", "must be a JSON object"),
+    ("generation_config.json", '{"eos_token_id": "x"}', "is not a token id"),
+    ("generation_config.json", '{"eos_token_id": NaN}', "NaN is not a JSON value"),
+    ("tokenizer_config.json", '{"chat_template": [1, 2]}', "chat_template must be text or a list"),
+    ("tokenizer_config.json", '{"chat_template": 42}', "chat_template must be text or a list"),
+    ("chat_template.jinja", "{% for m in messages %}", "chat template does not compile"),
+    ("chat_template.jinja", b"\xff\xfe", "not UTF-8"),
+    ("tokenizer.json", "{}", "not a tokenizer the tokenizers library can load"),
+])
+def test_strange_tokenizer_files_are_one_line_errors(copy, name, text, expect):
+    (copy / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(PackError, match=expect):
+        Tokenizer(copy)
+    r = CliRunner().invoke(main, ["generate", str(copy), "-p", "hi", "--chat", "--max-tokens", "2"])
+    assert expect.split()[0] in one_line_error(r)
+
+
+def test_template_raise_exception_is_one_line(copy):
+    (copy / "chat_template.jinja").write_text("{{ raise_exception('system messages are not supported') }}")
+    r = CliRunner().invoke(main, ["generate", str(copy), "-p", "hi", "--chat", "--max-tokens", "2"])
+    assert "system messages are not supported" in one_line_error(r)
+
+
+@pytest.mark.parametrize("profile", [
+    b"not json", b"[1, 2]", b'{"experts": [[0, 99, 1]]}', b'{"experts": [[0, -1, 1]]}', b'{"experts": [["a", 0, 1]]}',
+    b'{"experts": [[7, 0, 1]]}', b'{"experts": {}}',
+])
+def test_malformed_heat_profile_skipped_with_a_warning(copy, profile, caplog):
+    import moepack
+
+    (copy / "heat.json").write_bytes(profile)
+    with caplog.at_level("WARNING"):
+        assert heat.load(PackReader(copy), copy / "heat.json") == []
+        with moepack.load(copy, heat=copy / "heat.json") as eng:
+            assert eng.store.resident() == set()
+    assert "heat profile" in caplog.text and "skipped" in caplog.text
+
+
+def test_heat_profile_of_this_pack_still_warms(copy):
+    import moepack
+
+    (copy / "heat.json").write_text(json.dumps({"experts": [[0, 1, 5], [1, 2, 3]]}))
+    with moepack.load(copy, heat=copy / "heat.json") as eng:
+        assert eng.store.resident() == {(0, 1), (1, 2)}
+
+
+# ---- the manifest's cost ------------------------------------------------------------------------
+
+
+def test_duplicate_keys_refused_in_linear_time(copy):
+    """200,000 keys with the repeat at the end: the old quadratic search would take hours, the set a blink."""
+    keys = ", ".join(f'"k{i}": 0' for i in range(200_000))
+    (copy / "manifest.json").write_text('{"format": "moepack", "x": {' + keys + ', "k199999": 1}}')
+    done: list = []
+    t = threading.Thread(target=lambda: done.append(pytest.raises(PackError, PackReader, copy)), daemon=True)
+    t.start()
+    t.join(60)
+    assert done and 'key "k199999" appears twice' in str(done[0].value)
+
+
+def test_manifest_of_empty_lists_refused_before_it_is_parsed(copy):
+    """[[],[],...] costs ~20x its size once parsed (the 255 MB case took 6.3 GB); refused from a count of its
+    separators, so parsing never starts."""
+    (copy / "manifest.json").write_bytes(b"[" + b"[]," * (8 << 20) + b"[]]")  # 24 MiB, under the byte cap
+    tracemalloc.start()
+    try:
+        with pytest.raises(PackError, match="far more than a manifest holds"):
+            PackReader(copy)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20, peak  # the file's bytes once (24 MiB), not ~500 MB of list objects
+
+
+def test_manifest_over_the_byte_cap_refused_without_reading(copy):
+    with open(copy / "manifest.json", "wb") as f:
+        f.truncate(33 << 20)  # sparse: nothing to read, only its size
+    with pytest.raises(PackError, match="implausibly large"):
+        PackReader(copy)
+
+
+@pytest.mark.parametrize("alignment", [1 << 22, 1 << 30])
+def test_alignment_above_two_mib_refused(copy, alignment):
+    m = json.loads((copy / "manifest.json").read_text())
+    m["alignment"] = alignment
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(PackError, match=r"alignment: \d+ is out of range \[4096, 2097152\]"):
+        PackReader(copy)
+
+
+def test_read_pack_file_refuses_escaping_names(copy):
+    for rel in ("../outside/secret", "/etc/passwd", "a/../../outside/secret"):
+        with pytest.raises(PackError):
+            read_pack_file(copy, rel, 1 << 20)
