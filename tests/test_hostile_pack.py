@@ -239,3 +239,41 @@ def test_read_pack_file_refuses_escaping_names(copy):
     for rel in ("../outside/secret", "/etc/passwd", "a/../../outside/secret"):
         with pytest.raises(PackError):
             read_pack_file(copy, rel, 1 << 20)
+
+
+# ---- expert files that are not files --------------------------------------------------------------
+
+
+def in_thread(fn, timeout: float = 60):
+    """``fn()`` in a daemon thread; fails if it is still running after ``timeout`` (a hang), else its outcome."""
+    out: list = []
+
+    def run():
+        try:
+            out.append(fn())
+        except BaseException as e:  # noqa: BLE001 - handed back to the test
+            out.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"{fn} hung"
+    return out[0]
+
+
+def test_expert_file_replaced_by_a_fifo_fails_the_read_and_shutdown_works(copy):
+    import moepack
+    from moepack.errors import ExpertReadError
+
+    eng = moepack.load(copy, heat=False)
+    path = eng.reader.expert_file(0, 1)
+    saved = path.read_bytes()
+    path.unlink()
+    os.mkfifo(path)  # after load: the tree check has passed, the read must still not block
+    got = in_thread(lambda: eng.store.fetch(0, [1]))
+    assert isinstance(got, ExpertReadError) and "not a regular file" in str(got), got
+    path.unlink()
+    path.write_bytes(saved)
+    assert in_thread(lambda: eng.store.fetch(0, [1])) is not None  # the store recovers once the file is back
+    eng.store.acquire(0, [2, 3])  # reads in flight at shutdown
+    in_thread(eng.close)
