@@ -277,3 +277,80 @@ def test_expert_file_replaced_by_a_fifo_fails_the_read_and_shutdown_works(copy):
     assert in_thread(lambda: eng.store.fetch(0, [1])) is not None  # the store recovers once the file is back
     eng.store.acquire(0, [2, 3])  # reads in flight at shutdown
     in_thread(eng.close)
+
+
+# ---- hostile checkpoints (convert) -----------------------------------------------------------------
+
+TINY = dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, vocab_size=512)
+
+
+@pytest.fixture
+def ckpt(tmp_path) -> Path:
+    from moepack.demo import SyntheticSpec, write_checkpoint
+
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret.safetensors").write_bytes(b"\0" * 64)
+    return write_checkpoint(tmp_path / "ckpt", SyntheticSpec(**TINY))
+
+
+def convert_cli(ckpt: Path, out: Path):
+    return CliRunner().invoke(main, ["convert", str(ckpt), str(out), "--workers", "1"])
+
+
+def _index(ckpt: Path) -> Path:
+    return next(ckpt.glob("*.index.json"))
+
+
+@pytest.mark.parametrize("index,expect", [
+    ("[1, 2]", "not a safetensors index"),
+    ('{"weight_map": [1, 2]}', "not a safetensors index"),
+    ('{"weight_map": {"a": 3}}', "not a safetensors index"),
+    ("[" * 100_000 + "]" * 100_000, "not valid safetensors index JSON"),
+    ('{"weight_map": {"a": "../outside/secret.safetensors"}}', "'..' component"),
+    ('{"weight_map": {"a": "/etc/passwd"}}', "absolute path"),
+    ('{"weight_map": {"a": "sub/x.safetensors"}}', "another directory"),
+])
+def test_malformed_or_escaping_index_is_one_line(ckpt, tmp_path, index, expect):
+    _index(ckpt).write_text(index)
+    r = audited(lambda: convert_cli(ckpt, tmp_path / "out"), tmp_path / "outside")
+    assert expect in one_line_error(r)
+
+
+def test_symlink_loop_and_fifo_shards_are_one_line(ckpt, tmp_path):
+    _index(ckpt).unlink()
+    os.symlink("loop.safetensors", ckpt / "loop.safetensors")
+    assert "Too many levels of symbolic links" in one_line_error(convert_cli(ckpt, tmp_path / "out"))
+    (ckpt / "loop.safetensors").unlink()
+    os.mkfifo(ckpt / "pipe.safetensors")
+    r = in_thread(lambda: convert_cli(ckpt, tmp_path / "out2"))
+    assert "not a regular file" in one_line_error(r)
+
+
+@pytest.mark.parametrize("edit,expect", [
+    (lambda c: [1, 2], "must be a JSON object"),
+    (lambda c: {**c, "vocab_size": 10**12}, "vocab_size 1000000000000 is out of range"),
+    (lambda c: {**c, "num_experts_per_tok": 2.5}, "top_k is 2.5, not a whole number"),
+    (lambda c: {**c, "rope_theta": float("nan")}, "NaN is not a JSON value"),
+    (lambda c: {**c, "rope_theta": -1.0}, "rope_theta is -1.0; it must be a finite number above 0"),
+    (lambda c: {**c, "rms_norm_eps": -1e-6}, "rms_norm_eps is -1e-06"),
+    (lambda c: {**c, "max_position_embeddings": -5}, "max_position_embeddings -5 is out of range"),
+    (lambda c: {**c, "num_experts_per_tok": 9}, "top_k 9 is more than num_experts 4"),
+])
+def test_absurd_config_values_refused(ckpt, tmp_path, edit, expect):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps(edit(cfg)))
+    assert expect in one_line_error(convert_cli(ckpt, tmp_path / "out"))
+
+
+@pytest.mark.parametrize("key,value,expect", [
+    ("vocab_size", 10**12, "vocab_size 1000000000000 is out of range"),
+    ("rms_norm_eps", -1.0, "rms_norm_eps is -1.0"),
+    ("rope_theta", 0, "rope_theta is 0"),
+    ("max_position_embeddings", -5, "max_position_embeddings -5 is out of range"),
+])
+def test_absurd_config_values_in_a_pack_refused(copy, key, value, expect):
+    cfg = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(PackError, match=expect):
+        PackReader(copy)

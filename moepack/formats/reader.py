@@ -227,6 +227,8 @@ def check_config(cfg: dict, a: dict, where: Path | str = "config.json") -> None:
 
     try:
         tc = arch.text_config(cfg)
+        if problem := arch.config_problem(tc):
+            raise PackError(f"{where}: {problem}; the pack's config.json is damaged or tampered with")
         fam = arch.family_for(tc)
         if fam.name != a["family"]:
             bad(f"family {fam.name} != architecture.family {a['family']}")
