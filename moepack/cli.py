@@ -72,7 +72,12 @@ def convert(src, out, revision, dtype, q_bits, q_group_size, dense_bits, dense_g
                     dense_bits=int(dense_bits), dense_group_size=int(dense_group_size), alignment=alignment,
                     requantize=requantize)
     t0 = time.perf_counter()
-    path = run(src, out, recipe, revision=revision, workers=workers, force=force)
+    try:
+        path = run(src, out, recipe, revision=revision, workers=workers, force=force,
+                   say=lambda msg: click.echo(msg, err=True))
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted; re-run the same command to resume", err=True)
+        sys.exit(130)
     click.echo(f"wrote {path} in {time.perf_counter() - t0:.1f}s")
 
 

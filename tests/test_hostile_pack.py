@@ -354,3 +354,132 @@ def test_absurd_config_values_in_a_pack_refused(copy, key, value, expect):
     (copy / "config.json").write_text(json.dumps({**cfg, key: value}))
     with pytest.raises(PackError, match=expect):
         PackReader(copy)
+
+
+# ---- convert never destroys what it did not write ------------------------------------------------
+
+
+def snapshot(d: Path) -> dict[str, bytes]:
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["same", "src-inside-out", "out-inside-src"])
+def test_convert_refuses_an_out_that_is_or_holds_the_source(ckpt, where):
+    out = {"same": ckpt, "src-inside-out": ckpt.parent, "out-inside-src": ckpt / "pack"}[where]
+    before = snapshot(ckpt.parent)
+    for force in ([], ["--force"]):
+        r = CliRunner().invoke(main, ["convert", str(ckpt), str(out), "--workers", "1", *force])
+        assert "source checkpoint" in one_line_error(r)
+    assert snapshot(ckpt.parent) == before
+
+
+def test_convert_refuses_a_folder_of_other_files(ckpt, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    for force in ([], ["--force"]):
+        r = CliRunner().invoke(main, ["convert", str(ckpt), str(out), "--workers", "1", *force])
+        assert "holds other files (thesis.tex)" in one_line_error(r)
+    assert snapshot(out) == {"thesis.tex": b"years of work"}
+
+
+def test_force_removes_only_what_a_pack_consists_of(ckpt, tmp_path):
+    from moepack.convert.pipeline import convert
+
+    out = convert(str(ckpt), tmp_path / "out", progress=False, workers=1)
+    (out / "README.txt").write_text("notes about this pack")
+    (out / "experts" / "mine.txt").write_text("kept")
+    (out / "experts" / "000" / "0000.bin").write_bytes(b"stale")  # a pack file: replaced
+    r = CliRunner().invoke(main, ["convert", str(ckpt), str(out), "--workers", "1", "--force"])
+    assert r.exit_code == 0, r.output
+    assert (out / "README.txt").read_text() == "notes about this pack"
+    assert (out / "experts" / "mine.txt").read_text() == "kept"
+    assert PackReader(out).verify().ok
+
+
+def test_read_only_out_is_one_line(ckpt, tmp_path, monkeypatch):
+    real = Path.mkdir
+
+    def refuse(self, *a, **k):
+        if self == tmp_path / "ro" / "out":
+            raise OSError(30, "Read-only file system", str(self))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    r = convert_cli(ckpt, tmp_path / "ro" / "out")
+    assert "cannot write into" in one_line_error(r) and "Read-only file system" in r.output
+
+
+def test_ctrl_c_says_how_to_resume_and_the_resumed_run_says_so(ckpt, tmp_path, monkeypatch):
+    from moepack.convert import pipeline
+
+    real, calls = pipeline.run_unit, []
+
+    def interrupt_after_two(*a):
+        calls.append(1)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(pipeline, "run_unit", interrupt_after_two)
+    r = convert_cli(ckpt, tmp_path / "out")
+    assert r.exit_code == 130 and "interrupted; re-run the same command to resume" in r.output, r.output
+    monkeypatch.setattr(pipeline, "run_unit", real)
+    r = convert_cli(ckpt, tmp_path / "out")
+    assert r.exit_code == 0 and "resuming the conversion" in r.output and "2 of " in r.output, r.output
+    assert PackReader(tmp_path / "out").verify().ok
+
+
+def _descendants(pid: int) -> set[int]:
+    kids: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int(next(l for l in (d / "status").read_text().splitlines() if l.startswith("PPid:")).split()[1])
+            except (OSError, StopIteration):
+                continue
+            kids.setdefault(ppid, []).append(int(d.name))
+    out, stack = set(), [pid]
+    while stack:
+        for k in kids.get(stack.pop(), []):
+            out.add(k)
+            stack.append(k)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = next(l for l in Path(f"/proc/{pid}/status").read_text().splitlines() if l.startswith("State:"))
+    except (OSError, StopIteration):
+        return False
+    return "Z" not in state  # a zombie has exited
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_kill_9_of_convert_leaves_no_worker_or_tracker(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    from moepack.demo import SyntheticSpec, write_checkpoint
+
+    src = write_checkpoint(tmp_path / "src", SyntheticSpec(hidden_size=128, num_hidden_layers=3, num_experts=32,
+                                                           num_experts_per_tok=2, moe_intermediate_size=64,
+                                                           vocab_size=512))
+    child = subprocess.Popen([sys.executable, "-m", "moepack", "convert", str(src), str(tmp_path / "out"),
+                              "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(_descendants(child.pid)) < 3:  # two workers and the resource tracker
+            assert child.poll() is None and time.monotonic() < deadline, "convert did not start its workers"
+            time.sleep(0.05)
+        procs = _descendants(child.pid)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in procs if _alive(p)], "processes outlived the killed converter"
+    finally:
+        if child.poll() is None:
+            child.kill()
