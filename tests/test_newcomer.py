@@ -110,3 +110,115 @@ def test_explicit_budget_over_the_cgroup_limit_refused_with_the_numbers(pack, cg
     assert "try --memory-budget 461MB" in line  # 60% of what is left
     r = CliRunner().invoke(main, ["generate", str(pack), "-p", "hi", "--max-tokens", "2", "--memory-budget", "200MB"])
     assert r.exit_code == 0, r.output
+
+
+# ---- generate ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--temp", "-1"], "--temp -1.0 is out of range [0.0, 2.0]"),
+    (["--temp", "nan"], "--temp nan is out of range"),
+    (["--top-p", "5"], "--top-p 5.0 is out of range (0.0, 1.0]"),
+    (["--top-p", "0"], "--top-p 0.0 is out of range"),
+    (["--max-tokens", "-3"], "--max-tokens -3 is out of range [1,"),
+    (["--top-k", "-5"], "--top-k -5 is out of range"),
+    (["--system", "Be brief."], "--system is a chat message: add --chat"),
+])
+def test_generate_validates_like_the_server(pack, args, expect):
+    r = CliRunner().invoke(main, ["generate", str(pack), "-p", "hi", *args])
+    assert expect in one_line_error(r)
+
+
+def test_generate_empty_prompt_and_non_utf8_stdin(pack):
+    assert "the prompt is empty" in one_line_error(CliRunner().invoke(main, ["generate", str(pack), "-p", ""]))
+    r = CliRunner().invoke(main, ["generate", str(pack), "-p", "-"], input=b"caf\xe9 au lait\n")
+    assert "standard input is not UTF-8 text (byte 3" in one_line_error(r)
+    r = CliRunner().invoke(main, ["generate", str(pack), "-p", "-", "--max-tokens", "2"], input="café\n".encode())
+    assert r.exit_code == 0, r.output
+
+
+def test_generate_says_when_it_stops_at_the_context_limit(pack, tmp_path):
+    copy = Path(shutil.copytree(pack, tmp_path / "pack"))
+    cfg = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 12}))
+    r = CliRunner().invoke(main, ["generate", str(copy), "-p", "The quick brown fox", "--max-tokens", "50"])
+    assert r.exit_code == 0 and "stopped at the model's context limit of 12 tokens" in r.output, r.output
+    r = CliRunner().invoke(main, ["generate", str(copy), "-p", "The quick brown fox " * 5])
+    assert "the model's context holds 12" in one_line_error(r)
+
+
+def test_generate_ctrl_c_exits_quietly_with_130(pack, monkeypatch):
+    from moepack.runtime.engine import BaseEngine
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(BaseEngine, "generate", interrupted)
+    r = CliRunner().invoke(main, ["generate", str(pack), "-p", "hi"])
+    assert r.exit_code == 130 and "Aborted" not in r.output and "Traceback" not in r.output, r.output
+
+
+def test_checkpoint_where_a_pack_is_expected_says_convert(tmp_path):
+    from moepack.demo import SyntheticSpec, write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "ckpt", SyntheticSpec(hidden_size=64, num_hidden_layers=1, num_experts=4,
+                                                            num_experts_per_tok=2, moe_intermediate_size=32,
+                                                            vocab_size=512))
+    for cmd in (["generate", str(ckpt), "-p", "hi"], ["inspect", str(ckpt)], ["chat", str(ckpt)]):
+        line = one_line_error(CliRunner().invoke(main, cmd))
+        assert "is a Hugging Face checkpoint, not a pack; convert it first: moepack convert" in line, line
+    (tmp_path / "half" / ".moepack").mkdir(parents=True)
+    line = one_line_error(CliRunner().invoke(main, ["inspect", str(tmp_path / "half")]))
+    assert "unfinished conversion; re-run the same `moepack convert` command" in line
+
+
+# ---- the demo --------------------------------------------------------------------------------------
+
+
+def test_demo_budget_in_human_units_next_steps_and_no_replacement_characters(tmp_path):
+    r = CliRunner().invoke(main, ["demo", "--dir", str(tmp_path), "--max-tokens", "40"])
+    assert r.exit_code == 0, r.output
+    assert "\ufffd" not in r.output
+    budget_line = next(line for line in r.output.splitlines() if line.startswith("4/4"))
+    assert "KiB (--memory-budget " in budget_line or "MiB (--memory-budget " in budget_line, budget_line
+    assert "bytes" not in budget_line
+    assert r.output.rstrip().splitlines()[-3].strip().startswith("moepack convert")
+    assert "Next" in r.output
+
+
+# ---- chat ------------------------------------------------------------------------------------------
+
+
+def test_chat_repl_survives_an_expert_read_error(ref):
+    import io
+
+    from moepack.errors import ExpertReadError
+    from moepack.runtime.sampling import SamplingParams
+    from moepack.serve.chat import ChatSession, repl
+
+    engine, tok = ref
+
+    class Flaky:
+        """The engine, whose forward pass fails once (as a damaged expert file would)."""
+
+        def __init__(self):
+            self.failed = False
+
+        def forward(self, *a, **k):
+            if not self.failed:
+                self.failed = True
+                raise ExpertReadError("experts/000/0001.bin: cannot read expert 1 of layer 0 (Input/output error)")
+            return engine.forward(*a, **k)
+
+        def __getattr__(self, name):
+            return getattr(engine, name)
+
+    s = ChatSession(Flaky(), tok, params=SamplingParams(temperature=0), max_tokens=3)
+    lines = iter(["Hello", "Hello again", "/stats", "/quit"])
+    out = io.StringIO()
+    repl(s, lambda prompt: next(lines), out)
+    text = out.getvalue()
+    assert "error: experts/000/0001.bin: cannot read expert 1" in text and "the conversation goes on" in text
+    assert "turns 1, messages 2" in text  # the failed turn left nothing; the next one answered
+    assert [m["content"] for m in s.messages][0] == "Hello again"
