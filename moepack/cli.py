@@ -90,7 +90,7 @@ def inspect(pack, as_json) -> None:
 
     s = summary(PackReader(pack))
     if as_json:
-        click.echo(json.dumps(s, indent=2))
+        click.echo(json.dumps(s, indent=2, allow_nan=False))  # strict JSON: a pack's numbers are finite
         return
     a, b, p = s["architecture"], s["bytes"], s["parameters"]
     click.echo(f"{s['path']}  ({s['format']})")

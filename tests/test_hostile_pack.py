@@ -483,3 +483,29 @@ def test_kill_9_of_convert_leaves_no_worker_or_tracker(tmp_path):
     finally:
         if child.poll() is None:
             child.kill()
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_inspect_json_is_strict_json(copy, value):
+    """A non-finite number anywhere in the manifest is refused, so `inspect --json` never prints NaN."""
+    text = (copy / "manifest.json").read_text().replace('"provenance": {', f'"provenance": {{"x": {value}, ', 1)
+    (copy / "manifest.json").write_text(text)
+    r = CliRunner().invoke(main, ["inspect", "--json", str(copy)])
+    line = one_line_error(r)
+    assert "not a JSON value" in line or "out of the range of a number" in line
+
+
+def test_inspect_json_parses_strictly(pack):
+    r = CliRunner().invoke(main, ["inspect", "--json", str(pack)])
+    assert r.exit_code == 0
+    json.loads(r.output, parse_constant=lambda c: pytest.fail(f"{c} in inspect --json"))
+
+
+def test_serve_validates_the_pack_before_the_tokenizer(copy):
+    """serve builds its tokenizer first: a side file leading out is refused there, before anything binds."""
+    from moepack.serve.app import serve
+
+    os.unlink(copy / "tokenizer.json")
+    os.symlink("../outside/secret", copy / "tokenizer.json")
+    got = audited(lambda: serve(copy, port=1), copy.parent / "outside")
+    assert isinstance(got, PackError) and "leads outside the pack" in str(got)

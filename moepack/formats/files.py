@@ -30,6 +30,13 @@ def _no_constant(name: str) -> Any:
     raise PackError(f"{name} is not a JSON value (JSON has no NaN or Infinity)")
 
 
+def _finite(text: str) -> float:
+    v = float(text)
+    if v != v or v in (float("inf"), float("-inf")):
+        raise PackError(f"{text[:40]} is out of the range of a number (it would read as Infinity)")
+    return v
+
+
 def open_regular(path: str | os.PathLike, flags: int = 0) -> int:
     """A read-only descriptor of ``path``, refused unless it is a regular file. Opened with O_NONBLOCK, so a FIFO
     in its place returns at once instead of waiting for a writer, then checked on the descriptor itself (no race
@@ -113,7 +120,7 @@ def parse_json(data: bytes, where: str | os.PathLike, what: str, max_values: int
             raise PackError(f"{where}: {n:,} JSON values in {len(data):,} bytes is far more than a {what} holds "
                             f"(at most {max_values:,}); not a file moepack wrote")
     try:
-        return json.loads(data, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        return json.loads(data, object_pairs_hook=_unique_keys, parse_constant=_no_constant, parse_float=_finite)
     except PackError as e:
         raise PackError(f"{where}: {e}") from None
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors

@@ -78,8 +78,9 @@ class Tokenizer:
 
         reader = pack if isinstance(pack, PackReader) else None
         root = reader.root if reader else Path(pack).expanduser()
-        if reader is None and (root / "manifest.json").exists():
-            reader = PackReader(root, verify=verify)
+        if reader is None and ((root / "manifest.json").exists() or (root / ".moepack").is_dir()
+                               or any(root.glob("*.safetensors"))):
+            reader = PackReader(root, verify=verify)  # a pack is validated; a checkpoint is told to convert
 
         def read(rel: str, max_bytes: int) -> bytes | None:
             if reader is not None:
