@@ -37,12 +37,12 @@ def _finite(text: str) -> float:
     return v
 
 
-def open_regular(path: str | os.PathLike, flags: int = 0) -> int:
+def open_regular(path: str | os.PathLike, flags: int = 0, opener=os.open) -> int:
     """A read-only descriptor of ``path``, refused unless it is a regular file. Opened with O_NONBLOCK, so a FIFO
     in its place returns at once instead of waiting for a writer, then checked on the descriptor itself (no race
     with a rename between a stat and the open). Raises OSError like ``os.open`` (ENOENT, EIO...), PackError for
-    a FIFO, socket, device or directory."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | flags)
+    a FIFO, socket, device or directory. ``opener``: the ``os.open`` to use (the runtime passes its own)."""
+    fd = opener(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | flags)
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):

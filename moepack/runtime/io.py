@@ -70,14 +70,14 @@ class DirectReader:
         an expert file fails the read at once instead of wedging an I/O thread."""
         if self.direct and self.platform.startswith("linux") and hasattr(os, "O_DIRECT"):
             try:
-                return open_regular(path, os.O_DIRECT), True
+                return open_regular(path, os.O_DIRECT, os.open), True
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
                 if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO refuses O_DIRECT too: not the file system
                     raise PackError(f"{path}: not a regular file (a FIFO, socket or device)") from None
                 self._fallback(path, e)
-        fd = open_regular(path)
+        fd = open_regular(path, 0, os.open)  # this module's os: tests swap it for a failing one
         if self.direct and self.platform == "darwin":
             try:
                 fc = self._fcntl or __import__("fcntl").fcntl
