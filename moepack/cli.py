@@ -132,8 +132,8 @@ def verify(pack) -> None:
 
 
 def _budget_option(f):
-    return click.option("--memory-budget", help="Bytes for weights (dense + expert slots), e.g. 8GB. "
-                        "Default: 60% of available memory.")(f)
+    return click.option("--memory-budget", help="Memory for weights (dense + expert slots): 8GB, 512MB, 12e9 (bytes) "
+                        "or 60% (of available memory, within any container limit). Default: 60%.")(f)
 
 
 def _verify_option(f):

@@ -25,16 +25,7 @@ from moepack.formats.files import read_pack_file
 from moepack.formats.reader import PackReader
 from moepack.runtime import heat
 from moepack.runtime.tokenizer import Tokenizer
-
-_OPENED: list[str] | None = None
-
-
-def _audit(event: str, args: tuple) -> None:
-    if _OPENED is not None and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
-        _OPENED.append(os.fsdecode(args[0]))
-
-
-sys.addaudithook(_audit)
+from conftest import opening_nothing_under
 
 SIDE_FILES = ["chat_template.jinja", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "heat.json"]
 
@@ -49,19 +40,13 @@ def copy(pack, tmp_path) -> Path:
 
 def audited(fn, outside: Path):
     """Run ``fn``; fail if it opened anything under ``outside``. Returns its result or the MoepackError it raised."""
-    global _OPENED
-    _OPENED = []
-    try:
+    def run():
         try:
-            out = fn()
+            return fn()
         except MoepackError as e:
-            out = e
-    finally:
-        opened, _OPENED = _OPENED, None
-    base = os.path.realpath(outside)
-    stray = [p for p in opened if os.path.realpath(p).startswith(base + os.sep)]
-    assert not stray, f"opened outside the pack: {stray}"
-    return out
+            return e
+
+    return opening_nothing_under(outside, run)
 
 
 def one_line_error(result) -> str:

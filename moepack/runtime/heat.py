@@ -52,7 +52,7 @@ HEAT_BYTES = 64 << 20  # a profile lists each expert once: ~20 bytes each, 1.5 M
 def _read(reader: PackReader, p: Path) -> bytes | None:
     """A profile's bytes: the pack's own heat.json through the pack's containment rules, a sidecar as a bounded
     regular file; None when there is none."""
-    from moepack.formats.files import open_regular, read_pack_file
+    from moepack.formats.files import open_regular
 
     if p == reader.root / HEAT_FILE:
         return reader.side_file(HEAT_FILE, HEAT_BYTES)

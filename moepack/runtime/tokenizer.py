@@ -11,7 +11,7 @@ import json
 import logging
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -19,6 +19,9 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from moepack.errors import MoepackError, PackError
 from moepack.formats.files import parse_json, read_pack_file
+
+if TYPE_CHECKING:
+    from moepack.formats.reader import PackReader
 
 log = logging.getLogger(__name__)
 
