@@ -30,7 +30,7 @@ from moepack.convert import encodings
 from moepack.convert.recipe import Recipe
 from moepack.convert.source import SIDE_FILES, Checkpoint, file_fingerprint, resolve
 from moepack.convert.units import Unit, expert_relpath, plan_units
-from moepack.errors import MoepackError
+from moepack.errors import MoepackError, SourceError
 from moepack.formats.manifest import ExpertLayer, ExpertLayout, Manifest, TensorRecord
 from moepack.formats.writer import PackWriter, hash_file
 
@@ -48,7 +48,11 @@ def run_unit(src_dir: str, out: str, recipe_json: dict, unit: Unit) -> dict:
     recipe = Recipe(**recipe_json)
     writer = PackWriter(out, recipe.alignment)
     if unit.kind == "hash":
-        return {"source_hash": {unit.payload["file"]: hash_file(Path(src_dir) / unit.payload["file"])}}
+        path = Path(src_dir) / unit.payload["file"]
+        try:
+            return {"source_hash": {unit.payload["file"]: hash_file(path)}}
+        except OSError as e:
+            raise SourceError(f"{path}: cannot read it ({e.strerror})") from None
     ckpt = _checkpoint(src_dir)
     f = writer.open(unit.payload["file"])
     try:
@@ -223,7 +227,8 @@ def _writable(out: Path):
     try:
         yield
     except OSError as e:
-        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        ours = e.filename is None or _inside(Path(os.fsdecode(e.filename)), out)  # not a source file we read
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and ours:
             raise ConvertError(f"cannot write into {out} ({e.strerror}); choose a folder you can write to") from None
         raise
 
