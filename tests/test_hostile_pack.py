@@ -494,3 +494,41 @@ def test_serve_validates_the_pack_before_the_tokenizer(copy):
     os.symlink("../outside/secret", copy / "tokenizer.json")
     got = audited(lambda: serve(copy, port=1), copy.parent / "outside")
     assert isinstance(got, PackError) and "leads outside the pack" in str(got)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_of_a_parallel_convert_is_quiet_and_resumes(tmp_path):
+    """A real Ctrl-C reaches the whole process group: the workers ignore it, the converter stops them and says how
+    to resume (no traceback from any process), and the same command finishes the pack."""
+    import signal
+    import subprocess
+    import time
+
+    from moepack.demo import SyntheticSpec, write_checkpoint
+
+    src = write_checkpoint(tmp_path / "src", SyntheticSpec(hidden_size=128, num_hidden_layers=3, num_experts=32,
+                                                           num_experts_per_tok=2, moe_intermediate_size=64,
+                                                           vocab_size=512))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "moepack", "convert", str(src), str(out), "--workers", "2"]
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list((out / ".moepack" / "done").glob("*.json"))) < 5:
+            assert child.poll() is None and time.monotonic() < deadline, "convert made no progress"
+            time.sleep(0.01)
+        procs = _descendants(child.pid)
+        os.killpg(child.pid, signal.SIGINT)
+        _, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 130 and "interrupted; re-run the same command to resume" in err, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in procs if _alive(p)]
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "resuming the conversion" in again.stderr, again.stderr
+    assert PackReader(out).verify().ok

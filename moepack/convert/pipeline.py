@@ -327,14 +327,20 @@ def _run_units(src_dir: str, out: Path, recipe: Recipe, units: list[Unit], worke
                     pending[pool.submit(_guard, run_unit, src_dir, str(out), recipe.to_json(), u)] = u
                     if len(pending) >= 2 * workers:
                         break
-                while pending:
-                    fin, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in fin:
-                        finish(pending.pop(fut), fut.result())
-                    for u in it:
-                        pending[pool.submit(_guard, run_unit, src_dir, str(out), recipe.to_json(), u)] = u
-                        if len(pending) >= 2 * workers:
-                            break
+                try:
+                    while pending:
+                        fin, _ = wait(pending, return_when=FIRST_COMPLETED)
+                        for fut in fin:
+                            finish(pending.pop(fut), fut.result())
+                        for u in it:
+                            pending[pool.submit(_guard, run_unit, src_dir, str(out), recipe.to_json(), u)] = u
+                            if len(pending) >= 2 * workers:
+                                break
+                except KeyboardInterrupt:  # stop now: units in flight are redone by the re-run
+                    for proc in list((getattr(pool, "_processes", None) or {}).values()):  # no public kill
+                        proc.terminate()
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
     finally:
         bar.close()
     return results
@@ -347,6 +353,7 @@ def exit_with_parent(parent: int) -> None:
     import signal
     import threading
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the converter decides, not us
     if sys.platform.startswith("linux"):
         try:
             import ctypes
