@@ -358,14 +358,18 @@ def test_convert_refuses_an_out_that_is_or_holds_the_source(ckpt, where):
     assert snapshot(ckpt.parent) == before
 
 
-def test_convert_refuses_a_folder_of_other_files(ckpt, tmp_path):
+@pytest.mark.parametrize("files", [{"thesis.tex": b"years of work"},
+                                   {"manifest.json": b'{"name": "my-web-app"}', "config.json": b"{}"}])
+def test_convert_refuses_a_folder_of_other_files(ckpt, tmp_path, files):
+    """Another tool's manifest.json and config.json do not make a folder a pack: nothing is removed."""
     out = tmp_path / "mine"
     out.mkdir()
-    (out / "thesis.tex").write_text("years of work")
+    for name, data in files.items():
+        (out / name).write_bytes(data)
     for force in ([], ["--force"]):
         r = CliRunner().invoke(main, ["convert", str(ckpt), str(out), "--workers", "1", *force])
-        assert "holds other files (thesis.tex)" in one_line_error(r)
-    assert snapshot(out) == {"thesis.tex": b"years of work"}
+        assert f"holds other files ({', '.join(sorted(files))})" in one_line_error(r)
+    assert snapshot(out) == files
 
 
 def test_force_removes_only_what_a_pack_consists_of(ckpt, tmp_path):

@@ -186,7 +186,7 @@ def check_out(src: Path, out: Path) -> None:
         return
     if not out.is_dir():
         raise ConvertError(f"OUT {out} is a file, not a folder; choose a new or empty folder")
-    if (out / "manifest.json").is_file() or (out / STATE_DIR).is_dir():
+    if (out / STATE_DIR).is_dir() or _is_pack(out):
         return  # a pack or a partial conversion of ours: resumed, refused or (--force) replaced
     try:
         entries = sorted(p.name for p in out.iterdir())
@@ -196,6 +196,18 @@ def check_out(src: Path, out: Path) -> None:
         shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
         raise ConvertError(f"OUT {out} already holds other files ({shown}) and is not a moepack pack; choose a new or "
                            "empty folder (moepack never deletes files it did not write)")
+
+
+def _is_pack(out: Path) -> bool:
+    """Whether ``out`` holds a moepack manifest (another tool's manifest.json does not make a folder ours)."""
+    from moepack.formats.files import read_pack_file
+    from moepack.formats.manifest import FORMAT_NAME
+    from moepack.formats.validate import MAX_MANIFEST_BYTES
+
+    try:
+        return json.loads(read_pack_file(out, "manifest.json", MAX_MANIFEST_BYTES)).get("format") == FORMAT_NAME
+    except (OSError, ValueError, AttributeError, MoepackError):
+        return False
 
 
 def remove_pack_files(out: Path) -> None:

@@ -38,7 +38,7 @@ def fit_to_context(n_prompt: int, max_tokens: int, context: int) -> int:
     from moepack.errors import UsageError
 
     if n_prompt == 0:
-        raise UsageError("the prompt is empty; give some text with -p (or -p - to read standard input)")
+        raise UsageError("the prompt has no tokens: nothing to continue")
     if n_prompt >= context:
         raise UsageError(f"the prompt is {n_prompt} tokens, but the model's context holds {context}; shorten it")
     return min(max_tokens, context - n_prompt)
