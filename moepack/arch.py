@@ -237,6 +237,52 @@ def expert_width(cfg: dict) -> int:
     raise KeyError(f"config has none of {fam.expert_intermediate}")
 
 
+# Bounds on config values, as data: key (through CONFIG_ALIASES) -> (kind, low, high). A key that is absent or
+# null is left to the family's default; any value present must be of the kind and in range. Checked when a
+# checkpoint is converted and when a pack is loaded, so a vocabulary of 10^12 or a NaN rope_theta is a clear
+# error instead of an allocation failure or silent garbage.
+CONFIG_BOUNDS: dict[str, tuple[str, float, float]] = {
+    "num_hidden_layers": ("int", 1, 4096),
+    "num_experts": ("int", 1, 1 << 16),
+    "top_k": ("int", 1, 1 << 16),
+    "hidden_size": ("int", 1, 1 << 24),
+    "intermediate_size": ("int", 1, 1 << 24),
+    "moe_intermediate_size": ("int", 1, 1 << 24),
+    "vocab_size": ("int", 1, 1 << 31),
+    "num_attention_heads": ("int", 1, 1 << 16),
+    "num_key_value_heads": ("int", 1, 1 << 16),
+    "head_dim": ("int", 1, 1 << 16),
+    "max_position_embeddings": ("int", 1, 1 << 40),
+    "rope_theta": ("float", 0, float("inf")),
+    "rms_norm_eps": ("float", 0, 1),
+}
+
+
+def config_problem(cfg: dict) -> str | None:
+    """Why ``cfg`` (a text config) cannot describe a real model, or None: a value of the wrong kind or out of
+    CONFIG_BOUNDS (floats must be finite and above the low bound), or top-k above the number of experts."""
+    import math
+
+    for key, (kind, lo, hi) in CONFIG_BOUNDS.items():
+        v = get(cfg, key)
+        if key == "rope_theta":
+            v = cfg.get("rope_parameters", {}).get("rope_theta", v) if isinstance(cfg.get("rope_parameters"), dict) else v
+        if v is None:
+            continue
+        if kind == "int":
+            if type(v) is not int:
+                return f"{key} is {str(v)[:40]}, not a whole number"
+            if not lo <= v <= hi:
+                return f"{key} {v} is out of range [{lo}, {hi}]"
+        elif type(v) not in (int, float) or not math.isfinite(v) or not lo < v <= hi:
+            return f"{key} is {str(v)[:40]}; it must be a finite number above {lo}" + (f" and at most {hi}" if
+                                                                                       math.isfinite(hi) else "")
+    k, e = get(cfg, "top_k"), get(cfg, "num_experts")
+    if k is not None and e is not None and k > e:
+        return f"top_k {k} is more than num_experts {e}"
+    return None
+
+
 def layer_of(name: str) -> int | None:
     m = LAYER_TENSOR.match(name)
     return int(m["layer"]) if m else None

@@ -178,7 +178,7 @@ class Engine(BaseEngine):
         self.family = arch.family_for(self.config)
         self.compute_dtype = compute_dtype or memory.compute_dtype_for(self.reader)
         self.stage = stage or Stage.whole(arch.num_layers(self.config))
-        budget = memory.parse_bytes(memory_budget)
+        budget = memory.parse_budget(memory_budget)
         self.working = memory.working_memory(self.reader, self.compute_dtype, io_threads)
         allowance = max(ACTIVATION_BYTES, (budget or memory.default_budget()) // 16)
         self.max_pass = max(256, min(MAX_PASS, allowance // self.working.act_per_token))

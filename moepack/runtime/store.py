@@ -139,8 +139,9 @@ class ExpertStore:
         buf = self._staging()[: layout.length]
         try:
             n = self.io.read_into(path, buf)
-        except OSError as e:  # missing, truncated, EIO: this call fails, the store stays usable
-            raise ExpertReadError(f"{path}: cannot read expert {expert} of layer {layer} ({e.strerror or e}); "
+        except (OSError, PackError) as e:  # missing, truncated, EIO, a FIFO: this call fails, the store stays usable
+            raise ExpertReadError(f"{path}: cannot read expert {expert} of layer {layer} "
+                                  f"({getattr(e, 'strerror', None) or e}); "
                                   f"`moepack verify {self.reader.root}` checks the whole pack", path) from e
         if self.verify and key not in self._verified:
             if blake3.blake3(buf).hexdigest() != self.reader.expert_digest(layer, expert):
@@ -321,9 +322,13 @@ class ExpertStore:
         return set(self._slot_of)
 
     def close(self) -> None:
+        """Stop: reads not started are cancelled, reads under way finish (each is one bounded read of a regular
+        file), then the I/O threads end."""
+        for fut in self._inflight.values():
+            fut.cancel()
         for key in list(self._inflight):
             try:
                 self._settle(key)
             except Exception:
                 pass
-        self._io.shutdown(wait=True)
+        self._io.shutdown(wait=True, cancel_futures=True)
