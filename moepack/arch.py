@@ -44,9 +44,10 @@ TEXT_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head."
 PROJ_ALIASES = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
 EXPERT_PROJS = ("gate", "up", "down")
 
-# Dense tensors that stay unquantized whatever the recipe: norms, routers, gates, biases, correction terms.
+# Dense tensors that stay unquantized whatever the recipe: norms, routers, gates, biases, correction terms, the DSA
+# indexer's per-head weights (float32 in transformers).
 UNQUANTIZED = re.compile(
-    r"(norm|\.gate\.weight$|shared_expert_gate|e_score_correction_bias|\.bias$|layernorm|router|sinks)"
+    r"(norm|\.gate\.weight$|shared_expert_gate|e_score_correction_bias|\.bias$|layernorm|router|sinks|weights_proj)"
 )
 
 
@@ -60,6 +61,8 @@ def _qwen_moe_layer(cfg: dict, i: int) -> bool:
 
 
 def _deepseek_moe_layer(cfg: dict, i: int) -> bool:
+    if cfg.get("mlp_layer_types"):  # transformers 5 spelling (DeepSeek-V3.2, GLM-5): "dense" / "sparse" per layer
+        return cfg["mlp_layer_types"][i] == "sparse"
     return (
         get(cfg, "num_experts", 0) > 0
         and i >= cfg.get("first_k_dense_replace", 0)
@@ -110,6 +113,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("minimax_m2", ("minimax_m2",), ("intermediate_size",), _all_layers),
     Family("gpt_oss", ("gpt_oss",), ("intermediate_size",), _all_layers, FusedLayout(transposed=True, interleaved=True)),
     Family("qwen3_next", ("qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text"), ("moe_intermediate_size",), _qwen_moe_layer),
+    # MLA + the DSA lightning indexer (moepack/runtime/models/dsa.py), run by the DeepSeek module
+    Family("deepseek", ("deepseek_v32", "glm_moe_dsa"), ("moe_intermediate_size",), _deepseek_moe_layer),
 )
 BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 

@@ -73,6 +73,13 @@ TINY: dict[str, tuple[str, str, dict]] = {
         moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8,
         rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25})),
+    # DSA: index_topk 5 < the 12-token prompt, so the indexer's selection acts from the sixth query on
+    "deepseek_v32": ("DeepseekV32Config", "DeepseekV32ForCausalLM", dict(
+        num_hidden_layers=3, num_attention_heads=4, intermediate_size=96, moe_intermediate_size=32,
+        n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=2,
+        topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=32, kv_lora_rank=32,
+        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, index_topk=5, index_head_dim=16, index_n_heads=8,
+        rope_parameters={**YARN, "mscale": 1.0, "mscale_all_dim": 1.0})),
 }
 
 
@@ -99,6 +106,9 @@ def randomize(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+MLA_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa")
+
+
 def to_old_spelling(cfg: dict) -> dict:
     """config.json as most hub checkpoints spell it (written before transformers 5)."""
     cfg = dict(cfg)
@@ -114,7 +124,8 @@ def to_old_spelling(cfg: dict) -> dict:
             cfg["partial_rotary_factor"] = params["partial_rotary_factor"]
     if cfg.get("model_type") == "qwen3_moe" and "num_local_experts" in cfg:
         cfg["num_experts"] = cfg.pop("num_local_experts")
-    for k in ("head_dim", "qk_head_dim") if cfg.get("model_type", "").startswith("deepseek") else ():
+    # derived keys transformers 5 writes for MLA models; hub configs give first_k_dense_replace, not mlp_layer_types
+    for k in ("head_dim", "qk_head_dim", "mlp_layer_types") if cfg.get("model_type") in MLA_TYPES else ():
         cfg.pop(k, None)
     cfg.pop("layer_types", None)
     cfg["torch_dtype"] = cfg.pop("dtype", "float32")

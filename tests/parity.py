@@ -38,3 +38,23 @@ def check_parity(kind: str, tmp: Path, fused: bool = False, old_spelling: bool =
     assert small.plan.n_slots < full.plan.n_slots
     np.testing.assert_array_equal(small.logits(PROMPT), got)
     assert list(small.generate(PROMPT, 8)) == want
+
+
+def check_cached_decoding(engine, monkeypatch, prefix: int = 5) -> np.ndarray:
+    """PROMPT through the cache (a ``prefix``-token prefill, then one token at a time) equals one full forward pass,
+    and so does a pass split into 4-token passes with attention scores one query at a time (sparse-attention
+    selection must not depend on how a prompt is blocked); returns the full pass's logits."""
+    import mlx.core as mx
+
+    from moepack.runtime.models import attention
+
+    whole = engine.logits(PROMPT)
+    cache = engine.model.make_cache()
+    steps = [engine.model(mx.array([PROMPT[:prefix]]), cache)[0]]
+    steps += [engine.model(mx.array([[t]]), cache)[0] for t in PROMPT[prefix:]]
+    assert all(c.offset == len(PROMPT) for c in cache)
+    np.testing.assert_allclose(np.array(mx.concatenate(steps, axis=0).astype(mx.float32)), whole, rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(attention, "SCORE_BYTES", 1)
+    monkeypatch.setattr(engine, "max_pass", 4)
+    np.testing.assert_allclose(engine.logits(PROMPT), whole, rtol=1e-4, atol=1e-4)
+    return whole

@@ -10,7 +10,7 @@ the whole cache.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,6 +20,7 @@ from moepack.errors import UnsupportedArchitecture
 from moepack.runtime.models.attention import attend
 from moepack.runtime.models.base import MLP, CausalLM, DecoderLayer, MoEArgs
 from moepack.runtime.models.cache import Causal, KVCache
+from moepack.runtime.models.dsa import Indexer, Relay, indexer_kinds
 from moepack.runtime.models.moe import GroupedRouter, MoE, StreamedExperts
 from moepack.runtime.models.rope import ScaledRoPE, yarn_mscale
 
@@ -36,8 +37,9 @@ class Variant:
     correction_bias: bool  # router has e_score_correction_bias (selection only)
     honours_norm_topk_prob: bool  # V2 never renormalises, whatever norm_topk_prob says
     reads_topk_method: bool  # V2: "greedy" ignores groups; V3 always limits groups
-    reads_rope_interleave: bool  # V2 always rotates interleaved pairs
+    reads_rope_interleave: bool  # V2 always rotates interleaved pairs (as do V3.2 and GLM-5)
     defaults: tuple[tuple[str, object], ...] = ()  # config defaults that differ from ModelArgs'
+    indexer_rope: str | None = None  # DSA: its indexer rotates "halves" (V3.2) or "interleaved" pairs (GLM-5)
 
 
 V3 = Variant("sigmoid", "top2", True, True, False, True,
@@ -46,6 +48,11 @@ VARIANTS = {
     "deepseek_v2": Variant("softmax", "max", False, False, True, False),
     "deepseek_v3": V3,
     "kimi_k2": V3,
+    # V3 plus the DSA indexer; always interleaved MLA rope (rope_interleave is not a V3.2 config key)
+    "deepseek_v32": replace(V3, reads_rope_interleave=False, indexer_rope="halves"),
+    "glm_moe_dsa": replace(V3, reads_rope_interleave=False, indexer_rope="interleaved", defaults=(
+        ("routed_scaling_factor", 2.5), ("norm_topk_prob", True), ("n_group", 1), ("topk_group", 1),
+        ("rms_norm_eps", 1e-5), ("index_n_heads", 32))),
 }
 # DeepseekV2TopkRouter's topk_method -> does it limit experts to the best groups?
 V2_TOPK_METHODS = {"greedy": False, "group_limited_greedy": True}
@@ -71,6 +78,9 @@ class ModelArgs(MoEArgs):
     max_position_embeddings: int = 4096
     attention_bias: bool = False
     mlp_bias: bool = False
+    index_topk: int = 2048  # DSA indexer (deepseek_v32, glm_moe_dsa)
+    index_head_dim: int = 128
+    index_n_heads: int = 64
 
     @classmethod
     def from_config(cls, cfg: dict) -> "ModelArgs":
@@ -89,7 +99,9 @@ def softmax_scale(a: ModelArgs) -> float:
 class MLAttention(nn.Module):
     """Multi-head latent attention; module names are transformers' so pack tensors load by name."""
 
-    def __init__(self, a: ModelArgs, rope: nn.Module):
+    def __init__(self, a: ModelArgs, rope: nn.Module, indexer: Indexer | None = None, relay: Relay | None = None):
+        """``indexer``: this layer's DSA indexer; ``relay``: where indexed layers leave their selection for the
+        layers that share it (a layer with a relay and no indexer reuses the last one)."""
         super().__init__()
         H, nH = a.hidden_size, a.num_attention_heads
         self.n_heads, self.kv_lora = nH, a.kv_lora_rank
@@ -107,19 +119,23 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(nH * self.v_dim, H, bias=a.attention_bias)
         self.rope = rope
         self.scale = softmax_scale(a)
+        self.indexer, self.relay = indexer, relay
 
     def __call__(self, x: mx.array, mask: Causal, cache: KVCache | None) -> mx.array:
         B, T, _ = x.shape
-        q = self.q_proj(x) if "q_proj" in self else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_lora = None if "q_proj" in self else self.q_a_layernorm(self.q_a_proj(x))
+        q = self.q_proj(x) if q_lora is None else self.q_b_proj(q_lora)
         q = q.reshape(B, T, self.n_heads, -1).transpose(0, 2, 1, 3)  # [B, nH, T, nope+rope]
         q_nope, q_pe = q[..., : self.nope], q[..., self.nope :]
         ckv = self.kv_a_proj_with_mqa(x)  # [B, T, kv_lora+rope]
         latent = self.kv_a_layernorm(ckv[..., : self.kv_lora])[:, None]  # [B, 1, T, kv_lora]
         k_pe = ckv[..., self.kv_lora :][:, None]  # [B, 1, T, rope]: one key head shared by all heads
-        offset = cache.offset if cache is not None else 0
-        q_pe, k_pe = self.rope(q_pe, offset=offset), self.rope(k_pe, offset=offset)
+        q_pe, k_pe = self.rope(q_pe, offset=mask.offset), self.rope(k_pe, offset=mask.offset)
+        own = (latent, k_pe) + (() if self.indexer is None else (self.indexer.keys(x, mask.offset),))
         if cache is not None:
-            latent, k_pe = cache.update_and_fetch(latent, k_pe)  # [B, 1, S, kv_lora], [B, 1, S, rope]
+            own = cache.update_and_fetch(*own)  # each [B, 1, S, ·]: latent, roped key, indexer keys
+        latent, k_pe = own[:2]
+        mask = self._selection(x, q_lora, own[2:], mask)
         if T == 1:
             return self.o_proj(self._absorbed(q_nope, q_pe, latent, k_pe, mask))
         S = latent.shape[2]
@@ -128,6 +144,18 @@ class MLAttention(nn.Module):
         k = mx.concatenate([kv[..., : self.nope], k_pe], axis=-1)  # [B, nH, S, nope+rope]
         q = mx.concatenate([q_nope, q_pe], axis=-1)
         return self.o_proj(attend(q, k, kv[..., self.nope :], self.scale, mask))
+
+    def _selection(self, x: mx.array, q_lora: mx.array | None, index_keys: tuple[mx.array, ...],
+                   mask: Causal) -> Causal:
+        """The mask sparse attention (DSA) adds: this layer's indexer's top-k keys per query, or on a layer that
+        shares an earlier layer's selection, that one's; plain ``mask`` without DSA."""
+        if self.indexer is not None:
+            mask = self.indexer.select(x, x if q_lora is None else q_lora, index_keys[0], mask)
+            if self.relay is not None:
+                self.relay.selection = mask
+        elif self.relay is not None:
+            mask = self.relay.selection
+        return mask
 
     def _absorbed(self, q_nope: mx.array, q_pe: mx.array, latent: mx.array, k_pe: mx.array,
                   mask: Causal) -> mx.array:
@@ -179,10 +207,17 @@ class Model(CausalLM):
         rope = ScaledRoPE(a.qk_rope_head_dim, a.rope_theta, a.rope_scaling, a.max_position_embeddings,
                           traditional=interleaved)
         moe = set(arch.moe_layers(cfg))
+        kinds = indexer_kinds(cfg, a.num_hidden_layers) if v.indexer_rope else [None] * a.num_hidden_layers
+        relay = Relay() if "shared" in kinds else None
+        index_rope = v.indexer_rope and ScaledRoPE(a.qk_rope_head_dim, a.rope_theta, a.rope_scaling,
+                                                   a.max_position_embeddings, traditional=v.indexer_rope == "interleaved")
         layers = []
         for i in range(a.num_hidden_layers):
             mlp = moe_block(a, v, store, i) if i in moe else MLP(a.hidden_size, a.intermediate_size, a.mlp_bias)
-            layers.append(DecoderLayer(MLAttention(a, rope), mlp, a))
+            indexer = None if kinds[i] != "full" else Indexer(
+                hidden=a.hidden_size, q_dim=a.q_lora_rank, n_heads=a.index_n_heads, head_dim=a.index_head_dim,
+                topk=a.index_topk, rope=index_rope)
+            layers.append(DecoderLayer(MLAttention(a, rope, indexer, relay), mlp, a))
         super().__init__(a, layers)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
