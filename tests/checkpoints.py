@@ -80,6 +80,13 @@ TINY: dict[str, tuple[str, str, dict]] = {
         topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=32, kv_lora_rank=32,
         qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, index_topk=5, index_head_dim=16, index_n_heads=8,
         rope_parameters={**YARN, "mscale": 1.0, "mscale_all_dim": 1.0})),
+    # layers 1 and 2 reuse layer 0's top-k selection (no indexer of their own), layer 3 runs its own
+    "glm_moe_dsa": ("GlmMoeDsaConfig", "GlmMoeDsaForCausalLM", dict(
+        num_hidden_layers=4, num_attention_heads=4, intermediate_size=96, moe_intermediate_size=32,
+        n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+        q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=24, index_topk=5,
+        index_head_dim=16, index_n_heads=8, indexer_types=["full", "shared", "shared", "full"],
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
 }
 
 
@@ -128,6 +135,8 @@ def to_old_spelling(cfg: dict) -> dict:
     for k in ("head_dim", "qk_head_dim", "mlp_layer_types") if cfg.get("model_type") in MLA_TYPES else ():
         cfg.pop(k, None)
     cfg.pop("layer_types", None)
+    if cfg.get("indexer_types"):  # GLM-5's hub spelling: one letter per layer, Full or Shared indexer
+        cfg["index_topk_pattern"] = "".join(t[0].upper() for t in cfg.pop("indexer_types"))
     cfg["torch_dtype"] = cfg.pop("dtype", "float32")
     return cfg
 

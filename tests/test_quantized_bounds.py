@@ -37,6 +37,7 @@ BOUNDS = {
     "qwen3_moe": {"8bit": 0.034, "default": 0.068},  # 1.12e-2, 2.27e-2
     "qwen3_next": {"8bit": 0.014, "default": 0.5},  # 4.82e-3, 0.300: 3x is above CAP, CAP holds
     "deepseek_v32": {"8bit": 0.1, "default": 0.5},  # 4.32e-2, 0.260: 3x is above CAP, CAP holds (indexer top-k flips)
+    "glm_moe_dsa": {"8bit": 0.1, "default": 0.34},  # 4.24e-2 (3x: 0.127, above CAP), 0.113
 }
 
 
