@@ -87,12 +87,30 @@ TINY: dict[str, tuple[str, str, dict]] = {
         q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=24, index_topk=5,
         index_head_dim=16, index_n_heads=8, indexer_types=["full", "shared", "shared", "full"],
         rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    # multimodal (a 1-layer Pixtral tower the converter leaves out); layers: 0 RoPE, owns its latent KV, dense MLP;
+    # 1 RoPE, reuses layer 0's KV and layer 0's top-k; 2 NoPE, owns its KV; 3 NoPE, reuses layer 2's KV with an
+    # indexer of its own. LeRoPE (learned frequency scales), learned query scaling, logit softcap 30.
+    "mistral_large4": ("MistralLarge4Config", "MistralLarge4ForConditionalGeneration", dict(
+        text_config=dict(
+            num_hidden_layers=4, num_attention_heads=4, intermediate_size=96, moe_intermediate_size=32,
+            n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=2,
+            topk_group=1, routed_scaling_factor=1.5, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
+            v_head_dim=16, index_topk=5, index_head_dim=16, index_n_heads=8, indexer_types=["full", "shared", "full", "full"],
+            no_rope_layers=[1, 1, 0, 0], kv_source_layers=[0, 0, 2, 2], final_logit_softcapping=3.0,
+            rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 64,
+                             "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 1.0}),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           patch_size=4, image_size=32, head_dim=16))),
 }
 
 
 def make_model(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
     cfg_cls, model_cls, kwargs = TINY[kind]
-    cfg = getattr(transformers, cfg_cls)(**{**COMMON, **kwargs, **overrides})
+    if "text_config" in kwargs:  # multimodal: the text model gets COMMON and the overrides
+        kwargs = {**kwargs, "text_config": {**COMMON, **kwargs["text_config"], **overrides}}
+        cfg = getattr(transformers, cfg_cls)(**kwargs)
+    else:
+        cfg = getattr(transformers, cfg_cls)(**{**COMMON, **kwargs, **overrides})
     torch.manual_seed(seed)
     return randomize(getattr(transformers, model_cls)(cfg).eval())
 
@@ -102,9 +120,9 @@ def randomize(model: torch.nn.Module) -> torch.nn.Module:
     norms and biases (e_score_correction_bias included) get non-trivial values too."""
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if not t.is_floating_point() or "rotary" in name or "inv_freq" in name:
-                continue
-            if "norm" in name:
+            if not t.is_floating_point() or "inv_freq" in name or ("rotary" in name and not name.endswith("alpha")):
+                continue  # rotary buffers; Mistral Large 4's learned frequency scales (rotary_emb.alpha) vary
+            if "norm" in name or name.endswith("softmax_scaling.bias"):  # multipliers around 1
                 t.copy_(1.0 + 0.1 * torch.randn_like(t))
             elif t.ndim == 1:
                 t.copy_(0.1 * torch.randn_like(t))
@@ -154,7 +172,10 @@ def build(kind: str, out: str | Path, fused: bool = False, old_spelling: bool = 
 
 def reference_logits(ckpt: Path, ids: list[int]):
     """transformers' own float32 logits for ``ids`` from the checkpoint as saved (the parity oracle)."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    except ValueError:  # multimodal only (Mistral Large 4): run the whole model on text
+        model = transformers.AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].numpy(), model
 

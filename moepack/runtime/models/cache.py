@@ -41,6 +41,11 @@ class KVCache:
             buf[..., prev : self.offset, :] = a
         return tuple(buf[..., : self.offset, :] for buf in self.arrays)
 
+    def advance(self, n: int) -> tuple[()]:
+        """Count ``n`` positions of a layer that keeps nothing of its own (it attends to another layer's KV)."""
+        self.offset += n
+        return ()
+
     def trim(self, n: int) -> None:
         """Forget the last ``n`` positions (for reusing a shared prefix)."""
         self.offset = max(0, self.offset - n)

@@ -20,7 +20,7 @@ from moepack.errors import UnsupportedArchitecture
 from moepack.runtime.models.attention import attend
 from moepack.runtime.models.base import MLP, CausalLM, DecoderLayer, MoEArgs
 from moepack.runtime.models.cache import Causal, KVCache
-from moepack.runtime.models.dsa import Indexer, Relay, indexer_kinds
+from moepack.runtime.models.dsa import Indexer, PositionScaling, Relay, indexer_kinds
 from moepack.runtime.models.moe import GroupedRouter, MoE, StreamedExperts
 from moepack.runtime.models.rope import ScaledRoPE, yarn_mscale
 
@@ -53,6 +53,10 @@ VARIANTS = {
     "glm_moe_dsa": replace(V3, reads_rope_interleave=False, indexer_rope="interleaved", defaults=(
         ("routed_scaling_factor", 2.5), ("norm_topk_prob", True), ("n_group", 1), ("topk_group", 1),
         ("rms_norm_eps", 1e-5), ("index_n_heads", 32))),
+    # run by mistral_large4.py: softmax router over groups' top-2 sums, always renormalised, no correction bias
+    "mistral_large4_text": Variant("softmax", "top2", False, True, False, False, indexer_rope="interleaved", defaults=(
+        ("norm_topk_prob", True), ("n_group", 1), ("topk_group", 1), ("rms_norm_eps", 1e-5), ("index_n_heads", 32),
+        ("n_shared_experts", 1))),
 }
 # DeepseekV2TopkRouter's topk_method -> does it limit experts to the best groups?
 V2_TOPK_METHODS = {"greedy": False, "group_limited_greedy": True}
@@ -97,15 +101,25 @@ def softmax_scale(a: ModelArgs) -> float:
 
 
 class MLAttention(nn.Module):
-    """Multi-head latent attention; module names are transformers' so pack tensors load by name."""
+    """Multi-head latent attention; module names are transformers' so pack tensors load by name.
 
-    def __init__(self, a: ModelArgs, rope: nn.Module, indexer: Indexer | None = None, relay: Relay | None = None):
-        """``indexer``: this layer's DSA indexer; ``relay``: where indexed layers leave their selection for the
-        layers that share it (a layer with a relay and no indexer reuses the last one)."""
+    Options for the MLA descendants (each off by default):
+    ``indexer``: this layer's DSA indexer (dsa.py); ``relay``: what layers hand on within a forward pass (the last
+    indexer selection, which a layer with a relay and no indexer reuses; latent KV for layers that share it).
+    ``rope`` None: a NoPE layer, whose keys' rope dims join the nope part (kv_b_proj is that much wider).
+    ``kv_source``: another (earlier) layer whose latent KV this layer attends to; it then has no kv_a_proj of its
+    own and caches no latent (Mistral Large 4). ``lora_eps``: kv_a_layernorm's eps. ``position_scaling``: Mistral
+    Large 4's learned per-head, per-position query scaling (``softmax_scaling``).
+    """
+
+    def __init__(self, a: ModelArgs, rope: nn.Module | None, indexer: Indexer | None = None,
+                 relay: Relay | None = None, *, layer: int = 0, kv_source: int | None = None,
+                 lora_eps: float = LORA_NORM_EPS, position_scaling: bool = False):
         super().__init__()
         H, nH = a.hidden_size, a.num_attention_heads
-        self.n_heads, self.kv_lora = nH, a.kv_lora_rank
-        self.nope, self.rope_dim, self.v_dim = a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
+        self.n_heads, self.kv_lora, self.v_dim = nH, a.kv_lora_rank, a.v_head_dim
+        self.rope_dim = a.qk_rope_head_dim if rope is not None else 0
+        self.nope = a.qk_nope_head_dim + a.qk_rope_head_dim - self.rope_dim
         qk = self.nope + self.rope_dim
         if a.q_lora_rank is None:
             self.q_proj = nn.Linear(H, nH * qk, bias=False)
@@ -113,11 +127,15 @@ class MLAttention(nn.Module):
             self.q_a_proj = nn.Linear(H, a.q_lora_rank, bias=a.attention_bias)
             self.q_a_layernorm = nn.RMSNorm(a.q_lora_rank, eps=LORA_NORM_EPS)
             self.q_b_proj = nn.Linear(a.q_lora_rank, nH * qk, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(H, self.kv_lora + self.rope_dim, bias=a.attention_bias)
-        self.kv_a_layernorm = nn.RMSNorm(self.kv_lora, eps=LORA_NORM_EPS)
+        self.layer, self.kv_source = layer, layer if kv_source is None else kv_source
+        if self.kv_source == layer:
+            self.kv_a_proj_with_mqa = nn.Linear(H, self.kv_lora + self.rope_dim, bias=a.attention_bias)
+            self.kv_a_layernorm = nn.RMSNorm(self.kv_lora, eps=lora_eps)
         self.kv_b_proj = nn.Linear(self.kv_lora, nH * (self.nope + self.v_dim), bias=False)  # per head [k_nope; v]
         self.o_proj = nn.Linear(nH * self.v_dim, H, bias=a.attention_bias)
-        self.rope = rope
+        if position_scaling:
+            self.softmax_scaling = PositionScaling(nH)
+        self._rope = rope  # underscore: a model-level module (learned in Mistral Large 4), not this layer's weights
         self.scale = softmax_scale(a)
         self.indexer, self.relay = indexer, relay
 
@@ -126,24 +144,36 @@ class MLAttention(nn.Module):
         q_lora = None if "q_proj" in self else self.q_a_layernorm(self.q_a_proj(x))
         q = self.q_proj(x) if q_lora is None else self.q_b_proj(q_lora)
         q = q.reshape(B, T, self.n_heads, -1).transpose(0, 2, 1, 3)  # [B, nH, T, nope+rope]
-        q_nope, q_pe = q[..., : self.nope], q[..., self.nope :]
-        ckv = self.kv_a_proj_with_mqa(x)  # [B, T, kv_lora+rope]
-        latent = self.kv_a_layernorm(ckv[..., : self.kv_lora])[:, None]  # [B, 1, T, kv_lora]
-        k_pe = ckv[..., self.kv_lora :][:, None]  # [B, 1, T, rope]: one key head shared by all heads
-        q_pe, k_pe = self.rope(q_pe, offset=mask.offset), self.rope(k_pe, offset=mask.offset)
-        own = (latent, k_pe) + (() if self.indexer is None else (self.indexer.keys(x, mask.offset),))
-        if cache is not None:
-            own = cache.update_and_fetch(*own)  # each [B, 1, S, ·]: latent, roped key, indexer keys
-        latent, k_pe = own[:2]
-        mask = self._selection(x, q_lora, own[2:], mask)
+        if self.rope_dim:
+            q = mx.concatenate([q[..., : self.nope], self._rope(q[..., self.nope :], offset=mask.offset)], axis=-1)
+        if "softmax_scaling" in self:
+            q = self.softmax_scaling(q, mask.offset)
+        own = self._latent_kv(x, mask.offset) + (() if self.indexer is None else (self.indexer.keys(x, mask.offset),))
+        if cache is not None:  # each [B, 1, S, ·]: latent, roped key (RoPE layers), indexer keys (DSA)
+            own = cache.update_and_fetch(*own) if own else cache.advance(T)
+        kv = own[: len(own) - (self.indexer is not None)] if "kv_a_proj_with_mqa" in self else self.relay.kv[self.kv_source]
+        if self.relay is not None and self.relay.kv is not None and "kv_a_proj_with_mqa" in self:
+            self.relay.kv[self.layer] = kv  # for the layers that share this one's latent KV
+        mask = self._selection(x, q_lora, own[-1:] if self.indexer is not None else (), mask)
         if T == 1:
-            return self.o_proj(self._absorbed(q_nope, q_pe, latent, k_pe, mask))
-        S = latent.shape[2]
-        kv = self.kv_b_proj(latent).reshape(B, S, self.n_heads, -1).transpose(0, 2, 1, 3)  # [B, nH, S, nope+v]
-        k_pe = mx.broadcast_to(k_pe, (B, self.n_heads, S, self.rope_dim))
-        k = mx.concatenate([kv[..., : self.nope], k_pe], axis=-1)  # [B, nH, S, nope+rope]
-        q = mx.concatenate([q_nope, q_pe], axis=-1)
-        return self.o_proj(attend(q, k, kv[..., self.nope :], self.scale, mask))
+            return self.o_proj(self._absorbed(q, kv, mask))
+        latent, S = kv[0], kv[0].shape[2]
+        kv_up = self.kv_b_proj(latent).reshape(B, S, self.n_heads, -1).transpose(0, 2, 1, 3)  # [B, nH, S, nope+v]
+        k = kv_up[..., : self.nope]
+        if self.rope_dim:
+            k = mx.concatenate([k, mx.broadcast_to(kv[1], (B, self.n_heads, S, self.rope_dim))], axis=-1)
+        return self.o_proj(attend(q, k, kv_up[..., self.nope :], self.scale, mask))  # k [B, nH, S, nope+rope]
+
+    def _latent_kv(self, x: mx.array, offset: int) -> tuple[mx.array, ...]:
+        """This layer's own latent [B, 1, T, kv_lora] and roped shared key [B, 1, T, rope] (none on a NoPE layer;
+        nothing on a layer that attends to another's)."""
+        if "kv_a_proj_with_mqa" not in self:
+            return ()
+        ckv = self.kv_a_proj_with_mqa(x)  # [B, T, kv_lora+rope]
+        latent = self.kv_a_layernorm(ckv[..., : self.kv_lora])[:, None]
+        if not self.rope_dim:
+            return (latent,)
+        return latent, self._rope(ckv[..., self.kv_lora :][:, None], offset=offset)  # one key head for all heads
 
     def _selection(self, x: mx.array, q_lora: mx.array | None, index_keys: tuple[mx.array, ...],
                    mask: Causal) -> Causal:
@@ -153,17 +183,17 @@ class MLAttention(nn.Module):
             mask = self.indexer.select(x, x if q_lora is None else q_lora, index_keys[0], mask)
             if self.relay is not None:
                 self.relay.selection = mask
-        elif self.relay is not None:
+        elif self.relay is not None and self.relay.selection is not None:
             mask = self.relay.selection
         return mask
 
-    def _absorbed(self, q_nope: mx.array, q_pe: mx.array, latent: mx.array, k_pe: mx.array,
-                  mask: Causal) -> mx.array:
+    def _absorbed(self, q: mx.array, kv: tuple[mx.array, ...], mask: Causal) -> mx.array:
         """Attention in latent space: q_nope·k_nope = (q_nope W_uk)·latent, and o = (p·latent) W_uvᵀ."""
-        B, _, T, _ = q_nope.shape
-        q_lat = self._per_head(q_nope, 0, self.nope, transpose=False)  # [B, nH, T, kv_lora]
-        q = mx.concatenate([q_lat, q_pe], axis=-1)  # [B, nH, T, kv_lora+rope]
-        k = mx.concatenate([latent, k_pe], axis=-1)  # [B, 1, S, kv_lora+rope]
+        B, _, T, _ = q.shape
+        latent = kv[0]  # [B, 1, S, kv_lora]
+        q_lat = self._per_head(q[..., : self.nope], 0, self.nope, transpose=False)  # [B, nH, T, kv_lora]
+        q = mx.concatenate([q_lat, q[..., self.nope :]], axis=-1)  # [B, nH, T, kv_lora+rope]
+        k = mx.concatenate([latent, kv[1]], axis=-1) if self.rope_dim else latent  # [B, 1, S, kv_lora+rope]
         o = attend(q, k, latent, self.scale, mask, merge_heads=False)  # [B, nH, T, kv_lora]
         o = self._per_head(o, self.nope, self.nope + self.v_dim, transpose=True)  # [B, nH, T, v]
         return o.transpose(0, 2, 1, 3).reshape(B, T, -1)

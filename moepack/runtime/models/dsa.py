@@ -92,12 +92,12 @@ class Indexer(nn.Module):
         self.wk = nn.Linear(hidden, head_dim, bias=False)
         self.k_norm = nn.LayerNorm(head_dim, eps=INDEXER_NORM_EPS)
         self.weights_proj = HeadWeights(hidden, n_heads, bias=False)
-        self.rope = rope
+        self._rope = rope  # underscore: a model-level module, not this indexer's weights
 
     def keys(self, x: mx.array, offset: int) -> mx.array:
         """x [B, T, hidden] -> this layer's indexer keys [B, 1, T, D] (one head, roped), for the cache."""
         k = self.k_norm(self.wk(x))[:, None]
-        return self.rope(k, offset=offset) if self.rope is not None else k
+        return self._rope(k, offset=offset) if self._rope is not None else k
 
     def select(self, x: mx.array, q_in: mx.array, keys: mx.array, mask: Causal) -> Sparse:
         """Each query's top-k keys among ``keys`` [B, 1, S, D] (every cached position), as a :class:`Sparse` mask.
@@ -110,8 +110,8 @@ class Indexer(nn.Module):
         q = self.wq_b(q_in).reshape(B, T, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)  # [B, H, T, D]
         if "softmax_scaling" in self:
             q = self.softmax_scaling(q, mask.offset)
-        if self.rope is not None:
-            q = self.rope(q, offset=mask.offset)
+        if self._rope is not None:
+            q = self._rope(q, offset=mask.offset)
         q = q.astype(mx.float32) * self.head_dim**-0.5
         k = keys.astype(mx.float32)  # [B, 1, S, D]
         w = self.weights_proj(x).astype(mx.float32) * self.n_heads**-0.5  # [B, T, H]
