@@ -1,13 +1,11 @@
 """DeepSeek-V3.2 against transformers: MLA with the DSA lightning indexer (its own projections, LayerNorm'd keys
 with half-split RoPE, ReLU scores weighted per head, top-k keys per query), index_topk 5 < the 12-token prompt."""
 
-import mlx.core as mx
 import numpy as np
 import pytest
 from checkpoints import build, reference_logits
 from parity import EXACT, PROMPT, check_cached_decoding, check_parity, nmse
 
-import moepack
 from moepack.convert.pipeline import convert
 
 
@@ -25,12 +23,7 @@ def test_selection_acts_on_the_test_prompt(tmp_path):
 
 
 def test_cached_decoding_equals_full_forward(tmp_path, monkeypatch):
-    ckpt = build("deepseek_v32", tmp_path / "ckpt")
-    ref, _ = reference_logits(ckpt, PROMPT)
-    eng = moepack.load(convert(str(ckpt), tmp_path / "pack", EXACT, progress=False))
-    assert nmse(check_cached_decoding(eng, monkeypatch), ref) < 1e-5
-    cache = eng.model.make_cache()
-    eng.model(mx.array([PROMPT]), cache)
+    eng, cache = check_cached_decoding("deepseek_v32", tmp_path, monkeypatch)
     for c in cache:  # latent, roped key and the indexer's keys, one head each
         widths = [a.shape[3] for a in c.arrays]
         assert widths == [eng.config["kv_lora_rank"], eng.config["qk_rope_head_dim"], eng.config["index_head_dim"]]
@@ -42,10 +35,16 @@ def test_fp8_release_decodes_the_indexer_too(tmp_path):
     the norms stay bf16): the indexer weights must decode through the same encoding, exactly."""
     import json
 
-    from safetensors.torch import load_file
-    from test_encodings import FP8_SKIP, _checkpoint, assert_matches, fp8_reference, to_fp8_blocks
-
     from checkpoints import reference_greedy
+    from safetensors.torch import load_file
+    from test_encodings import (
+        FP8_SKIP,
+        _checkpoint,
+        assert_matches,
+        fp8_reference,
+        to_fp8_blocks,
+    )
+
     from moepack.formats.reader import PackReader
 
     src = build("deepseek_v32", tmp_path / "float")

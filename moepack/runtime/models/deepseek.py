@@ -20,7 +20,7 @@ from moepack.errors import UnsupportedArchitecture
 from moepack.runtime.models.attention import attend
 from moepack.runtime.models.base import MLP, CausalLM, DecoderLayer, MoEArgs
 from moepack.runtime.models.cache import Causal, KVCache
-from moepack.runtime.models.dsa import Indexer, PositionScaling, Relay, indexer_kinds
+from moepack.runtime.models.dsa import Indexer, PositionScaling, Relay, RelayedLM, indexer_kinds
 from moepack.runtime.models.moe import GroupedRouter, MoE, StreamedExperts
 from moepack.runtime.models.rope import ScaledRoPE, yarn_mscale
 
@@ -151,7 +151,10 @@ class MLAttention(nn.Module):
         own = self._latent_kv(x, mask.offset) + (() if self.indexer is None else (self.indexer.keys(x, mask.offset),))
         if cache is not None:  # each [B, 1, S, ·]: latent, roped key (RoPE layers), indexer keys (DSA)
             own = cache.update_and_fetch(*own) if own else cache.advance(T)
-        kv = own[: len(own) - (self.indexer is not None)] if "kv_a_proj_with_mqa" in self else self.relay.kv[self.kv_source]
+        if "kv_a_proj_with_mqa" in self:
+            kv = own[: len(own) - (self.indexer is not None)]
+        else:
+            kv = self._handed_on(self.relay.kv.get(self.kv_source), "latent KV", mask.offset + T, lambda t: t[0].shape[2])
         if self.relay is not None and self.relay.kv is not None and "kv_a_proj_with_mqa" in self:
             self.relay.kv[self.layer] = kv  # for the layers that share this one's latent KV
         mask = self._selection(x, q_lora, own[-1:] if self.indexer is not None else (), mask)
@@ -183,9 +186,18 @@ class MLAttention(nn.Module):
             mask = self.indexer.select(x, x if q_lora is None else q_lora, index_keys[0], mask)
             if self.relay is not None:
                 self.relay.selection = mask
-        elif self.relay is not None and self.relay.selection is not None:
-            mask = self.relay.selection
+        elif self.relay is not None:
+            mask = self._handed_on(self.relay.selection, "top-k selection", mask.offset + x.shape[1],
+                                   lambda m: m.offset + m.chosen.shape[1])
         return mask
+
+    def _handed_on(self, value, what: str, positions: int, covers):
+        """What an earlier layer left in the relay during this very pass (``covers(value) == positions``)."""
+        if value is None or covers(value) != positions:
+            raise UnsupportedArchitecture(
+                f"layer {self.layer} reuses the {what} of an earlier layer that did not run in this pass; a pipeline "
+                "stage must start at a layer with its own indexer and latent KV (split the layers elsewhere)")
+        return value
 
     def _absorbed(self, q: mx.array, kv: tuple[mx.array, ...], mask: Causal) -> mx.array:
         """Attention in latent space: q_nope·k_nope = (q_nope W_uk)·latent, and o = (p·latent) W_uvᵀ."""
@@ -229,7 +241,7 @@ def moe_block(a: ModelArgs, v: Variant, store, layer: int) -> MoE:
     return MoE(router, StreamedExperts(store, layer), shared=shared)
 
 
-class Model(CausalLM):
+class Model(RelayedLM, CausalLM):
     def __init__(self, cfg: dict, store):
         a = ModelArgs.from_config(cfg)
         v = VARIANTS[a.model_type]
@@ -249,6 +261,7 @@ class Model(CausalLM):
                 topk=a.index_topk, rope=index_rope)
             layers.append(DecoderLayer(MLAttention(a, rope, indexer, relay), mlp, a))
         super().__init__(a, layers)
+        self.relay = relay
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         # Some hub checkpoints save the rotary buffer; frequencies are recomputed from config.json.

@@ -138,7 +138,24 @@ class Relay:
     Large 4 "shared" layers reuse it) and Mistral Large 4's latent KV per source layer (cross-layer KV sharing)."""
 
     selection: Sparse | None = None
-    kv: dict[int, tuple[mx.array, mx.array]] | None = None
+    kv: dict[int, tuple[mx.array, ...]] | None = None
+
+    def clear(self) -> None:
+        self.selection = None
+        if self.kv is not None:
+            self.kv.clear()
+
+
+class RelayedLM:
+    """Mixin for a CausalLM whose layers hand things on through ``self.relay``: each pass starts with it empty, so a
+    layer never reuses what an earlier pass (or, in a pipeline, a layer this stage does not run) left there."""
+
+    relay: Relay | None = None
+
+    def run_layers(self, h: mx.array, cache: list | None = None, layers: range | None = None) -> mx.array:
+        if self.relay is not None:
+            self.relay.clear()
+        return super().run_layers(h, cache, layers)
 
 
 def indexer_kinds(cfg: dict, n_layers: int) -> list[str]:

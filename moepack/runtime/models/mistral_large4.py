@@ -19,7 +19,7 @@ from moepack import arch
 from moepack.runtime.models.base import MLP, CausalLM, DecoderLayer
 from moepack.runtime.models.deepseek import VARIANTS, MLAttention, moe_block
 from moepack.runtime.models.deepseek import ModelArgs as DeepseekArgs
-from moepack.runtime.models.dsa import Indexer, Relay, indexer_kinds
+from moepack.runtime.models.dsa import Indexer, Relay, RelayedLM, indexer_kinds
 from moepack.runtime.models.rope import LearnedRoPE
 
 # transformers' MistralLarge4TextConfig defaults where the config says nothing
@@ -48,7 +48,7 @@ class ModelArgs(DeepseekArgs):
         return a
 
 
-class Model(CausalLM):
+class Model(RelayedLM, CausalLM):
     def __init__(self, cfg: dict, store):
         a = ModelArgs.from_config(arch.text_config(cfg))
         v = VARIANTS[a.model_type]
@@ -70,3 +70,4 @@ class Model(CausalLM):
         super().__init__(a, layers)
         self.model.rotary_emb = rope  # its learned alpha loads from model.rotary_emb.alpha
         self.softcap = a.final_logit_softcapping
+        self.relay = relay
