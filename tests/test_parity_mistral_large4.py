@@ -48,3 +48,16 @@ def test_a_layer_never_reuses_what_it_was_not_handed_in_this_pass(tmp_path):
     h = eng.model.model.embed_tokens(mx.array([PROMPT]))
     with pytest.raises(UnsupportedArchitecture, match="layer 1 reuses"):
         eng.model.run_layers(h, None, range(1, 4))
+
+
+def test_mtp_head_is_left_out(tmp_path):
+    # the release also ships a multi-token-prediction draft head (mtp_dspark.*), which transformers ignores
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    ckpt = build("mistral_large4", tmp_path / "ckpt")
+    tensors = load_file(ckpt / "model.safetensors")
+    tensors["mtp_dspark.layers.0.attention.wq.weight"] = torch.randn(96, 64)
+    tensors["mtp_dspark.norm.weight"] = torch.randn(64)
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    check_parity("mistral_large4", tmp_path, ckpt=ckpt)
