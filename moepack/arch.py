@@ -35,11 +35,14 @@ FUSED_EXPERT_TENSOR = re.compile(
     r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.experts\.(?P<proj>gate_up_proj|down_proj)(?P<bias>_bias)?$"
 )
 LAYER_TENSOR = re.compile(r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.")
-# Tensors a pack leaves out: multi-token-prediction heads (``mtp.layers.0...`` would otherwise read as layer 0) and
-# the vision tower of a multimodal checkpoint whose text model moepack runs (Qwen3.5-MoE; Kimi K2.5's
-# vision_tower and mm_projector).
-VISION = re.compile(r"^(model\.visual\.|visual\.|vision_tower\.|mm_projector\.|multi_modal_projector\.)")
-SKIPPED = re.compile(rf"^mtp\.|{VISION.pattern}")
+# Tensors a pack leaves out: multi-token-prediction heads (``mtp.layers.0...`` would otherwise read as layer 0;
+# Mistral Large 4's ``mtp_dspark``) and the vision tower of a multimodal checkpoint whose text model moepack runs
+# (Qwen3.5-MoE; Kimi K2.5's vision_tower and mm_projector; Mistral Large 4's Pixtral tower and projector, in
+# transformers' names and in Mistral's own).
+VISION = re.compile(r"^(model\.visual\.|visual\.|vision_tower\.|mm_projector\.|multi_modal_projector\.|"
+                    r"model\.vision_tower\.|model\.multi_modal_projector\.|vision_encoder\.|patch_merger\.|"
+                    r"pre_mm_projector_norm\.|vision_language_adapter\.)")
+SKIPPED = re.compile(rf"^mtp\.|^mtp_dspark\.|{VISION.pattern}")
 # A multimodal wrapper's prefixes -> the text model's own, so its tensors load as a plain causal LM
 # (Kimi K2.5 nests a DeepSeek-V3 text model as language_model.model.* and language_model.lm_head; Qwen3.5-MoE
 # as model.language_model.*).
@@ -48,9 +51,10 @@ TEXT_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head."
 PROJ_ALIASES = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
 EXPERT_PROJS = ("gate", "up", "down")
 
-# Dense tensors that stay unquantized whatever the recipe: norms, routers, gates, biases, correction terms.
+# Dense tensors that stay unquantized whatever the recipe: norms, routers, gates, biases, correction terms, the DSA
+# indexer's per-head weights (float32 in transformers).
 UNQUANTIZED = re.compile(
-    r"(norm|\.gate\.weight$|shared_expert_gate|e_score_correction_bias|\.bias$|layernorm|router|sinks)"
+    r"(norm|\.gate\.weight$|shared_expert_gate|e_score_correction_bias|\.bias$|layernorm|router|sinks|weights_proj)"
 )
 
 
@@ -64,6 +68,8 @@ def _qwen_moe_layer(cfg: dict, i: int) -> bool:
 
 
 def _deepseek_moe_layer(cfg: dict, i: int) -> bool:
+    if cfg.get("mlp_layer_types"):  # transformers 5 spelling (DeepSeek-V3.2, GLM-5): "dense" / "sparse" per layer
+        return cfg["mlp_layer_types"][i] == "sparse"
     return (
         get(cfg, "num_experts", 0) > 0
         and i >= cfg.get("first_k_dense_replace", 0)
@@ -114,12 +120,45 @@ class FusedLayout:
 
 
 @dataclass(frozen=True)
+class NativeNames:
+    """A release's own tensor names -> transformers' (as transformers' conversion_mapping renames them on load):
+    ``rules`` (regex, replacement) in order, for names that match ``applies``."""
+
+    applies: str
+    rules: tuple[tuple[str, str], ...]
+
+    def __call__(self, name: str) -> str:
+        if not re.match(self.applies, name):
+            return name
+        for pattern, repl in self.rules:
+            name = re.sub(pattern, repl, name)
+        return name
+
+
+# Mistral's consolidated names (Mistral Large 4): layers.N.attention.wq, .feed_forward.w1, .experts.E.w1, ...
+MISTRAL_NAMES = NativeNames(r"(layers|tok_embeddings|lerope|norm|output)\.", (
+    (r"^tok_embeddings\.", "model.embed_tokens."), (r"^lerope\.alpha$", "model.rotary_emb.alpha"),
+    (r"^layers\.", "model.layers."), (r"^norm\.", "model.norm."), (r"^output\.", "lm_head."),
+    (r"\.attention\.", ".self_attn."), (r"\.wq\.", ".q_proj."), (r"\.wkv_a_with_mqa\.", ".kv_a_proj_with_mqa."),
+    (r"\.wkv_b\.", ".kv_b_proj."), (r"\.wo\.", ".o_proj."), (r"\.attention_norm\.", ".input_layernorm."),
+    (r"\.ffn_norm\.", ".post_attention_layernorm."), (r"\.kv_a_norm\.", ".kv_a_layernorm."),
+    (r"\.(feed_forward|shared_experts)\.w1\.", r".\1.gate_proj."),
+    (r"\.(feed_forward|shared_experts)\.w2\.", r".\1.down_proj."),
+    (r"\.(feed_forward|shared_experts)\.w3\.", r".\1.up_proj."),
+    (r"\.feed_forward\.", ".mlp."), (r"\.gate\.", ".mlp.gate."), (r"\.experts\.", ".mlp.experts."),
+    (r"\.shared_experts\.", ".mlp.shared_experts."),
+    (r"\.ssmax_scaling\.s$", ".softmax_scaling.scale"), (r"\.ssmax_scaling\.b$", ".softmax_scaling.bias"),
+))
+
+
+@dataclass(frozen=True)
 class Family:
     name: str  # the runtime module in moepack/runtime/models/
     model_types: tuple[str, ...]
     expert_intermediate: tuple[str, ...]  # config keys of a routed expert's width, first match wins
     is_moe_layer: Callable[[dict, int], bool]
     fused: FusedLayout = FusedLayout()
+    native: NativeNames | None = None  # the release's own tensor names, where they are not transformers'
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -140,6 +179,10 @@ FAMILIES: tuple[Family, ...] = (
     Family("afmoe", ("afmoe",), ("moe_intermediate_size",), _afmoe_layer),
     Family("laguna", ("laguna",), ("moe_intermediate_size",), _mlp_layer_types),
     Family("longcat_flash", ("longcat_flash",), ("expert_ffn_hidden_size", "moe_intermediate_size"), _all_layers),
+    # MLA + the DSA lightning indexer (moepack/runtime/models/dsa.py), run by the DeepSeek module
+    Family("deepseek", ("deepseek_v32", "glm_moe_dsa"), ("moe_intermediate_size",), _deepseek_moe_layer),
+    Family("mistral_large4", ("mistral_large4", "mistral_large4_text"), ("moe_intermediate_size",),
+           _deepseek_moe_layer, native=MISTRAL_NAMES),
 )
 BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 
@@ -169,8 +212,12 @@ def text_config(cfg: dict) -> dict:
     return {**{k: v for k, v in cfg.items() if k not in ("text_config", "vision_config")}, **tc}
 
 
-def text_name(name: str) -> str:
-    """A tensor's name in the text model (see TEXT_PREFIXES); other names are returned unchanged."""
+def text_name(name: str, cfg: dict | None = None) -> str:
+    """A tensor's name in the text model (see TEXT_PREFIXES; a release's own names, given its config, as
+    transformers names them); other names are returned unchanged."""
+    fam = BY_MODEL_TYPE.get(text_config(cfg or {}).get("model_type"))
+    if fam is not None and fam.native is not None:
+        name = fam.native(name)
     for old, new in TEXT_PREFIXES:
         if name.startswith(old):
             return new + name[len(old):]

@@ -131,6 +131,34 @@ TINY: dict[str, tuple[str, str, dict]] = {
         zero_expert_num=4, moe_topk=2, routed_scaling_factor=2.0, q_lora_rank=32, kv_lora_rank=32,
         qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, head_dim=8,
         rope_parameters={"rope_type": "default", "rope_theta": 1e7})),
+    # DSA: index_topk 5 < the 12-token prompt, so the indexer's selection acts from the sixth query on
+    "deepseek_v32": ("DeepseekV32Config", "DeepseekV32ForCausalLM", dict(
+        num_hidden_layers=3, num_attention_heads=4, intermediate_size=96, moe_intermediate_size=32,
+        n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=2,
+        topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=32, kv_lora_rank=32,
+        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, index_topk=5, index_head_dim=16, index_n_heads=8,
+        rope_parameters={**YARN, "mscale": 1.0, "mscale_all_dim": 1.0})),
+    # layers 1 and 2 reuse layer 0's top-k selection (no indexer of their own), layer 3 runs its own
+    "glm_moe_dsa": ("GlmMoeDsaConfig", "GlmMoeDsaForCausalLM", dict(
+        num_hidden_layers=4, num_attention_heads=4, intermediate_size=96, moe_intermediate_size=32,
+        n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+        q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=24, index_topk=5,
+        index_head_dim=16, index_n_heads=8, indexer_types=["full", "shared", "shared", "full"],
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    # multimodal (a 1-layer Pixtral tower the converter leaves out); layers: 0 RoPE, owns its latent KV, dense MLP;
+    # 1 RoPE, reuses layer 0's KV and layer 0's top-k; 2 NoPE, owns its KV; 3 NoPE, reuses layer 2's KV with an
+    # indexer of its own. LeRoPE (learned frequency scales), learned query scaling, logit softcap 30.
+    "mistral_large4": ("MistralLarge4Config", "MistralLarge4ForConditionalGeneration", dict(
+        text_config=dict(
+            num_hidden_layers=4, num_attention_heads=4, intermediate_size=96, moe_intermediate_size=32,
+            n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=2,
+            topk_group=1, routed_scaling_factor=1.5, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
+            v_head_dim=16, index_topk=5, index_head_dim=16, index_n_heads=8, indexer_types=["full", "shared", "full", "full"],
+            no_rope_layers=[1, 1, 0, 0], kv_source_layers=[0, 0, 2, 2], final_logit_softcapping=3.0,
+            rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 64,
+                             "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 1.0}),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           patch_size=4, image_size=32, head_dim=16))),
 }
 # model_type -> {transformers 5 key: the release's legacy key} (to_old_spelling)
 LEGACY_KEYS: dict[str, dict[str, str]] = {
@@ -143,7 +171,11 @@ LEGACY_ROTARY_DEFAULT = {"sarvam_moe": 1.0}
 
 def make_model(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
     cfg_cls, model_cls, kwargs = TINY[kind]
-    cfg = getattr(transformers, cfg_cls)(**{**COMMON, **kwargs, **overrides})
+    if "text_config" in kwargs:  # multimodal: the text model gets COMMON and the overrides
+        kwargs = {**kwargs, "text_config": {**COMMON, **kwargs["text_config"], **overrides}}
+        cfg = getattr(transformers, cfg_cls)(**kwargs)
+    else:
+        cfg = getattr(transformers, cfg_cls)(**{**COMMON, **kwargs, **overrides})
     torch.manual_seed(seed)
     return randomize(getattr(transformers, model_cls)(cfg).eval())
 
@@ -153,15 +185,18 @@ def randomize(model: torch.nn.Module) -> torch.nn.Module:
     norms and biases (e_score_correction_bias included) get non-trivial values too."""
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if not t.is_floating_point() or "rotary" in name or "inv_freq" in name:
-                continue
-            if "norm" in name:
+            if not t.is_floating_point() or "inv_freq" in name or ("rotary" in name and not name.endswith("alpha")):
+                continue  # rotary buffers; Mistral Large 4's learned frequency scales (rotary_emb.alpha) vary
+            if "norm" in name or name.endswith("softmax_scaling.bias"):  # multipliers around 1
                 t.copy_(1.0 + 0.1 * torch.randn_like(t))
             elif t.ndim == 1:
                 t.copy_(0.1 * torch.randn_like(t))
             else:
                 t.copy_(torch.randn_like(t) * (1.0 / t.shape[-1] ** 0.5))
     return model
+
+
+MLA_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa")
 
 
 def to_old_spelling(cfg: dict) -> dict:
@@ -181,12 +216,15 @@ def to_old_spelling(cfg: dict) -> dict:
             cfg["partial_rotary_factor"] = params["partial_rotary_factor"]
     if cfg.get("model_type") == "qwen3_moe" and "num_local_experts" in cfg:
         cfg["num_experts"] = cfg.pop("num_local_experts")
-    for k in ("head_dim", "qk_head_dim") if cfg.get("model_type", "").startswith("deepseek") else ():
+    # derived keys transformers 5 writes for MLA models; hub configs give first_k_dense_replace, not mlp_layer_types
+    for k in ("head_dim", "qk_head_dim", "mlp_layer_types") if cfg.get("model_type") in MLA_TYPES else ():
         cfg.pop(k, None)
     for new, old in LEGACY_KEYS.get(cfg.get("model_type"), {}).items():
         if new in cfg:
             cfg[old] = cfg.pop(new)
     cfg.pop("layer_types", None)
+    if cfg.get("indexer_types"):  # GLM-5's hub spelling: one letter per layer, Full or Shared indexer
+        cfg["index_topk_pattern"] = "".join(t[0].upper() for t in cfg.pop("indexer_types"))
     cfg["torch_dtype"] = cfg.pop("dtype", "float32")
     return cfg
 
@@ -209,6 +247,8 @@ def reference_logits(ckpt: Path, ids: list[int]):
     except ValueError:  # a model type the auto class does not map (mistral4): the class config.json names
         arch = json.loads((Path(ckpt) / "config.json").read_text())["architectures"][0]
         model = getattr(transformers, arch).from_pretrained(ckpt, dtype=torch.float32).eval()
+    except ValueError:  # multimodal only (Mistral Large 4): run the whole model on text
+        model = transformers.AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].numpy(), model
 

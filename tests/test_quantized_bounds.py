@@ -44,6 +44,9 @@ BOUNDS = {
     "afmoe": {"8bit": 0.0015, "default": 0.05},  # 5.08e-4, 1.65e-2
     "laguna": {"8bit": 0.002, "default": 0.33},  # 6.69e-4, 0.111
     "longcat_flash": {"8bit": 0.0012, "default": 0.0046},  # 4.02e-4, 1.54e-3
+    "deepseek_v32": {"8bit": 0.1, "default": 0.5},  # 4.32e-2, 0.260: 3x is above CAP, CAP holds (indexer top-k flips)
+    "glm_moe_dsa": {"8bit": 0.1, "default": 0.34},  # 4.24e-2 (3x: 0.127, above CAP), 0.113
+    "mistral_large4": {"8bit": 0.004, "default": 0.052},  # 1.34e-3, 1.74e-2
 }
 
 

@@ -12,7 +12,8 @@ quantized to --dense-bits unless recipe.py keeps them raw, routed experts to --q
 release ships them (``--carried-experts 4:32`` for Kimi K2.5's INT4 group-32 experts, moepack's default when the
 source is quantized), each expert projection on an aligned boundary of its own file.
 
-CONFIG is a config.json path or a preset (``kimi-k2.5``: Kimi K2.5's published text-model dimensions).
+CONFIG is a config.json path or a preset (``kimi-k2.5``: Kimi K2.5's published text-model dimensions;
+``deepseek-v3.2``, ``glm-5``).
 
 ``--ttft 2048,8192,32768`` also prints the expected time to first token for prompts of those lengths: bytes read
 over the SSD's bandwidth plus compute, under the old scheme (the prompt in 512-token chunks, each chunk reading every
@@ -50,9 +51,36 @@ KIMI_K25_TEXT = {
     "rope_scaling": {"type": "yarn", "factor": 64.0, "original_max_position_embeddings": 4096, "beta_fast": 1.0,
                      "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
 }
+# DeepSeek-V3.2 (deepseek-ai/DeepSeek-V3.2): DeepSeek-V3's dimensions plus the DSA indexer; FP8 blocks, which the
+# converter decodes and requantizes (no carried experts).
+DEEPSEEK_V32 = {
+    "model_type": "deepseek_v32", "architectures": ["DeepseekV32ForCausalLM"], "vocab_size": 129280,
+    "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
+    "num_attention_heads": 128, "num_key_value_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256,
+    "num_experts_per_tok": 8, "first_k_dense_replace": 3, "moe_layer_freq": 1, "kv_lora_rank": 512,
+    "q_lora_rank": 1536, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128, "v_head_dim": 128, "n_group": 8,
+    "topk_group": 4, "norm_topk_prob": True, "routed_scaling_factor": 2.5, "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 163840, "tie_word_embeddings": False, "index_topk": 2048, "index_head_dim": 128,
+    "index_n_heads": 64, "rope_theta": 10000.0,
+    "rope_scaling": {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32.0,
+                     "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+}
+# GLM-5 (zai-org/GLM-5): MLA + DSA, the dimensions transformers' GlmMoeDsaConfig documents as its defaults.
+GLM_5 = {
+    "model_type": "glm_moe_dsa", "architectures": ["GlmMoeDsaForCausalLM"], "vocab_size": 154880, "hidden_size": 6144,
+    "intermediate_size": 12288, "moe_intermediate_size": 2048, "num_hidden_layers": 78, "num_attention_heads": 64,
+    "num_key_value_heads": 64, "n_shared_experts": 1, "n_routed_experts": 256, "num_experts_per_tok": 8,
+    "first_k_dense_replace": 3, "kv_lora_rank": 512, "q_lora_rank": 2048, "qk_rope_head_dim": 64,
+    "qk_nope_head_dim": 192, "v_head_dim": 256, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
+    "routed_scaling_factor": 2.5, "rms_norm_eps": 1e-5, "max_position_embeddings": 202752,
+    "tie_word_embeddings": False, "index_topk": 2048, "index_head_dim": 128, "index_n_heads": 32,
+    "rope_theta": 1000000.0,
+}
 PRESETS = {
     "kimi-k2.5": ({"model_type": "kimi_k25", "architectures": ["KimiK25ForConditionalGeneration"],
                    "text_config": KIMI_K25_TEXT}, "4:32"),
+    "deepseek-v3.2": (DEEPSEEK_V32, None),
+    "glm-5": (GLM_5, None),
 }
 # model types transformers knows under another name
 TRANSFORMERS_TYPE = {"kimi_k2": "deepseek_v3", "kimi_k25": "deepseek_v3"}

@@ -297,7 +297,7 @@ def logical_tensors(ckpt: Checkpoint) -> dict[str, TensorInfo | QuantizedTensor]
     vision = sorted({m[0].rstrip(".") for n in out if (m := arch.VISION.match(n))})
     if vision:  # the planner drops them (arch.SKIPPED)
         log.warning("leaving out %s: moepack converts and runs the text model only", ", ".join(vision))
-    renamed = {arch.text_name(n): t for n, t in out.items()}
+    renamed = {arch.text_name(n, ckpt.config): t for n, t in out.items()}
     return {n: replace(t, name=n) if isinstance(t, QuantizedTensor) and t.name != n else t for n, t in renamed.items()}
 
 

@@ -209,11 +209,12 @@ class WorkingMemory:
 
 def working_memory(reader: PackReader, compute: mx.Dtype, io_threads: int = 8) -> WorkingMemory:
     """KV width per layer from the K/V projections' output dims (``k_proj``+``v_proj``, or MLA's
-    ``kv_a_proj_with_mqa``: latent + roped key); activations from the hidden size and the widest dense projection
-    (the LM head excluded: it runs on the last position only)."""
+    ``kv_a_proj_with_mqa``: latent + roped key, and a DSA indexer's ``wk``: its keys); activations from the hidden
+    size and the widest dense projection (the LM head excluded: it runs on the last position only)."""
     dense = reader.manifest.dense
     hidden = int(arch.text_config(reader.config)["hidden_size"])
-    kv = sum(r.shape[0] for n, r in dense.items() if n.endswith(("k_proj.weight", "v_proj.weight", "kv_a_proj_with_mqa.weight")))
+    kv = sum(r.shape[0] for n, r in dense.items()
+             if n.endswith(("k_proj.weight", "v_proj.weight", "kv_a_proj_with_mqa.weight", "indexer.wk.weight")))
     widest = max((r.shape[0] for n, r in dense.items() if len(r.shape) == 2 and "embed_tokens" not in n
                   and "lm_head" not in n), default=hidden)
     size = 4 if compute == mx.float32 else compute.size

@@ -36,8 +36,9 @@ def _attend_blas(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.a
     qn, kn, vn = (np.asarray(t) for t in f32[:3])
     s = np.matmul(qn.reshape(B, Hkv, G * T, D), kn.swapaxes(-1, -2)).reshape(B, Hkv, G, T, S)  # scores
     s *= scale
-    if mask is not None:
-        s += np.asarray(f32[3])
+    if mask is not None:  # [T, S], or [B, 1, T, S] (a sparse-attention selection per sequence)
+        m = np.asarray(f32[3])
+        s += m[:, :, None] if m.ndim == 4 else m
     m = s.max(axis=-1, keepdims=True)
     if sinks is not None:  # a per-head logit in the softmax that contributes no value
         sk = np.asarray(sinks.astype(mx.float32)).reshape(1, Hkv, G, 1, 1)

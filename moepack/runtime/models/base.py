@@ -160,13 +160,16 @@ class CausalLM(nn.Module):
             h = layer(h, mask, cache[j] if cache else None)
         return h
 
+    # final_logit_softcapping: logits -> cap·tanh(logits / cap) (Mistral Large 4); None for none
+    softcap: float | None = None
+
     def head(self, h: mx.array) -> mx.array:
         """Final norm and LM head: [B, T, H] -> logits [B, T, vocab]."""
         h = self.model.norm(h)
-        if not self.tie:
-            return self.lm_head(h)
-        logits = self.model.embed_tokens.as_linear(h)
-        return logits + self.lm_head.bias if "lm_head" in self else logits
+        logits = self.model.embed_tokens.as_linear(h) if self.tie else self.lm_head(h)
+        if self.tie and "lm_head" in self:  # a tied head with its own bias (ERNIE 4.5)
+            logits = logits + self.lm_head.bias
+        return logits if not self.softcap else mx.tanh(logits / self.softcap) * self.softcap
 
     def make_cache(self) -> list:
         return [KVCache() for _ in self.model.layers]

@@ -48,7 +48,7 @@ class ShortcutLayer(nn.Module):
         H, eps = a.hidden_size, a.rms_norm_eps
         scales = ((H / a.q_lora_rank) ** 0.5, (H / a.kv_lora_rank) ** 0.5)
         self.mlp = moe
-        self.self_attn = [MLAttention(a, rope, scales) for _ in range(2)]
+        self.self_attn = [MLAttention(a, rope, lora_scales=scales) for _ in range(2)]
         self.mlps = [MLP(H, a.ffn_hidden_size) for _ in range(2)]
         self.input_layernorm = [nn.RMSNorm(H, eps=eps) for _ in range(2)]
         self.post_attention_layernorm = [nn.RMSNorm(H, eps=eps) for _ in range(2)]

@@ -73,9 +73,12 @@ class ScaledRoPE(nn.Module):
         self.dims, self.traditional = dims, traditional
         self._freqs = mx.array((1.0 / inv).astype(np.float32))  # mx.fast.rope takes wavelengths/2π
 
+    def wavelengths(self) -> mx.array:
+        return self._freqs
+
     def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
         y = mx.fast.rope(x, self.dims, traditional=self.traditional, base=None, scale=1.0, offset=offset,
-                         freqs=self._freqs)
+                         freqs=self.wavelengths())
         if self.attention_factor == 1.0:
             return y
         if self.dims == x.shape[-1]:
@@ -93,3 +96,15 @@ def ropes_by_layer_type(cfg: dict, head_dim: int, defaults: dict[str, dict]) -> 
         out[kind] = ScaledRoPE(arch.rotary_dim({"rope_parameters": params}, head_dim), theta, scaling,
                                cfg.get("max_position_embeddings"))
     return out
+class LearnedRoPE(ScaledRoPE):
+    """ScaledRoPE whose inverse frequencies are scaled by exp(alpha), ``alpha`` a learned weight (Mistral Large 4's
+    LeRoPE); kept float32, as transformers keeps it."""
+
+    float32 = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.alpha = mx.zeros((self.dims // 2,))
+
+    def wavelengths(self) -> mx.array:
+        return self._freqs * mx.exp(-self.alpha.astype(mx.float32))
