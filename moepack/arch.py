@@ -21,9 +21,9 @@ CONFIG_ALIASES: dict[str, tuple[str, ...]] = {
     "top_k": ("num_experts_per_tok", "moe_topk", "top_k"),
 }
 
-# Per-expert tensors: ...layers.L.(mlp|block_sparse_moe).experts.E.<proj>.<weight|bias>
+# Per-expert tensors: ...layers.L.(mlp|block_sparse_moe|ffn).experts.E.<proj>.<weight|bias> (ffn: DeepSeek V4's release)
 EXPERT_TENSOR = re.compile(
-    r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.experts\.(?P<expert>\d+)\."
+    r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe|ffn)\.experts\.(?P<expert>\d+)\."
     r"(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)\.(?P<part>weight|bias)$"
 )
 # Fused tensors (transformers 5 with save_original_format=False): [E, 2I, H] gate_up (gate rows first), [E, H, I] down.
@@ -31,6 +31,8 @@ FUSED_EXPERT_TENSOR = re.compile(
     r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.experts\.(?P<proj>gate_up_proj|down_proj)(?P<bias>_bias)?$"
 )
 LAYER_TENSOR = re.compile(r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.")
+# The token embedding: ``model.embed_tokens.weight``, or ``embed.weight`` in DeepSeek V4's release.
+EMBEDDING = re.compile(r"(^|\.)embed(_tokens)?\.")
 # Tensors a pack leaves out: multi-token-prediction heads (``mtp.layers.0...`` would otherwise read as layer 0) and
 # the vision tower of a multimodal checkpoint whose text model moepack runs (Qwen3.5-MoE; Kimi K2.5's
 # vision_tower and mm_projector).
@@ -110,6 +112,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("minimax_m2", ("minimax_m2",), ("intermediate_size",), _all_layers),
     Family("gpt_oss", ("gpt_oss",), ("intermediate_size",), _all_layers, FusedLayout(transposed=True, interleaved=True)),
     Family("qwen3_next", ("qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text"), ("moe_intermediate_size",), _qwen_moe_layer),
+    Family("deepseek_v4", ("deepseek_v4",), ("moe_intermediate_size",), _all_layers),
 )
 BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 
@@ -205,6 +208,10 @@ def expert_width(cfg: dict) -> int:
         if cfg.get(k) is not None:
             return int(cfg[k])
     raise KeyError(f"config has none of {fam.expert_intermediate}")
+
+
+def is_embedding(name: str) -> bool:
+    return bool(EMBEDDING.search(name))
 
 
 def layer_of(name: str) -> int | None:

@@ -54,6 +54,9 @@ BY_MLX = {d.mlx: d for d in _TABLE if d.in_packs}
 SOURCE = {d.name: d for d in _TABLE if d.safetensors}  # the dtypes the converter reads from checkpoints
 BY_SAFETENSORS = {d.safetensors: d for d in _TABLE if d.safetensors}
 FLOATS = ("float32", "float16", "bfloat16")  # unquantized values, and quantization scales and biases
+# Integer source tensors (DeepSeek V4's token id -> experts table), stored raw as int32 (``TABLE_DTYPE``).
+INTEGERS = ("int64", "int32", "int16", "int8", "uint8", "uint32")
+TABLE_DTYPE = "int32"
 
 
 def get(name: str) -> DType:

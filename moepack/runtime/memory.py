@@ -172,7 +172,7 @@ def working_memory(reader: PackReader, compute: mx.Dtype, io_threads: int = 8) -
     dense = reader.manifest.dense
     hidden = int(arch.text_config(reader.config)["hidden_size"])
     kv = sum(r.shape[0] for n, r in dense.items() if n.endswith(("k_proj.weight", "v_proj.weight", "kv_a_proj_with_mqa.weight")))
-    widest = max((r.shape[0] for n, r in dense.items() if len(r.shape) == 2 and "embed_tokens" not in n
+    widest = max((r.shape[0] for n, r in dense.items() if len(r.shape) == 2 and not arch.is_embedding(n)
                   and "lm_head" not in n), default=hidden)
     size = 4 if compute == mx.float32 else compute.size
     staging = io_threads * max((lay.length for lay in reader.manifest.expert_layouts.values()), default=0)

@@ -74,7 +74,8 @@ class SoftmaxRouter(nn.Linear):
         return route_softmax(kernels.linear(self, flat), self.top_k, self.renormalize)
 
 
-SCORES = {"sigmoid": mx.sigmoid, "softmax": lambda logits: mx.softmax(logits, axis=-1)}
+SCORES = {"sigmoid": mx.sigmoid, "softmax": lambda logits: mx.softmax(logits, axis=-1),
+          "sqrtsoftplus": lambda logits: mx.sqrt(nn.softplus(logits))}  # DeepSeek V4
 
 
 class GroupedRouter(nn.Module):
@@ -97,10 +98,39 @@ class GroupedRouter(nn.Module):
         self.renormalize, self.scaling = renormalize, scaling
         self.score, self.group_score = SCORES[score], group_score
 
+    def scores(self, flat: mx.array) -> mx.array:
+        """[N, H] -> float32 scores [N, E]."""
+        return self.score(kernels.matmul_nt(flat.astype(mx.float32), self.weight.astype(mx.float32)))
+
     def __call__(self, flat: mx.array) -> tuple[mx.array, mx.array]:
-        scores = self.score(kernels.matmul_nt(flat.astype(mx.float32), self.weight.astype(mx.float32)))  # [N, E]
+        scores = self.scores(flat)  # [N, E]
         return route_grouped(scores, self.top_k, self.get("e_score_correction_bias"), self.n_group, self.topk_group,
                              self.group_score, self.renormalize, self.scaling)
+
+
+class HashRouter(GroupedRouter):
+    """Hash routing (DeepSeek V4's first layers): a fixed token id -> experts table ``tid2eid`` [vocab, K] picks
+    the experts; the learned ``weight`` only weighs them (scores of the picked experts, renormalised and scaled).
+
+    The experts are known from the token ids before the layer runs, so the layer's reads can start early
+    (``MoE.prefetch``), and exactly: no guess, no wasted read.
+    """
+
+    by_token = True  # MoE passes the token ids
+
+    def __init__(self, hidden: int, n_experts: int, top_k: int, vocab: int, *, scaling: float = 1.0,
+                 score: str = "sigmoid"):
+        super().__init__(hidden, n_experts, top_k, scaling=scaling, correction_bias=False, score=score)
+        self.tid2eid = mx.zeros((vocab, top_k), dtype=mx.int32)
+
+    def experts(self, tokens: mx.array) -> mx.array:
+        """Token ids [...] -> expert ids [N, K]."""
+        return self.tid2eid[tokens.reshape(-1)]
+
+    def __call__(self, flat: mx.array, tokens: mx.array) -> tuple[mx.array, mx.array]:
+        inds = self.experts(tokens)
+        w = mx.take_along_axis(self.scores(flat), inds, axis=-1)
+        return inds, w / (w.sum(axis=-1, keepdims=True) + 1e-20) * self.scaling
 
 
 # ---- routed experts, streamed ----------------------------------------------------------------
@@ -151,6 +181,15 @@ def swiglu_numpy(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
 
 
 NUMPY_ACTIVATIONS = {swiglu: swiglu_numpy}
+
+
+def clamped_silu(limit: float) -> Callable[[mx.array, mx.array], mx.array]:
+    """SwiGLU with clamped pre-activations (DeepSeek V4): silu(min(gate, limit)) · clip(up, -limit, limit)."""
+
+    def act(gate: mx.array, up: mx.array) -> mx.array:
+        return nn.silu(mx.minimum(gate, limit)) * mx.clip(up, -limit, limit)
+
+    return act
 
 
 class StreamedExperts:
@@ -353,10 +392,21 @@ class MoE(nn.Module):
                 hidden = router.weight.shape[1]
                 self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    @property
+    def by_token(self) -> bool:
+        """Whether the router picks experts by token id (then call with the ids)."""
+        return getattr(self.router, "by_token", False)
+
+    def prefetch(self, tokens: mx.array) -> None:
+        """A hash-routed layer: start reading the experts ``tokens`` will use now, before the layer runs (the store
+        takes only free or evictable slots, never those in use)."""
+        ids = np.unique(np.array(self.router.experts(tokens)))
+        self.experts.store.prefetch(self.experts.layer, ids.tolist(), exact=True)
+
+    def __call__(self, x: mx.array, tokens: mx.array | None = None) -> mx.array:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [N, H]
-        inds, w = self.router(flat)
+        inds, w = self.router(flat, tokens) if self.by_token else self.router(flat)
         y = self.experts(flat, inds, w.astype(flat.dtype))
         if "shared_expert" in self:
             s = self.shared_expert(flat)
