@@ -234,6 +234,17 @@ class StreamedExperts:
                 outs.append(self._project(h, "down", s, grouped))
         return mx.concatenate(outs, axis=0) if n > 1 else outs[0]
 
+    def capacity(self, ids: np.ndarray, decode: bool) -> int:
+        """Experts per batch for the (token, choice) pairs' expert ids ``ids``: the whole pool when decoding; for a
+        prompt whose experts do not fit at once, half of it (two batches fit: one reads while one computes)."""
+        n = self.store.n_slots
+        return n if decode or len(np.unique(ids)) <= n or n < 2 else n // 2
+
+    def first_batch(self, inds: np.ndarray) -> np.ndarray:
+        """The experts (ascending) the first batch of a call with expert ids ``inds`` [N, K] will read."""
+        ids = inds.reshape(-1)
+        return np.unique(ids)[: self.capacity(ids, decode=inds.shape[0] == 1)]
+
     def __call__(self, x: mx.array, inds: mx.array, weights: mx.array) -> mx.array:
         """x [N, H], inds [N, K] expert ids, weights [N, K] -> [N, H]."""
         return self._decode(x, inds, weights) if inds.shape[0] == 1 else self._prompt(x, inds, weights)
@@ -243,9 +254,11 @@ class StreamedExperts:
         missing ones are read; the next layer's experts may be guessed and read early (``predict``)."""
         N, K = inds.shape
         guess = self.predict(x)[0] if self.predict is not None and self.store.prefetching else None
-        mx.eval(inds) if guess is None else mx.eval(inds, guess)
+        # x too: the previous layer's experts must be computed before their slots may be reused (a hash router's
+        # inds do not depend on x, so evaluating them alone would not force it)
+        mx.eval(x, inds) if guess is None else mx.eval(x, inds, guess)
         ids = np.array(inds).reshape(-1)  # host sync: the store must know which experts to read
-        batches = plan_batches(ids, self.store.n_slots)
+        batches = plan_batches(ids, self.capacity(ids, decode=True))
         pairs, outs = [], []
         for b in batches:
             keys = self.store.acquire(self.layer, b.experts)
@@ -276,12 +289,11 @@ class StreamedExperts:
         Rows are summed into the output in ascending expert order, whatever the batches: output does not depend on
         the budget."""
         N, K = inds.shape
-        mx.eval(inds, weights)
+        mx.eval(x, inds, weights)
         ids = np.array(inds).reshape(-1)
         w = np.array(weights.astype(mx.float32)).reshape(-1)
         n = self.store.n_slots
-        experts = len(np.unique(ids))
-        batches = plan_batches(ids, n if experts <= n or n < 2 else n // 2)  # two batches fit: one reads, one computes
+        batches = plan_batches(ids, self.capacity(ids, decode=False))
         # The sum over experts: in place in numpy on the CPU (MLX's scatter would copy [N, H] per expert)
         cpu = kernels.on_cpu()
         y = np.zeros(x.shape, np.float32) if cpu else mx.zeros(x.shape, x.dtype)
@@ -398,10 +410,11 @@ class MoE(nn.Module):
         return getattr(self.router, "by_token", False)
 
     def prefetch(self, tokens: mx.array) -> None:
-        """A hash-routed layer: start reading the experts ``tokens`` will use now, before the layer runs (the store
-        takes only free or evictable slots, never those in use)."""
-        ids = np.unique(np.array(self.router.experts(tokens)))
-        self.experts.store.prefetch(self.experts.layer, ids.tolist(), exact=True)
+        """A hash-routed layer: start reading the experts ``tokens`` will use now, before the layer runs: those of
+        the layer's first batch, as many as the pool has free or evictable slots for (never those in use), so
+        every read is used."""
+        first = self.experts.first_batch(np.array(self.router.experts(tokens)))  # later batches may evict them
+        self.experts.store.prefetch(self.experts.layer, first.tolist(), exact=True)
 
     def __call__(self, x: mx.array, tokens: mx.array | None = None) -> mx.array:
         shape = x.shape
