@@ -36,6 +36,7 @@ BOUNDS = {
     "qwen3_5_moe": {"8bit": 0.1, "default": 0.5},  # 3.71e-2, 0.265: 3x is above CAP, CAP holds
     "qwen3_moe": {"8bit": 0.034, "default": 0.068},  # 1.12e-2, 2.27e-2
     "qwen3_next": {"8bit": 0.014, "default": 0.5},  # 4.82e-3, 0.300: 3x is above CAP, CAP holds
+    "deepseek_v4": {"8bit": 0.0031, "default": 0.2},  # 1.02e-3, 6.61e-2
 }
 
 
