@@ -112,3 +112,26 @@ def test_hash_routed_experts_are_read_early_and_exactly(pack):
     hashed = {k for k in engine.store.heat if config["mlp_layer_types"][k[0]] == "hash_moe"}
     assert c.prefetch_issued == len(hashed)  # every hash-routed expert came in through an early, exact read
     assert c.reads == len(engine.store.heat)
+
+
+def test_virtual_pack_sizes_match_a_conversion(tmp_path):
+    """tools/virtual_pack.py (how the README plans DeepSeek V4 Pro) sizes every V4 tensor as the converter writes it,
+    the int32 hash-routing tables included."""
+    import sys
+    from pathlib import Path
+
+    from moepack.convert.recipe import Recipe
+    from moepack.formats.reader import PackReader
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+    from virtual_pack import virtual_pack
+
+    ckpt = build("deepseek_v4", tmp_path / "ckpt", fused=True)  # transformers' own names, as the tool lists them
+    for recipe in (EXACT, Recipe(expert_group_size=32, dense_group_size=32)):
+        real = PackReader(convert(str(ckpt), tmp_path / "real", recipe, progress=False, force=True)).manifest
+        virt = PackReader(virtual_pack(json.loads((ckpt / "config.json").read_text()), tmp_path / "virtual", recipe,
+                                       None)).manifest
+        assert {k: (r.encoding, r.dtype, r.nbytes) for k, r in virt.dense.items()} == \
+            {k: (r.encoding, r.dtype, r.nbytes) for k, r in real.dense.items()}
+        assert [virt.expert_layouts[e.layout].length for e in virt.experts] == \
+            [real.expert_layouts[e.layout].length for e in real.experts]
