@@ -135,3 +135,78 @@ def test_virtual_pack_sizes_match_a_conversion(tmp_path):
             {k: (r.encoding, r.dtype, r.nbytes) for k, r in real.dense.items()}
         assert [virt.expert_layouts[e.layout].length for e in virt.experts] == \
             [real.expert_layouts[e.layout].length for e in real.experts]
+
+
+E2M1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6])
+
+
+def _e8m0(amax: torch.Tensor, top: float) -> torch.Tensor:
+    """Power-of-two scales 2^e >= amax / top, as e8m0 bytes 127 + e."""
+    return (127 + torch.ceil(torch.log2(amax.clamp_min(1e-30) / top))).clamp(0, 254).to(torch.uint8)
+
+
+def to_fp8_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[R, C] -> (e4m3 codes, e8m0 scale per 128x128 block, the values they stand for)."""
+    R, C = w.shape
+    sr, sc = -(-R // 128), -(-C // 128)
+    padded = torch.nn.functional.pad(w, (0, sc * 128 - C, 0, sr * 128 - R)).reshape(sr, 128, sc, 128)
+    e = _e8m0(padded.abs().amax(dim=(1, 3)), 448.0)
+    s = torch.exp2(e.float() - 127)[:, None, :, None]
+    codes = (padded / s).to(torch.float8_e4m3fn)
+    value = (codes.float() * s).reshape(sr * 128, sc * 128)[:R, :C].contiguous()
+    return codes.reshape(sr * 128, sc * 128)[:R, :C].contiguous(), e.view(torch.float8_e8m0fnu), value
+
+
+def to_fp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[R, C] -> (e2m1 codes two a byte, low nibble first, as int8 [R, C/2]; e8m0 scale per 32; the values)."""
+    R, C = w.shape
+    g = w.reshape(R, C // 32, 32)
+    e = _e8m0(g.abs().amax(dim=-1), 6.0)
+    s = torch.exp2(e.float() - 127)[..., None]
+    codes = ((g / s)[..., None] - E2M1).abs().argmin(dim=-1).reshape(R, C)  # nearest e2m1 value
+    value = (E2M1[codes].reshape(R, C // 32, 32) * s).reshape(R, C)
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8).view(torch.int8)
+    return packed, e.view(torch.float8_e8m0fnu), value
+
+
+def test_deepseek_v4_release_encodings(tmp_path):
+    """The release's quantized weights: FP8 e4m3 dense matrices with e8m0 128x128 block scales (decoded) and FP4
+    experts with an e8m0 scale per 32 (carried losslessly as mxfp4) give the logits of transformers on the values
+    they stand for."""
+    from parity import nmse
+    from checkpoints import reference_greedy, reference_logits
+
+    from moepack import arch
+    from moepack.formats.reader import PackReader
+
+    hf = build("deepseek_v4", tmp_path / "hf", old_spelling=True)
+    floats, quantized = {}, {}
+    for name, t in load_file(hf / "model.safetensors").items():
+        for old, new in RELEASE:
+            name = name.replace(old, new, 1) if old == "model." else name.replace(old, new)
+        if arch.EXPERT_TENSOR.match(name):
+            codes, scale, t = to_fp4(t)
+        elif any(f".attn.{p}.weight" in name for p in ("wq_a", "wq_b", "wkv", "wo_a", "wo_b")):
+            codes, scale, t = to_fp8_blocks(t)
+        else:
+            codes = scale = None
+        floats[name] = t
+        if codes is None:
+            quantized[name] = t
+        else:
+            quantized[name], quantized[name[: -len(".weight")] + ".scale"] = codes, scale
+    for name, tensors in (("float", floats), ("release", quantized)):
+        (tmp_path / name).mkdir()
+        save_file(tensors, tmp_path / name / "model.safetensors", metadata={"format": "pt"})
+        (tmp_path / name / "config.json").write_text((hf / "config.json").read_text())
+    pack = convert(str(tmp_path / "release"), tmp_path / "pack", EXACT, progress=False)
+    m = PackReader(pack).manifest
+    expert = m.expert_layouts[m.experts[0].layout].tensors["gate"]
+    assert (expert.encoding, expert.source_encoding, expert.carried) == ("mxfp4", "fp4-e2m1-g32-e8m0", "lossless")
+    wq_a = m.dense["layers.1.attn.wq_a.weight"]
+    assert (wq_a.encoding, wq_a.source_encoding, wq_a.carried) == ("raw", "fp8-e4m3-block128x128-e8m0", "dequantized")
+    ref, model = reference_logits(tmp_path / "float", PROMPT)
+    engine = moepack.load(pack, heat=False)
+    got = engine.logits(PROMPT)
+    assert nmse(got, ref) < 1e-5, nmse(got, ref)
+    assert list(engine.generate(PROMPT, 8)) == reference_greedy(model, PROMPT, 8)
