@@ -171,7 +171,10 @@ def working_memory(reader: PackReader, compute: mx.Dtype, io_threads: int = 8) -
     (the LM head excluded: it runs on the last position only)."""
     dense = reader.manifest.dense
     hidden = int(arch.text_config(reader.config)["hidden_size"])
-    kv = sum(r.shape[0] for n, r in dense.items() if n.endswith(("k_proj.weight", "v_proj.weight", "kv_a_proj_with_mqa.weight")))
+    # (DeepSeek V4: kv_proj / the release's wkv, its compressors' too; an upper bound, as its window and compressed
+    # entries keep less than a key per position)
+    kv = sum(r.shape[0] for n, r in dense.items()
+             if n.endswith(("k_proj.weight", "v_proj.weight", "kv_a_proj_with_mqa.weight", ".wkv.weight")))
     widest = max((r.shape[0] for n, r in dense.items() if len(r.shape) == 2 and not arch.is_embedding(n)
                   and "lm_head" not in n), default=hidden)
     size = 4 if compute == mx.float32 else compute.size
