@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import moepack
 from moepack.convert.pipeline import convert
-from moepack.runtime.models import attention, deepseek_v4
+from moepack.runtime.models import attention, compressed
 
 
 @pytest.mark.parametrize("fused,old", [(False, False), (True, False), (False, True)])
@@ -97,7 +97,7 @@ def test_selection_does_not_depend_on_query_blocks(pack, monkeypatch):
     engine = moepack.load(pack, heat=False)
     whole = engine.logits(PROMPT)
     monkeypatch.setattr(attention, "SCORE_BYTES", 1)
-    monkeypatch.setattr(deepseek_v4, "SCORE_BYTES", 1)
+    monkeypatch.setattr(compressed, "SCORE_BYTES", 1)
     np.testing.assert_allclose(engine.logits(PROMPT), whole, rtol=1e-5, atol=1e-5)
 
 
