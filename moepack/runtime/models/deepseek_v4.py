@@ -234,7 +234,7 @@ class V4Attention(nn.Module):
             selected = c.indexer.select(x, q_res, pos, states("indexer")) if "indexer" in c else None
             m = CompressedMask(offset, start, self.window, keys.shape[2], entries.shape[2], c.rate, selected)
             keys = mx.concatenate([keys, entries], axis=2)
-        o = attend(q, keys, keys, self.scale, m, self.sinks, merge_heads=False)  # [B, nH, T, D]
+        o = attend(q, keys, keys, self.scale, m, self.sinks.astype(q.dtype), merge_heads=False)  # [B, nH, T, D]
         o = self.rope.at(o, pos, conjugate=True)  # V carried the keys' rotation: undo it at the query's position
         o = o.transpose(0, 2, 1, 3).reshape(B, T, self.o_a_proj.groups, -1)
         return self.o_b_proj(self.o_a_proj(o).reshape(B, T, -1))
