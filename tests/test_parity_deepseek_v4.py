@@ -210,3 +210,15 @@ def test_deepseek_v4_release_encodings(tmp_path):
     got = engine.logits(PROMPT)
     assert nmse(got, ref) < 1e-5, nmse(got, ref)
     assert list(engine.generate(PROMPT, 8)) == reference_greedy(model, PROMPT, 8)
+
+
+def test_bfloat16_compute(pack):
+    """In bfloat16 (a GPU's compute dtype) the model runs, prompt and cached decode, close to float32 (float32
+    modules: routers, hyper-connections, sinks and position biases kept so)."""
+    import mlx.core as mx
+    from parity import nmse
+
+    f32 = moepack.load(pack, heat=False).logits(PROMPT)
+    bf16 = moepack.load(pack, heat=False, compute_dtype=mx.bfloat16)
+    assert nmse(bf16.logits(PROMPT), f32) < 0.05
+    assert len(list(bf16.generate(PROMPT, 3))) == 3
