@@ -112,6 +112,9 @@ def test_hash_routed_experts_are_read_early_and_exactly(pack):
     hashed = {k for k in engine.store.heat if config["mlp_layer_types"][k[0]] == "hash_moe"}
     assert c.prefetch_issued == len(hashed)  # every hash-routed expert came in through an early, exact read
     assert c.reads == len(engine.store.heat)
+    # with guessing on too (learned layers guess the next learned layer's experts), the same tokens
+    guessing = moepack.load(pack, heat=False, prefetch=True)
+    assert list(guessing.generate(PROMPT, 6)) == list(moepack.load(pack, heat=False).generate(PROMPT, 6))
 
 
 def test_virtual_pack_sizes_match_a_conversion(tmp_path):

@@ -250,6 +250,8 @@ class Engine(BaseEngine):
         """Give each MoE block the next MoE block's router, to guess (and read early) that layer's experts."""
         blocks = self.moe_blocks()
         for cur, nxt in zip(blocks, blocks[1:]):
+            if nxt.by_token:  # a hash-routed layer reads its experts exactly, as it starts (MoE.prefetch)
+                continue
             cur.experts.next_layer = nxt.experts.layer
             cur.experts.predict = nxt.router
 
