@@ -25,9 +25,9 @@ CONFIG_ALIASES: dict[str, tuple[str, ...]] = {
     "zero_experts": ("zero_expert_num",),  # LongCat-Flash: identity experts the router may pick after the stored ones
 }
 
-# Per-expert tensors: ...layers.L.(mlp|block_sparse_moe).experts.E.<proj>.<weight|bias>
+# Per-expert tensors: ...layers.L.(mlp|block_sparse_moe|ffn).experts.E.<proj>.<weight|bias> (ffn: DeepSeek V4's release)
 EXPERT_TENSOR = re.compile(
-    r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.experts\.(?P<expert>\d+)\."
+    r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe|ffn)\.experts\.(?P<expert>\d+)\."
     r"(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)\.(?P<part>weight|bias)$"
 )
 # Fused tensors (transformers 5 with save_original_format=False): [E, 2I, H] gate_up (gate rows first), [E, H, I] down.
@@ -35,6 +35,8 @@ FUSED_EXPERT_TENSOR = re.compile(
     r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.experts\.(?P<proj>gate_up_proj|down_proj)(?P<bias>_bias)?$"
 )
 LAYER_TENSOR = re.compile(r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.")
+# The token embedding: ``model.embed_tokens.weight``, or ``embed.weight`` in DeepSeek V4's release.
+EMBEDDING = re.compile(r"(^|\.)embed(_tokens)?\.")
 # Tensors a pack leaves out: multi-token-prediction heads (``mtp.layers.0...`` would otherwise read as layer 0;
 # Mistral Large 4's ``mtp_dspark``) and the vision tower of a multimodal checkpoint whose text model moepack runs
 # (Qwen3.5-MoE; Kimi K2.5's vision_tower and mm_projector; Mistral Large 4's Pixtral tower and projector, in
@@ -183,6 +185,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("deepseek", ("deepseek_v32", "glm_moe_dsa"), ("moe_intermediate_size",), _deepseek_moe_layer),
     Family("mistral_large4", ("mistral_large4", "mistral_large4_text"), ("moe_intermediate_size",),
            _deepseek_moe_layer, native=MISTRAL_NAMES),
+    Family("deepseek_v4", ("deepseek_v4",), ("moe_intermediate_size",), _all_layers),
 )
 BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 
@@ -328,6 +331,10 @@ def config_problem(cfg: dict) -> str | None:
     if k is not None and e is not None and k > e:
         return f"top_k {k} is more than num_experts {e}"
     return None
+
+
+def is_embedding(name: str) -> bool:
+    return bool(EMBEDDING.search(name))
 
 
 def layer_of(name: str) -> int | None:

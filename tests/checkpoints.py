@@ -159,6 +159,18 @@ TINY: dict[str, tuple[str, str, dict]] = {
                              "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 1.0}),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                            patch_size=4, image_size=32, head_dim=16))),
+    # Every feature acts on the 12-token prompt: a window of 4; CSA entries every 2 positions (6 in the prompt) of
+    # which the indexer keeps 2; HCA entries every 5; hash-routed layers 0-1 then learned ones; 3 streams; clamps bite.
+    "deepseek_v4": ("DeepseekV4Config", "DeepseekV4ForCausalLM", dict(
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1, head_dim=32, q_lora_rank=32,
+        partial_rotary_factor=0.25, o_groups=2, o_lora_rank=16, n_routed_experts=8, num_experts_per_tok=2,
+        n_shared_experts=1, moe_intermediate_size=32, sliding_window=4,
+        layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
+                     "compressed_sparse_attention"],
+        mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"],
+        compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 5},
+        index_n_heads=4, index_head_dim=16, index_topk=2, hc_mult=3, swiglu_limit=1.0, rope_theta=1e4,
+        compress_rope_theta=1.6e5, rope_parameters={k: v for k, v in YARN.items() if k != "rope_theta"})),
 }
 # model_type -> {transformers 5 key: the release's legacy key} (to_old_spelling)
 LEGACY_KEYS: dict[str, dict[str, str]] = {
@@ -185,6 +197,9 @@ def randomize(model: torch.nn.Module) -> torch.nn.Module:
     norms and biases (e_score_correction_bias included) get non-trivial values too."""
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith("tid2eid"):  # a hash router's table: distinct experts per token
+                t.copy_(torch.rand(t.shape[0], model.config.num_local_experts).argsort(-1)[:, : t.shape[1]])
+                continue
             if not t.is_floating_point() or "inv_freq" in name or ("rotary" in name and not name.endswith("alpha")):
                 continue  # rotary buffers; Mistral Large 4's learned frequency scales (rotary_emb.alpha) vary
             if "norm" in name or name.endswith("softmax_scaling.bias"):  # multipliers around 1
@@ -202,6 +217,8 @@ MLA_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa")
 def to_old_spelling(cfg: dict) -> dict:
     """config.json as most hub checkpoints spell it (written before transformers 5)."""
     cfg = dict(cfg)
+    if cfg.get("model_type") == "deepseek_v4":
+        return _deepseek_v4_old_spelling(cfg)
     params = cfg.pop("rope_parameters", None) or {}
     cfg["rope_theta"] = params.get("rope_theta", 10000.0)
     scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "rope_type", "partial_rotary_factor")}
@@ -225,6 +242,25 @@ def to_old_spelling(cfg: dict) -> dict:
     cfg.pop("layer_types", None)
     if cfg.get("indexer_types"):  # GLM-5's hub spelling: one letter per layer, Full or Shared indexer
         cfg["index_topk_pattern"] = "".join(t[0].upper() for t in cfg.pop("indexer_types"))
+    cfg["torch_dtype"] = cfg.pop("dtype", "float32")
+    return cfg
+
+
+def _deepseek_v4_old_spelling(cfg: dict) -> dict:
+    """DeepSeek V4's legacy keys, as transformers' DeepseekV4Config still reads them: per-layer ``compress_ratios``
+    (0 / 4 / 128 name the kind) with ``compress_rate_csa``/``_hca``, ``num_hash_layers``, ``qk_rope_head_dim``,
+    ``rope_theta`` + ``rope_scaling`` (the compress set's YaRN) + ``compress_rope_theta``."""
+    kinds = {"sliding_attention": 0, "compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
+    cfg["compress_ratios"] = [kinds[k] for k in cfg.pop("layer_types")]
+    rates = cfg.pop("compress_rates")
+    cfg["compress_rate_csa"], cfg["compress_rate_hca"] = rates["compressed_sparse_attention"], rates["heavily_compressed_attention"]
+    cfg["num_hash_layers"] = cfg.pop("mlp_layer_types").count("hash_moe")
+    cfg["qk_rope_head_dim"] = int(cfg["head_dim"] * cfg.pop("partial_rotary_factor"))
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"], cfg["compress_rope_theta"] = rope["main"]["rope_theta"], rope["compress"]["rope_theta"]
+    scaling = {k: v for k, v in rope["compress"].items()
+               if k not in ("rope_theta", "rope_type", "partial_rotary_factor", "attention_factor")}
+    cfg["rope_scaling"] = {"type": rope["compress"]["rope_type"], **scaling}
     cfg["torch_dtype"] = cfg.pop("dtype", "float32")
     return cfg
 

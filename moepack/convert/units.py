@@ -87,10 +87,12 @@ def plan_units(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Unit], dict]:
             dropped += 1  # multi-token-prediction layers beyond num_hidden_layers
             continue
         quantized = encodings.is_quantized(info)
-        if not quantized and info.dtype not in dtypes.FLOATS:
+        if not quantized and info.dtype not in dtypes.FLOATS and \
+                not (info.dtype in dtypes.INTEGERS and not arch.EXPERT_TENSOR.match(name)):
             raise SourceError(
                 f"{ckpt.root / info.file}: tensor {name} has dtype {info.dtype}; this converter reads "
-                f"float32/float16/bfloat16 tensors and the quantized formats {', '.join(encodings.FORMATS)}"
+                f"float32/float16/bfloat16 tensors, integer tables and the quantized formats "
+                f"{', '.join(encodings.FORMATS)}"
             )
         if (m := arch.EXPERT_TENSOR.match(name)) and n_experts <= int(m["expert"]) < n_experts + n_zero:
             dropped += 1

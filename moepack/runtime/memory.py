@@ -212,15 +212,19 @@ def working_memory(reader: PackReader, compute: mx.Dtype, io_threads: int = 8) -
     ``kv_a_proj_with_mqa``: latent + roped key, and a DSA indexer's ``wk``: its keys); activations from the hidden
     size and the widest dense projection (the LM head excluded: it runs on the last position only)."""
     dense = reader.manifest.dense
-    hidden = int(arch.text_config(reader.config)["hidden_size"])
+    cfg = arch.text_config(reader.config)
+    hidden = int(cfg["hidden_size"])
+    streams = int(cfg.get("hc_mult") or 1)  # hyper-connections keep that many residual streams per token (DeepSeek V4)
+    # (DeepSeek V4: kv_proj / the release's wkv, its compressors' too; an upper bound, as its window and compressed
+    # entries keep less than a key per position)
     kv = sum(r.shape[0] for n, r in dense.items()
-             if n.endswith(("k_proj.weight", "v_proj.weight", "kv_a_proj_with_mqa.weight", "indexer.wk.weight")))
-    widest = max((r.shape[0] for n, r in dense.items() if len(r.shape) == 2 and "embed_tokens" not in n
+             if n.endswith(("k_proj.weight", "v_proj.weight", "kv_a_proj_with_mqa.weight", ".wkv.weight", "indexer.wk.weight")))
+    widest = max((r.shape[0] for n, r in dense.items() if len(r.shape) == 2 and not arch.is_embedding(n)
                   and "lm_head" not in n), default=hidden)
     size = 4 if compute == mx.float32 else compute.size
     staging = io_threads * max((lay.length for lay in reader.manifest.expert_layouts.values()), default=0)
     return WorkingMemory(staging + MLX_CACHE_BYTES + SCRATCH_BYTES, kv * size,
-                         4 * (ACTIVATION_WIDTHS * hidden + 2 * widest))
+                         4 * ((ACTIVATION_WIDTHS + 2 * (streams - 1)) * hidden + 2 * widest))
 
 
 @dataclass

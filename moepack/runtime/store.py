@@ -283,15 +283,17 @@ class ExpertStore:
             if key in self._slot_of and key not in self._inflight:
                 self.policy.touch(key)
 
-    def prefetch(self, layer: int | None, experts: Sequence[int]) -> None:
+    def prefetch(self, layer: int | None, experts: Sequence[int], exact: bool = False) -> None:
         """Start reading experts a later layer will probably need; returns at once.
 
-        Slots of the experts in use (the last ``fetch``) and of reads in flight are never taken.
+        Slots of the experts in use (the last ``fetch``) and of reads in flight are never taken. ``exact``: the
+        experts are known, not guessed (a hash-routed layer's), so poor accuracy of past guesses does not hold them
+        back.
         """
         if layer is None or layer not in self.layouts:
             return
         self._prefetch_calls += 1
-        if self.accuracy < self.min_accuracy and self._prefetch_calls % 16:
+        if not exact and self.accuracy < self.min_accuracy and self._prefetch_calls % 16:
             return  # guesses have been poor: a wasted read costs bandwidth; probe again now and then
         for e in dict.fromkeys(int(e) for e in experts):
             key = (layer, e)

@@ -8,7 +8,7 @@ the MoE block), ``rope.py`` and ``cache.py``.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Callable
 
 import mlx.core as mx
 import numpy as np
@@ -64,16 +64,20 @@ class MoEArgs(BaseArgs):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward (dense layers and shared experts)."""
+    """SwiGLU feed-forward (dense layers and shared experts); ``activation(gate, up)`` replaces silu(gate)·up
+    (DeepSeek V4 clamps both)."""
 
-    def __init__(self, hidden: int, width: int, bias: bool = False):
+    def __init__(self, hidden: int, width: int, bias: bool = False,
+                 activation: Callable[[mx.array, mx.array], mx.array] | None = None):
         super().__init__()
         self.gate_proj = nn.Linear(hidden, width, bias=bias)
         self.up_proj = nn.Linear(hidden, width, bias=bias)
         self.down_proj = nn.Linear(width, hidden, bias=bias)
+        self.activation = activation
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        g, u = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.activation(g, u) if self.activation else nn.silu(g) * u)
 
 
 class DecoderLayer(nn.Module):
@@ -128,6 +132,7 @@ class CausalLM(nn.Module):
         is tied to the embedding."""
         super().__init__()
         self.model = Body(a.vocab_size, a.hidden_size, layers, a.rms_norm_eps)
+        self.hidden_size = a.hidden_size
         self.tie = a.tie_word_embeddings
         if not self.tie:
             self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=head_bias)
@@ -138,33 +143,46 @@ class CausalLM(nn.Module):
     # Embeddings are multiplied by this (AFMoE's muP: sqrt(hidden_size)).
     embed_scale: float = 1.0
 
+    # Residual streams between layers: the hidden state is [B, T, H], or [B, T, streams, H] (hyper-connections).
+    streams: int = 1
+    # The layers need the token ids besides the hidden state (hash-routed MoE): run_layers passes them on.
+    routes_by_token: bool = False
+
     def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
         """tokens [B, T] -> logits [B, T, vocab]."""
-        return self.head(self.run_layers(self.embed(tokens), cache))  # [B, T, H] in between
+        return self.head(self.run_layers(self.embed(tokens), cache, tokens=tokens))
 
     def embed(self, tokens: mx.array) -> mx.array:
-        """tokens [B, T] -> the first layer's input [B, T, H]."""
+        """tokens [B, T] -> the first layer's input [B, T, H] (``hidden_shape``)."""
         h = self.model.embed_tokens(tokens)
         return h if self.embed_scale == 1.0 else h * self.embed_scale
 
-    def run_layers(self, h: mx.array, cache: list | None = None, layers: range | None = None) -> mx.array:
-        """Hidden states [B, T, H] through ``layers`` (default: all), ``cache[j]`` serving the j-th of them.
+    def hidden_shape(self, B: int, T: int) -> tuple[int, ...]:
+        """The hidden state between layers (what one pipeline stage hands the next)."""
+        H = self.hidden_size
+        return (B, T, H) if self.streams == 1 else (B, T, self.streams, H)
+
+    def run_layers(self, h: mx.array, cache: list | None = None, layers: range | None = None,
+                   tokens: mx.array | None = None) -> mx.array:
+        """Hidden states (``hidden_shape``) through ``layers`` (default: all), ``cache[j]`` serving the j-th of them;
+        ``tokens`` [B, T], the ids, go to layers that route by them (``routes_by_token``).
 
         All T positions pass through layer L before layer L+1 starts (a pipeline stage runs its own range).
         """
         layers = range(len(self.model.layers)) if layers is None else layers
         offset = cache[0].offset if cache else 0
+        extra = (tokens,) if self.routes_by_token else ()
         for j, i in enumerate(layers):
             layer = self.model.layers[i]
             mask = Causal(offset, getattr(layer, "sliding_window", None))
-            h = layer(h, mask, cache[j] if cache else None)
+            h = layer(h, mask, cache[j] if cache else None, *extra)
         return h
 
     # final_logit_softcapping: logits -> cap·tanh(logits / cap) (Mistral Large 4); None for none
     softcap: float | None = None
 
     def head(self, h: mx.array) -> mx.array:
-        """Final norm and LM head: [B, T, H] -> logits [B, T, vocab]."""
+        """Final norm and LM head: the hidden state -> logits [B, T, vocab]."""
         h = self.model.norm(h)
         logits = self.model.embed_tokens.as_linear(h) if self.tie else self.lm_head(h)
         if self.tie and "lm_head" in self:  # a tied head with its own bias (ERNIE 4.5)

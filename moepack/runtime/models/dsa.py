@@ -152,10 +152,11 @@ class RelayedLM:
 
     relay: Relay | None = None
 
-    def run_layers(self, h: mx.array, cache: list | None = None, layers: range | None = None) -> mx.array:
+    def run_layers(self, h: mx.array, cache: list | None = None, layers: range | None = None,
+                   tokens: mx.array | None = None) -> mx.array:
         if self.relay is not None:
             self.relay.clear()
-        return super().run_layers(h, cache, layers)
+        return super().run_layers(h, cache, layers, tokens)
 
 
 def indexer_kinds(cfg: dict, n_layers: int) -> list[str]:

@@ -74,7 +74,8 @@ class SoftmaxRouter(nn.Linear):
         return route_softmax(kernels.linear(self, flat), self.top_k, self.renormalize)
 
 
-SCORES = {"sigmoid": mx.sigmoid, "softmax": lambda logits: mx.softmax(logits, axis=-1)}
+SCORES = {"sigmoid": mx.sigmoid, "softmax": lambda logits: mx.softmax(logits, axis=-1),
+          "sqrtsoftplus": lambda logits: mx.sqrt(nn.softplus(logits))}  # DeepSeek V4
 
 
 class GroupedRouter(nn.Module):
@@ -99,13 +100,42 @@ class GroupedRouter(nn.Module):
         self.renormalize, self.scaling = renormalize, scaling
         self.score, self.group_score = SCORES[score], group_score
 
-    def __call__(self, flat: mx.array) -> tuple[mx.array, mx.array]:
+    def scores(self, flat: mx.array) -> mx.array:
+        """[N, H] -> float32 scores [N, E] (logits soft-capped first where the family caps them)."""
         logits = kernels.matmul_nt(flat.astype(mx.float32), self.weight.astype(mx.float32))  # [N, E]
         if self.softcap:
             logits = mx.tanh(logits / self.softcap) * self.softcap
-        scores = self.score(logits)
+        return self.score(logits)
+
+    def __call__(self, flat: mx.array) -> tuple[mx.array, mx.array]:
+        scores = self.scores(flat)  # [N, E]
         return route_grouped(scores, self.top_k, self.get("e_score_correction_bias"), self.n_group, self.topk_group,
                              self.group_score, self.renormalize, self.scaling)
+
+
+class HashRouter(GroupedRouter):
+    """Hash routing (DeepSeek V4's first layers): a fixed token id -> experts table ``tid2eid`` [vocab, K] picks
+    the experts; the learned ``weight`` only weighs them (scores of the picked experts, renormalised and scaled).
+
+    The experts are known from the token ids before the layer runs, so the layer's reads can start early
+    (``MoE.prefetch``), and exactly: no guess, no wasted read.
+    """
+
+    by_token = True  # MoE passes the token ids
+
+    def __init__(self, hidden: int, n_experts: int, top_k: int, vocab: int, *, scaling: float = 1.0,
+                 score: str = "sigmoid"):
+        super().__init__(hidden, n_experts, top_k, scaling=scaling, correction_bias=False, score=score)
+        self.tid2eid = mx.zeros((vocab, top_k), dtype=mx.int32)
+
+    def experts(self, tokens: mx.array) -> mx.array:
+        """Token ids [...] -> expert ids [N, K]."""
+        return self.tid2eid[tokens.reshape(-1)]
+
+    def __call__(self, flat: mx.array, tokens: mx.array) -> tuple[mx.array, mx.array]:
+        inds = self.experts(tokens)
+        w = mx.take_along_axis(self.scores(flat), inds, axis=-1)
+        return inds, w / (w.sum(axis=-1, keepdims=True) + 1e-20) * self.scaling
 
 
 # ---- routed experts, streamed ----------------------------------------------------------------
@@ -160,6 +190,15 @@ def swiglu_numpy(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
 NUMPY_ACTIVATIONS = {swiglu: swiglu_numpy}
 
 
+def clamped_silu(limit: float) -> Callable[[mx.array, mx.array], mx.array]:
+    """SwiGLU with clamped pre-activations (DeepSeek V4): silu(min(gate, limit)) · clip(up, -limit, limit)."""
+
+    def act(gate: mx.array, up: mx.array) -> mx.array:
+        return nn.silu(mx.minimum(gate, limit)) * mx.clip(up, -limit, limit)
+
+    return act
+
+
 class StreamedExperts:
     """Computes the routed experts of one layer from the store's slot pool.
 
@@ -208,6 +247,21 @@ class StreamedExperts:
                 outs.append(self._project(h, "down", s, grouped))
         return mx.concatenate(outs, axis=0) if n > 1 else outs[0]
 
+    def capacity(self, ids: np.ndarray, decode: bool) -> int:
+        """Experts per batch for the (token, choice) pairs' expert ids ``ids``: the whole pool when decoding; for a
+        prompt whose experts do not fit at once, half of it (two batches fit: one reads while one computes)."""
+        n = self.store.n_slots
+        return n if decode or len(np.unique(self._stored(ids))) <= n or n < 2 else n // 2
+
+    def _stored(self, ids: np.ndarray) -> np.ndarray:
+        """The ids of stored experts among ``ids`` (zero experts cost no read)."""
+        return ids if self.zero_from is None else ids[ids < self.zero_from]
+
+    def first_batch(self, inds: np.ndarray) -> np.ndarray:
+        """The experts (ascending) the first batch of a call with expert ids ``inds`` [N, K] will read."""
+        ids = inds.reshape(-1)
+        return np.unique(self._stored(ids))[: self.capacity(ids, decode=inds.shape[0] == 1)]
+
     def __call__(self, x: mx.array, inds: mx.array, weights: mx.array) -> mx.array:
         """x [N, H], inds [N, K] expert ids, weights [N, K] -> [N, H]."""
         y = self._decode(x, inds, weights) if inds.shape[0] == 1 else self._prompt(x, inds, weights)
@@ -219,18 +273,20 @@ class StreamedExperts:
     def _ids(self, inds: mx.array) -> tuple[np.ndarray, bool]:
         """Host copy of the flat expert ids, and whether any is a stored expert (not a zero expert)."""
         ids = np.array(inds).reshape(-1)  # host sync: the store must know which experts to read
-        return ids, self.zero_from is None or bool((ids < self.zero_from).any())
+        return ids, len(self._stored(ids)) > 0
 
     def _decode(self, x: mx.array, inds: mx.array, weights: mx.array) -> mx.array:
         """One token: each (token, choice) pair its own 1-row matmul. The experts already cached compute while the
         missing ones are read; the next layer's experts may be guessed and read early (``predict``)."""
         N, K = inds.shape
         guess = self.predict(x)[0] if self.predict is not None and self.store.prefetching else None
-        mx.eval(inds) if guess is None else mx.eval(inds, guess)
+        # x too: the previous layer's experts must be computed before their slots may be reused (a hash router's
+        # inds do not depend on x, so evaluating them alone would not force it)
+        mx.eval(x, inds) if guess is None else mx.eval(x, inds, guess)
         ids, stored = self._ids(inds)
         if not stored:
             return mx.zeros_like(x)
-        batches = plan_batches(ids, self.store.n_slots, self.zero_from)
+        batches = plan_batches(ids, self.capacity(ids, decode=True), self.zero_from)
         pairs, outs = [], []
         for b in batches:
             keys = self.store.acquire(self.layer, b.experts)
@@ -266,16 +322,13 @@ class StreamedExperts:
         Rows are summed into the output in ascending expert order, whatever the batches: output does not depend on
         the budget."""
         N, K = inds.shape
-        mx.eval(inds, weights)
+        mx.eval(x, inds, weights)
         ids, stored = self._ids(inds)
         if not stored:
             return mx.zeros_like(x)
-        live = ids if self.zero_from is None else ids[ids < self.zero_from]  # the stored experts' ids
         w = np.array(weights.astype(mx.float32)).reshape(-1)
         n = self.store.n_slots
-        experts = len(np.unique(live))
-        # two batches fit: one reads, one computes
-        batches = plan_batches(ids, n if experts <= n or n < 2 else n // 2, self.zero_from)
+        batches = plan_batches(ids, self.capacity(ids, decode=False), self.zero_from)
         # The sum over experts: in place in numpy on the CPU (MLX's scatter would copy [N, H] per expert)
         cpu = kernels.on_cpu()
         y = np.zeros(x.shape, np.float32) if cpu else mx.zeros(x.shape, x.dtype)
@@ -319,7 +372,7 @@ class StreamedExperts:
         if cpu:
             y = mx.array(y).astype(x.dtype)
         if cold:  # each layer's most used experts of the prompt stay for the decode that follows
-            order = np.argsort(-np.bincount(live), kind="stable")
+            order = np.argsort(-np.bincount(self._stored(ids)), kind="stable")
             self.store.keep(self.layer, order[: max(1, n // max(1, len(self.store.layouts)))])
         return y
 
@@ -386,10 +439,22 @@ class MoE(nn.Module):
                 hidden = router.weight.shape[1]
                 self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    @property
+    def by_token(self) -> bool:
+        """Whether the router picks experts by token id (then call with the ids)."""
+        return getattr(self.router, "by_token", False)
+
+    def prefetch(self, tokens: mx.array) -> None:
+        """A hash-routed layer: start reading the experts ``tokens`` will use now, before the layer runs: those of
+        the layer's first batch, as many as the pool has free or evictable slots for (never those in use), so
+        every read is used."""
+        first = self.experts.first_batch(np.array(self.router.experts(tokens)))  # later batches may evict them
+        self.experts.store.prefetch(self.experts.layer, first.tolist(), exact=True)
+
+    def __call__(self, x: mx.array, tokens: mx.array | None = None) -> mx.array:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [N, H]
-        inds, w = self.router(flat)
+        inds, w = self.router(flat, tokens) if self.by_token else self.router(flat)
         y = self.experts(flat, inds, w.astype(flat.dtype))
         if "shared_expert" in self:
             s = self.shared_expert(flat)
