@@ -20,7 +20,7 @@ from moepack.errors import UnsupportedArchitecture
 from moepack.runtime.models.attention import attend
 from moepack.runtime.models.base import MLP, CausalLM, DecoderLayer, MoEArgs
 from moepack.runtime.models.cache import Causal, KVCache
-from moepack.runtime.models.dsa import Indexer, PositionScaling, Relay, RelayedLM, indexer_kinds
+from moepack.runtime.models.dsa import Indexer, PositionScaling, Relay, RelayedLM
 from moepack.runtime.models.moe import GroupedRouter, MoE, StreamedExperts
 from moepack.runtime.models.rope import ScaledRoPE, yarn_mscale
 
@@ -249,7 +249,7 @@ class Model(RelayedLM, CausalLM):
         rope = ScaledRoPE(a.qk_rope_head_dim, a.rope_theta, a.rope_scaling, a.max_position_embeddings,
                           traditional=interleaved)
         moe = set(arch.moe_layers(cfg))
-        kinds = indexer_kinds(cfg, a.num_hidden_layers) if v.indexer_rope else [None] * a.num_hidden_layers
+        kinds = arch.indexer_kinds(cfg, a.num_hidden_layers) if v.indexer_rope else [None] * a.num_hidden_layers
         relay = Relay() if "shared" in kinds else None
         index_rope = v.indexer_rope and ScaledRoPE(a.qk_rope_head_dim, a.rope_theta, a.rope_scaling,
                                                    a.max_position_embeddings, traditional=v.indexer_rope == "interleaved")

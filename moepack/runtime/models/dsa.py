@@ -157,15 +157,3 @@ class RelayedLM:
             self.relay.clear()
         return super().run_layers(h, cache, layers)
 
-
-def indexer_kinds(cfg: dict, n_layers: int) -> list[str]:
-    """Per layer "full" (runs its indexer) or "shared" (reuses the last full layer's selection), from either
-    spelling: ``indexer_types``; else the hub's ``index_topk_pattern`` ("FSS..."); else ``index_topk_freq`` and
-    ``index_skip_topk_offset`` (transformers' GlmMoeDsaConfig derivation; DeepSeek-V3.2 has none: all "full")."""
-    if cfg.get("indexer_types"):
-        return list(cfg["indexer_types"])
-    pattern = cfg.get("index_topk_pattern")
-    if pattern is not None:
-        return [{"F": "full", "S": "shared"}[c] for c in pattern] if isinstance(pattern, str) else list(pattern)
-    freq, offset = max(cfg.get("index_topk_freq") or 1, 1), cfg.get("index_skip_topk_offset", 2)
-    return ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(n_layers)]
