@@ -11,6 +11,7 @@ the whole cache.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -151,12 +152,7 @@ class MLAttention(nn.Module):
         own = self._latent_kv(x, mask.offset) + (() if self.indexer is None else (self.indexer.keys(x, mask.offset),))
         if cache is not None:  # each [B, 1, S, ·]: latent, roped key (RoPE layers), indexer keys (DSA)
             own = cache.update_and_fetch(*own) if own else cache.advance(T)
-        if "kv_a_proj_with_mqa" in self:
-            kv = own[: len(own) - (self.indexer is not None)]
-        else:
-            kv = self._handed_on(self.relay.kv.get(self.kv_source), "latent KV", mask.offset + T, lambda t: t[0].shape[2])
-        if self.relay is not None and self.relay.kv is not None and "kv_a_proj_with_mqa" in self:
-            self.relay.kv[self.layer] = kv  # for the layers that share this one's latent KV
+        kv = self._attended_kv(own, mask.offset + T)  # latent [B, 1, S, kv_lora] (, roped key [B, 1, S, rope])
         mask = self._selection(x, q_lora, own[-1:] if self.indexer is not None else (), mask)
         if T == 1:
             return self.o_proj(self._absorbed(q, kv, mask))
@@ -178,6 +174,15 @@ class MLAttention(nn.Module):
             return (latent,)
         return latent, self._rope(ckv[..., self.kv_lora :][:, None], offset=offset)  # one key head for all heads
 
+    def _attended_kv(self, own: tuple[mx.array, ...], positions: int) -> tuple[mx.array, ...]:
+        """The latent KV this layer attends to: its own (handed on to the layers that share it), or its source's."""
+        if "kv_a_proj_with_mqa" not in self:
+            return self._handed_on(self.relay.kv.get(self.kv_source), "latent KV", positions, lambda t: t[0].shape[2])
+        kv = own[: len(own) - (self.indexer is not None)]
+        if self.relay is not None and self.relay.kv is not None:
+            self.relay.kv[self.layer] = kv
+        return kv
+
     def _selection(self, x: mx.array, q_lora: mx.array | None, index_keys: tuple[mx.array, ...],
                    mask: Causal) -> Causal:
         """The mask sparse attention (DSA) adds: this layer's indexer's top-k keys per query, or on a layer that
@@ -191,7 +196,7 @@ class MLAttention(nn.Module):
                                    lambda m: m.offset + m.chosen.shape[1])
         return mask
 
-    def _handed_on(self, value, what: str, positions: int, covers):
+    def _handed_on(self, value: Any, what: str, positions: int, covers: Callable[[Any], int]) -> Any:
         """What an earlier layer left in the relay during this very pass (``covers(value) == positions``)."""
         if value is None or covers(value) != positions:
             raise UnsupportedArchitecture(
