@@ -39,9 +39,9 @@ class Sparse(Causal):
     def block(self, q0: int, q1: int, dtype: mx.Dtype = mx.float32) -> mx.array:
         """Additive mask [B, 1, q1-q0, hi-lo] over ``keys(q0, q1)``: 0 where causal and selected, else -inf."""
         lo, hi = self.keys(q0, q1)
-        idx = self.chosen[:, q0:q1]
+        idx = mx.minimum(self.chosen[:, q0:q1], hi)  # keys past the block's causal range: one spare column
         B, Tb, _ = idx.shape
-        keep = mx.put_along_axis(mx.zeros((B, Tb, hi), dtype=mx.bool_), idx.astype(mx.int32), mx.array(True), axis=-1)
+        keep = mx.put_along_axis(mx.zeros((B, Tb, hi + 1), dtype=mx.bool_), idx, mx.array(True), axis=-1)
         keep = keep[..., lo:hi]
         causal = Causal.block(self, q0, q1, dtype)
         if causal is not None:
