@@ -344,3 +344,28 @@ def layer_of(name: str) -> int | None:
 
 def is_quantizable_dense(name: str, shape: list[int]) -> bool:
     return name.endswith(".weight") and len(shape) == 2 and not UNQUANTIZED.search(name)
+
+
+def indexer_kinds(cfg: dict, n_layers: int) -> list[str]:
+    """Per layer "full" (runs its indexer) or "shared" (reuses the last full layer's selection), from either
+    spelling: ``indexer_types``; else the hub's ``index_topk_pattern`` ("FSS..."); else ``index_topk_freq`` and
+    ``index_skip_topk_offset`` (transformers' GlmMoeDsaConfig derivation; DeepSeek-V3.2 has none: all "full")."""
+    if cfg.get("indexer_types"):
+        return list(cfg["indexer_types"])
+    pattern = cfg.get("index_topk_pattern")
+    if pattern is not None:
+        return [{"F": "full", "S": "shared"}[c] for c in pattern] if isinstance(pattern, str) else list(pattern)
+    freq, offset = max(cfg.get("index_topk_freq") or 1, 1), cfg.get("index_skip_topk_offset", 2)
+    return ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(n_layers)]
+
+
+def stage_starts(cfg: dict) -> set[int] | None:
+    """The layers a pipeline stage may begin at, where later layers reuse what earlier ones computed in the same
+    pass (a DSA "shared" layer the last indexer's selection, a Mistral Large 4 layer another's latent KV): a stage
+    must start at a layer with its own indexer that no later layer looks back past. None: any layer."""
+    n = num_layers(cfg)
+    sources = cfg.get("kv_source_layers") or list(range(n))
+    kinds = indexer_kinds(cfg, n) if cfg.get("index_topk") is not None else ["full"] * n
+    if "shared" not in kinds and sources == list(range(n)):
+        return None
+    return {b for b in range(n) if kinds[b] == "full" and all(s >= b for s in sources[b:])}

@@ -135,6 +135,8 @@ class Stage:
             return self.start <= layer < self.stop
         if arch.is_embedding(name):
             return self.first or (self.last and self.tied)
+        if "rotary_emb" in name:
+            return True  # a learned rope every layer uses (Mistral Large 4's model.rotary_emb.alpha)
         return self.last  # final norm, lm_head (and what collapses hyper-connection streams before them)
 
     def drop_others(self, model: nn.Module) -> None:

@@ -12,6 +12,7 @@ the whole cache.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,7 +22,7 @@ from moepack.errors import UnsupportedArchitecture
 from moepack.runtime.models.attention import attend, query_temperature
 from moepack.runtime.models.base import MLP, CausalLM, DecoderLayer, MoEArgs
 from moepack.runtime.models.cache import Causal, KVCache
-from moepack.runtime.models.dsa import Indexer, PositionScaling, Relay, RelayedLM, indexer_kinds
+from moepack.runtime.models.dsa import Indexer, PositionScaling, Relay, RelayedLM
 from moepack.runtime.models.moe import GroupedRouter, MoE, StreamedExperts
 from moepack.runtime.models.rope import ScaledRoPE, yarn_mscale
 
@@ -165,12 +166,7 @@ class MLAttention(nn.Module):
         own = self._latent_kv(x, mask.offset) + (() if self.indexer is None else (self.indexer.keys(x, mask.offset),))
         if cache is not None:  # each [B, 1, S, ·]: latent, roped key (RoPE layers), indexer keys (DSA)
             own = cache.update_and_fetch(*own) if own else cache.advance(T)
-        if "kv_a_proj_with_mqa" in self:
-            kv = own[: len(own) - (self.indexer is not None)]
-        else:
-            kv = self._handed_on(self.relay.kv.get(self.kv_source), "latent KV", mask.offset + T, lambda t: t[0].shape[2])
-        if self.relay is not None and self.relay.kv is not None and "kv_a_proj_with_mqa" in self:
-            self.relay.kv[self.layer] = kv  # for the layers that share this one's latent KV
+        kv = self._attended_kv(own, mask.offset + T)  # latent [B, 1, S, kv_lora] (, roped key [B, 1, S, rope])
         mask = self._selection(x, q_lora, own[-1:] if self.indexer is not None else (), mask)
         if T == 1:
             return self.o_proj(self._absorbed(q, kv, mask))
@@ -194,6 +190,15 @@ class MLAttention(nn.Module):
             return (latent,)
         return latent, self._rope(ckv[..., self.kv_lora :][:, None], offset=offset)  # one key head for all heads
 
+    def _attended_kv(self, own: tuple[mx.array, ...], positions: int) -> tuple[mx.array, ...]:
+        """The latent KV this layer attends to: its own (handed on to the layers that share it), or its source's."""
+        if "kv_a_proj_with_mqa" not in self:
+            return self._handed_on(self.relay.kv.get(self.kv_source), "latent KV", positions, lambda t: t[0].shape[2])
+        kv = own[: len(own) - (self.indexer is not None)]
+        if self.relay is not None and self.relay.kv is not None:
+            self.relay.kv[self.layer] = kv
+        return kv
+
     def _selection(self, x: mx.array, q_lora: mx.array | None, index_keys: tuple[mx.array, ...],
                    mask: Causal) -> Causal:
         """The mask sparse attention (DSA) adds: this layer's indexer's top-k keys per query, or on a layer that
@@ -207,7 +212,7 @@ class MLAttention(nn.Module):
                                    lambda m: m.offset + m.chosen.shape[1])
         return mask
 
-    def _handed_on(self, value, what: str, positions: int, covers):
+    def _handed_on(self, value: Any, what: str, positions: int, covers: Callable[[Any], int]) -> Any:
         """What an earlier layer left in the relay during this very pass (``covers(value) == positions``)."""
         if value is None or covers(value) != positions:
             raise UnsupportedArchitecture(
@@ -265,7 +270,7 @@ class Model(RelayedLM, CausalLM):
         rope = ScaledRoPE(a.qk_rope_head_dim, a.rope_theta, a.rope_scaling, a.max_position_embeddings,
                           traditional=interleaved)
         moe = set(arch.moe_layers(cfg))
-        kinds = indexer_kinds(cfg, a.num_hidden_layers) if v.indexer_rope else [None] * a.num_hidden_layers
+        kinds = arch.indexer_kinds(cfg, a.num_hidden_layers) if v.indexer_rope else [None] * a.num_hidden_layers
         relay = Relay() if "shared" in kinds else None
         index_rope = v.indexer_rope and ScaledRoPE(a.qk_rope_head_dim, a.rope_theta, a.rope_scaling,
                                                    a.max_position_embeddings, traditional=v.indexer_rope == "interleaved")

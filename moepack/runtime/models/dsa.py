@@ -39,9 +39,9 @@ class Sparse(Causal):
     def block(self, q0: int, q1: int, dtype: mx.Dtype = mx.float32) -> mx.array:
         """Additive mask [B, 1, q1-q0, hi-lo] over ``keys(q0, q1)``: 0 where causal and selected, else -inf."""
         lo, hi = self.keys(q0, q1)
-        idx = self.chosen[:, q0:q1]
+        idx = mx.minimum(self.chosen[:, q0:q1], hi)  # keys past the block's causal range: one spare column
         B, Tb, _ = idx.shape
-        keep = mx.put_along_axis(mx.zeros((B, Tb, hi), dtype=mx.bool_), idx.astype(mx.int32), mx.array(True), axis=-1)
+        keep = mx.put_along_axis(mx.zeros((B, Tb, hi + 1), dtype=mx.bool_), idx, mx.array(True), axis=-1)
         keep = keep[..., lo:hi]
         causal = Causal.block(self, q0, q1, dtype)
         if causal is not None:
@@ -158,15 +158,3 @@ class RelayedLM:
             self.relay.clear()
         return super().run_layers(h, cache, layers, tokens)
 
-
-def indexer_kinds(cfg: dict, n_layers: int) -> list[str]:
-    """Per layer "full" (runs its indexer) or "shared" (reuses the last full layer's selection), from either
-    spelling: ``indexer_types``; else the hub's ``index_topk_pattern`` ("FSS..."); else ``index_topk_freq`` and
-    ``index_skip_topk_offset`` (transformers' GlmMoeDsaConfig derivation; DeepSeek-V3.2 has none: all "full")."""
-    if cfg.get("indexer_types"):
-        return list(cfg["indexer_types"])
-    pattern = cfg.get("index_topk_pattern")
-    if pattern is not None:
-        return [{"F": "full", "S": "shared"}[c] for c in pattern] if isinstance(pattern, str) else list(pattern)
-    freq, offset = max(cfg.get("index_topk_freq") or 1, 1), cfg.get("index_skip_topk_offset", 2)
-    return ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(n_layers)]

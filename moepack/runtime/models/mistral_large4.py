@@ -19,7 +19,7 @@ from moepack import arch
 from moepack.runtime.models.base import MLP, CausalLM, DecoderLayer
 from moepack.runtime.models.deepseek import VARIANTS, MLAttention, moe_block
 from moepack.runtime.models.deepseek import ModelArgs as DeepseekArgs
-from moepack.runtime.models.dsa import Indexer, Relay, RelayedLM, indexer_kinds
+from moepack.runtime.models.dsa import Indexer, Relay, RelayedLM
 from moepack.runtime.models.rope import LearnedRoPE
 
 # transformers' MistralLarge4TextConfig defaults where the config says nothing
@@ -55,7 +55,7 @@ class Model(RelayedLM, CausalLM):
         rope = LearnedRoPE(a.qk_rope_head_dim, a.rope_theta, a.rope_scaling, a.max_position_embeddings,
                            traditional=True)
         moe = set(arch.moe_layers(cfg))
-        kinds = indexer_kinds(cfg, a.num_hidden_layers)
+        kinds = arch.indexer_kinds(cfg, a.num_hidden_layers)
         relay = Relay(kv={})
         layers = []
         for i in range(a.num_hidden_layers):
