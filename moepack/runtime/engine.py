@@ -153,7 +153,7 @@ class Stage:
         if not self.first and not (self.last and self.tied):
             model.model.pop("embed_tokens")
         if not self.last:  # the final norm and whatever else runs after the layers (DeepSeek V4's hc_head)
-            for name in [k for k in model.model if k not in ("layers", "embed_tokens")]:
+            for name in [k for k in model.model if k not in ("layers", "embed_tokens", "rotary_emb")]:
                 model.model.pop(name)
             model.pop("lm_head", None)
 
