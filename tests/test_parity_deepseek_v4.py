@@ -78,15 +78,15 @@ def test_cached_decoding_equals_a_full_forward(pack):
     engine = moepack.load(pack, heat=False)
     seq = PROMPT + [251, 31, 150, 148, 183, 247, 71, 185, 9, 77, 3, 140]
     full = engine.logits(seq)
-    cache = engine.make_cache()
-    got, at = [], 0
-    for n in (3, 4, 1, 2, 3) + (1,) * (len(seq) - 13):
-        out = engine.forward(seq[at : at + n], cache, "all")
-        got.append(out)
-        at += n
-    assert at == len(seq)
-    np.testing.assert_allclose(np.concatenate(got), full, rtol=1e-5, atol=1e-5)
-    assert all(c.offset == len(seq) for c in cache)
+    for pieces in ((3, 4, 1, 2, 3) + (1,) * (len(seq) - 13), (1,) * len(seq)):  # the second from the first token
+        cache = engine.make_cache()
+        got, at = [], 0
+        for n in pieces:
+            got.append(engine.forward(seq[at : at + n], cache, "all"))
+            at += n
+        assert at == len(seq)
+        np.testing.assert_allclose(np.concatenate(got), full, rtol=1e-5, atol=1e-5)
+        assert all(c.offset == len(seq) for c in cache)
     # a cache cannot be rewound: trimming forgets it, which PromptCache takes as "nothing reusable"
     cache[0].trim(1)
     assert cache[0].offset == 0
@@ -225,3 +225,46 @@ def test_bfloat16_compute(pack):
     bf16 = moepack.load(pack, heat=False, compute_dtype=mx.bfloat16)
     assert nmse(bf16.logits(PROMPT), f32) < 0.05
     assert len(list(bf16.generate(PROMPT, 3))) == 3
+
+
+@pytest.mark.parametrize("kind", ["deepseek_v4", "glm5_next", "hy_v4"])
+def test_hyper_connections_match_transformers(kind):
+    """models/hyper.py against transformers' own hyper-connection modules: DeepSeek V4's and GLM-5.3's (pre, post and
+    Sinkhorn-projected comb), Hunyuan v4's (no comb, post scaled by hc_magnitude), and the learned final head
+    (GLM-5.3's is a plain mean over the streams)."""
+    import importlib
+
+    import mlx.core as mx
+    import transformers
+
+    from moepack.runtime.models.hyper import HyperConnection, HyperHead
+
+    n, H, eps = 3, 16, 1e-6
+    prefix, module = {"deepseek_v4": ("DeepseekV4", "deepseek_v4"), "glm5_next": ("Glm5NextText", "glm5_next"),
+                      "hy_v4": ("HYV4", "hy_v4")}[kind]
+    modeling = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+    cfg = getattr(transformers, f"{prefix}Config")(hidden_size=H, hc_mult=n, rms_norm_eps=eps, hc_eps=eps,
+                                                   **({"hc_magnitude": 1.5} if kind == "hy_v4" else {}))
+    torch.manual_seed(0)
+    hc = getattr(modeling, f"{prefix}HyperConnection")(cfg)
+    head = getattr(modeling, f"{prefix}HyperHead")(cfg) if kind != "glm5_next" else torch.nn.Module()
+    for m in (hc, head):
+        for p in m.parameters():
+            torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(1, 5, n, H)
+    mixing = kind != "hy_v4"
+    ours = HyperConnection(H, n, getattr(cfg, "hc_sinkhorn_iters", 20), eps, eps, mixing=mixing,
+                           magnitude=getattr(cfg, "hc_magnitude", 2.0))
+    ours.update({k: mx.array(v.detach().numpy()) for k, v in hc.named_parameters()})
+    ours_head = HyperHead(H, n, eps, eps)
+    ours_head.update({k: mx.array(v.detach().numpy()) for k, v in head.named_parameters()})
+    with torch.no_grad():
+        want = hc(x)
+        want_head = head(x) if kind != "glm5_next" else None
+    post, comb, collapsed = ours(mx.array(x.numpy()))
+    np.testing.assert_allclose(np.array(post), want[0].numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.array(collapsed), want[-1].numpy(), rtol=1e-5, atol=1e-6)
+    if mixing:
+        np.testing.assert_allclose(np.array(comb), want[1].numpy(), rtol=1e-5, atol=1e-6)
+    if want_head is not None:
+        np.testing.assert_allclose(np.array(ours_head(mx.array(x.numpy()))), want_head.numpy(), rtol=1e-5, atol=1e-6)

@@ -224,7 +224,7 @@ class V4Attention(nn.Module):
         start = offset - (0 if prior is None else prior.shape[2])
         if cache is not None:
             keep = self.window - 1
-            cache.keys = keys[:, :, keys.shape[2] - keep :] if keep > 0 else None
+            cache.keys = keys[:, :, max(0, keys.shape[2] - keep) :] if keep > 0 else None
             cache.offset += T
         states = cache.state if cache is not None else (lambda name: CompressorState())
         m = CompressedMask(offset, start, self.window, keys.shape[2])

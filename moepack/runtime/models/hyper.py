@@ -8,9 +8,11 @@ them, through weights a small projection of the streams themselves computes per 
 - ``comb`` [n, n]: how the streams mix into the new residual, projected onto the doubly-stochastic matrices by
   Sinkhorn-Knopp iterations so that mixing never grows the residual.
 
-A final head (``HyperHead``) collapses the streams once more before the last norm. DeepSeek V4 uses it (transformers'
-``DeepseekV4HyperConnection``/``DeepseekV4HyperHead``); other families with hyper-connections build on the same
-pieces. Everything here runs in float32, as transformers keeps these modules.
+A final head (``HyperHead``) collapses the streams once more before the last norm. DeepSeek V4 and GLM-5.3 use this
+form (transformers' ``DeepseekV4HyperConnection``, ``Glm5NextTextHyperConnection``); Hunyuan v4's "independent"
+hyper-connections drop ``comb`` (the old streams are added as they are) and scale ``post`` by ``hc_magnitude``
+(``HyperConnection(..., mixing=False, magnitude=...)``). Everything here runs in float32, as transformers keeps
+these modules.
 """
 
 from __future__ import annotations
@@ -36,36 +38,46 @@ def sinkhorn(comb: mx.array, iters: int, eps: float) -> mx.array:
 
 class HyperConnection(nn.Module):
     """The pre / post / comb weights of one block from its input streams. Parameters as transformers names them:
-    ``fn`` [(2 + n)·n, n·H], ``base`` [(2 + n)·n], ``scale`` [3] (one each for pre, post and comb)."""
+    ``fn`` [(2 + n)·n, n·H], ``base`` [(2 + n)·n], ``scale`` [3] (one each for pre, post and comb); without
+    ``mixing`` (Hunyuan v4) [2n, n·H], [2n], [2]: no comb, and post = magnitude·sigmoid(·) + eps."""
 
     float32 = True  # the engine keeps these weights float32, as transformers does
 
-    def __init__(self, hidden: int, n: int, iters: int, eps: float, norm_eps: float):
+    def __init__(self, hidden: int, n: int, iters: int, eps: float, norm_eps: float, *, mixing: bool = True,
+                 magnitude: float = 2.0):
         super().__init__()
         self.n, self.iters, self.eps, self.norm_eps = n, iters, eps, norm_eps
-        self.fn = mx.zeros(((2 + n) * n, n * hidden))
-        self.base = mx.zeros(((2 + n) * n,))
-        self.scale = mx.ones((3,))
+        self.mixing, self.magnitude = mixing, magnitude
+        width = (2 + n) * n if mixing else 2 * n
+        self.fn = mx.zeros((width, n * hidden))
+        self.base = mx.zeros((width,))
+        self.scale = mx.ones((3 if mixing else 2,))
 
-    def __call__(self, streams: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """streams [B, T, n, H] -> post [B, T, n], comb [B, T, n, n] (float32), the block's input [B, T, H]."""
+    def __call__(self, streams: mx.array) -> tuple[mx.array, mx.array | None, mx.array]:
+        """streams [B, T, n, H] -> post [B, T, n], comb [B, T, n, n] (float32; None without ``mixing``), the
+        block's input [B, T, H]."""
         B, T, n, _ = streams.shape
         flat = unweighted_rms_norm(streams.reshape(B, T, -1).astype(mx.float32), self.norm_eps)
         mix = flat @ self.fn.astype(mx.float32).T  # [B, T, (2 + n)·n]
         base, scale = self.base.astype(mx.float32), self.scale.astype(mx.float32)
         pre = mx.sigmoid(mix[..., :n] * scale[0] + base[:n]) + self.eps
-        post = 2 * mx.sigmoid(mix[..., n : 2 * n] * scale[1] + base[n : 2 * n])
-        comb = mx.softmax((mix[..., 2 * n :] * scale[2] + base[2 * n :]).reshape(B, T, n, n), axis=-1) + self.eps
-        comb = sinkhorn(comb, self.iters, self.eps)
+        post = self.magnitude * mx.sigmoid(mix[..., n : 2 * n] * scale[1] + base[n : 2 * n])
+        comb = None
+        if self.mixing:
+            comb = mx.softmax((mix[..., 2 * n :] * scale[2] + base[2 * n :]).reshape(B, T, n, n), axis=-1) + self.eps
+            comb = sinkhorn(comb, self.iters, self.eps)
+        else:
+            post = post + self.eps
         collapsed = (pre[..., None] * streams).sum(axis=2).astype(streams.dtype)
         return post, comb, collapsed
 
     @staticmethod
-    def merge(post: mx.array, comb: mx.array, out: mx.array, streams: mx.array) -> mx.array:
+    def merge(post: mx.array, comb: mx.array | None, out: mx.array, streams: mx.array) -> mx.array:
         """New streams: the block's output [B, T, H] spread by ``post``, plus the old streams mixed by ``comb``
-        (new_k = Σ_j comb[j, k]·stream_j)."""
+        (new_k = Σ_j comb[j, k]·stream_j), or as they are without it."""
         dtype = streams.dtype
-        return post.astype(dtype)[..., None] * out[..., None, :] + comb.astype(dtype).swapaxes(-1, -2) @ streams
+        spread = post.astype(dtype)[..., None] * out[..., None, :]
+        return spread + (streams if comb is None else comb.astype(dtype).swapaxes(-1, -2) @ streams)
 
 
 class HyperHead(nn.Module):
