@@ -21,20 +21,21 @@ CONFIG_ALIASES: dict[str, tuple[str, ...]] = {
     "top_k": ("num_experts_per_tok", "moe_topk", "top_k", "moe_k"),
 }
 
-# Per-expert tensors: ...layers.L.(mlp|block_sparse_moe).experts.E.<proj>.<weight|bias>
+# Per-expert tensors: ...layers.L.(mlp|block_sparse_moe|feed_forward).experts.E.<proj>.<weight|bias>
 EXPERT_TENSOR = re.compile(
-    r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.experts\.(?P<expert>\d+)\."
+    r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe|feed_forward)\.experts\.(?P<expert>\d+)\."
     r"(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)\.(?P<part>weight|bias)$"
 )
 # Fused tensors (transformers 5 with save_original_format=False): [E, 2I, H] gate_up (gate rows first), [E, H, I] down.
 FUSED_EXPERT_TENSOR = re.compile(
-    r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.experts\.(?P<proj>gate_up_proj|down_proj)(?P<bias>_bias)?$"
+    r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe|feed_forward)\.experts\."
+    r"(?P<proj>gate_up_proj|down_proj)(?P<bias>_bias)?$"
 )
 LAYER_TENSOR = re.compile(r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.")
 # Tensors a pack leaves out: multi-token-prediction heads (``mtp.layers.0...`` would otherwise read as layer 0) and
 # the vision tower of a multimodal checkpoint whose text model moepack runs (Qwen3.5-MoE; Kimi K2.5's
-# vision_tower and mm_projector).
-VISION = re.compile(r"^(model\.visual\.|visual\.|vision_tower\.|mm_projector\.|multi_modal_projector\.)")
+# vision_tower and mm_projector; Llama 4's vision_model and multi_modal_projector).
+VISION = re.compile(r"^(model\.visual\.|visual\.|vision_tower\.|vision_model\.|mm_projector\.|multi_modal_projector\.)")
 SKIPPED = re.compile(rf"^mtp\.|{VISION.pattern}")
 # A multimodal wrapper's prefixes -> the text model's own, so its tensors load as a plain causal LM
 # (Kimi K2.5 nests a DeepSeek-V3 text model as language_model.model.* and language_model.lm_head; Qwen3.5-MoE
@@ -85,6 +86,13 @@ def _ernie_moe_layer(cfg: dict, i: int) -> bool:
             and get(cfg, "num_experts", 0) > 0)
 
 
+def _llama4_moe_layer(cfg: dict, i: int) -> bool:
+    # ``moe_layers`` where given, else every interleave_moe_layer_step-th layer (transformers' default)
+    step = cfg.get("interleave_moe_layer_step") or 1
+    layers = cfg.get("moe_layers")
+    return i in (layers if layers is not None else range(step - 1, num_layers(cfg), step))
+
+
 @dataclass(frozen=True)
 class FusedLayout:
     """How a family's fused expert tensors lie on disk, after the leading expert axis.
@@ -128,6 +136,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("hy_v3", ("hy_v3",), ("moe_intermediate_size",), _hy_v3_moe_layer),
     Family("ernie4_5_moe", ("ernie4_5_moe",), ("moe_intermediate_size",), _ernie_moe_layer),
     Family("dots1", ("dots1",), ("moe_intermediate_size",), _glm_moe_layer),
+    # Llama 4 fuses experts transposed, gate and up halves: gate_up_proj [E, H, 2I], down_proj [E, I, H]
+    Family("llama4", ("llama4", "llama4_text"), ("intermediate_size",), _llama4_moe_layer, FusedLayout(transposed=True)),
 )
 BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 

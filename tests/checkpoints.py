@@ -100,6 +100,15 @@ TINY: dict[str, tuple[str, str, dict]] = {
         q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
         rope_parameters={**YARN, "original_max_position_embeddings": 4, "mscale": 1.0, "mscale_all_dim": 1.0,
                          "llama_4_scaling_beta": 0.5})),
+    # MoE layers 1 and 3 between dense ones (interleave step 2); layers 0-2 RoPE (llama3 scaling over an original
+    # context of 16) attending within chunks of 5 < 12, layer 3 NoPE over the whole prompt, its queries scaled by
+    # position (floor_scale 4); top-1 routing with a shared expert
+    "llama4_text": ("Llama4TextConfig", "Llama4ForCausalLM", dict(
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=32,
+        intermediate_size_mlp=96, num_local_experts=8, num_experts_per_tok=1, interleave_moe_layer_step=2,
+        attention_chunk_size=5, no_rope_layer_interval=4, floor_scale=4, attn_scale=0.5,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
 }
 
 

@@ -40,6 +40,7 @@ BOUNDS = {
     "ernie4_5_moe": {"8bit": 0.014, "default": 0.026},  # 4.62e-3, 8.78e-3
     "dots1": {"8bit": 0.0021, "default": 0.41},  # 6.85e-4, 0.136
     "mistral4": {"8bit": 0.046, "default": 0.22},  # 1.54e-2, 7.24e-2
+    "llama4_text": {"8bit": 0.00081, "default": 0.019},  # 2.70e-4, 6.48e-3
 }
 
 

@@ -78,15 +78,16 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); ``mlp`` is a dense MLP or an MoE block.
 
-    ``sliding_window``: this layer attends only to the last that many positions.
+    ``sliding_window``: this layer attends only to the last that many positions; ``attention_chunk``: only to the
+    positions of its own chunk of that many (Llama 4).
     ``mixer``: the token mixer's attribute (and checkpoint) name, e.g. "linear_attn" for Qwen3-Next's DeltaNet layers.
     """
 
     def __init__(self, mixer: nn.Module, mlp: nn.Module, a: MoEArgs, *, sliding_window: int | None = None,
-                 mixer_name: str = "self_attn"):
+                 attention_chunk: int | None = None, mixer_name: str = "self_attn"):
         super().__init__()
         hidden, eps = a.hidden_size, a.rms_norm_eps
-        self.sliding_window, self.mixer = sliding_window, mixer_name
+        self.sliding_window, self.attention_chunk, self.mixer = sliding_window, attention_chunk, mixer_name
         setattr(self, mixer_name, mixer)
         self.mlp = mlp
         self.input_layernorm = nn.RMSNorm(hidden, eps=eps)
@@ -138,7 +139,7 @@ class CausalLM(nn.Module):
         offset = cache[0].offset if cache else 0
         for j, i in enumerate(layers):
             layer = self.model.layers[i]
-            mask = Causal(offset, getattr(layer, "sliding_window", None))
+            mask = Causal(offset, getattr(layer, "sliding_window", None), getattr(layer, "attention_chunk", None))
             h = layer(h, mask, cache[j] if cache else None)
         return h
 

@@ -1,0 +1,62 @@
+"""Llama 4 against transformers: dense and MoE layers interleaved, top-1 sigmoid routing scaling expert inputs, a
+shared expert, chunked attention (chunks of 5 < the 12-token prompt), a NoPE layer with temperature tuning, llama3
+RoPE scaling; the release's fused transposed experts and a per-expert layout, both config spellings, the multimodal
+release (vision model left out), and cached decoding across chunk boundaries equal to a full forward."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import transformers
+from checkpoints import COMMON, TINY, build, make_model
+from parity import EXACT, PROMPT, check_parity
+from safetensors.torch import load_file, save_file
+
+import moepack
+from moepack.convert.pipeline import convert
+
+
+@pytest.mark.parametrize("old", [False, True], ids=["release", "old"])
+def test_llama4_parity(tmp_path, old):
+    check_parity("llama4_text", tmp_path, old_spelling=old)
+
+
+def test_llama4_per_expert_layout(tmp_path):
+    """Experts stored one tensor per projection (``feed_forward.experts.E.gate_proj.weight`` [I, H], as the FP8
+    Maverick release stores them) instead of fused [E, H, 2I] / [E, I, H]."""
+    ckpt = build("llama4_text", tmp_path / "ckpt")
+    tensors = load_file(ckpt / "model.safetensors")
+    for name in [n for n in tensors if n.endswith("experts.gate_up_proj")]:
+        base = name[: -len("gate_up_proj")]
+        gate_up, down = tensors.pop(name), tensors.pop(base + "down_proj")
+        gate, up = gate_up.chunk(2, dim=-1)
+        for e in range(gate_up.shape[0]):
+            tensors[f"{base}{e}.gate_proj.weight"] = gate[e].T.contiguous()
+            tensors[f"{base}{e}.up_proj.weight"] = up[e].T.contiguous()
+            tensors[f"{base}{e}.down_proj.weight"] = down[e].T.contiguous()
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    # transformers cannot load this layout: the oracle is the fused checkpoint (same seed), itself checked above
+    ref = build("llama4_text", tmp_path / "fused")
+    got = moepack.load(convert(str(ckpt), tmp_path / "pack", EXACT, progress=False)).logits(PROMPT)
+    want = moepack.load(convert(str(ref), tmp_path / "pack-fused", EXACT, progress=False)).logits(PROMPT)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_llama4_multimodal_checkpoint(tmp_path):
+    """The release layout: Llama4ForConditionalGeneration (``language_model.model.*``, ``language_model.lm_head``),
+    its vision model and projector left out by the converter."""
+    text = make_model("llama4_text")
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                  patch_size=8, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)
+    cfg = transformers.Llama4Config(text_config={**COMMON, **TINY["llama4_text"][2]}, vision_config=vision)
+    vl = transformers.Llama4ForConditionalGeneration(cfg).eval()
+    vl.language_model.load_state_dict(text.state_dict())
+    ckpt = tmp_path / "ckpt"
+    vl.save_pretrained(ckpt)
+    check_parity("llama4_text", tmp_path, ckpt=ckpt)
+
+
+def test_llama4_cached_decode_matches_full_forward(tmp_path):
+    eng = moepack.load(convert(str(build("llama4_text", tmp_path / "ckpt")), tmp_path / "pack", EXACT, progress=False))
+    cache = eng.model.make_cache()
+    steps = [eng.model(mx.array([PROMPT[:3]]), cache)[0]] + [eng.model(mx.array([[t]]), cache)[0] for t in PROMPT[3:]]
+    np.testing.assert_allclose(np.array(mx.concatenate(steps, axis=0)), eng.logits(PROMPT), rtol=1e-4, atol=1e-4)
