@@ -3,6 +3,9 @@ shared expert, chunked attention (chunks of 5 < the 12-token prompt), a NoPE lay
 RoPE scaling; the release's fused transposed experts and a per-expert layout, both config spellings, the multimodal
 release (vision model left out), and cached decoding across chunk boundaries equal to a full forward."""
 
+import json
+import logging
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -15,9 +18,11 @@ import moepack
 from moepack.convert.pipeline import convert
 
 
-@pytest.mark.parametrize("old", [False, True], ids=["release", "old"])
-def test_llama4_parity(tmp_path, old):
-    check_parity("llama4_text", tmp_path, old_spelling=old)
+@pytest.mark.parametrize("old,overrides", [(False, {}), (True, {}),
+                                           (False, {"num_experts_per_tok": 2, "use_qk_norm": False})],
+                         ids=["release", "old", "top2-no-qk-norm"])
+def test_llama4_parity(tmp_path, old, overrides):
+    check_parity("llama4_text", tmp_path, old_spelling=old, **overrides)
 
 
 def test_llama4_per_expert_layout(tmp_path):
@@ -41,7 +46,7 @@ def test_llama4_per_expert_layout(tmp_path):
     np.testing.assert_array_equal(got, want)
 
 
-def test_llama4_multimodal_checkpoint(tmp_path):
+def test_llama4_multimodal_checkpoint(tmp_path, caplog):
     """The release layout: Llama4ForConditionalGeneration (``language_model.model.*``, ``language_model.lm_head``),
     its vision model and projector left out by the converter."""
     text = make_model("llama4_text")
@@ -52,7 +57,11 @@ def test_llama4_multimodal_checkpoint(tmp_path):
     vl.language_model.load_state_dict(text.state_dict())
     ckpt = tmp_path / "ckpt"
     vl.save_pretrained(ckpt)
-    check_parity("llama4_text", tmp_path, ckpt=ckpt)
+    with caplog.at_level(logging.WARNING):
+        check_parity("llama4_text", tmp_path, ckpt=ckpt)
+    assert "leaving out multi_modal_projector, vision_model" in caplog.text
+    dense = json.loads((tmp_path / "pack" / "manifest.json").read_text())["dense"]
+    assert dense and not [n for n in dense if n.startswith(("vision_model.", "multi_modal_projector."))]
 
 
 def test_llama4_cached_decode_matches_full_forward(tmp_path):
