@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import moepack
 from moepack.convert.pipeline import convert
+from moepack.runtime.models.cache import Causal
 
 
 @pytest.mark.parametrize("old,overrides", [(False, {}), (True, {}),
@@ -69,3 +70,18 @@ def test_llama4_cached_decode_matches_full_forward(tmp_path):
     cache = eng.model.make_cache()
     steps = [eng.model(mx.array([PROMPT[:3]]), cache)[0]] + [eng.model(mx.array([[t]]), cache)[0] for t in PROMPT[3:]]
     np.testing.assert_allclose(np.array(mx.concatenate(steps, axis=0)), eng.logits(PROMPT), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("offset,q0,q1", [(0, 0, 12), (0, 3, 9), (7, 0, 6), (9, 2, 3)])
+def test_chunked_mask_blocks(offset, q0, q1):
+    """Any block of queries after any offset sees exactly the keys of its own chunk up to itself, also when the
+    attention splits a long prompt into query blocks that straddle chunks."""
+    mask = Causal(offset, chunk=5)
+    lo, hi = mask.keys(q0, q1)
+    q = np.arange(offset + q0, offset + q1)[:, None]
+    k = np.arange(0, offset + q1)[None, :]
+    want = (k <= q) & (k // 5 == q // 5)
+    assert not want[:, :lo].any()  # nothing visible is cut off
+    block = mask.block(q0, q1)
+    got = np.ones((q1 - q0, hi - lo), bool) if block is None else np.array(block) == 0
+    np.testing.assert_array_equal(got, want[:, lo:hi])
