@@ -32,11 +32,12 @@ FUSED_EXPERT_TENSOR = re.compile(
     r"(?P<proj>gate_up_proj|down_proj)(?P<bias>_bias)?$"
 )
 LAYER_TENSOR = re.compile(r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.")
-# Tensors a pack leaves out: multi-token-prediction heads (``mtp.layers.0...`` would otherwise read as layer 0) and
+# Tensors a pack leaves out: multi-token-prediction heads (``mtp.layers.0...`` would otherwise read as layer 0;
+# ERNIE 4.5's ``model.mtp_block.0...``, ``model.mtp_linear_proj.0...``) and
 # the vision tower of a multimodal checkpoint whose text model moepack runs (Qwen3.5-MoE; Kimi K2.5's
 # vision_tower and mm_projector; Llama 4's vision_model and multi_modal_projector).
 VISION = re.compile(r"^(model\.visual\.|visual\.|vision_tower\.|vision_model\.|mm_projector\.|multi_modal_projector\.)")
-SKIPPED = re.compile(rf"^mtp\.|{VISION.pattern}")
+SKIPPED = re.compile(rf"^mtp\.|^model\.mtp_|{VISION.pattern}")
 # A multimodal wrapper's prefixes -> the text model's own, so its tensors load as a plain causal LM
 # (Kimi K2.5 nests a DeepSeek-V3 text model as language_model.model.* and language_model.lm_head; Qwen3.5-MoE
 # as model.language_model.*).
