@@ -15,6 +15,7 @@ from parity import EXACT, PROMPT, check_parity
 from safetensors.torch import load_file, save_file
 
 import moepack
+from moepack import arch
 from moepack.convert.pipeline import convert
 from moepack.runtime.models.cache import Causal
 
@@ -85,3 +86,12 @@ def test_chunked_mask_blocks(offset, q0, q1):
     block = mask.block(q0, q1)
     got = np.ones((q1 - q0, hi - lo), bool) if block is None else np.array(block) == 0
     np.testing.assert_array_equal(got, want[:, lo:hi])
+
+
+def test_llama4_moe_layers():
+    cfg = {"model_type": "llama4_text", "num_hidden_layers": 6, "num_local_experts": 16}
+    assert arch.moe_layers(cfg) == [0, 1, 2, 3, 4, 5]  # Scout: every layer
+    assert arch.moe_layers({**cfg, "interleave_moe_layer_step": 2}) == [1, 3, 5]  # Maverick: every other layer
+    assert arch.moe_layers({**cfg, "interleave_moe_layer_step": 2, "moe_layers": [0, 4]}) == [0, 4]  # as given
+    multimodal = {"model_type": "llama4", "text_config": cfg}
+    assert arch.family_for(multimodal).name == "llama4" and arch.moe_layers(arch.text_config(multimodal)) == list(range(6))
