@@ -25,26 +25,29 @@ CONFIG_ALIASES: dict[str, tuple[str, ...]] = {
     "zero_experts": ("zero_expert_num",),  # LongCat-Flash: identity experts the router may pick after the stored ones
 }
 
-# Per-expert tensors: ...layers.L.(mlp|block_sparse_moe|ffn).experts.E.<proj>.<weight|bias> (ffn: DeepSeek V4's release)
+# Per-expert tensors: ...layers.L.(mlp|block_sparse_moe|ffn|feed_forward).experts.E.<proj>.<weight|bias>
+# (ffn: DeepSeek V4's release; feed_forward: Llama 4's)
 EXPERT_TENSOR = re.compile(
-    r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe|ffn)\.experts\.(?P<expert>\d+)\."
+    r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe|ffn|feed_forward)\.experts\.(?P<expert>\d+)\."
     r"(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)\.(?P<part>weight|bias)$"
 )
 # Fused tensors (transformers 5 with save_original_format=False): [E, 2I, H] gate_up (gate rows first), [E, H, I] down.
 FUSED_EXPERT_TENSOR = re.compile(
-    r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.experts\.(?P<proj>gate_up_proj|down_proj)(?P<bias>_bias)?$"
+    r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe|feed_forward)\.experts\."
+    r"(?P<proj>gate_up_proj|down_proj)(?P<bias>_bias)?$"
 )
 LAYER_TENSOR = re.compile(r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.")
 # The token embedding: ``model.embed_tokens.weight``, or ``embed.weight`` in DeepSeek V4's release.
 EMBEDDING = re.compile(r"(^|\.)embed(_tokens)?\.")
 # Tensors a pack leaves out: multi-token-prediction heads (``mtp.layers.0...`` would otherwise read as layer 0;
-# Mistral Large 4's ``mtp_dspark``) and the vision tower of a multimodal checkpoint whose text model moepack runs
-# (Qwen3.5-MoE; Kimi K2.5's vision_tower and mm_projector; Mistral Large 4's Pixtral tower and projector, in
+# Mistral Large 4's ``mtp_dspark``; ERNIE 4.5's ``model.mtp_block.0...``, ``model.mtp_linear_proj.0...``) and the
+# vision tower of a multimodal checkpoint whose text model moepack runs (Qwen3.5-MoE; Kimi K2.5's vision_tower and
+# mm_projector; Llama 4's vision_model and multi_modal_projector; Mistral Large 4's Pixtral tower and projector, in
 # transformers' names and in Mistral's own).
-VISION = re.compile(r"^(model\.visual\.|visual\.|vision_tower\.|mm_projector\.|multi_modal_projector\.|"
+VISION = re.compile(r"^(model\.visual\.|visual\.|vision_tower\.|vision_model\.|mm_projector\.|multi_modal_projector\.|"
                     r"model\.vision_tower\.|model\.multi_modal_projector\.|vision_encoder\.|patch_merger\.|"
                     r"pre_mm_projector_norm\.|vision_language_adapter\.)")
-SKIPPED = re.compile(rf"^mtp\.|^mtp_dspark\.|{VISION.pattern}")
+SKIPPED = re.compile(rf"^mtp\.|^mtp_dspark\.|^model\.mtp_|{VISION.pattern}")
 # A multimodal wrapper's prefixes -> the text model's own, so its tensors load as a plain causal LM
 # (Kimi K2.5 nests a DeepSeek-V3 text model as language_model.model.* and language_model.lm_head; Qwen3.5-MoE
 # as model.language_model.*).
@@ -99,6 +102,13 @@ def _ernie_moe_layer(cfg: dict, i: int) -> bool:
     end = num_layers(cfg) - 1 if end is None or end == -1 else end
     return ((i + 1) % (cfg.get("moe_layer_interval") or 1) == 0 and cfg.get("moe_layer_start_index", 1) <= i <= end
             and get(cfg, "num_experts", 0) > 0)
+
+
+def _llama4_moe_layer(cfg: dict, i: int) -> bool:
+    # ``moe_layers`` where given, else every interleave_moe_layer_step-th layer (transformers' default)
+    step = cfg.get("interleave_moe_layer_step") or 1
+    layers = cfg.get("moe_layers")
+    return i in (layers if layers is not None else range(step - 1, num_layers(cfg), step))
 
 
 @dataclass(frozen=True)
@@ -186,6 +196,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("mistral_large4", ("mistral_large4", "mistral_large4_text"), ("moe_intermediate_size",),
            _deepseek_moe_layer, native=MISTRAL_NAMES),
     Family("deepseek_v4", ("deepseek_v4",), ("moe_intermediate_size",), _all_layers),
+    # Llama 4 fuses experts transposed, gate and up halves: gate_up_proj [E, H, 2I], down_proj [E, I, H]
+    Family("llama4", ("llama4", "llama4_text"), ("intermediate_size",), _llama4_moe_layer, FusedLayout(transposed=True)),
 )
 BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 

@@ -171,6 +171,15 @@ TINY: dict[str, tuple[str, str, dict]] = {
         compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 5},
         index_n_heads=4, index_head_dim=16, index_topk=2, hc_mult=3, swiglu_limit=1.0, rope_theta=1e4,
         compress_rope_theta=1.6e5, rope_parameters={k: v for k, v in YARN.items() if k != "rope_theta"})),
+    # MoE layers 1 and 3 between dense ones (interleave step 2); layers 0-2 RoPE (llama3 scaling over an original
+    # context of 16) attending within chunks of 5 < 12, layer 3 NoPE over the whole prompt, its queries scaled by
+    # position (floor_scale 4); top-1 routing with a shared expert
+    "llama4_text": ("Llama4TextConfig", "Llama4ForCausalLM", dict(
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=32,
+        intermediate_size_mlp=96, num_local_experts=8, num_experts_per_tok=1, interleave_moe_layer_step=2,
+        attention_chunk_size=5, no_rope_layer_interval=4, floor_scale=4, attn_scale=0.5,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
 }
 # model_type -> {transformers 5 key: the release's legacy key} (to_old_spelling)
 LEGACY_KEYS: dict[str, dict[str, str]] = {

@@ -83,17 +83,19 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); ``mlp`` is a dense MLP or an MoE block.
 
-    ``sliding_window``: this layer attends only to the last that many positions.
+    ``sliding_window``: this layer attends only to the last that many positions; ``attention_chunk``: only to the
+    positions of its own chunk of that many (Llama 4).
     ``mixer``: the token mixer's attribute (and checkpoint) name, e.g. "linear_attn" for Qwen3-Next's DeltaNet layers.
     ``sandwich``: norms on both sides of each sublayer (AFMoE): x + post_attention_layernorm(attn(input_layernorm(x))),
     then x + post_mlp_layernorm(mlp(pre_mlp_layernorm(x))).
     """
 
     def __init__(self, mixer: nn.Module, mlp: nn.Module, a: MoEArgs, *, sliding_window: int | None = None,
-                 mixer_name: str = "self_attn", sandwich: bool = False):
+                 attention_chunk: int | None = None, mixer_name: str = "self_attn", sandwich: bool = False):
         super().__init__()
         hidden, eps = a.hidden_size, a.rms_norm_eps
-        self.sliding_window, self.mixer, self.sandwich = sliding_window, mixer_name, sandwich
+        self.sliding_window, self.attention_chunk = sliding_window, attention_chunk
+        self.mixer, self.sandwich = mixer_name, sandwich
         setattr(self, mixer_name, mixer)
         self.mlp = mlp
         self.input_layernorm = nn.RMSNorm(hidden, eps=eps)
@@ -174,7 +176,7 @@ class CausalLM(nn.Module):
         extra = (tokens,) if self.routes_by_token else ()
         for j, i in enumerate(layers):
             layer = self.model.layers[i]
-            mask = Causal(offset, getattr(layer, "sliding_window", None))
+            mask = Causal(offset, getattr(layer, "sliding_window", None), getattr(layer, "attention_chunk", None))
             h = layer(h, mask, cache[j] if cache else None, *extra)
         return h
 
