@@ -129,7 +129,7 @@ class Indexer(nn.Module):
             if block < T:
                 mx.eval(idx)
             chosen.append(idx)
-        return Sparse(mask.offset, mask.window, mx.concatenate(chosen, axis=1) if len(chosen) > 1 else chosen[0])
+        return Sparse(mask.offset, mask.window, mask.chunk, mx.concatenate(chosen, axis=1) if len(chosen) > 1 else chosen[0])
 
 
 @dataclass
