@@ -104,6 +104,20 @@ TINY: dict[str, tuple[str, str, dict]] = {
         zero_expert_num=4, moe_topk=2, routed_scaling_factor=2.0, q_lora_rank=32, kv_lora_rank=32,
         qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, head_dim=8,
         rope_parameters={"rope_type": "default", "rope_theta": 1e7})),
+    # multimodal (a one-layer vision tower the converter leaves out): sliding (window 4, 8 heads, full rotary) and
+    # full layers (4 heads, half rotary at another theta); layer 0 dense; SwiGLU clamps that bite (0.5) and none (0)
+    "step3p7": ("Step3p7Config", "Step3p7ForConditionalGeneration", dict(
+        text_config=dict(
+            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
+            moe_intermediate_size=32, share_expert_dim=48, n_routed_experts=8, num_experts_per_tok=2,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+            mlp_layer_types=["dense", "sparse", "sparse", "sparse"], sliding_window=4, num_sliding_attention_heads=8,
+            swiglu_limits=[0, 0.5, 0, 0.5], swiglu_limits_shared=[0.5, 0, 0.5, 0], moe_router_scaling_factor=2.5,
+            query_pre_attn_scalar=12, pad_token_id=0,
+            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 5e5, "partial_rotary_factor": 0.5},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=56, patch_size=14))),
 }
 # model_type -> {transformers 5 key: the release's legacy key} (to_old_spelling)
 LEGACY_KEYS: dict[str, dict[str, str]] = {
@@ -116,7 +130,10 @@ LEGACY_ROTARY_DEFAULT = {"sarvam_moe": 1.0}
 
 def make_model(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
     cfg_cls, model_cls, kwargs = TINY[kind]
-    cfg = getattr(transformers, cfg_cls)(**{**COMMON, **kwargs, **overrides})
+    if "text_config" in kwargs:  # multimodal: the common sizes and the overrides are the text model's
+        cfg = getattr(transformers, cfg_cls)(**{**kwargs, "text_config": {**COMMON, **kwargs["text_config"], **overrides}})
+    else:
+        cfg = getattr(transformers, cfg_cls)(**{**COMMON, **kwargs, **overrides})
     torch.manual_seed(seed)
     return randomize(getattr(transformers, model_cls)(cfg).eval())
 
@@ -177,7 +194,10 @@ def build(kind: str, out: str | Path, fused: bool = False, old_spelling: bool = 
 
 def reference_logits(ckpt: Path, ids: list[int]):
     """transformers' own float32 logits for ``ids`` from the checkpoint as saved (the parity oracle)."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    auto = transformers.AutoModelForCausalLM
+    if "vision_config" in json.loads((Path(ckpt) / "config.json").read_text()):  # multimodal (Step 3.7)
+        auto = transformers.AutoModelForImageTextToText
+    model = auto.from_pretrained(ckpt, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].numpy(), model
 
