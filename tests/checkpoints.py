@@ -154,9 +154,34 @@ def randomize(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def step3p7_release_text_config(tc: dict, mtp: int = 1) -> dict:
+    """Step 3.7's text config as its release spells it (remote-code names, per-layer RoPE lists, MoE layers as
+    ``moe_layers_enum``, the sliding layers' heads in ``attention_other_setting``, per-layer lists padded with
+    ``mtp`` multi-token-prediction layers)."""
+    tc = {k: v for k, v in tc.items() if k not in ("per_layer_config", "mtp_layer_types", "mtp_mlp_layer_types")}
+    types = tc["layer_types"]
+    rp = tc.pop("rope_parameters")
+    tc["rope_theta"] = [rp[t]["rope_theta"] for t in types] + [rp["full_attention"]["rope_theta"]] * mtp
+    tc["partial_rotary_factors"] = [rp[t].get("partial_rotary_factor", 1.0) for t in types] + [0.5] * mtp
+    tc["moe_layers_enum"] = ",".join(str(i) for i, t in enumerate(tc.pop("mlp_layer_types")) if t == "sparse")
+    tc["attention_other_setting"] = {"attention_type": "sliding_attention",
+                                     "num_attention_heads": tc.pop("num_sliding_attention_heads")}
+    for new, old in (("n_routed_experts", "moe_num_experts"), ("num_experts_per_tok", "moe_top_k"),
+                     ("num_key_value_heads", "num_attention_groups")):
+        tc[old] = tc.pop(new)
+    tc["layer_types"] = types + ["full_attention"] * mtp
+    for k in ("swiglu_limits", "swiglu_limits_shared"):
+        tc[k] = tc[k] + [0] * mtp
+    tc["num_nextn_predict_layers"] = mtp
+    return tc
+
+
 def to_old_spelling(cfg: dict) -> dict:
     """config.json as most hub checkpoints spell it (written before transformers 5)."""
     cfg = dict(cfg)
+    if cfg.get("model_type") == "step3p7":
+        cfg["text_config"] = step3p7_release_text_config(cfg["text_config"])
+        return cfg
     params = cfg.pop("rope_parameters", None) or {}
     cfg["rope_theta"] = params.get("rope_theta", 10000.0)
     scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "rope_type", "partial_rotary_factor")}

@@ -40,6 +40,7 @@ BOUNDS = {
     "afmoe": {"8bit": 0.0015, "default": 0.05},  # 5.08e-4, 1.65e-2
     "laguna": {"8bit": 0.002, "default": 0.33},  # 6.69e-4, 0.111
     "longcat_flash": {"8bit": 0.0012, "default": 0.0046},  # 4.02e-4, 1.54e-3
+    "step3p7": {"8bit": 0.011, "default": 0.12},  # 3.63e-3, 3.88e-2
 }
 
 

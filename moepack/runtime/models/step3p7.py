@@ -60,6 +60,8 @@ def read_legacy(cfg: dict) -> dict:
         if cfg.get("rope_scaling") and "full_attention" in rp:
             rp["full_attention"].update(cfg["rope_scaling"])
         cfg["rope_parameters"] = rp
+    for k in ("rope_theta", "partial_rotary_factors", "rope_scaling"):  # now in rope_parameters
+        cfg.pop(k, None)
     return cfg
 
 
