@@ -12,8 +12,8 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 import mlx.core as mx
-import numpy as np
 import mlx.nn as nn
+import numpy as np
 
 from moepack import arch
 from moepack.runtime.models.cache import Causal, KVCache
