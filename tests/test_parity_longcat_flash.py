@@ -20,12 +20,14 @@ def test_longcat_flash_parity_yarn(tmp_path):
 def test_zero_experts_are_chosen_and_never_read(tmp_path, monkeypatch):
     ckpt = build("longcat_flash", tmp_path / "ckpt")
     pack = convert(str(ckpt), tmp_path / "pack", EXACT, progress=False)
-    eng = moepack.load(pack)
+    eng = moepack.load(pack, prefetch=True)
     assert {int(p.name.split(".")[0]) for p in (pack / "experts" / "000").iterdir()} == set(range(4))  # stored only
     chosen, acquired = [], []
-    call, acquire = StreamedExperts.__call__, eng.store.acquire
+    call, acquire, prefetch = StreamedExperts.__call__, eng.store.acquire, eng.store.prefetch
     monkeypatch.setattr(StreamedExperts, "__call__", lambda self, x, i, w: chosen.append(np.array(i)) or call(self, x, i, w))
     monkeypatch.setattr(eng.store, "acquire", lambda layer, experts, **kw: acquired.extend(experts) or acquire(layer, experts, **kw))
+    monkeypatch.setattr(eng.store, "prefetch", lambda layer, experts: acquired.extend(experts) or prefetch(layer, experts))
+    assert eng.store.prefetching  # decode guesses the next layer's experts: zero experts must not be read early either
     eng.logits(PROMPT)
     list(eng.generate(PROMPT, 4))
     ids = np.concatenate([c.reshape(-1) for c in chosen])
