@@ -41,12 +41,13 @@ STACKED_EXPERT_TENSOR = re.compile(
     r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.moe\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$"
 )
 LAYER_TENSOR = re.compile(r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.")
-# Tensors a pack leaves out: multi-token-prediction heads (``mtp.layers.0...`` would otherwise read as layer 0) and
-# the vision tower of a multimodal checkpoint whose text model moepack runs (Qwen3.5-MoE; Kimi K2.5's
-# vision_tower and mm_projector; Step 3.7's vision_model and vit_large_projector, under model. in transformers 5's saves).
+# Tensors a pack leaves out: multi-token-prediction heads (``mtp.layers.0...``, LongCat-Flash's ``model.mtp.*``, would
+# otherwise read as layer 0) and the vision tower of a multimodal checkpoint whose text model moepack runs
+# (Qwen3.5-MoE; Kimi K2.5's vision_tower and mm_projector; Step 3.7's vision_model and vit_large_projector, under
+# model. in transformers 5's saves).
 VISION = re.compile(r"^(model\.visual\.|visual\.|vision_tower\.|mm_projector\.|multi_modal_projector\.|"
                     r"(model\.)?vision_model\.|vit_large_projector\.|model\.multi_modal_projector\.)")
-SKIPPED = re.compile(rf"^mtp\.|{VISION.pattern}")
+SKIPPED = re.compile(rf"^(model\.)?mtp\.|{VISION.pattern}")
 # A multimodal wrapper's prefixes -> the text model's own, so its tensors load as a plain causal LM
 # (Kimi K2.5 nests a DeepSeek-V3 text model as language_model.model.* and language_model.lm_head; Qwen3.5-MoE
 # as model.language_model.*).
