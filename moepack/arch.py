@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 from moepack.errors import UnsupportedArchitecture
@@ -18,11 +19,12 @@ from moepack.errors import UnsupportedArchitecture
 # Canonical config keys and the spellings found in the wild, first match wins.
 CONFIG_ALIASES: dict[str, tuple[str, ...]] = {
     "num_experts": ("n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts"),
-    "top_k": ("num_experts_per_tok", "moe_topk", "top_k", "moe_k"),
+    "top_k": ("num_experts_per_tok", "moe_topk", "top_k", "moe_k", "moe_top_k"),
     "n_shared_experts": ("n_shared_experts", "num_shared_experts"),  # Sarvam's release: num_shared_experts
     "attention_bias": ("attention_bias", "use_qkv_bias"),  # Sarvam's release: use_qkv_bias
     "num_hidden_layers": ("num_hidden_layers", "num_layers"),  # LongCat-Flash: num_layers (each two sublayers)
-    "zero_experts": ("zero_expert_num",),  # LongCat-Flash: identity experts the router may pick after the stored ones
+    "zero_experts": ("zero_expert_num",),
+    "num_key_value_heads": ("num_key_value_heads", "num_attention_groups"),  # Step 3.7's release  # LongCat-Flash: identity experts the router may pick after the stored ones
 }
 
 # Per-expert tensors: ...layers.L.(mlp|block_sparse_moe|ffn|feed_forward).experts.E.<proj>.<weight|bias>
@@ -36,18 +38,23 @@ FUSED_EXPERT_TENSOR = re.compile(
     r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe|feed_forward)\.experts\."
     r"(?P<proj>gate_up_proj|down_proj)(?P<bias>_bias)?$"
 )
+# Stacked per projection (Step 3.7's release): ...layers.L.moe.<gate_proj|up_proj|down_proj>.weight [E, out, in].
+STACKED_EXPERT_TENSOR = re.compile(
+    r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.moe\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$"
+)
 LAYER_TENSOR = re.compile(r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.")
 # The token embedding: ``model.embed_tokens.weight``, or ``embed.weight`` in DeepSeek V4's release.
 EMBEDDING = re.compile(r"(^|\.)embed(_tokens)?\.")
 # Tensors a pack leaves out: multi-token-prediction heads (``mtp.layers.0...`` would otherwise read as layer 0;
-# Mistral Large 4's ``mtp_dspark``; ERNIE 4.5's ``model.mtp_block.0...``, ``model.mtp_linear_proj.0...``) and the
-# vision tower of a multimodal checkpoint whose text model moepack runs (Qwen3.5-MoE; Kimi K2.5's vision_tower and
-# mm_projector; Llama 4's vision_model and multi_modal_projector; Mistral Large 4's Pixtral tower and projector, in
-# transformers' names and in Mistral's own).
-VISION = re.compile(r"^(model\.visual\.|visual\.|vision_tower\.|vision_model\.|mm_projector\.|multi_modal_projector\.|"
-                    r"model\.vision_tower\.|model\.multi_modal_projector\.|vision_encoder\.|patch_merger\.|"
-                    r"pre_mm_projector_norm\.|vision_language_adapter\.)")
-SKIPPED = re.compile(rf"^mtp\.|^mtp_dspark\.|^model\.mtp_|{VISION.pattern}")
+# LongCat-Flash's ``model.mtp.*``; Mistral Large 4's ``mtp_dspark``; ERNIE 4.5's ``model.mtp_block.0...``,
+# ``model.mtp_linear_proj.0...``) and the vision tower of a multimodal checkpoint whose text model moepack runs
+# (Qwen3.5-MoE; Kimi K2.5's vision_tower and mm_projector; Llama 4's vision_model and multi_modal_projector; Step
+# 3.7's vision_model and vit_large_projector, under model. in transformers 5's saves; Mistral Large 4's Pixtral tower
+# and projector, in transformers' names and in Mistral's own).
+VISION = re.compile(r"^(model\.visual\.|visual\.|vision_tower\.|(model\.)?vision_model\.|mm_projector\.|"
+                    r"multi_modal_projector\.|vit_large_projector\.|model\.vision_tower\.|model\.multi_modal_projector\.|"
+                    r"vision_encoder\.|patch_merger\.|pre_mm_projector_norm\.|vision_language_adapter\.)")
+SKIPPED = re.compile(rf"^(model\.)?mtp\.|^mtp_dspark\.|^model\.mtp_|{VISION.pattern}")
 # A multimodal wrapper's prefixes -> the text model's own, so its tensors load as a plain causal LM
 # (Kimi K2.5 nests a DeepSeek-V3 text model as language_model.model.* and language_model.lm_head; Qwen3.5-MoE
 # as model.language_model.*).
@@ -90,10 +97,15 @@ def _afmoe_layer(cfg: dict, i: int) -> bool:
     return i >= cfg.get("num_dense_layers", 1)
 
 
-def _mlp_layer_types(cfg: dict, i: int) -> bool:
-    """``mlp_layer_types`` ("dense"/"sparse" per layer; transformers' default: the first dense) (Laguna, Hunyuan v3)."""
-    types = cfg.get("mlp_layer_types") or ["dense"] + ["sparse"] * (num_layers(cfg) - 1)
-    return types[i] == "sparse"
+def _sparse_by_type(cfg: dict, i: int, first_sparse: int) -> bool:
+    """``mlp_layer_types`` ("dense"/"sparse" per layer: Laguna, Hunyuan v3, Step 3.7), else Step 3.7's release spelling
+    ``moe_layers_enum`` (MoE layer indices, a list or "3,4,..."), else layers from ``first_sparse`` on (the family's
+    default)."""
+    if types := cfg.get("mlp_layer_types"):
+        return types[i] == "sparse"
+    if (enum := cfg.get("moe_layers_enum")) is not None:
+        return i in {int(x) for x in (enum.split(",") if isinstance(enum, str) else enum) if str(x).strip()}
+    return i >= first_sparse
 
 
 def _ernie_moe_layer(cfg: dict, i: int) -> bool:
@@ -184,12 +196,12 @@ FAMILIES: tuple[Family, ...] = (
     Family("minimax_m2", ("minimax_m2",), ("intermediate_size",), _all_layers),
     Family("gpt_oss", ("gpt_oss",), ("intermediate_size",), _all_layers, FusedLayout(transposed=True, interleaved=True)),
     Family("qwen3_next", ("qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text"), ("moe_intermediate_size",), _qwen_moe_layer),
-    Family("hy_v3", ("hy_v3",), ("moe_intermediate_size",), _mlp_layer_types),
+    Family("hy_v3", ("hy_v3",), ("moe_intermediate_size",), partial(_sparse_by_type, first_sparse=1)),
     Family("ernie4_5_moe", ("ernie4_5_moe",), ("moe_intermediate_size",), _ernie_moe_layer),
     Family("dots1", ("dots1",), ("moe_intermediate_size",), _glm_moe_layer),
     Family("sarvam_moe", ("sarvam_moe",), ("moe_intermediate_size",), _glm_moe_layer),
     Family("afmoe", ("afmoe",), ("moe_intermediate_size",), _afmoe_layer),
-    Family("laguna", ("laguna",), ("moe_intermediate_size",), _mlp_layer_types),
+    Family("laguna", ("laguna",), ("moe_intermediate_size",), partial(_sparse_by_type, first_sparse=1)),
     Family("longcat_flash", ("longcat_flash",), ("expert_ffn_hidden_size", "moe_intermediate_size"), _all_layers),
     # MLA + the DSA lightning indexer (moepack/runtime/models/dsa.py), run by the DeepSeek module
     Family("deepseek", ("deepseek_v32", "glm_moe_dsa"), ("moe_intermediate_size",), _deepseek_moe_layer),
@@ -198,6 +210,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("deepseek_v4", ("deepseek_v4",), ("moe_intermediate_size",), _all_layers),
     # Llama 4 fuses experts transposed, gate and up halves: gate_up_proj [E, H, 2I], down_proj [E, I, H]
     Family("llama4", ("llama4", "llama4_text"), ("intermediate_size",), _llama4_moe_layer, FusedLayout(transposed=True)),
+    Family("step3p7", ("step3p7", "step3p5"), ("moe_intermediate_size",), partial(_sparse_by_type, first_sparse=3)),
 )
 BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 

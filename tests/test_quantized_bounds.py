@@ -49,6 +49,7 @@ BOUNDS = {
     "mistral_large4": {"8bit": 0.004, "default": 0.052},  # 1.34e-3, 1.74e-2
     "deepseek_v4": {"8bit": 0.0031, "default": 0.2},  # 1.02e-3, 6.61e-2
     "llama4_text": {"8bit": 0.00081, "default": 0.019},  # 2.70e-4, 6.48e-3
+    "step3p7": {"8bit": 0.011, "default": 0.12},  # 3.63e-3, 3.88e-2
 }
 
 

@@ -99,6 +99,11 @@ def plan_units(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Unit], dict]:
         elif m:
             proj = arch.PROJ_ALIASES[m["proj"]] + ("_bias" if m["part"] == "bias" else "")
             experts.setdefault((int(m["layer"]), int(m["expert"])), {})[proj] = Read(name)
+        elif m := arch.STACKED_EXPERT_TENSOR.match(name):
+            if info.shape[0] != n_experts:
+                raise SourceError(f"{ckpt.root / info.file}: {name} has {info.shape[0]} experts, config says {n_experts}")
+            for e in range(n_experts):
+                experts.setdefault((int(m["layer"]), e), {})[arch.PROJ_ALIASES[m["proj"]]] = Read(name, e)
         elif m := arch.FUSED_EXPERT_TENSOR.match(name):
             L, bias = int(m["layer"]), "_bias" if m["bias"] else ""
             if info.shape[0] not in (n_experts, n_experts + n_zero):

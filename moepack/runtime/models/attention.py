@@ -118,10 +118,11 @@ class Attention(nn.Module):
 
     def __init__(self, *, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int, rope: nn.Module | None,
                  qkv_bias: bool = False, o_bias: bool = False, qk_norm: str | None = None, eps: float = 1e-6,
-                 gate: OutputGate | None = None, temperature: tuple[float, float, int] | None = None):
+                 gate: OutputGate | None = None, temperature: tuple[float, float, int] | None = None,
+                 scale: float | None = None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.scale = head_dim**-0.5
+        self.scale = scale or head_dim**-0.5  # Step 3.7: query_pre_attn_scalar^-0.5
         self.eps, self.temperature = eps, temperature
         self.q_proj = nn.Linear(hidden, n_heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)

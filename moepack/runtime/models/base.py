@@ -7,12 +7,13 @@ the MoE block), ``rope.py`` and ``cache.py``.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 import mlx.core as mx
-import numpy as np
 import mlx.nn as nn
+import numpy as np
 
 from moepack import arch
 from moepack.runtime.models.cache import Causal, KVCache
@@ -65,7 +66,7 @@ class MoEArgs(BaseArgs):
 
 class MLP(nn.Module):
     """SwiGLU feed-forward (dense layers and shared experts); ``activation(gate, up)`` replaces silu(gate)·up
-    (DeepSeek V4 clamps both)."""
+    (DeepSeek V4's and Step 3.7's clamped SwiGLU)."""
 
     def __init__(self, hidden: int, width: int, bias: bool = False,
                  activation: Callable[[mx.array, mx.array], mx.array] | None = None):
@@ -196,6 +197,9 @@ class CausalLM(nn.Module):
 
     # (old, new) substrings renamed in dense tensor names at load, e.g. hub "block_sparse_moe" -> in-model "mlp".
     renames: tuple[tuple[str, str], ...] = ()
+    # Norm weights w (tensor names after ``rename``) that scale by 1 + w (zero-centred: Qwen3-Next, Step 3.7):
+    # ``sanitize`` adds the 1 (exact in float32), so plain RMSNorm runs them.
+    zero_centred: re.Pattern | None = None
     # (fused, parts): a checkpoint module whose rows stack several of this tree's modules, split at load by each
     # part's output rows, e.g. Sarvam's ``query_key_value`` = [q; k; v]. Rows quantize independently, so a quantized
     # tensor's weight, scales and biases split the same way.
@@ -224,6 +228,8 @@ class CausalLM(nn.Module):
         out, modules = {}, None
         for k, v in weights.items():
             k = self.rename(k)
+            if self.zero_centred is not None and self.zero_centred.search(k):
+                v = v.astype(mx.float32) + 1
             module, _, leaf = k.rpartition(".")
             parts = self._parts(module)
             if parts is None:
