@@ -349,9 +349,11 @@ def config_problem(cfg: dict) -> str | None:
                 return f"{key} is {str(v)[:40]}, not a whole number"
             if not lo <= v <= hi:
                 return f"{key} {v} is out of range [{lo}, {hi}]"
-        elif type(v) not in (int, float) or not math.isfinite(v) or not lo < v <= hi:
-            return f"{key} is {str(v)[:40]}; it must be a finite number above {lo}" + (f" and at most {hi}" if
-                                                                                       math.isfinite(hi) else "")
+        else:  # a float, or one per layer (Step 3.7's release spells rope_theta per layer)
+            for x in (v if isinstance(v, list) and v else [v]):
+                if type(x) not in (int, float) or not math.isfinite(x) or not lo < x <= hi:
+                    return f"{key} is {str(v)[:40]}; it must be a finite number above {lo}" + (
+                        f" and at most {hi}" if math.isfinite(hi) else "")
     k, e = get(cfg, "top_k"), get(cfg, "num_experts")
     if k is not None and e is not None and k > e:
         return f"top_k {k} is more than num_experts {e}"

@@ -326,10 +326,15 @@ def build(kind: str, out: str | Path, fused: bool = False, old_spelling: bool = 
 def reference_logits(ckpt: Path, ids: list[int]):
     """transformers' own float32 logits for ``ids`` from the checkpoint as saved (the parity oracle)."""
     cfg = json.loads((Path(ckpt) / "config.json").read_text())
-    auto = transformers.AutoModelForImageTextToText if "vision_config" in cfg else transformers.AutoModelForCausalLM
-    try:
-        model = auto.from_pretrained(ckpt, dtype=torch.float32).eval()
-    except ValueError:  # a model type the auto class does not map (mistral4): the class config.json names
+    # the causal-LM class where transformers maps one (Llama 4), else the multimodal one run on text (Step 3.7,
+    # Mistral Large 4), else the class config.json names (mistral4, which no auto class maps)
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText):
+        try:
+            model = auto.from_pretrained(ckpt, dtype=torch.float32).eval()
+            break
+        except ValueError:
+            continue
+    else:
         model = getattr(transformers, cfg["architectures"][0]).from_pretrained(ckpt, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].numpy(), model
