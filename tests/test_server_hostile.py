@@ -183,9 +183,10 @@ def test_max_tokens_far_beyond_the_context_is_400(tok):
 def test_unknown_top_level_parameters_are_400(tok):
     """As OpenAI: an argument this server does not implement is named in a 400, never silently dropped."""
     with scripted(tok) as (c, engine, worker):
-        for url, base in [(CHAT, {"messages": HELLO}), (COMPLETIONS, {"prompt": "x"})]:
-            for name, value in [("logit_bias", {"5": 10}), ("response_format", {"type": "json_object"}),
-                                ("mirostat", 2), ("Temperature", 0.5), ("str", 1)]:
+        unknown = [("logit_bias", {"5": 10}), ("guided_json", {}), ("mirostat", 2), ("Temperature", 0.5), ("str", 1)]
+        for url, base, more in [(CHAT, {"messages": HELLO}, []),
+                                (COMPLETIONS, {"prompt": "x"}, [("response_format", {"type": "text"})])]:
+            for name, value in unknown + more:
                 r = c.post(url, json={**base, name: value})
                 assert r.status_code == 400, (url, name, r.text)
                 e = err(r)

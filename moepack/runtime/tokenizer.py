@@ -1,7 +1,6 @@
 """The pack's tokenizer (tokenizer.json through the `tokenizers` library) and chat template.
 
-Templates render in a sandboxed jinja2 environment set up the way transformers renders them
-(trim_blocks, lstrip_blocks, ``raise_exception``, ``tojson`` without ASCII escaping, ``strftime_now``),
+Templates render in a bounded jinja2 sandbox set up the way transformers renders them (runtime/template.py),
 so a pack's template produces the same prompt it would under transformers.
 """
 
@@ -9,15 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
 from moepack.errors import PackError
+from moepack.runtime.template import render
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +23,6 @@ def _token_str(tok: Any) -> str | None:
     if isinstance(tok, dict):
         return tok.get("content")
     return tok
-
-
-def _raise(message: str):
-    raise TemplateError(message)
-
-
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 class Tokenizer:
@@ -84,17 +73,17 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None,
-                            **kwargs: Any) -> str:
+    def chat_variables(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None,
+                       **kwargs: Any) -> dict[str, Any]:
+        """What the chat template is rendered with, by transformers' names."""
         if not self.chat_template:
             raise PackError("this pack's tokenizer has no chat template; use a plain prompt instead of chat messages")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-        env.filters["tojson"] = _tojson
-        env.globals["raise_exception"] = _raise
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        tmpl = env.from_string(self.chat_template)
-        return tmpl.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
-                           bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+        return dict(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                    bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None,
+                            **kwargs: Any) -> str:
+        return render(self.chat_template, self.chat_variables(messages, add_generation_prompt, tools, **kwargs))
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
         """Render then tokenize; the template already carries BOS and other special tokens."""
