@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -629,3 +630,39 @@ def test_deepseek_tool_calls_with_its_real_tokenizer(tmp_path):
         prompt = tok.decode(engine.seen[-1], skip_special_tokens=False)
         assert '<｜tool▁sep｜>get_weather\n```json\n{"city": "Paris"}\n```' in prompt  # the JSON text, as sent
         assert "<｜tool▁output▁begin｜>21C<｜tool▁output▁end｜>" in prompt
+
+
+def test_serve_says_it_serves_once_ready_logs_each_request_and_exits_quietly_on_ctrl_c(pack, tmp_path):
+    """`moepack serve` as a user meets it: "serving ... on URL" only once the pack is loaded and the port bound
+    (it used to be printed before either); one log line per request, with no flag; Ctrl-C: exit 130, no
+    "Aborted!", no traceback. --served-model-name names the model (twice: an alias)."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    out = tmp_path / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k != "MOEPACK_API_KEY"}
+    with open(out, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "moepack.cli", "serve", str(pack), "--port", str(port),
+                                 "--served-model-name", "tiny", "--served-model-name", "gpt-4o-mini"],
+                                stdout=f, stderr=subprocess.STDOUT, env=env)
+    try:
+        end = time.monotonic() + TIMEOUT
+        while "serving" not in out.read_text():
+            assert proc.poll() is None and time.monotonic() < end, out.read_text()
+            time.sleep(0.1)
+        assert httpx.get(f"{base}/health", timeout=TIMEOUT).status_code == 200, out.read_text()
+        assert f"serving 'tiny' on {base}/v1" in out.read_text()
+        assert [m["id"] for m in httpx.get(f"{base}/v1/models", timeout=TIMEOUT).json()["data"]] == \
+            ["tiny", "gpt-4o-mini"]
+        r = httpx.post(f"{base}/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HELLO,
+                                                            "max_tokens": 2}, timeout=TIMEOUT)
+        assert r.status_code == 200 and r.json()["model"] == "tiny", r.text
+        assert httpx.get(f"{base}/nowhere", timeout=TIMEOUT).status_code == 404
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(TIMEOUT) == 130, out.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = out.read_text()
+    assert "Aborted" not in text and "Traceback" not in text, text
+    logged = [line.split('"')[1] for line in text.splitlines() if "moepack.serve.access" in line]
+    assert logged == ["GET /health", "GET /v1/models", "POST /v1/chat/completions", "GET /nowhere"], text
