@@ -488,6 +488,11 @@ def test_parse_tool_calls_edge_cases():
     assert toolcalls.parse("no calls here", hermes) == ("no calls here", [])
     broken = "x <tool_call>\n{not json}\n</tool_call>"
     assert toolcalls.parse(broken, hermes) == (broken, [])  # unparseable: the model's text, as is
+    deep = '<tool_call>\n{"name": "f", "arguments": ' + "[" * 100_000 + "]" * 100_000 + "}\n</tool_call>"
+    assert toolcalls.parse(deep, hermes) == (deep, [])  # nested past Python's parser: text too (was a 500)
+    glm = next(f for f in toolcalls.FORMATS if f.name == "glm4_moe")
+    deep = "<tool_call>f\n<arg_key>a</arg_key><arg_value>" + "[" * 100_000 + "</arg_value></tool_call>"
+    assert toolcalls.parse(deep, glm)[1][0]["function"]["arguments"] == json.dumps({"a": "[" * 100_000})
     s = toolcalls.ToolCallStream(hermes)
     out = "".join(s.push(p) for p in ["Hi <to", "ol_", "call>\n{\"name\": \"f\", \"argu", "ments\": {}}\n</tool_call>"])
     rest, calls = s.finish()
