@@ -404,6 +404,50 @@ def test_health_answers_while_a_request_is_being_processed(tok, monkeypatch, ste
     assert done["r"].status_code == 200, done["r"].text
 
 
+def test_long_texts_are_tokenized_without_holding_the_gil(pack):
+    """Tokenizing megabytes takes seconds; `tokenizers`' encode holds the GIL throughout, so even in a worker
+    thread it stalled the event loop. Oracle without timings: with forced GIL switches off (a 100 s interval), this
+    thread runs while the other is inside the tokenizer only if the tokenizer lets go of the GIL."""
+    tok = Tokenizer(pack)
+    text = "Hello there, how are you? " * 80_000
+    want = tok._tok.encode(text, add_special_tokens=False).ids
+    entered, main_ran, seen = threading.Event(), threading.Event(), []
+
+    class Watched:  # the tokenizers object, noting on return whether this thread got to run meanwhile
+        def __init__(self, real):
+            self.real = real
+
+        def __getattr__(self, name):
+            f = getattr(self.real, name)
+
+            def call(*args, **kwargs):
+                out = f(*args, **kwargs)
+                seen.append(main_ran.is_set())
+                return out
+
+            return call if name in ("encode", "encode_batch") else f
+
+    tok._tok = Watched(tok._tok)
+    got = {}
+
+    def encode():
+        entered.set()
+        got["ids"] = tok.encode(text, add_special_tokens=False)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(100.0)
+    try:
+        t = threading.Thread(target=encode)
+        t.start()
+        entered.wait(TIMEOUT)
+        main_ran.set()
+        t.join(TIMEOUT)
+    finally:
+        sys.setswitchinterval(old)
+    assert got["ids"] == want
+    assert seen == [True], "the tokenizer held the GIL for the whole encoding"
+
+
 def test_an_8mib_request_of_empty_messages(tok):
     """8 MiB of `{"messages": [{}, {}, ...]}` (2.8 million messages) froze the server for 35 s: the walk over the
     body on the event loop, then pydantic building an error for every message. Now: a 400 naming the first message

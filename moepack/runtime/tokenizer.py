@@ -18,6 +18,8 @@ from moepack.runtime.template import render
 
 log = logging.getLogger(__name__)
 
+LONG_TEXT = 1 << 16  # characters from which encoding lets other threads run
+
 
 def _token_str(tok: Any) -> str | None:
     if isinstance(tok, dict):
@@ -65,7 +67,11 @@ class Tokenizer:
         return self._tok.get_vocab_size()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        if len(text) < LONG_TEXT:
+            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it works; encode holds it throughout (seconds for megabytes of text,
+        # during which no other thread of the process runs: the server's event loop, its generation worker)
+        return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
