@@ -183,8 +183,9 @@ def create_app(engine: Any = None, tokenizer: Any = None, *, loader: Callable[[]
     ``aliases``: more names /v1/models lists; ``render_time_limit``: seconds a chat template may take."""
     if (engine is None) == (loader is None):
         raise ValueError("pass either engine and tokenizer, or loader")
-    st = State(Options(model_id, tuple(aliases), api_key, max_body, context_length, parallel, prompt_cache,
-                       render_time_limit))
+    st = State(Options(model_id=model_id, aliases=tuple(aliases), api_key=api_key, max_body=max_body,
+                       context_length=context_length, parallel=parallel, prompt_cache=prompt_cache,
+                       render_time_limit=render_time_limit))
 
     def load() -> None:
         error = None
