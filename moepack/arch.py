@@ -17,13 +17,17 @@ from moepack.errors import UnsupportedArchitecture
 
 # Canonical config keys and the spellings found in the wild, first match wins.
 CONFIG_ALIASES: dict[str, tuple[str, ...]] = {
-    "num_experts": ("n_routed_experts", "num_local_experts", "num_experts"),
-    "top_k": ("num_experts_per_tok", "moe_topk", "top_k"),
+    "num_experts": ("n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts"),
+    "top_k": ("num_experts_per_tok", "moe_topk", "top_k", "moe_k"),
+    "n_shared_experts": ("n_shared_experts", "num_shared_experts"),  # Sarvam's release: num_shared_experts
+    "attention_bias": ("attention_bias", "use_qkv_bias"),  # Sarvam's release: use_qkv_bias
+    "num_hidden_layers": ("num_hidden_layers", "num_layers"),  # LongCat-Flash: num_layers (each two sublayers)
+    "zero_experts": ("zero_expert_num",),  # LongCat-Flash: identity experts the router may pick after the stored ones
 }
 
-# Per-expert tensors: ...layers.L.(mlp|block_sparse_moe).experts.E.<proj>.<weight|bias>
+# Per-expert tensors: ...layers.L.(mlp|block_sparse_moe|ffn).experts.E.<proj>.<weight|bias> (ffn: DeepSeek V4's release)
 EXPERT_TENSOR = re.compile(
-    r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.experts\.(?P<expert>\d+)\."
+    r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe|ffn)\.experts\.(?P<expert>\d+)\."
     r"(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)\.(?P<part>weight|bias)$"
 )
 # Fused tensors (transformers 5 with save_original_format=False): [E, 2I, H] gate_up (gate rows first), [E, H, I] down.
@@ -31,11 +35,16 @@ FUSED_EXPERT_TENSOR = re.compile(
     r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.experts\.(?P<proj>gate_up_proj|down_proj)(?P<bias>_bias)?$"
 )
 LAYER_TENSOR = re.compile(r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.")
-# Tensors a pack leaves out: multi-token-prediction heads (``mtp.layers.0...`` would otherwise read as layer 0) and
-# the vision tower of a multimodal checkpoint whose text model moepack runs (Qwen3.5-MoE; Kimi K2.5's
-# vision_tower and mm_projector).
-VISION = re.compile(r"^(model\.visual\.|visual\.|vision_tower\.|mm_projector\.|multi_modal_projector\.)")
-SKIPPED = re.compile(rf"^mtp\.|{VISION.pattern}")
+# The token embedding: ``model.embed_tokens.weight``, or ``embed.weight`` in DeepSeek V4's release.
+EMBEDDING = re.compile(r"(^|\.)embed(_tokens)?\.")
+# Tensors a pack leaves out: multi-token-prediction heads (``mtp.layers.0...`` would otherwise read as layer 0;
+# Mistral Large 4's ``mtp_dspark``) and the vision tower of a multimodal checkpoint whose text model moepack runs
+# (Qwen3.5-MoE; Kimi K2.5's vision_tower and mm_projector; Mistral Large 4's Pixtral tower and projector, in
+# transformers' names and in Mistral's own).
+VISION = re.compile(r"^(model\.visual\.|visual\.|vision_tower\.|mm_projector\.|multi_modal_projector\.|"
+                    r"model\.vision_tower\.|model\.multi_modal_projector\.|vision_encoder\.|patch_merger\.|"
+                    r"pre_mm_projector_norm\.|vision_language_adapter\.)")
+SKIPPED = re.compile(rf"^mtp\.|^mtp_dspark\.|{VISION.pattern}")
 # A multimodal wrapper's prefixes -> the text model's own, so its tensors load as a plain causal LM
 # (Kimi K2.5 nests a DeepSeek-V3 text model as language_model.model.* and language_model.lm_head; Qwen3.5-MoE
 # as model.language_model.*).
@@ -44,9 +53,10 @@ TEXT_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head."
 PROJ_ALIASES = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
 EXPERT_PROJS = ("gate", "up", "down")
 
-# Dense tensors that stay unquantized whatever the recipe: norms, routers, gates, biases, correction terms.
+# Dense tensors that stay unquantized whatever the recipe: norms, routers, gates, biases, correction terms, the DSA
+# indexer's per-head weights (float32 in transformers).
 UNQUANTIZED = re.compile(
-    r"(norm|\.gate\.weight$|shared_expert_gate|e_score_correction_bias|\.bias$|layernorm|router|sinks)"
+    r"(norm|\.gate\.weight$|shared_expert_gate|e_score_correction_bias|\.bias$|layernorm|router|sinks|weights_proj)"
 )
 
 
@@ -60,6 +70,8 @@ def _qwen_moe_layer(cfg: dict, i: int) -> bool:
 
 
 def _deepseek_moe_layer(cfg: dict, i: int) -> bool:
+    if cfg.get("mlp_layer_types"):  # transformers 5 spelling (DeepSeek-V3.2, GLM-5): "dense" / "sparse" per layer
+        return cfg["mlp_layer_types"][i] == "sparse"
     return (
         get(cfg, "num_experts", 0) > 0
         and i >= cfg.get("first_k_dense_replace", 0)
@@ -69,6 +81,24 @@ def _deepseek_moe_layer(cfg: dict, i: int) -> bool:
 
 def _glm_moe_layer(cfg: dict, i: int) -> bool:
     return i >= cfg.get("first_k_dense_replace", 0)
+
+
+def _afmoe_layer(cfg: dict, i: int) -> bool:
+    return i >= cfg.get("num_dense_layers", 1)
+
+
+def _mlp_layer_types(cfg: dict, i: int) -> bool:
+    """``mlp_layer_types`` ("dense"/"sparse" per layer; transformers' default: the first dense) (Laguna, Hunyuan v3)."""
+    types = cfg.get("mlp_layer_types") or ["dense"] + ["sparse"] * (num_layers(cfg) - 1)
+    return types[i] == "sparse"
+
+
+def _ernie_moe_layer(cfg: dict, i: int) -> bool:
+    # every moe_layer_interval-th layer from moe_layer_start_index to moe_layer_end_index (-1: the last layer)
+    end = cfg.get("moe_layer_end_index", -1)
+    end = num_layers(cfg) - 1 if end is None or end == -1 else end
+    return ((i + 1) % (cfg.get("moe_layer_interval") or 1) == 0 and cfg.get("moe_layer_start_index", 1) <= i <= end
+            and get(cfg, "num_experts", 0) > 0)
 
 
 @dataclass(frozen=True)
@@ -92,24 +122,70 @@ class FusedLayout:
 
 
 @dataclass(frozen=True)
+class NativeNames:
+    """A release's own tensor names -> transformers' (as transformers' conversion_mapping renames them on load):
+    ``rules`` (regex, replacement) in order, for names that match ``applies``."""
+
+    applies: str
+    rules: tuple[tuple[str, str], ...]
+
+    def __call__(self, name: str) -> str:
+        if not re.match(self.applies, name):
+            return name
+        for pattern, repl in self.rules:
+            name = re.sub(pattern, repl, name)
+        return name
+
+
+# Mistral's consolidated names (Mistral Large 4): layers.N.attention.wq, .feed_forward.w1, .experts.E.w1, ...
+MISTRAL_NAMES = NativeNames(r"(layers|tok_embeddings|lerope|norm|output)\.", (
+    (r"^tok_embeddings\.", "model.embed_tokens."), (r"^lerope\.alpha$", "model.rotary_emb.alpha"),
+    (r"^layers\.", "model.layers."), (r"^norm\.", "model.norm."), (r"^output\.", "lm_head."),
+    (r"\.attention\.", ".self_attn."), (r"\.wq\.", ".q_proj."), (r"\.wkv_a_with_mqa\.", ".kv_a_proj_with_mqa."),
+    (r"\.wkv_b\.", ".kv_b_proj."), (r"\.wo\.", ".o_proj."), (r"\.attention_norm\.", ".input_layernorm."),
+    (r"\.ffn_norm\.", ".post_attention_layernorm."), (r"\.kv_a_norm\.", ".kv_a_layernorm."),
+    (r"\.(feed_forward|shared_experts)\.w1\.", r".\1.gate_proj."),
+    (r"\.(feed_forward|shared_experts)\.w2\.", r".\1.down_proj."),
+    (r"\.(feed_forward|shared_experts)\.w3\.", r".\1.up_proj."),
+    (r"\.feed_forward\.", ".mlp."), (r"\.gate\.", ".mlp.gate."), (r"\.experts\.", ".mlp.experts."),
+    (r"\.shared_experts\.", ".mlp.shared_experts."),
+    (r"\.ssmax_scaling\.s$", ".softmax_scaling.scale"), (r"\.ssmax_scaling\.b$", ".softmax_scaling.bias"),
+))
+
+
+@dataclass(frozen=True)
 class Family:
     name: str  # the runtime module in moepack/runtime/models/
     model_types: tuple[str, ...]
     expert_intermediate: tuple[str, ...]  # config keys of a routed expert's width, first match wins
     is_moe_layer: Callable[[dict, int], bool]
     fused: FusedLayout = FusedLayout()
+    native: NativeNames | None = None  # the release's own tensor names, where they are not transformers'
 
 
 FAMILIES: tuple[Family, ...] = (
     Family("mixtral", ("mixtral",), ("intermediate_size",), _all_layers),
     Family("qwen2_moe", ("qwen2_moe",), ("moe_intermediate_size",), _qwen_moe_layer),
     Family("qwen3_moe", ("qwen3_moe",), ("moe_intermediate_size",), _qwen_moe_layer),
-    Family("deepseek", ("deepseek_v2", "deepseek_v3", "kimi_k2", "kimi_k25"), ("moe_intermediate_size",), _deepseek_moe_layer),
+    Family("deepseek", ("deepseek_v2", "deepseek_v3", "kimi_k2", "kimi_k25", "mistral4"), ("moe_intermediate_size",),
+           _deepseek_moe_layer),
     Family("olmoe", ("olmoe",), ("intermediate_size",), _all_layers),
     Family("glm4_moe", ("glm4_moe",), ("moe_intermediate_size",), _glm_moe_layer),
     Family("minimax_m2", ("minimax_m2",), ("intermediate_size",), _all_layers),
     Family("gpt_oss", ("gpt_oss",), ("intermediate_size",), _all_layers, FusedLayout(transposed=True, interleaved=True)),
     Family("qwen3_next", ("qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text"), ("moe_intermediate_size",), _qwen_moe_layer),
+    Family("hy_v3", ("hy_v3",), ("moe_intermediate_size",), _mlp_layer_types),
+    Family("ernie4_5_moe", ("ernie4_5_moe",), ("moe_intermediate_size",), _ernie_moe_layer),
+    Family("dots1", ("dots1",), ("moe_intermediate_size",), _glm_moe_layer),
+    Family("sarvam_moe", ("sarvam_moe",), ("moe_intermediate_size",), _glm_moe_layer),
+    Family("afmoe", ("afmoe",), ("moe_intermediate_size",), _afmoe_layer),
+    Family("laguna", ("laguna",), ("moe_intermediate_size",), _mlp_layer_types),
+    Family("longcat_flash", ("longcat_flash",), ("expert_ffn_hidden_size", "moe_intermediate_size"), _all_layers),
+    # MLA + the DSA lightning indexer (moepack/runtime/models/dsa.py), run by the DeepSeek module
+    Family("deepseek", ("deepseek_v32", "glm_moe_dsa"), ("moe_intermediate_size",), _deepseek_moe_layer),
+    Family("mistral_large4", ("mistral_large4", "mistral_large4_text"), ("moe_intermediate_size",),
+           _deepseek_moe_layer, native=MISTRAL_NAMES),
+    Family("deepseek_v4", ("deepseek_v4",), ("moe_intermediate_size",), _all_layers),
 )
 BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 
@@ -139,8 +215,12 @@ def text_config(cfg: dict) -> dict:
     return {**{k: v for k, v in cfg.items() if k not in ("text_config", "vision_config")}, **tc}
 
 
-def text_name(name: str) -> str:
-    """A tensor's name in the text model (see TEXT_PREFIXES); other names are returned unchanged."""
+def text_name(name: str, cfg: dict | None = None) -> str:
+    """A tensor's name in the text model (see TEXT_PREFIXES; a release's own names, given its config, as
+    transformers names them); other names are returned unchanged."""
+    fam = BY_MODEL_TYPE.get(text_config(cfg or {}).get("model_type"))
+    if fam is not None and fam.native is not None:
+        name = fam.native(name)
     for old, new in TEXT_PREFIXES:
         if name.startswith(old):
             return new + name[len(old):]
@@ -191,7 +271,7 @@ def rotary_dim(cfg: dict, head_dim: int, default_factor: float = 1.0) -> int:
 
 
 def num_layers(cfg: dict) -> int:
-    return int(cfg["num_hidden_layers"])
+    return int(get(cfg, "num_hidden_layers"))
 
 
 def moe_layers(cfg: dict) -> list[int]:
@@ -207,6 +287,56 @@ def expert_width(cfg: dict) -> int:
     raise KeyError(f"config has none of {fam.expert_intermediate}")
 
 
+# Bounds on config values, as data: key (through CONFIG_ALIASES) -> (kind, low, high). A key that is absent or
+# null is left to the family's default; any value present must be of the kind and in range. Checked when a
+# checkpoint is converted and when a pack is loaded, so a vocabulary of 10^12 or a NaN rope_theta is a clear
+# error instead of an allocation failure or silent garbage.
+CONFIG_BOUNDS: dict[str, tuple[str, float, float]] = {
+    "num_hidden_layers": ("int", 1, 4096),
+    "num_experts": ("int", 1, 1 << 16),
+    "top_k": ("int", 1, 1 << 16),
+    "hidden_size": ("int", 1, 1 << 24),
+    "intermediate_size": ("int", 1, 1 << 24),
+    "moe_intermediate_size": ("int", 1, 1 << 24),
+    "vocab_size": ("int", 1, 1 << 31),
+    "num_attention_heads": ("int", 1, 1 << 16),
+    "num_key_value_heads": ("int", 1, 1 << 16),
+    "head_dim": ("int", 1, 1 << 16),
+    "max_position_embeddings": ("int", 1, 1 << 40),
+    "rope_theta": ("float", 0, float("inf")),
+    "rms_norm_eps": ("float", 0, 1),
+}
+
+
+def config_problem(cfg: dict) -> str | None:
+    """Why ``cfg`` (a text config) cannot describe a real model, or None: a value of the wrong kind or out of
+    CONFIG_BOUNDS (floats must be finite and above the low bound), or top-k above the number of experts."""
+    import math
+
+    for key, (kind, lo, hi) in CONFIG_BOUNDS.items():
+        v = get(cfg, key)
+        if key == "rope_theta":
+            v = cfg.get("rope_parameters", {}).get("rope_theta", v) if isinstance(cfg.get("rope_parameters"), dict) else v
+        if v is None:
+            continue
+        if kind == "int":
+            if type(v) is not int:
+                return f"{key} is {str(v)[:40]}, not a whole number"
+            if not lo <= v <= hi:
+                return f"{key} {v} is out of range [{lo}, {hi}]"
+        elif type(v) not in (int, float) or not math.isfinite(v) or not lo < v <= hi:
+            return f"{key} is {str(v)[:40]}; it must be a finite number above {lo}" + (f" and at most {hi}" if
+                                                                                       math.isfinite(hi) else "")
+    k, e = get(cfg, "top_k"), get(cfg, "num_experts")
+    if k is not None and e is not None and k > e:
+        return f"top_k {k} is more than num_experts {e}"
+    return None
+
+
+def is_embedding(name: str) -> bool:
+    return bool(EMBEDDING.search(name))
+
+
 def layer_of(name: str) -> int | None:
     m = LAYER_TENSOR.match(name)
     return int(m["layer"]) if m else None
@@ -214,3 +344,28 @@ def layer_of(name: str) -> int | None:
 
 def is_quantizable_dense(name: str, shape: list[int]) -> bool:
     return name.endswith(".weight") and len(shape) == 2 and not UNQUANTIZED.search(name)
+
+
+def indexer_kinds(cfg: dict, n_layers: int) -> list[str]:
+    """Per layer "full" (runs its indexer) or "shared" (reuses the last full layer's selection), from either
+    spelling: ``indexer_types``; else the hub's ``index_topk_pattern`` ("FSS..."); else ``index_topk_freq`` and
+    ``index_skip_topk_offset`` (transformers' GlmMoeDsaConfig derivation; DeepSeek-V3.2 has none: all "full")."""
+    if cfg.get("indexer_types"):
+        return list(cfg["indexer_types"])
+    pattern = cfg.get("index_topk_pattern")
+    if pattern is not None:
+        return [{"F": "full", "S": "shared"}[c] for c in pattern] if isinstance(pattern, str) else list(pattern)
+    freq, offset = max(cfg.get("index_topk_freq") or 1, 1), cfg.get("index_skip_topk_offset", 2)
+    return ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(n_layers)]
+
+
+def stage_starts(cfg: dict) -> set[int] | None:
+    """The layers a pipeline stage may begin at, where later layers reuse what earlier ones computed in the same
+    pass (a DSA "shared" layer the last indexer's selection, a Mistral Large 4 layer another's latent KV): a stage
+    must start at a layer with its own indexer that no later layer looks back past. None: any layer."""
+    n = num_layers(cfg)
+    sources = cfg.get("kv_source_layers") or list(range(n))
+    kinds = indexer_kinds(cfg, n) if cfg.get("index_topk") is not None else ["full"] * n
+    if "shared" not in kinds and sources == list(range(n)):
+        return None
+    return {b for b in range(n) if kinds[b] == "full" and all(s >= b for s in sources[b:])}

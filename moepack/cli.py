@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from moepack.errors import MoepackError
-from moepack.units import human_bytes
+from moepack.units import human_bytes, suggest_bytes
 
 
 class _Group(click.Group):
@@ -72,7 +72,12 @@ def convert(src, out, revision, dtype, q_bits, q_group_size, dense_bits, dense_g
                     dense_bits=int(dense_bits), dense_group_size=int(dense_group_size), alignment=alignment,
                     requantize=requantize)
     t0 = time.perf_counter()
-    path = run(src, out, recipe, revision=revision, workers=workers, force=force)
+    try:
+        path = run(src, out, recipe, revision=revision, workers=workers, force=force,
+                   say=lambda msg: click.echo(msg, err=True))
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted; re-run the same command to resume", err=True)
+        sys.exit(130)
     click.echo(f"wrote {path} in {time.perf_counter() - t0:.1f}s")
 
 
@@ -85,7 +90,7 @@ def inspect(pack, as_json) -> None:
 
     s = summary(PackReader(pack))
     if as_json:
-        click.echo(json.dumps(s, indent=2))
+        click.echo(json.dumps(s, indent=2, allow_nan=False))  # strict JSON: a pack's numbers are finite
         return
     a, b, p = s["architecture"], s["bytes"], s["parameters"]
     click.echo(f"{s['path']}  ({s['format']})")
@@ -127,8 +132,8 @@ def verify(pack) -> None:
 
 
 def _budget_option(f):
-    return click.option("--memory-budget", help="Bytes for weights (dense + expert slots), e.g. 8GB. "
-                        "Default: 60% of available memory.")(f)
+    return click.option("--memory-budget", help="Memory for weights (dense + expert slots): 8GB, 512MB, 12e9 (bytes) "
+                        "or 60% (of available memory, within any container limit). Default: 60%.")(f)
 
 
 def _verify_option(f):
@@ -211,7 +216,7 @@ def plan(pack, hosts, budget, as_json) -> None:
 @click.option("--seed", type=int)
 @_budget_option
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the pack's chat template as a user message.")
-@click.option("--system", help="System message (with --chat).")
+@click.option("--system", help="System message (needs --chat).")
 @click.option("--stats", is_flag=True, help="End with throughput, memory and I/O figures.")
 @_verify_option
 @_cache_options
@@ -219,46 +224,80 @@ def plan(pack, hosts, budget, as_json) -> None:
 def generate(pack, prompt, max_tokens, temp, top_p, top_k, seed, memory_budget, chat, system, stats, verify, policy,
              prefetch, hosts,
              rank_timeout) -> None:
-    """Generate text from PACK, streaming it to standard output."""
+    """Generate text from PACK, streaming it to standard output.
+
+    Generation stops at --max-tokens, an end-of-text token or the model's context, which it says on standard error.
+    --system is a chat message, so it needs --chat. Ctrl-C stops quietly (exit status 130).
+    """
     import moepack
+    from moepack.errors import UsageError
+    from moepack.runtime.generation import context_length, fit_to_context
+    from moepack.runtime.sampling import check_options
     from moepack.runtime.tokenizer import Tokenizer
 
+    check_options(temperature=temp, top_p=top_p, top_k=top_k, max_tokens=max_tokens)
+    if system is not None and not chat:
+        raise UsageError("--system is a chat message: add --chat (the prompt is then the user's message)")
     options = _engine_options(verify, policy, prefetch)
     engine = _pipeline(pack, hosts, memory_budget, rank_timeout, **options)  # before stdin: rank 0 reads it
     try:
         if prompt == "-":
-            prompt = sys.stdin.read()
-        tok = Tokenizer(pack)
+            prompt = _read_stdin()
+        if not prompt:
+            raise UsageError("the prompt is empty; give some text with -p (or -p - to read standard input)")
+        tok = Tokenizer(pack, verify=verify)  # validates the pack first (a checkpoint here is told to convert)
         if chat:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
             ids = tok.encode_chat(messages)
         else:
             ids = tok.encode(prompt)
         engine = engine or moepack.load(pack, memory_budget=memory_budget, **options)
-        _generate(engine, tok, ids, max_tokens, temp, top_p, top_k, seed, stats)
+        context = context_length(engine.config)
+        n = fit_to_context(len(ids), max_tokens, context)
+        if _generate(engine, tok, ids, n, temp, top_p, top_k, seed, stats) == n and n < max_tokens:
+            click.echo(f"[stopped at the model's context limit of {context} tokens]", err=True)
+    except KeyboardInterrupt:
+        click.echo("", err=True)
+        sys.exit(130)  # quiet: Ctrl-C is how a user stops a generation
     finally:
         if engine is not None:
             engine.close()  # with --hosts, this stops the other ranks
 
 
-def _generate(engine, tok, ids, max_tokens, temp, top_p, top_k, seed, stats) -> None:
+def _read_stdin() -> str:
+    """Standard input as UTF-8 text; anything else is one line that says so."""
+    from moepack.errors import UsageError
+
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"standard input is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); "
+                         "convert it, e.g. with iconv -t UTF-8") from None
+
+
+def _generate(engine, tok, ids, max_tokens, temp, top_p, top_k, seed, stats) -> int:
+    """Stream up to ``max_tokens`` tokens; returns how many were generated, or -1 when an end-of-text token ended
+    the text."""
     from moepack.runtime.tokenizer import StreamDecoder
 
     out = StreamDecoder(tok)
     t0 = time.perf_counter()
     first = None
-    n = 0
+    n, eos = 0, False
     for t in engine.generate(ids, max_tokens, temperature=temp, top_p=top_p, top_k=top_k, seed=seed,
                              stop_tokens=tok.eos_token_ids):
         if first is None:
             first = time.perf_counter()
         n += 1
         if t in tok.eos_token_ids:
+            eos = True
             break
         click.echo(out.push(t), nl=False)
     click.echo(out.flush())
     if stats:
         _print_stats(engine, len(ids), n, t0, first)
+    return -1 if eos else n
 
 
 def _print_stats(engine, n_prompt: int, n_gen: int, t0: float, first: float | None) -> None:
@@ -341,7 +380,7 @@ def chat(pack, system, temp, top_p, seed, max_tokens, memory_budget, verify, pol
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    tok = Tokenizer(pack)
+    tok = Tokenizer(pack, verify=verify)
     if not tok.chat_template:
         raise click.ClickException("this pack has no chat template; use `moepack generate` with a plain prompt")
     click.echo(f"loading {pack} ...", err=True)
@@ -409,6 +448,42 @@ def profile(pack, prompts, max_tokens, memory_budget, out, into_pack) -> None:
     click.echo(f"wrote the heat of {len(engine.store.heat)} experts to {path}")
 
 
+@main.command("eval")
+@click.argument("pack", type=click.Path(exists=True, file_okay=False))
+@click.option("--text", "text_file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="UTF-8 text to score ('-' is not accepted: perplexity needs the whole text).")
+@click.option("--context", type=click.IntRange(min=2), default=512, show_default=True,
+              help="Tokens per window (each scored token sees at most context-1 before it).")
+@click.option("--stride", type=click.IntRange(min=1), help="Tokens between window starts (default: context/2).")
+@click.option("--max-text-tokens", type=click.IntRange(min=2), help="Score only the first N tokens of the text.")
+@_budget_option
+@_cache_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def eval_(pack, text_file, context, stride, max_text_tokens, memory_budget, policy, prefetch, as_json) -> None:
+    """Perplexity of PACK over a text file, in sliding windows (transformers' perplexity-guide windowing)."""
+    import moepack
+    from moepack.runtime.evaluate import perplexity
+    from moepack.runtime.tokenizer import Tokenizer
+
+    if stride is not None and stride > context:
+        raise click.BadParameter(f"--stride {stride} is larger than --context {context}", param_hint="--stride")
+    ids = Tokenizer(pack).encode(Path(text_file).read_text(encoding="utf-8", errors="strict"))
+    ids = ids[:max_text_tokens] if max_text_tokens else ids
+    if len(ids) < 2:
+        raise click.ClickException(f"{text_file} has fewer than 2 tokens: nothing to score")
+    with moepack.load(pack, memory_budget=memory_budget, **_engine_options(False, policy, prefetch)) as engine:
+        r = perplexity(engine, ids, context=context, stride=stride)
+    if as_json:
+        click.echo(json.dumps(r.as_dict()))
+        return
+    from moepack.units import human_bytes
+
+    click.echo(f"perplexity {r.perplexity:.4f} over {r.scored_tokens} tokens (context {r.context}, stride {r.stride}, "
+               f"{r.windows} windows)")
+    click.echo(f"{r.tokens_per_s:.1f} tok/s through the model, {human_bytes(r.bytes_read)} of experts read "
+               f"({human_bytes(r.bytes_per_token)}/token)")
+
+
 @main.command()
 @click.option("--dir", "workdir", type=click.Path(file_okay=False), default=None,
               help="Where to put the demo checkpoint and pack (default: ~/.cache/moepack/demo).")
@@ -420,7 +495,7 @@ def demo(workdir, max_tokens) -> None:
     (convert -> inspect -> verify -> stream experts from disk), not a useful model.
     """
     from moepack.convert.pipeline import convert as run
-    from moepack.demo import minimum_budget, write_checkpoint
+    from moepack.demo import NEXT_STEPS, demo_generate, minimum_budget, write_checkpoint
 
     root = Path(workdir or Path.home() / ".cache" / "moepack" / "demo")
     ckpt, pack = root / "checkpoint", root / "pack"
@@ -436,10 +511,11 @@ def demo(workdir, max_tokens) -> None:
     rep = PackReader(pack).verify()
     click.echo(f"  verify         {'ok' if rep.ok else rep.problems}")
     budget = minimum_budget(pack)  # the smallest budget: experts really stream from disk
-    click.echo(f"4/4 generating with a memory budget of {budget} bytes (dense + one layer's experts); "
-               "random weights, so expect gibberish:")
-    ctx.invoke(generate, pack=str(pack), prompt="Hello! Tell me about experts.", max_tokens=max_tokens, temp=0.8,
-               top_p=0.95, top_k=0, seed=0, memory_budget=str(budget), chat=True, system=None, stats=True)
+    click.echo(f"4/4 generating with a memory budget of {human_bytes(budget)} (--memory-budget {suggest_bytes(budget)}: "
+               "the dense weights + one layer's experts, so experts stream from disk); random weights, so expect "
+               "gibberish:")
+    demo_generate(pack, budget, "Hello! Tell me about experts.", max_tokens, lambda text, nl: click.echo(text, nl=nl))
+    click.echo(NEXT_STEPS)
 
 
 if __name__ == "__main__":

@@ -192,3 +192,30 @@ def minimum_budget(pack: str | os.PathLike) -> int:
 
     reader = PackReader(pack)
     return memory_need(reader, compute_dtype_for(reader)).minimum
+
+
+NEXT_STEPS = """
+Next, with a real model (the demo's weights are random):
+  moepack convert Qwen/Qwen3-30B-A3B ~/models/qwen3-30b-a3b     # a hub repo id or a local checkpoint folder
+  moepack chat ~/models/qwen3-30b-a3b                           # or: generate -p "...", serve (OpenAI API)
+  moepack chat ~/models/qwen3-30b-a3b --memory-budget 8GB       # cap the memory it uses (default: 60% free)"""
+
+
+def demo_generate(pack: str | os.PathLike, budget: int, prompt: str, max_tokens: int, echo) -> None:
+    """Stream a chat reply from ``pack`` through ``echo(text, nl)``, as ``moepack generate --chat`` would, minus the
+    replacement characters (U+FFFD) random weights produce when they pick bytes that are not whole UTF-8 characters."""
+    import moepack
+    from moepack.runtime.tokenizer import StreamDecoder, Tokenizer
+
+    tok = Tokenizer(pack)
+    ids = tok.encode_chat([{"role": "user", "content": prompt}])
+    with moepack.load(pack, memory_budget=budget, heat=False) as engine:
+        out = StreamDecoder(tok)
+        for t in engine.generate(ids, max_tokens, temperature=0.8, top_p=0.95, seed=0, stop_tokens=tok.eos_token_ids):
+            if t in tok.eos_token_ids:
+                break
+            echo(out.push(t).replace("\ufffd", ""), False)
+        echo(out.flush().replace("\ufffd", ""), True)
+        s = engine.stats()
+        echo(f"  ({s['tokens']} tokens through the model, {s['reads']} expert reads from disk into "
+             f"{s['slots']} slots)", True)

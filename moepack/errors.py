@@ -7,6 +7,10 @@ class MoepackError(Exception):
     """Base class for errors moepack reports to the user (the CLI prints them without a traceback)."""
 
 
+class UsageError(MoepackError, ValueError):
+    """A value the user gave (an option, a budget, a prompt) that cannot be used; the message says what would be."""
+
+
 class PackError(MoepackError):
     """A pack is missing, incomplete, corrupt or of an unsupported version."""
 

@@ -73,12 +73,121 @@ TINY: dict[str, tuple[str, str, dict]] = {
         moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8,
         rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25})),
+    # a dense layer between MoE layers; sigmoid + correction bias routing, scaled, with an ungated shared expert
+    "hy_v3": ("HYV3Config", "HYV3ForCausalLM", dict(
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
+        moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, num_shared_experts=1,
+        router_scaling_factor=2.826, mlp_layer_types=["sparse", "dense", "sparse"],
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    # layers 1 and 3 MoE (start 1, interval 2), 0 and 2 dense; biases on attention and MLP projections
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", dict(
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+        moe_intermediate_size=32, moe_num_experts=8, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1,
+        moe_layer_interval=2, use_bias=True, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 5e5})),
+    # 4 groups of 2 experts, 2 groups kept; layer 0 dense; the last layer slides over a window of 5 < 12
+    "dots1": ("Dots1Config", "Dots1ForCausalLM", dict(
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+        moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=4,
+        topk_group=2, first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5, sliding_window=5,
+        max_window_layers=2, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    # MLA with YaRN over an original context of 4 tokens, so llama_4_scaling_beta scales queries within the prompt;
+    # softmax routing over 4 groups of 2, 2 kept; layer 0 dense
+    "mistral4": ("Mistral4Config", "Mistral4ForCausalLM", dict(
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, intermediate_size=96,
+        moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+        first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.0, norm_topk_prob=True,
+        q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+        rope_parameters={**YARN, "original_max_position_embeddings": 4, "mscale": 1.0, "mscale_all_dim": 1.0,
+                         "llama_4_scaling_beta": 0.5})),
+    # transformers runs Sarvam with the GLM-4 MoE model; grouped routing and q/k/v bias so the fused-qkv split and the
+    # group limit both act
+    "sarvam_moe": ("SarvamMoEConfig", "Glm4MoeForCausalLM", dict(
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
+        moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+        first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
+        use_qk_norm=True, attention_bias=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 8e6, "partial_rotary_factor": 1.0})),
+    # sliding (window 4 < prompt, RoPE) and full (NoPE) layers alternate; layer 0 dense; muP scaling on
+    "afmoe": ("AfmoeConfig", "AfmoeForCausalLM", dict(
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
+        moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, num_shared_experts=1, num_dense_layers=1,
+        route_scale=2.5, global_attn_every_n_layers=2, sliding_window=4, mup_enabled=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
+    # sliding (window 4 < prompt) and full layers, each with its own RoPE (full: half rotary) and head count;
+    # dense and MoE layers interleaved; a router softcap of 0.5 that bites on these logits; per-head softplus gate
+    "laguna": ("LagunaConfig", "LagunaForCausalLM", dict(
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
+        moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        mlp_layer_types=["dense", "sparse", "dense", "sparse"], num_attention_heads_per_layer=[4, 8, 2, 4],
+        sliding_window=4, gating=True, moe_routed_scaling_factor=2.5, moe_router_logit_softcapping=0.5,
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 5e5, "partial_rotary_factor": 0.5},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 1.0}})),
+    # 2 layers of 2 sublayers each; 4 stored + 4 zero experts, top-2: the router picks zero experts on the prompt
+    # (test_parity_longcat_flash checks it)
+    "longcat_flash": ("LongcatFlashConfig", "LongcatFlashForCausalLM", dict(
+        num_layers=2, num_attention_heads=4, ffn_hidden_size=96, expert_ffn_hidden_size=32, n_routed_experts=4,
+        zero_expert_num=4, moe_topk=2, routed_scaling_factor=2.0, q_lora_rank=32, kv_lora_rank=32,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, head_dim=8,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e7})),
+    # DSA: index_topk 5 < the 12-token prompt, so the indexer's selection acts from the sixth query on
+    "deepseek_v32": ("DeepseekV32Config", "DeepseekV32ForCausalLM", dict(
+        num_hidden_layers=3, num_attention_heads=4, intermediate_size=96, moe_intermediate_size=32,
+        n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=2,
+        topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=32, kv_lora_rank=32,
+        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, index_topk=5, index_head_dim=16, index_n_heads=8,
+        rope_parameters={**YARN, "mscale": 1.0, "mscale_all_dim": 1.0})),
+    # layers 1 and 2 reuse layer 0's top-k selection (no indexer of their own), layer 3 runs its own
+    "glm_moe_dsa": ("GlmMoeDsaConfig", "GlmMoeDsaForCausalLM", dict(
+        num_hidden_layers=4, num_attention_heads=4, intermediate_size=96, moe_intermediate_size=32,
+        n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+        q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=24, index_topk=5,
+        index_head_dim=16, index_n_heads=8, indexer_types=["full", "shared", "shared", "full"],
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    # multimodal (a 1-layer Pixtral tower the converter leaves out); layers: 0 RoPE, owns its latent KV, dense MLP;
+    # 1 RoPE, reuses layer 0's KV and layer 0's top-k; 2 NoPE, owns its KV; 3 NoPE, reuses layer 2's KV with an
+    # indexer of its own. LeRoPE (learned frequency scales), learned query scaling, logit softcap 30.
+    "mistral_large4": ("MistralLarge4Config", "MistralLarge4ForConditionalGeneration", dict(
+        text_config=dict(
+            num_hidden_layers=4, num_attention_heads=4, intermediate_size=96, moe_intermediate_size=32,
+            n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=2,
+            topk_group=1, routed_scaling_factor=1.5, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
+            v_head_dim=16, index_topk=5, index_head_dim=16, index_n_heads=8, indexer_types=["full", "shared", "full", "full"],
+            no_rope_layers=[1, 1, 0, 0], kv_source_layers=[0, 0, 2, 2], final_logit_softcapping=3.0,
+            rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 64,
+                             "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 1.0}),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           patch_size=4, image_size=32, head_dim=16))),
+    # Every feature acts on the 12-token prompt: a window of 4; CSA entries every 2 positions (6 in the prompt) of
+    # which the indexer keeps 2; HCA entries every 5; hash-routed layers 0-1 then learned ones; 3 streams; clamps bite.
+    "deepseek_v4": ("DeepseekV4Config", "DeepseekV4ForCausalLM", dict(
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1, head_dim=32, q_lora_rank=32,
+        partial_rotary_factor=0.25, o_groups=2, o_lora_rank=16, n_routed_experts=8, num_experts_per_tok=2,
+        n_shared_experts=1, moe_intermediate_size=32, sliding_window=4,
+        layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
+                     "compressed_sparse_attention"],
+        mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"],
+        compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 5},
+        index_n_heads=4, index_head_dim=16, index_topk=2, hc_mult=3, swiglu_limit=1.0, rope_theta=1e4,
+        compress_rope_theta=1.6e5, rope_parameters={k: v for k, v in YARN.items() if k != "rope_theta"})),
 }
+# model_type -> {transformers 5 key: the release's legacy key} (to_old_spelling)
+LEGACY_KEYS: dict[str, dict[str, str]] = {
+    "sarvam_moe": {"n_routed_experts": "num_experts", "n_shared_experts": "num_shared_experts",
+                   "attention_bias": "use_qkv_bias"},
+}
+# model_type -> rotary share its legacy configs leave unspelled (the family's default)
+LEGACY_ROTARY_DEFAULT = {"sarvam_moe": 1.0}
 
 
 def make_model(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
     cfg_cls, model_cls, kwargs = TINY[kind]
-    cfg = getattr(transformers, cfg_cls)(**{**COMMON, **kwargs, **overrides})
+    if "text_config" in kwargs:  # multimodal: the text model gets COMMON and the overrides
+        kwargs = {**kwargs, "text_config": {**COMMON, **kwargs["text_config"], **overrides}}
+        cfg = getattr(transformers, cfg_cls)(**kwargs)
+    else:
+        cfg = getattr(transformers, cfg_cls)(**{**COMMON, **kwargs, **overrides})
     torch.manual_seed(seed)
     return randomize(getattr(transformers, model_cls)(cfg).eval())
 
@@ -88,9 +197,12 @@ def randomize(model: torch.nn.Module) -> torch.nn.Module:
     norms and biases (e_score_correction_bias included) get non-trivial values too."""
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if not t.is_floating_point() or "rotary" in name or "inv_freq" in name:
+            if name.endswith("tid2eid"):  # a hash router's table: distinct experts per token
+                t.copy_(torch.rand(t.shape[0], model.config.num_local_experts).argsort(-1)[:, : t.shape[1]])
                 continue
-            if "norm" in name:
+            if not t.is_floating_point() or "inv_freq" in name or ("rotary" in name and not name.endswith("alpha")):
+                continue  # rotary buffers; Mistral Large 4's learned frequency scales (rotary_emb.alpha) vary
+            if "norm" in name or name.endswith("softmax_scaling.bias"):  # multipliers around 1
                 t.copy_(1.0 + 0.1 * torch.randn_like(t))
             elif t.ndim == 1:
                 t.copy_(0.1 * torch.randn_like(t))
@@ -99,14 +211,21 @@ def randomize(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+MLA_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa")
+
+
 def to_old_spelling(cfg: dict) -> dict:
     """config.json as most hub checkpoints spell it (written before transformers 5)."""
     cfg = dict(cfg)
+    if cfg.get("model_type") == "deepseek_v4":
+        return _deepseek_v4_old_spelling(cfg)
     params = cfg.pop("rope_parameters", None) or {}
     cfg["rope_theta"] = params.get("rope_theta", 10000.0)
     scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "rope_type", "partial_rotary_factor")}
     kind = params.get("rope_type", "default")
     cfg["rope_scaling"] = {"type": kind, **scaling} if kind != "default" else None
+    if params.get("partial_rotary_factor") == LEGACY_ROTARY_DEFAULT.get(cfg.get("model_type")):
+        params = {k: v for k, v in params.items() if k != "partial_rotary_factor"}
     if "partial_rotary_factor" in params:
         if cfg.get("model_type") == "minimax_m2":
             cfg["rotary_dim"] = int(cfg["head_dim"] * params["partial_rotary_factor"])
@@ -114,9 +233,34 @@ def to_old_spelling(cfg: dict) -> dict:
             cfg["partial_rotary_factor"] = params["partial_rotary_factor"]
     if cfg.get("model_type") == "qwen3_moe" and "num_local_experts" in cfg:
         cfg["num_experts"] = cfg.pop("num_local_experts")
-    for k in ("head_dim", "qk_head_dim") if cfg.get("model_type", "").startswith("deepseek") else ():
+    # derived keys transformers 5 writes for MLA models; hub configs give first_k_dense_replace, not mlp_layer_types
+    for k in ("head_dim", "qk_head_dim", "mlp_layer_types") if cfg.get("model_type") in MLA_TYPES else ():
         cfg.pop(k, None)
+    for new, old in LEGACY_KEYS.get(cfg.get("model_type"), {}).items():
+        if new in cfg:
+            cfg[old] = cfg.pop(new)
     cfg.pop("layer_types", None)
+    if cfg.get("indexer_types"):  # GLM-5's hub spelling: one letter per layer, Full or Shared indexer
+        cfg["index_topk_pattern"] = "".join(t[0].upper() for t in cfg.pop("indexer_types"))
+    cfg["torch_dtype"] = cfg.pop("dtype", "float32")
+    return cfg
+
+
+def _deepseek_v4_old_spelling(cfg: dict) -> dict:
+    """DeepSeek V4's legacy keys, as transformers' DeepseekV4Config still reads them: per-layer ``compress_ratios``
+    (0 / 4 / 128 name the kind) with ``compress_rate_csa``/``_hca``, ``num_hash_layers``, ``qk_rope_head_dim``,
+    ``rope_theta`` + ``rope_scaling`` (the compress set's YaRN) + ``compress_rope_theta``."""
+    kinds = {"sliding_attention": 0, "compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
+    cfg["compress_ratios"] = [kinds[k] for k in cfg.pop("layer_types")]
+    rates = cfg.pop("compress_rates")
+    cfg["compress_rate_csa"], cfg["compress_rate_hca"] = rates["compressed_sparse_attention"], rates["heavily_compressed_attention"]
+    cfg["num_hash_layers"] = cfg.pop("mlp_layer_types").count("hash_moe")
+    cfg["qk_rope_head_dim"] = int(cfg["head_dim"] * cfg.pop("partial_rotary_factor"))
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"], cfg["compress_rope_theta"] = rope["main"]["rope_theta"], rope["compress"]["rope_theta"]
+    scaling = {k: v for k, v in rope["compress"].items()
+               if k not in ("rope_theta", "rope_type", "partial_rotary_factor", "attention_factor")}
+    cfg["rope_scaling"] = {"type": rope["compress"]["rope_type"], **scaling}
     cfg["torch_dtype"] = cfg.pop("dtype", "float32")
     return cfg
 
@@ -134,7 +278,13 @@ def build(kind: str, out: str | Path, fused: bool = False, old_spelling: bool = 
 
 def reference_logits(ckpt: Path, ids: list[int]):
     """transformers' own float32 logits for ``ids`` from the checkpoint as saved (the parity oracle)."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    except ValueError:  # a model type the auto class does not map (mistral4): the class config.json names
+        arch = json.loads((Path(ckpt) / "config.json").read_text())["architectures"][0]
+        model = getattr(transformers, arch).from_pretrained(ckpt, dtype=torch.float32).eval()
+    except ValueError:  # multimodal only (Mistral Large 4): run the whole model on text
+        model = transformers.AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].numpy(), model
 

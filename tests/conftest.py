@@ -100,6 +100,34 @@ def minimum_budget(pack: Path) -> int:
     return e.value.minimum
 
 
+# ---- files opened -------------------------------------------------------------------------------
+
+# Every file this process opens while a list is set (sys.audit "open": builtins.open, os.open, np.memmap).
+_OPENED: list[str] | None = None
+
+
+def _audit(event: str, args: tuple) -> None:
+    if _OPENED is not None and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        _OPENED.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_audit)
+
+
+def opening_nothing_under(outside: Path, fn):
+    """``fn()``, failing the test if it opened any file under ``outside`` (real paths, so a symlink counts)."""
+    global _OPENED
+    _OPENED = []
+    try:
+        out = fn()
+    finally:
+        opened, _OPENED = _OPENED, None
+    base = os.path.realpath(outside)
+    stray = [p for p in opened if os.path.realpath(p).startswith(base + os.sep)]
+    assert not stray, f"opened outside the pack: {stray}"
+    return out
+
+
 # ---- damage --------------------------------------------------------------------------------------
 
 

@@ -32,9 +32,36 @@ def check_parity(kind: str, tmp: Path, fused: bool = False, old_spelling: bool =
     full = moepack.load(pack)
     got = full.logits(PROMPT)
     assert got.shape == ref.shape
+    print(f"{kind}: float32 logits NMSE {nmse(got, ref):.3g}")  # `pytest -s` shows it
     assert nmse(got, ref) < 1e-5, f"{kind}: logits NMSE {nmse(got, ref):.3g}"
     assert list(full.generate(PROMPT, 8)) == want
     small = moepack.load(pack, memory_budget=full.plan.minimum)
     assert small.plan.n_slots < full.plan.n_slots
     np.testing.assert_array_equal(small.logits(PROMPT), got)
     assert list(small.generate(PROMPT, 8)) == want
+
+
+def check_cached_decoding(kind: str, tmp: Path, monkeypatch, prefix: int = 5):
+    """A float32 pack of ``kind``: PROMPT through the cache (a ``prefix``-token prefill, then one token at a time)
+    equals one full forward pass, and so does a pass split into 4-token passes with attention scores one query at a
+    time (sparse-attention selection must not depend on how a prompt is blocked); the full pass matches
+    transformers. Returns the engine and its caches after PROMPT, for the caller to inspect."""
+    import mlx.core as mx
+
+    from moepack.runtime.models import attention
+
+    ckpt = build(kind, tmp / "ckpt")
+    ref, _ = reference_logits(ckpt, PROMPT)
+    engine = moepack.load(convert(str(ckpt), tmp / "pack", EXACT, progress=False))
+    whole = engine.logits(PROMPT)
+    assert nmse(whole, ref) < 1e-5
+    cache = engine.model.make_cache()
+    steps = [engine.model(mx.array([PROMPT[:prefix]]), cache)[0]]
+    steps += [engine.model(mx.array([[t]]), cache)[0] for t in PROMPT[prefix:]]
+    assert all(c.offset == len(PROMPT) for c in cache)
+    np.testing.assert_allclose(np.array(mx.concatenate(steps, axis=0).astype(mx.float32)), whole, rtol=1e-4, atol=1e-4)
+    with monkeypatch.context() as m:
+        m.setattr(attention, "SCORE_BYTES", 1)
+        m.setattr(engine, "max_pass", 4)
+        np.testing.assert_allclose(engine.logits(PROMPT), whole, rtol=1e-4, atol=1e-4)
+    return engine, cache

@@ -279,9 +279,14 @@ def test_finished_pack_not_overwritten(ckpt, tmp_path):
     with pytest.raises(ConvertError, match="finished pack.*--force"):
         convert(str(ckpt), out, EXACT, progress=False)
     assert tree(out) == before
-    # force=True converts again, leaving nothing of the old pack behind.
-    (out / "experts" / "stale.bin").write_bytes(b"x")
+    # force=True converts again, leaving nothing of the old pack behind (an expert file of a layer the new pack
+    # has not, say) and removing nothing else: a file the user put there stays (issue #12).
+    (out / "experts" / "099").mkdir()
+    (out / "experts" / "099" / "0000.bin").write_bytes(b"x")
+    (out / "experts" / "notes.txt").write_bytes(b"mine")
     convert(str(ckpt), out, EXACT, force=True, progress=False)
+    assert (out / "experts" / "notes.txt").read_bytes() == b"mine"
+    (out / "experts" / "notes.txt").unlink()
     assert tree(out) == tree(convert(str(ckpt), tmp_path / "fresh", EXACT, progress=False))
     check_pack(out, ckpt, EXACT)
 

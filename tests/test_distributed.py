@@ -54,6 +54,15 @@ def deepseek(tmp_path_factory) -> Path:
                    progress=False)
 
 
+@pytest.fixture(scope="module")
+def deepseek_v4(tmp_path_factory) -> Path:
+    """DeepSeek V4: three hyper-connection streams between the stages, hash-routed layers on both sides of a 2-way
+    split (the token ids travel with the hidden state), compressed caches on every rank."""
+    root = tmp_path_factory.mktemp("deepseek_v4")
+    ckpt = build("deepseek_v4", root / "ckpt", mlp_layer_types=["hash_moe"] * 3 + ["moe"])
+    return convert(str(ckpt), root / "pack", EXACT, progress=False)
+
+
 def reference(pack: Path) -> dict:
     """What one process computes."""
     engine = moepack.load(pack, heat=False)
@@ -231,6 +240,19 @@ def test_three_ranks_match_one_process(deepseek, tmp_path):
     assert_same(res, tmp_path, ref)
     assert res["plan"]["n_slots"] == 0  # rank 0 holds the dense first layer only
     assert res["stats"]["ranks"] == 3
+
+
+def test_two_ranks_match_one_process_deepseek_v4(deepseek_v4, tmp_path):
+    ref = reference(deepseek_v4)
+    assert [s.stage.layers for s in plan(PackReader(deepseek_v4), 2).shares] == [range(0, 2), range(2, 4)]  # layer 2: hashed
+    with Ranks(2, "parity", tmp_path, deepseek_v4) as ranks:
+        codes = ranks.finish()
+        assert codes == [0, 0], ranks.output()
+        res = ranks.result()
+    got = np.load(tmp_path / "logits.npy")
+    np.testing.assert_array_equal(got, ref["logits"])  # bitwise: the stages run the very same ops
+    assert res["greedy"] == ref["greedy"] and res["conversation"] == ref["conversation"]
+    assert res["stats"]["ranks"] == 2
 
 
 def test_frozen_rank_times_out(qwen, tmp_path):

@@ -36,6 +36,18 @@ BOUNDS = {
     "qwen3_5_moe": {"8bit": 0.1, "default": 0.5},  # 3.71e-2, 0.265: 3x is above CAP, CAP holds
     "qwen3_moe": {"8bit": 0.034, "default": 0.068},  # 1.12e-2, 2.27e-2
     "qwen3_next": {"8bit": 0.014, "default": 0.5},  # 4.82e-3, 0.300: 3x is above CAP, CAP holds
+    "hy_v3": {"8bit": 0.0029, "default": 0.11},  # 9.79e-4, 3.51e-2
+    "ernie4_5_moe": {"8bit": 0.014, "default": 0.026},  # 4.62e-3, 8.78e-3
+    "dots1": {"8bit": 0.0021, "default": 0.41},  # 6.85e-4, 0.136
+    "mistral4": {"8bit": 0.046, "default": 0.22},  # 1.54e-2, 7.24e-2
+    "sarvam_moe": {"8bit": 0.062, "default": 0.16},  # 2.05e-2, 5.19e-2
+    "afmoe": {"8bit": 0.0015, "default": 0.05},  # 5.08e-4, 1.65e-2
+    "laguna": {"8bit": 0.002, "default": 0.33},  # 6.69e-4, 0.111
+    "longcat_flash": {"8bit": 0.0012, "default": 0.0046},  # 4.02e-4, 1.54e-3
+    "deepseek_v32": {"8bit": 0.1, "default": 0.5},  # 4.32e-2, 0.260: 3x is above CAP, CAP holds (indexer top-k flips)
+    "glm_moe_dsa": {"8bit": 0.1, "default": 0.34},  # 4.24e-2 (3x: 0.127, above CAP), 0.113
+    "mistral_large4": {"8bit": 0.004, "default": 0.052},  # 1.34e-3, 1.74e-2
+    "deepseek_v4": {"8bit": 0.0031, "default": 0.2},  # 1.02e-3, 6.61e-2
 }
 
 

@@ -12,7 +12,8 @@ quantized to --dense-bits unless recipe.py keeps them raw, routed experts to --q
 release ships them (``--carried-experts 4:32`` for Kimi K2.5's INT4 group-32 experts, moepack's default when the
 source is quantized), each expert projection on an aligned boundary of its own file.
 
-CONFIG is a config.json path or a preset (``kimi-k2.5``: Kimi K2.5's published text-model dimensions).
+CONFIG is a config.json path or a preset (``kimi-k2.5``: Kimi K2.5's published text-model dimensions;
+``deepseek-v3.2``, ``glm-5``).
 
 ``--ttft 2048,8192,32768`` also prints the expected time to first token for prompts of those lengths: bytes read
 over the SSD's bandwidth plus compute, under the old scheme (the prompt in 512-token chunks, each chunk reading every
@@ -50,9 +51,49 @@ KIMI_K25_TEXT = {
     "rope_scaling": {"type": "yarn", "factor": 64.0, "original_max_position_embeddings": 4096, "beta_fast": 1.0,
                      "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
 }
+# DeepSeek-V3.2 (deepseek-ai/DeepSeek-V3.2): DeepSeek-V3's dimensions plus the DSA indexer; FP8 blocks, which the
+# converter decodes and requantizes (no carried experts).
+DEEPSEEK_V32 = {
+    "model_type": "deepseek_v32", "architectures": ["DeepseekV32ForCausalLM"], "vocab_size": 129280,
+    "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
+    "num_attention_heads": 128, "num_key_value_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256,
+    "num_experts_per_tok": 8, "first_k_dense_replace": 3, "moe_layer_freq": 1, "kv_lora_rank": 512,
+    "q_lora_rank": 1536, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128, "v_head_dim": 128, "n_group": 8,
+    "topk_group": 4, "norm_topk_prob": True, "routed_scaling_factor": 2.5, "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 163840, "tie_word_embeddings": False, "index_topk": 2048, "index_head_dim": 128,
+    "index_n_heads": 64, "rope_theta": 10000.0,
+    "rope_scaling": {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32.0,
+                     "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+}
+# GLM-5 (zai-org/GLM-5): MLA + DSA, the dimensions transformers' GlmMoeDsaConfig documents as its defaults.
+GLM_5 = {
+    "model_type": "glm_moe_dsa", "architectures": ["GlmMoeDsaForCausalLM"], "vocab_size": 154880, "hidden_size": 6144,
+    "intermediate_size": 12288, "moe_intermediate_size": 2048, "num_hidden_layers": 78, "num_attention_heads": 64,
+    "num_key_value_heads": 64, "n_shared_experts": 1, "n_routed_experts": 256, "num_experts_per_tok": 8,
+    "first_k_dense_replace": 3, "kv_lora_rank": 512, "q_lora_rank": 2048, "qk_rope_head_dim": 64,
+    "qk_nope_head_dim": 192, "v_head_dim": 256, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
+    "routed_scaling_factor": 2.5, "rms_norm_eps": 1e-5, "max_position_embeddings": 202752,
+    "tie_word_embeddings": False, "index_topk": 2048, "index_head_dim": 128, "index_n_heads": 32,
+    "rope_theta": 1000000.0,
+}
+# DeepSeek V4 Pro (deepseek-ai/DeepSeek-V4-Pro): 61 layers (2 HCA, then CSA and HCA alternating; the first 3 hash-routed),
+# 384 experts, top-6, 4 hyper-connection streams; the release ships FP4 experts (e2m1, group 32), sized here as 4-bit
+# group 32. Fields not given take transformers' DeepseekV4Config defaults (V4 Flash's).
+DEEPSEEK_V4_PRO = {
+    "model_type": "deepseek_v4", "architectures": ["DeepseekV4ForCausalLM"], "vocab_size": 129280, "hidden_size": 7168,
+    "moe_intermediate_size": 3072, "num_hidden_layers": 61, "num_attention_heads": 128, "num_key_value_heads": 1,
+    "head_dim": 512, "q_lora_rank": 1536, "n_routed_experts": 384, "num_experts_per_tok": 6, "n_shared_experts": 1,
+    "o_groups": 16, "o_lora_rank": 1024, "index_topk": 1024, "sliding_window": 128, "num_hash_layers": 3, "hc_mult": 4,
+    "rope_theta": 10000.0, "compress_rope_theta": 160000.0, "max_position_embeddings": 1048576,
+    "rope_scaling": {"type": "yarn", "factor": 16.0, "original_max_position_embeddings": 65536, "beta_fast": 32,
+                     "beta_slow": 1},
+}
 PRESETS = {
     "kimi-k2.5": ({"model_type": "kimi_k25", "architectures": ["KimiK25ForConditionalGeneration"],
                    "text_config": KIMI_K25_TEXT}, "4:32"),
+    "deepseek-v3.2": (DEEPSEEK_V32, None),
+    "glm-5": (GLM_5, None),
+    "deepseek-v4-pro": (DEEPSEEK_V4_PRO, "4:32"),
 }
 # model types transformers knows under another name
 TRANSFORMERS_TYPE = {"kimi_k2": "deepseek_v3", "kimi_k25": "deepseek_v3"}
@@ -60,14 +101,20 @@ NO_HASH = "0" * 64  # a virtual pack has no files to hash
 
 
 def tensor_shapes(cfg: dict) -> dict[str, list[int]]:
-    """Every tensor of the text model, under hub names, from transformers' model class on the meta device."""
+    """Every tensor of the text model, under hub names, from transformers' model class on the meta device (integer
+    tables, e.g. DeepSeek V4's tid2eid, are listed in ``INTEGER_TABLES``)."""
     tc = {k: v for k, v in cfg.items() if k not in ("architectures", "auto_map", "quantization_config")}
     mt = TRANSFORMERS_TYPE.get(tc["model_type"], tc["model_type"])
     config = transformers.AutoConfig.for_model(mt, **{k: v for k, v in tc.items() if k != "model_type"})
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
     tied = {"lm_head.weight"} if tc.get("tie_word_embeddings") else set()  # saved once, as the embedding
-    return {k: list(v.shape) for k, v in model.state_dict().items() if k not in tied}
+    state = {k: v for k, v in model.state_dict().items() if k not in tied}
+    INTEGER_TABLES.update(k for k, v in state.items() if not v.is_floating_point())
+    return {k: list(v.shape) for k, v in state.items()}
+
+
+INTEGER_TABLES: set[str] = set()  # names of integer tensors seen by tensor_shapes: stored raw as int32
 
 
 def _blobs(parts: dict[str, tuple[str, list[int]]], pos: int, file: str | None) -> tuple[dict[str, Blob], int]:
@@ -82,6 +129,8 @@ def _blobs(parts: dict[str, tuple[str, list[int]]], pos: int, file: str | None) 
 
 def encode(name: str, shape: list[int], expert: bool, recipe: Recipe, carried: tuple[int, int] | None):
     """(encoding, parts {name: (dtype, shape)}, bits, group size, carried) as recipe.py would store the tensor."""
+    if name in INTEGER_TABLES:
+        return "raw", {"data": (dtypes.TABLE_DTYPE, shape)}, None, None, None
     if expert and carried:
         bits, gs = carried
         return "affine", _affine(shape, bits, gs, recipe.dtype), bits, gs, "lossless"
@@ -132,7 +181,8 @@ def virtual_pack(config: dict, out: Path, recipe: Recipe, carried: tuple[int, in
             continue
         enc, parts, bits, gs, _ = encode(name, dense_shapes[name], False, recipe, None)
         blobs, pos = _blobs(parts, pos, "dense/dense-00000.bin")
-        dense[name] = TensorRecord(enc, dense_shapes[name], recipe.dtype, blobs, bits, gs)
+        dtype = dtypes.TABLE_DTYPE if name in INTEGER_TABLES else recipe.dtype
+        dense[name] = TensorRecord(enc, dense_shapes[name], dtype, blobs, bits, gs)
     files["dense/dense-00000.bin"] = {"length": align_up(pos, recipe.alignment), "blake3": NO_HASH}
     layouts, layers = {}, []
     n_experts = int(arch.get(tc, "num_experts"))

@@ -11,6 +11,8 @@ the same numbers (:meth:`Quantized.repack`) or decodes to float32 for the recipe
 - compressed-tensors pack-quantized (Kimi K2-Thinking, K2.5 experts): ``X.weight_packed`` I32 [out, in/8] (codes
   q+8, eight a word, lowest bits first), ``X.weight_scale`` [out, in/32], ``X.weight_shape`` [2]; X = q * s.
   Carried as MLX affine 4-bit group 32 with scale s and bias -8s: the words are MLX's own packing.
+- DeepSeek V4's release: ``X.weight`` + ``X.scale`` (e8m0 powers of two): e4m3 dense weights in 128x128 blocks
+  (decoded), e2m1 experts two a byte with a scale per 32 (MXFP4, carried as mxfp4).
 - MXFP4 (gpt-oss experts): ``X_blocks`` U8 [..., out, in/32, 16] (two e2m1 codes a byte, low nibble first) and
   ``X_scales`` U8 [..., out, in/32] (e8m0); X = e2m1 * 2^(scale - 127). Carried as MLX's mxfp4 (the same bytes;
   every MLX moepack supports has that mode), or decoded for the recipe with ``requantize``.
@@ -253,7 +255,46 @@ class MXFP4(Format):
         return "mxfp4", {"weight": w, "scales": q.parts["scales"]}, 4, 32, dtype
 
 
-FORMATS: dict[str, Format] = {f.name: f for f in (FP8Block(), PackQuantized(), MXFP4())}
+class E8M0Scaled(Format):
+    """DeepSeek V4's release: ``X.weight`` with ``X.scale`` (F8_E8M0 bytes E meaning 2^(E-127)), two kinds by the
+    weight's dtype. Dense weights: F8_E4M3 [out, in], one scale per 128x128 block; decoded as :class:`FP8Block`
+    (then the recipe applies). Routed experts: e2m1 codes two a byte, low nibble first (I8 [out, in/2]), one scale
+    per 32 along a row: MXFP4, carried as MLX's mxfp4 like gpt-oss's experts."""
+
+    name = "e8m0-scaled"
+    marker = ".scale"
+    marker_dtype = "float8_e8m0"
+    roles = {"weight": ".weight", "scale_inv": ".scale"}
+    logical = ".weight"
+    rowwise = ("weight", "scale_inv")
+
+    def describe(self, ckpt, parts, cfg):
+        w, s = parts["weight"], parts["scale_inv"]
+        if w.dtype == "float8_e4m3":
+            label, shape, params = FORMATS["fp8"].describe(ckpt, parts, cfg)
+            return label + "-e8m0", shape, {**params, "kind": "fp8"}
+        if w.dtype in ("int8", "uint8") and len(w.shape) >= 2 and tuple(s.shape) == (*w.shape[:-1], w.shape[-1] // 16):
+            return "fp4-e2m1-g32-e8m0", (*w.shape[:-1], 2 * w.shape[-1]), {"kind": "fp4", "bits": 4, "group_size": 32}
+        raise _fail(ckpt, w, f"({w.dtype} {w.shape}, scale {s.dtype} {s.shape}) is neither float8_e4m3 with 128x128 "
+                    "block scales nor FP4 (int8 [out, in/2]) with one scale per 32")
+
+    def read(self, ckpt, t, index, rows):
+        if t.params["kind"] == "fp4":
+            return super().read(ckpt, t, index, rows)
+        q = FORMATS["fp8"].read(ckpt, t, index, rows)
+        return replace(q, parts={**q.parts, "scale_inv": mx.take(mx.array(E8M0), q.parts["scale_inv"].astype(mx.uint32))})
+
+    def _mxfp4(self, q: Quantized) -> Quantized:
+        return replace(q, parts={"blocks": q.parts["weight"].view(mx.uint8), "scales": q.parts["scale_inv"]})
+
+    def decode(self, q):
+        return FORMATS["fp8"].decode(q) if q.source.params["kind"] == "fp8" else FORMATS["mxfp4"].decode(self._mxfp4(q))
+
+    def repack(self, q, dtype):
+        return None if q.source.params["kind"] == "fp8" else FORMATS["mxfp4"].repack(self._mxfp4(q), dtype)
+
+
+FORMATS: dict[str, Format] = {f.name: f for f in (FP8Block(), PackQuantized(), MXFP4(), E8M0Scaled())}
 
 
 def unpack_bits(words: mx.array, bits: int) -> mx.array:
@@ -297,7 +338,7 @@ def logical_tensors(ckpt: Checkpoint) -> dict[str, TensorInfo | QuantizedTensor]
     vision = sorted({m[0].rstrip(".") for n in out if (m := arch.VISION.match(n))})
     if vision:  # the planner drops them (arch.SKIPPED)
         log.warning("leaving out %s: moepack converts and runs the text model only", ", ".join(vision))
-    renamed = {arch.text_name(n): t for n, t in out.items()}
+    renamed = {arch.text_name(n, ckpt.config): t for n, t in out.items()}
     return {n: replace(t, name=n) if isinstance(t, QuantizedTensor) and t.name != n else t for n, t in renamed.items()}
 
 

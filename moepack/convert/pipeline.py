@@ -14,19 +14,23 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import re
 import shutil
+import sys
+import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 from tqdm import tqdm
 
 from moepack import __version__, arch
 from moepack.convert import encodings
 from moepack.convert.recipe import Recipe
-from moepack.convert.source import Checkpoint, file_fingerprint, resolve
+from moepack.convert.source import SIDE_FILES, Checkpoint, file_fingerprint, resolve
 from moepack.convert.units import Unit, expert_relpath, plan_units
-from moepack.errors import MoepackError
+from moepack.errors import MoepackError, SourceError
 from moepack.formats.manifest import ExpertLayer, ExpertLayout, Manifest, TensorRecord
 from moepack.formats.writer import PackWriter, hash_file
 
@@ -44,7 +48,11 @@ def run_unit(src_dir: str, out: str, recipe_json: dict, unit: Unit) -> dict:
     recipe = Recipe(**recipe_json)
     writer = PackWriter(out, recipe.alignment)
     if unit.kind == "hash":
-        return {"source_hash": {unit.payload["file"]: hash_file(Path(src_dir) / unit.payload["file"])}}
+        path = Path(src_dir) / unit.payload["file"]
+        try:
+            return {"source_hash": {unit.payload["file"]: hash_file(path)}}
+        except OSError as e:
+            raise SourceError(f"{path}: cannot read it ({e.strerror})") from None
     ckpt = _checkpoint(src_dir)
     f = writer.open(unit.payload["file"])
     try:
@@ -115,9 +123,14 @@ def convert(
     workers: int | None = None,
     force: bool = False,
     progress: bool = True,
+    say: Callable[[str], None] = log.info,
 ) -> Path:
-    out = Path(out)
+    """Convert ``src`` into a pack at ``out``. ``out`` must be new, empty, a pack or a partial conversion of ours;
+    ``force`` replaces a pack or a partial run, removing only the files a pack consists of. ``say``: where to
+    tell the user that a run resumes."""
+    out = Path(out).expanduser()
     root, provenance = resolve(src, revision)
+    check_out(root, out)
     ckpt = Checkpoint(root)
     _CKPTS[str(root)] = ckpt
     units, architecture = plan_units(ckpt, recipe)
@@ -129,26 +142,107 @@ def convert(
     }
     if (out / "manifest.json").exists() and not force:
         if _same_job(out / STATE_DIR, job):  # killed after writing the manifest, before tidying up: tidy up
-            with _lock(out):
+            with _writable(out), _lock(out):
                 _tidy(out / STATE_DIR)
             return out
         raise ConvertError(f"{out} already holds a finished pack; pass --force to convert again into it")
-    out.mkdir(parents=True, exist_ok=True)
     state = out / STATE_DIR
-    with _disk_full(out), _lock(out):  # ENOSPC anywhere (units, side files, manifest) reads the same
-        if force and out.exists():
-            for child in out.iterdir():
-                if child.name != STATE_DIR:
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
-            shutil.rmtree(state / "done", ignore_errors=True)
-            (state / "job.json").unlink(missing_ok=True)
-        _check_job(state, job)
-        results = _run_units(str(root), out, recipe, units, workers, progress)
-        manifest = _assemble(out, ckpt, recipe, architecture, provenance, units, results)
-        manifest.save(out)
+    with _writable(out), _disk_full(out):  # ENOSPC anywhere (units, side files, manifest) reads the same
+        out.mkdir(parents=True, exist_ok=True)
+        with _lock(out):
+            if force:
+                remove_pack_files(out)
+            if _check_job(state, job):
+                done = sum(1 for u in units if (state / "done" / f"{u.id}.json").exists())
+                say(f"resuming the conversion in {out}: {done} of {len(units)} parts already done")
+            results = _run_units(str(root), out, recipe, units, workers, progress)
+            manifest = _assemble(out, ckpt, recipe, architecture, provenance, units, results)
+            manifest.save(out)
     _tidy(state)
     log.info("wrote %s", out)
     return out
+
+
+# What a pack, or a partial conversion, consists of (and all --force may remove): the manifest, the resume state,
+# dense shards and expert files (with their temporary .part names), side files copied from the source.
+PACK_NAMES = {"manifest.json", "manifest.json.tmp", STATE_DIR, "heat.json", *SIDE_FILES,
+              *(f"{n}.part" for n in SIDE_FILES)}
+PACK_FILE = re.compile(r"(dense/dense-\d{5}|experts/\d{3}/\d{4})\.bin(\.part)?")
+
+
+def _inside(a: Path, b: Path) -> bool:
+    """Whether ``a`` is ``b`` or lies inside it (real paths)."""
+    a, b = Path(os.path.realpath(a)), Path(os.path.realpath(b))
+    return a == b or b in a.parents
+
+
+def check_out(src: Path, out: Path) -> None:
+    """Refuse an OUT that would destroy data: the source itself, a folder inside the source or holding it, or a
+    folder of other files (it must be new, empty, a pack or a partial conversion of ours)."""
+    if _inside(out, src) or _inside(src, out):
+        where = "is" if _inside(out, src) and _inside(src, out) else "is inside" if _inside(out, src) else "holds"
+        raise ConvertError(f"OUT {out} {where} the source checkpoint {src}; choose a folder apart from the source")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConvertError(f"OUT {out} is a file, not a folder; choose a new or empty folder")
+    if (out / STATE_DIR).is_dir() or _is_pack(out):
+        return  # a pack or a partial conversion of ours: resumed, refused or (--force) replaced
+    try:
+        entries = sorted(p.name for p in out.iterdir())
+    except OSError as e:
+        raise ConvertError(f"cannot read OUT {out} ({e.strerror})") from None
+    if entries:
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise ConvertError(f"OUT {out} already holds other files ({shown}) and is not a moepack pack; choose a new or "
+                           "empty folder (moepack never deletes files it did not write)")
+
+
+def _is_pack(out: Path) -> bool:
+    """Whether ``out`` holds a moepack manifest (another tool's manifest.json does not make a folder ours)."""
+    from moepack.formats.files import read_pack_file
+    from moepack.formats.manifest import FORMAT_NAME
+    from moepack.formats.validate import MAX_MANIFEST_BYTES
+
+    try:
+        return json.loads(read_pack_file(out, "manifest.json", MAX_MANIFEST_BYTES)).get("format") == FORMAT_NAME
+    except (OSError, ValueError, AttributeError, MoepackError):
+        return False
+
+
+def remove_pack_files(out: Path) -> None:
+    """--force: remove the pack (or partial conversion) in ``out`` and nothing else; other files stay."""
+    for sub in ("dense", "experts"):
+        base = out / sub
+        if not base.is_dir() or base.is_symlink():
+            continue
+        for path in sorted(base.rglob("*"), reverse=True):  # files before their directories
+            rel = path.relative_to(out).as_posix()
+            if path.is_dir() and not path.is_symlink():
+                if not any(path.iterdir()):
+                    path.rmdir()
+            elif PACK_FILE.fullmatch(rel):
+                path.unlink()
+        if not any(base.iterdir()):
+            base.rmdir()
+    for name in PACK_NAMES - {STATE_DIR}:
+        p = out / name
+        if p.is_file() or p.is_symlink():
+            p.unlink()
+    shutil.rmtree(out / STATE_DIR / "done", ignore_errors=True)
+    (out / STATE_DIR / "job.json").unlink(missing_ok=True)
+
+
+@contextmanager
+def _writable(out: Path):
+    """A read-only OUT (or one we may not write to) is one line that says so."""
+    try:
+        yield
+    except OSError as e:
+        ours = e.filename is None or _inside(Path(os.fsdecode(e.filename)), out)  # not a source file we read
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and ours:
+            raise ConvertError(f"cannot write into {out} ({e.strerror}); choose a folder you can write to") from None
+        raise
 
 
 def _same_job(state: Path, job: dict) -> bool:
@@ -186,7 +280,8 @@ class _lock:
         os.close(self.fd)
 
 
-def _check_job(state: Path, job: dict) -> None:
+def _check_job(state: Path, job: dict) -> bool:
+    """Record the job, or check it is the one recorded; True when resuming a recorded one."""
     path = state / "job.json"
     if path.exists():
         try:
@@ -198,12 +293,12 @@ def _check_job(state: Path, job: dict) -> None:
                 f"{state.parent} holds a partial conversion made from another source or with other options; "
                 "re-run with the same arguments to resume it, or pass --force to start over"
             )
-        log.info("resuming the conversion in %s", state.parent)
-        return
+        return True
     (state / "done").mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")  # a kill mid-write must not leave a job.json that refuses the re-run
     tmp.write_text(json.dumps(job))
     os.replace(tmp, path)
+    return False
 
 
 def _run_units(src_dir: str, out: Path, recipe: Recipe, units: list[Unit], workers: int | None, progress: bool) -> dict[str, dict]:
@@ -236,24 +331,57 @@ def _run_units(src_dir: str, out: Path, recipe: Recipe, units: list[Unit], worke
             for u in todo:
                 finish(u, _guard(run_unit, src_dir, str(out), recipe.to_json(), u))
         else:
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=exit_with_parent,
+                                     initargs=(os.getpid(),)) as pool:
                 pending = {}
                 it = iter(todo)
                 for u in it:  # keep a bounded number of units in flight
                     pending[pool.submit(_guard, run_unit, src_dir, str(out), recipe.to_json(), u)] = u
                     if len(pending) >= 2 * workers:
                         break
-                while pending:
-                    fin, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in fin:
-                        finish(pending.pop(fut), fut.result())
-                    for u in it:
-                        pending[pool.submit(_guard, run_unit, src_dir, str(out), recipe.to_json(), u)] = u
-                        if len(pending) >= 2 * workers:
-                            break
+                try:
+                    while pending:
+                        fin, _ = wait(pending, return_when=FIRST_COMPLETED)
+                        for fut in fin:
+                            finish(pending.pop(fut), fut.result())
+                        for u in it:
+                            pending[pool.submit(_guard, run_unit, src_dir, str(out), recipe.to_json(), u)] = u
+                            if len(pending) >= 2 * workers:
+                                break
+                except KeyboardInterrupt:  # stop now: units in flight are redone by the re-run
+                    for proc in list((getattr(pool, "_processes", None) or {}).values()):  # no public kill
+                        proc.terminate()
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
     finally:
         bar.close()
     return results
+
+
+def exit_with_parent(parent: int) -> None:
+    """In a worker: end when the converter ends, even by ``kill -9`` (which runs no clean-up in the parent), so no
+    worker keeps writing into OUT or holds the resource tracker open. Linux: the kernel sends SIGKILL when the
+    parent dies (prctl PR_SET_PDEATHSIG); everywhere: a thread that notices the parent is gone (re-parented)."""
+    import signal
+    import threading
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the converter decides, not us
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # died before the prctl took hold
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="moepack-exit-with-parent").start()
 
 
 @contextmanager

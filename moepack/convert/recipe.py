@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import mlx.core as mx
+import numpy as np
 
 from moepack import arch
 from moepack.convert.encodings import Quantized
@@ -68,6 +69,11 @@ class Recipe:
 
     def encode_source(self, name: str, a: mx.array | Quantized, expert: bool) -> Encoded:
         """Encode one source tensor, float or quantized (see the module docstring)."""
+        if not isinstance(a, Quantized) and not mx.issubdtype(a.dtype, mx.floating):  # an integer table
+            table = dtypes.get(dtypes.TABLE_DTYPE).mlx
+            if a.size and (a.max().item() > np.iinfo(np.int32).max or a.min().item() < np.iinfo(np.int32).min):
+                raise ValueError(f"{name}: integer values beyond int32, which packs store tables in")
+            return Encoded("raw", {"data": a.astype(table)}, None, None, dtypes.TABLE_DTYPE, None)
         if not isinstance(a, Quantized):
             return Encoded(*self.encode(name, a, expert), self.dtype, None)
         if not self.requantize and (packed := a.repack(self.dtype)) is not None:

@@ -15,8 +15,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from moepack.errors import SourceError
+from moepack.errors import PackError, SourceError
 from moepack.formats import dtypes
+from moepack.formats.files import open_regular, parse_json
+from moepack.formats.validate import relpath_problem
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +82,13 @@ class Checkpoint:
         cfg_path = self.root / "config.json"
         if not cfg_path.is_file():
             raise SourceError(f"{self.root}: no config.json; is this a Hugging Face checkpoint directory?")
-        try:
-            self.config = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise SourceError(f"{cfg_path}: invalid JSON ({e})") from e
+        self.config = _json_file(cfg_path, "config")
+        if type(self.config) is not dict:
+            raise SourceError(f"{cfg_path}: must be a JSON object, not {type(self.config).__name__}")
+        from moepack import arch
+
+        if problem := arch.config_problem(arch.text_config(self.config)):
+            raise SourceError(f"{cfg_path}: {problem}")
         self.shards = self._shard_files()
         self._fds: dict[str, int] = {}  # one read-only descriptor per shard, for pread
         self.tensors: dict[str, TensorInfo] = {}
@@ -96,11 +101,16 @@ class Checkpoint:
     def _shard_files(self) -> list[str]:
         index = sorted(self.root.glob("*.safetensors.index.json"))
         if index:
-            try:
-                weight_map = json.loads(index[0].read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise SourceError(f"{index[0]}: not a safetensors index ({e})") from e
+            d = _json_file(index[0], "safetensors index")
+            weight_map = d.get("weight_map") if type(d) is dict else None
+            if type(weight_map) is not dict or not all(type(v) is str for v in weight_map.values()):
+                raise SourceError(f"{index[0]}: not a safetensors index (it needs a \"weight_map\" object of tensor "
+                                  "name -> shard file name)")
             shards = sorted(set(weight_map.values()))
+            for s in shards:  # checked before anything is opened: an index may only name files beside it
+                if (problem := relpath_problem(s)) or "/" in s:
+                    raise SourceError(f"{index[0]}: shard {problem or repr(s) + ' is in another directory'}; an "
+                                      "index names shard files of its own directory")
             missing = [s for s in shards if not (self.root / s).is_file()]
             if missing:
                 raise SourceError(f"{self.root}: shard file(s) named by {index[0].name} are missing: {', '.join(missing)}")
@@ -117,9 +127,13 @@ class Checkpoint:
         and reading raw bytes lets every source encoding (bf16, FP8, packed INT4) come through the same path.
         """
         path = self.root / shard
-        size = path.stat().st_size
         try:
-            with open(path, "rb") as f:
+            fd = open_regular(path)  # a FIFO named *.safetensors is refused here, not read forever
+        except (OSError, PackError) as e:  # a symlink loop (ELOOP), permissions, a FIFO
+            raise SourceError(f"{path}: cannot open it ({getattr(e, 'strerror', None) or e})") from None
+        try:
+            with os.fdopen(fd, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
                 n = int.from_bytes(f.read(8), "little")
                 if n <= 0 or 8 + n > size or n > MAX_HEADER_BYTES:
                     raise ValueError(f"header length {n} does not fit in a file of {size} bytes")
@@ -167,7 +181,7 @@ class Checkpoint:
         try:
             fd = self._fds.get(info.file)
             if fd is None:
-                fd = self._fds[info.file] = os.open(path, os.O_RDONLY)
+                fd = self._fds[info.file] = open_regular(path)
             storage = dtypes.SOURCE[info.dtype].numpy
             item = storage.itemsize
             shape = list(info.shape)
@@ -186,7 +200,7 @@ class Checkpoint:
                 raw = np.ascontiguousarray(raw[:: rows.step])
             if cols is not None:
                 raw = np.ascontiguousarray(raw[:, cols])
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, PackError) as e:
             raise SourceError(f"{path}: reading {name} failed ({e}); the shard may be truncated or corrupt") from e
         a = mx.array(raw)
         return a.view(mx.bfloat16) if info.dtype == "bfloat16" else a
@@ -199,6 +213,25 @@ class Checkpoint:
 
     def file_path(self, name: str) -> Path:
         return self.root / name
+
+
+MAX_JSON_BYTES = 64 << 20  # config.json, an index (DeepSeek-V3's is ~9 MB)
+
+
+def _json_file(path: Path, what: str):
+    """A JSON file of the checkpoint as a regular file of bounded size; anything wrong is a SourceError."""
+    try:
+        fd = open_regular(path)
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(MAX_JSON_BYTES + 1)
+    except (OSError, PackError) as e:
+        raise SourceError(f"{path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    if len(data) > MAX_JSON_BYTES:
+        raise SourceError(f"{path}: over {MAX_JSON_BYTES >> 20} MiB, far larger than a {what} file")
+    try:
+        return parse_json(data, path, what)
+    except PackError as e:
+        raise SourceError(str(e)) from None
 
 
 def _pread(fd: int, offset: int, n: int) -> np.ndarray:

@@ -68,6 +68,8 @@ def plan_units(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Unit], dict]:
     fam = arch.family_for(cfg)
     n_layers = arch.num_layers(cfg)
     n_experts = int(arch.get(cfg, "num_experts"))
+    # zero (identity) experts have no weights; transformers' own saves carry unused gate/up rows for them, left out
+    n_zero = int(arch.get(cfg, "zero_experts", 0) or 0)
     moe_layers = arch.moe_layers(cfg)
     hidden, width = int(cfg["hidden_size"]), arch.expert_width(cfg)
 
@@ -85,17 +87,21 @@ def plan_units(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Unit], dict]:
             dropped += 1  # multi-token-prediction layers beyond num_hidden_layers
             continue
         quantized = encodings.is_quantized(info)
-        if not quantized and info.dtype not in dtypes.FLOATS:
+        if not quantized and info.dtype not in dtypes.FLOATS and \
+                not (info.dtype in dtypes.INTEGERS and not arch.EXPERT_TENSOR.match(name)):
             raise SourceError(
                 f"{ckpt.root / info.file}: tensor {name} has dtype {info.dtype}; this converter reads "
-                f"float32/float16/bfloat16 tensors and the quantized formats {', '.join(encodings.FORMATS)}"
+                f"float32/float16/bfloat16 tensors, integer tables and the quantized formats "
+                f"{', '.join(encodings.FORMATS)}"
             )
-        if m := arch.EXPERT_TENSOR.match(name):
+        if (m := arch.EXPERT_TENSOR.match(name)) and n_experts <= int(m["expert"]) < n_experts + n_zero:
+            dropped += 1
+        elif m:
             proj = arch.PROJ_ALIASES[m["proj"]] + ("_bias" if m["part"] == "bias" else "")
             experts.setdefault((int(m["layer"]), int(m["expert"])), {})[proj] = Read(name)
         elif m := arch.FUSED_EXPERT_TENSOR.match(name):
             L, bias = int(m["layer"]), "_bias" if m["bias"] else ""
-            if info.shape[0] != n_experts:
+            if info.shape[0] not in (n_experts, n_experts + n_zero):
                 raise SourceError(f"{ckpt.root / info.file}: {name} has {info.shape[0]} experts, config says {n_experts}")
             for e in range(n_experts):
                 # quantized tensors are [out, in] whatever the family's float layout (gpt-oss: [in, out])
@@ -104,8 +110,8 @@ def plan_units(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Unit], dict]:
         else:
             dense.append(name)
     if dropped:
-        log.info("dropped %d tensors of multi-token prediction (or layers beyond num_hidden_layers=%d) and vision "
-                 "towers", dropped, n_layers)
+        log.info("dropped %d tensors of multi-token prediction (or layers beyond num_hidden_layers=%d), vision "
+                 "towers and zero experts", dropped, n_layers)
 
     # Every MoE layer must have every expert, with the shapes the config promises.
     expect = {"gate": (width, hidden), "up": (width, hidden), "down": (hidden, width)}

@@ -48,12 +48,16 @@ _TABLE = [
     DType("bool", np.dtype("?"), None, "BOOL"),
     DType("float8_e4m3", np.dtype("u1"), None, "F8_E4M3"),
     DType("float8_e5m2", np.dtype("u1"), None, "F8_E5M2"),
+    DType("float8_e8m0", np.dtype("u1"), None, "F8_E8M0"),  # power-of-two scales (DeepSeek V4's release)
 ]
 BY_NAME = {d.name: d for d in _TABLE if d.in_packs}  # the dtypes a pack may hold (SPEC.md section 2)
 BY_MLX = {d.mlx: d for d in _TABLE if d.in_packs}
 SOURCE = {d.name: d for d in _TABLE if d.safetensors}  # the dtypes the converter reads from checkpoints
 BY_SAFETENSORS = {d.safetensors: d for d in _TABLE if d.safetensors}
 FLOATS = ("float32", "float16", "bfloat16")  # unquantized values, and quantization scales and biases
+# Integer source tensors (DeepSeek V4's token id -> experts table), stored raw as int32 (``TABLE_DTYPE``).
+INTEGERS = ("int64", "int32", "int16", "int8", "uint8", "uint32")
+TABLE_DTYPE = "int32"
 
 
 def get(name: str) -> DType:

@@ -165,22 +165,32 @@ class Manifest:
 
     @classmethod
     def load(cls, pack: str | os.PathLike) -> "Manifest":
-        from moepack.formats.files import read_json, regular_file
-        from moepack.formats.validate import MAX_MANIFEST_BYTES
+        from moepack.formats.files import parse_json, read_pack_file
+        from moepack.formats.validate import MANIFEST_BYTES_PER_VALUE, MAX_MANIFEST_BYTES
 
-        path = Path(pack) / MANIFEST
-        if not path.exists():
-            raise PackError(
-                f"{pack} has no {MANIFEST}: it is not a finished pack (an interrupted conversion? "
-                "re-run `moepack convert` with the same arguments to finish it)"
-            )
-        return cls.from_json(read_json(regular_file(Path(pack), MANIFEST, MAX_MANIFEST_BYTES), "manifest"))
+        try:
+            data = read_pack_file(pack, MANIFEST, MAX_MANIFEST_BYTES)
+        except FileNotFoundError:
+            raise PackError(not_a_pack(Path(pack))) from None
+        return cls.from_json(parse_json(data, Path(pack) / MANIFEST, "manifest",
+                                        max_values=len(data) // MANIFEST_BYTES_PER_VALUE + 1024))
 
     def save(self, pack: str | os.PathLike) -> None:
         """Write manifest.json atomically (temp file, fsync, rename): readers never see half a manifest."""
         path = Path(pack) / MANIFEST
         atomic_write(path, json.dumps(self.to_json(), indent=1).encode(), suffix=".tmp")
         fsync_dir(path.parent)
+
+
+def not_a_pack(path: Path) -> str:
+    """Why ``path`` (a directory without manifest.json) is not a pack, and what to do about it."""
+    if (path / "config.json").is_file() and (any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json"))):
+        return (f"{path} is a Hugging Face checkpoint, not a pack; convert it first: "
+                f"moepack convert {path} {path.name}-moepack")
+    if (path / ".moepack").is_dir():
+        return (f"{path} has no {MANIFEST}: it is an unfinished conversion; re-run the same `moepack convert` "
+                "command to finish it")
+    return f"{path} has no {MANIFEST}: it is not a pack (make one with `moepack convert CHECKPOINT OUT`)"
 
 
 def atomic_write(path: Path, data: bytes, suffix: str = ".part") -> None:

@@ -20,7 +20,7 @@ from moepack.errors import MoepackError, PackError
 from moepack.formats import dtypes
 from moepack.formats.manifest import Blob, ExpertLayout, Manifest, TensorRecord
 from moepack.formats.quant import decode
-from moepack.formats.files import check_tree, read_json, regular_file
+from moepack.formats.files import check_tree, read_pack_file, read_pack_json
 from moepack.formats.validate import MAX_CONFIG_BYTES, relpath_problem, show
 from moepack.formats.writer import hash_file
 
@@ -47,8 +47,8 @@ class PackReader:
             raise PackError(f"{path} is not a directory; give the folder `moepack convert` wrote")
         self.manifest = Manifest.load(self.root)
         check_tree(self.root, self.manifest.files)
-        self._config = load_config(self.root, self.manifest.architecture)
         self.verify_reads = verify
+        self._config = load_config(self.root, self.manifest.architecture, self.digest("config.json"))
         self._maps: dict[str, np.memmap] = {}
         self._experts = {e.layer: e for e in self.manifest.experts}
 
@@ -56,6 +56,19 @@ class PackReader:
     @property
     def config(self) -> dict:
         return copy.deepcopy(self._config)
+
+    def digest(self, rel: str) -> str | None:
+        """The blake3 a read of ``rel`` must match: the manifest's, with ``verify``; else None (not checked)."""
+        info = self.manifest.files.get(rel)
+        return info["blake3"] if self.verify_reads and info is not None else None
+
+    def side_file(self, rel: str, max_bytes: int) -> bytes | None:
+        """A side file of the pack (tokenizer, template, generation config, heat profile) through the pack's
+        containment rules (formats/files.py), checked against the manifest with ``verify``; None when absent."""
+        try:
+            return read_pack_file(self.root, rel, max_bytes, self.digest(rel))
+        except FileNotFoundError:
+            return None
 
     def file_path(self, relpath: str) -> Path:
         """Resolve a manifest path, refusing anything that would leave the pack directory."""
@@ -192,9 +205,12 @@ class PackReader:
         return rep
 
 
-def load_config(root: Path, architecture: dict) -> dict:
+def load_config(root: Path, architecture: dict, blake3: str | None = None) -> dict:
     """config.json: a JSON object that agrees with the manifest's architecture (the model is built from it)."""
-    cfg = read_json(regular_file(root, "config.json", MAX_CONFIG_BYTES), "config")
+    try:
+        cfg = read_pack_json(root, "config.json", MAX_CONFIG_BYTES, "config", blake3)
+    except FileNotFoundError:
+        raise PackError(f"{root / 'config.json'}: cannot read it (missing); the pack is incomplete (re-convert it)") from None
     if type(cfg) is not dict:
         raise PackError(f"{root / 'config.json'}: must be a JSON object, not {show(cfg)}")
     check_config(cfg, architecture, root / "config.json")
@@ -211,6 +227,8 @@ def check_config(cfg: dict, a: dict, where: Path | str = "config.json") -> None:
 
     try:
         tc = arch.text_config(cfg)
+        if problem := arch.config_problem(tc):
+            raise PackError(f"{where}: {problem}; the pack's config.json is damaged or tampered with")
         fam = arch.family_for(tc)
         if fam.name != a["family"]:
             bad(f"family {fam.name} != architecture.family {a['family']}")

@@ -24,7 +24,8 @@ from moepack.formats.dtypes import FLOATS
 from moepack.formats.manifest import BLOB_ALIGN, FORMAT_NAME, FORMAT_VERSION
 from moepack.formats.quant import BITS, GROUP_SIZES, packed_shape
 
-MAX_MANIFEST_BYTES = 256 << 20  # Kimi-K2's is ~6 MB
+MAX_MANIFEST_BYTES = 32 << 20  # Kimi-K2's is ~5 MB; a bound on what parsing may cost (SPEC section 3)
+MANIFEST_BYTES_PER_VALUE = 8  # a manifest moepack writes has ~30 bytes per JSON value; [[],[],...] has 3
 MAX_CONFIG_BYTES = 16 << 20
 MAX_FILE_BYTES = 1 << 44  # 16 TiB: far above any one pack file
 MAX_NDIM = 8
@@ -32,7 +33,7 @@ MAX_LAYERS = 4096
 MAX_EXPERTS = 1 << 16
 MAX_WIDTH = 1 << 24  # hidden size, expert width
 MAX_PATH = 1024
-MAX_ALIGNMENT = 1 << 30
+MAX_ALIGNMENT = 1 << 21  # 2 MiB: each I/O thread stages one expert file, padded to this
 EXPERT_SHAPES = {  # expert tensor -> its shape from (hidden, width); the first three are required
     "gate": lambda h, w: [w, h], "up": lambda h, w: [w, h], "down": lambda h, w: [h, w],
     "gate_bias": lambda h, w: [w], "up_bias": lambda h, w: [w], "down_bias": lambda h, w: [h],

@@ -9,6 +9,7 @@ import blake3
 import mlx.core as mx
 import numpy as np
 
+from moepack.errors import UsageError
 from moepack.formats import dtypes
 from moepack.formats.manifest import BLOB_ALIGN, Blob, atomic_write
 
@@ -20,9 +21,12 @@ def align_up(n: int, a: int) -> int:
 
 
 def check_alignment(alignment: int) -> None:
-    """Expert files are read with direct I/O, which needs page-multiple offsets and sizes."""
-    if alignment < 4096 or alignment & (alignment - 1):
-        raise ValueError(f"alignment must be a power of two of at least 4096 bytes, not {alignment}")
+    """Expert files are read with direct I/O, which needs page-multiple offsets and sizes; at most MAX_ALIGNMENT
+    (2 MiB, a huge page), since each I/O thread stages a whole expert file padded to it."""
+    from moepack.formats.validate import MAX_ALIGNMENT
+
+    if not 4096 <= alignment <= MAX_ALIGNMENT or alignment & (alignment - 1):
+        raise UsageError(f"alignment must be a power of two from 4096 to {MAX_ALIGNMENT} bytes, not {alignment}")
 
 
 class AlignedFile:

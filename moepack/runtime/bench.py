@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from moepack.errors import MoepackError
+from moepack.formats.files import open_regular
 from moepack.formats.reader import PackReader
 from moepack.runtime.engine import Engine
 from moepack.runtime.io import DirectReader, aligned_buffer
@@ -36,7 +37,7 @@ def drop_page_cache(reader: PackReader) -> str:
     if not hasattr(os, "posix_fadvise"):
         return "not dropped: this platform has no posix_fadvise (on macOS run `sudo purge` first)"
     for rel in reader.manifest.files:
-        fd = os.open(reader.file_path(rel), os.O_RDONLY)
+        fd = open_regular(reader.file_path(rel))  # a FIFO in the pack fails here instead of blocking
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:

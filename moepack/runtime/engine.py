@@ -133,9 +133,11 @@ class Stage:
         layer = arch.layer_of(name)
         if layer is not None:
             return self.start <= layer < self.stop
-        if "embed_tokens" in name:
+        if arch.is_embedding(name):
             return self.first or (self.last and self.tied)
-        return self.last  # final norm, lm_head
+        if "rotary_emb" in name:
+            return True  # a learned rope every layer uses (Mistral Large 4's model.rotary_emb.alpha)
+        return self.last  # final norm, lm_head (and what collapses hyper-connection streams before them)
 
     def drop_others(self, model: nn.Module) -> None:
         """Remove what other stages run from a freshly built (not yet loaded) CausalLM, so it is never allocated.
@@ -150,8 +152,9 @@ class Stage:
                 layers[i] = nn.Module()
         if not self.first and not (self.last and self.tied):
             model.model.pop("embed_tokens")
-        if not self.last:
-            model.model.pop("norm")
+        if not self.last:  # the final norm and whatever else runs after the layers (DeepSeek V4's hc_head)
+            for name in [k for k in model.model if k not in ("layers", "embed_tokens", "rotary_emb")]:
+                model.model.pop(name)
             model.pop("lm_head", None)
 
 
@@ -178,7 +181,7 @@ class Engine(BaseEngine):
         self.family = arch.family_for(self.config)
         self.compute_dtype = compute_dtype or memory.compute_dtype_for(self.reader)
         self.stage = stage or Stage.whole(arch.num_layers(self.config))
-        budget = memory.parse_bytes(memory_budget)
+        budget = memory.parse_budget(memory_budget)
         self.working = memory.working_memory(self.reader, self.compute_dtype, io_threads)
         allowance = max(ACTIVATION_BYTES, (budget or memory.default_budget()) // 16)
         self.max_pass = max(256, min(MAX_PASS, allowance // self.working.act_per_token))
@@ -215,8 +218,8 @@ class Engine(BaseEngine):
 
     def _load_dense(self) -> None:
         weights = self.model.sanitize(self.reader.dense_weights(self.stage.owns))
-        recs = {self.model.rename(n)[: -len(".weight")]: r for n, r in self.reader.manifest.dense.items()
-                if r.encoding != "raw"}  # keyed by module path, as nn.quantize's predicate sees it
+        recs = {path: r for n, r in self.reader.manifest.dense.items() if r.encoding != "raw"
+                for path in self.model.module_paths(n)}  # keyed by module path, as nn.quantize's predicate sees it
 
         def quantized(path: str, module: nn.Module):
             rec = recs.get(path)  # affine or mxfp4: MLX quantization modes of the same name
@@ -231,7 +234,8 @@ class Engine(BaseEngine):
         # Routers stay float32 (as transformers keeps them): in bf16, near-tied experts could be chosen differently.
         keep = [(f"{path}.{k}", weights[f"{path}.{k}"].astype(mx.float32))
                 for path, m in self.model.named_modules() if getattr(m, "float32", False)
-                for k in m.parameters() if f"{path}.{k}" in weights]
+                for k in m.parameters() if f"{path}.{k}" in weights
+                and mx.issubdtype(weights[f"{path}.{k}"].dtype, mx.floating)]  # not a hash router's table
         if keep:
             self.model.load_weights(keep, strict=False)
         mx.eval(self.model.parameters())
@@ -248,18 +252,21 @@ class Engine(BaseEngine):
         """Give each MoE block the next MoE block's router, to guess (and read early) that layer's experts."""
         blocks = self.moe_blocks()
         for cur, nxt in zip(blocks, blocks[1:]):
+            if nxt.by_token:  # a hash-routed layer reads its experts exactly, as it starts (MoE.prefetch)
+                continue
             cur.experts.next_layer = nxt.experts.layer
             cur.experts.predict = nxt.router
 
     # ---- inference --------------------------------------------------------------------------
-    def run(self, x: mx.array, cache: list | None, logits: Logits = "last") -> mx.array:
-        """One pass of this engine's stage: token ids [1, T] (the first stage) or hidden states [1, T, H] through its
-        layers, all T positions through a layer before the next; the last stage returns float32 logits
-        [1, 1 or T, vocab] (the head runs only on the positions asked for)."""
+    def run(self, x: mx.array, cache: list | None, logits: Logits = "last", tokens: mx.array | None = None) -> mx.array:
+        """One pass of this engine's stage: token ids [1, T] (the first stage) or hidden states (``hidden_shape``)
+        through its layers, all T positions through a layer before the next; the last stage returns float32 logits
+        [1, 1 or T, vocab] (the head runs only on the positions asked for). ``tokens``: the ids [1, T] where a later
+        stage's layers route by them (``needs_tokens``)."""
         t0, io0 = time.perf_counter(), self.store.counters.io_wait_s
         st, m = self.stage, self.model
-        h = m.model.embed_tokens(x) if st.first else x
-        h = m.run_layers(h, cache, st.layers)
+        h = m.embed(x) if st.first else x
+        h = m.run_layers(h, cache, st.layers, tokens=x if st.first else tokens)
         if st.last:
             h = m.head(h if logits == "all" else h[:, -1:]).astype(mx.float32)
         mx.eval(h)
@@ -269,6 +276,15 @@ class Engine(BaseEngine):
 
     def _pass(self, ids: list[int], cache: list | None, logits: Logits) -> np.ndarray:
         return np.array(self.run(mx.array([ids], dtype=mx.int32), cache, logits)[0])
+
+    @property
+    def needs_tokens(self) -> bool:
+        """Whether the layers need the token ids besides the hidden state (every stage, not only the first)."""
+        return self.model.routes_by_token
+
+    def hidden_shape(self, tokens: int) -> tuple[int, ...]:
+        """The hidden state one pipeline stage hands the next for ``tokens`` positions."""
+        return self.model.hidden_shape(1, tokens)
 
     def working_memory(self, context: int) -> int:
         """Bytes beyond the budget a sequence of ``context`` tokens may take at peak (README "Memory")."""

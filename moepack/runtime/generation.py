@@ -27,6 +27,23 @@ from moepack.runtime.tokenizer import StreamDecoder, Tokenizer
 log = logging.getLogger(__name__)
 
 
+def context_length(config: dict) -> int:
+    """The model's context in tokens (``max_position_embeddings``; 4096 when the config gives none)."""
+    return int(config.get("max_position_embeddings") or 4096)
+
+
+def fit_to_context(n_prompt: int, max_tokens: int, context: int) -> int:
+    """How many tokens may follow a prompt of ``n_prompt`` within ``context``: ``max_tokens`` or fewer; a prompt
+    that fills the context already is a UsageError."""
+    from moepack.errors import UsageError
+
+    if n_prompt == 0:
+        raise UsageError("the prompt has no tokens: nothing to continue")
+    if n_prompt >= context:
+        raise UsageError(f"the prompt is {n_prompt} tokens, but the model's context holds {context}; shorten it")
+    return min(max_tokens, context - n_prompt)
+
+
 def prefill(engine: Any, prompt: Sequence[int], cache: list) -> np.ndarray:
     """The prompt step: ``prompt`` appended to ``cache`` in one pass (all tokens through a layer before the next, so
     each expert the prompt needs is read once per layer); float32 logits [vocab] of its last token."""

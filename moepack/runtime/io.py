@@ -12,10 +12,14 @@ import errno
 import logging
 import mmap
 import os
+import stat
 import sys
 import threading
 
 import numpy as np
+
+from moepack.errors import PackError
+from moepack.formats.files import open_regular
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +65,19 @@ class DirectReader:
                         os.path.dirname(path), err.strerror)
 
     def _open(self, path: str) -> tuple[int, bool]:
-        """(fd, whether this descriptor reads uncached). Several I/O threads call this at once."""
+        """(fd, whether this descriptor reads uncached). Several I/O threads call this at once. Only a regular file
+        is opened (non-blocking, checked on the descriptor: formats.files.open_regular), so a FIFO put in place of
+        an expert file fails the read at once instead of wedging an I/O thread."""
         if self.direct and self.platform.startswith("linux") and hasattr(os, "O_DIRECT"):
             try:
-                return os.open(path, os.O_RDONLY | os.O_DIRECT), True
+                return open_regular(path, os.O_DIRECT, os.open), True
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
+                if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO refuses O_DIRECT too: not the file system
+                    raise PackError(f"{path}: not a regular file (a FIFO, socket or device)") from None
                 self._fallback(path, e)
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_regular(path, 0, os.open)  # this module's os: tests swap it for a failing one
         if self.direct and self.platform == "darwin":
             try:
                 fc = self._fcntl or __import__("fcntl").fcntl

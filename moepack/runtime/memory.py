@@ -18,7 +18,7 @@ from moepack.errors import BudgetError
 from moepack.formats import dtypes
 from moepack.formats.manifest import ExpertLayout, TensorRecord
 from moepack.formats.reader import PackReader
-from moepack.units import parse_bytes  # noqa: F401 - re-exported: budgets are parsed here
+from moepack.units import human_bytes, parse_bytes, suggest_bytes  # noqa: F401 - re-exported: budgets are parsed here
 
 def _read_int(path: Path) -> int | None:
     try:
@@ -28,25 +28,43 @@ def _read_int(path: Path) -> int | None:
     return None if not text or text == "max" else int(text)
 
 
-def cgroup_available(root: Path = Path("/sys/fs/cgroup"), proc: Path = Path("/proc/self/cgroup")) -> int | None:
-    """Bytes this process's memory cgroup still allows (limit minus usage), v2 ``memory.max`` or v1
-    ``memory.limit_in_bytes``; None without a limit. Containers and benchmark caps set these, not /proc/meminfo."""
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
+
+
+def cgroup_memory(root: Path | None = None, proc: Path | None = None) -> tuple[int, int] | None:
+    """(limit, usage) in bytes of this process's memory cgroup, v2 ``memory.max``/``memory.current`` or v1
+    ``memory.limit_in_bytes``/``memory.usage_in_bytes``; None without a limit. Containers and benchmark caps set
+    these, not /proc/meminfo. ``root``/``proc`` default to CGROUP_ROOT and PROC_CGROUP (tests point them at fakes)."""
+    root, proc = root or CGROUP_ROOT, proc or PROC_CGROUP
     try:
         lines = proc.read_text().splitlines()
     except OSError:
         return None
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        try:
+            _, controllers, path = line.split(":", 2)
+        except ValueError:
+            continue
         if controllers == "":  # v2: one unified hierarchy
             files, base = ("memory.max", "memory.current"), root / path.lstrip("/")
         elif "memory" in controllers.split(","):  # v1: the memory controller's own hierarchy
             files, base = ("memory.limit_in_bytes", "memory.usage_in_bytes"), root / "memory" / path.lstrip("/")
         else:
             continue
-        limit, used = _read_int(base / files[0]), _read_int(base / files[1])
+        try:
+            limit, used = _read_int(base / files[0]), _read_int(base / files[1])
+        except ValueError:
+            continue
         if limit is not None and limit < (1 << 60):  # v1 writes a huge number for "no limit"
-            return max(0, limit - (used or 0))
+            return limit, used or 0
     return None
+
+
+def cgroup_available(root: Path | None = None, proc: Path | None = None) -> int | None:
+    """Bytes this process's memory cgroup still allows (limit minus usage); None without a limit."""
+    m = cgroup_memory(root, proc)
+    return None if m is None else max(0, m[0] - m[1])
 
 
 def available_memory() -> int:
@@ -67,9 +85,33 @@ def available_memory() -> int:
     return avail if group is None else min(avail, group)
 
 
+DEFAULT_FRACTION = 0.6
+
+
 def default_budget() -> int:
     """60% of available memory: leaves room for the OS, the KV cache, activations and other programs."""
-    return int(available_memory() * 0.6)
+    return int(available_memory() * DEFAULT_FRACTION)
+
+
+def parse_budget(value: int | float | str | None) -> int | None:
+    """A memory budget as given (``12GB``, ``12e9``, ``60%`` of available memory, bytes; None: the default), refused
+    in one line when it cannot be read or cannot fit under this process's cgroup memory limit."""
+    from moepack.errors import UsageError
+
+    pct = isinstance(value, str) and value.strip().endswith("%")
+    budget = parse_bytes(value, of=available_memory() if pct else None)
+    if budget is None or not sys.platform.startswith("linux"):
+        return budget
+    group = cgroup_memory()
+    if group is not None and budget > group[0] - group[1]:
+        limit, used = group
+        room = max(0, limit - used)
+        raise UsageError(
+            f"memory budget {human_bytes(budget)} cannot fit in this container: its memory limit is "
+            f"{human_bytes(limit)} with {human_bytes(used)} in use, leaving {human_bytes(room)} (and the budget "
+            f"is for weights only); try --memory-budget {suggest_bytes(int(room * DEFAULT_FRACTION))} or leave it "
+            "out for 60% of what is left")
+    return budget
 
 
 def resident_dtype(stored: str, compute: mx.Dtype) -> mx.Dtype:
@@ -167,17 +209,22 @@ class WorkingMemory:
 
 def working_memory(reader: PackReader, compute: mx.Dtype, io_threads: int = 8) -> WorkingMemory:
     """KV width per layer from the K/V projections' output dims (``k_proj``+``v_proj``, or MLA's
-    ``kv_a_proj_with_mqa``: latent + roped key); activations from the hidden size and the widest dense projection
-    (the LM head excluded: it runs on the last position only)."""
+    ``kv_a_proj_with_mqa``: latent + roped key, and a DSA indexer's ``wk``: its keys); activations from the hidden
+    size and the widest dense projection (the LM head excluded: it runs on the last position only)."""
     dense = reader.manifest.dense
-    hidden = int(arch.text_config(reader.config)["hidden_size"])
-    kv = sum(r.shape[0] for n, r in dense.items() if n.endswith(("k_proj.weight", "v_proj.weight", "kv_a_proj_with_mqa.weight")))
-    widest = max((r.shape[0] for n, r in dense.items() if len(r.shape) == 2 and "embed_tokens" not in n
+    cfg = arch.text_config(reader.config)
+    hidden = int(cfg["hidden_size"])
+    streams = int(cfg.get("hc_mult") or 1)  # hyper-connections keep that many residual streams per token (DeepSeek V4)
+    # (DeepSeek V4: kv_proj / the release's wkv, its compressors' too; an upper bound, as its window and compressed
+    # entries keep less than a key per position)
+    kv = sum(r.shape[0] for n, r in dense.items()
+             if n.endswith(("k_proj.weight", "v_proj.weight", "kv_a_proj_with_mqa.weight", ".wkv.weight", "indexer.wk.weight")))
+    widest = max((r.shape[0] for n, r in dense.items() if len(r.shape) == 2 and not arch.is_embedding(n)
                   and "lm_head" not in n), default=hidden)
     size = 4 if compute == mx.float32 else compute.size
     staging = io_threads * max((lay.length for lay in reader.manifest.expert_layouts.values()), default=0)
     return WorkingMemory(staging + MLX_CACHE_BYTES + SCRATCH_BYTES, kv * size,
-                         4 * (ACTIVATION_WIDTHS * hidden + 2 * widest))
+                         4 * ((ACTIVATION_WIDTHS + 2 * (streams - 1)) * hidden + 2 * widest))
 
 
 @dataclass
@@ -215,11 +262,12 @@ def plan_memory(reader: PackReader, budget: int | None, compute: mx.Dtype, stage
     if budget is None:
         budget = max(minimum, default_budget())
     if budget < minimum:
-        held = f" + {reserve} reserved for the context" if reserve else ""
+        held = f" + {human_bytes(reserve)} reserved for the context" if reserve else ""
         raise BudgetError(
-            f"memory budget {budget} bytes is too small for this pack: it needs at least {minimum} bytes "
-            f"(dense weights {need.dense_bytes} + {need.top_k} expert slots of {need.slot_bytes}{held}); "
-            f"minimum budget: {minimum}", minimum)
+            f"memory budget {human_bytes(budget)} is too small for this pack: it needs at least {human_bytes(minimum)} "
+            f"(dense weights {human_bytes(need.dense_bytes)} + {need.top_k} expert slots of "
+            f"{human_bytes(need.slot_bytes)}{held}): try --memory-budget {suggest_bytes(minimum)} "
+            f"(minimum budget: {minimum} bytes)", minimum)
     return MemoryPlan(budget, need.dense_bytes, need.slot_bytes, need.slots(budget - reserve), minimum)
 
 

@@ -29,6 +29,28 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; 0: the chosen token's; n: also the n most likely
 
 
+# The ranges a user may give, the server's (OpenAI's) own: option -> (low, high, low exclusive).
+RANGES = {"temperature": (0.0, 2.0, False), "top_p": (0.0, 1.0, True), "top_k": (-1, 1 << 31, False),
+          "max_tokens": (1, 1 << 31, False)}
+
+
+def check_options(**values: float | int | None) -> None:
+    """Refuse sampling options out of RANGES (NaN included) with a UsageError naming the option as ``--flag``."""
+    import math
+
+    from moepack.errors import UsageError
+
+    for name, v in values.items():
+        if v is None:
+            continue
+        lo, hi, open_low = RANGES[name]
+        ok = math.isfinite(v) and (lo < v if open_low else lo <= v) and v <= hi
+        if not ok:
+            flag = "--" + {"temperature": "temp"}.get(name, name).replace("_", "-")
+            span = f"({lo}, {hi}]" if open_low else f"[{lo}, {hi}]"
+            raise UsageError(f"{flag} {v} is out of range {span}")
+
+
 @dataclass
 class Sampled:
     token: int

@@ -139,8 +139,9 @@ class ExpertStore:
         buf = self._staging()[: layout.length]
         try:
             n = self.io.read_into(path, buf)
-        except OSError as e:  # missing, truncated, EIO: this call fails, the store stays usable
-            raise ExpertReadError(f"{path}: cannot read expert {expert} of layer {layer} ({e.strerror or e}); "
+        except (OSError, PackError) as e:  # missing, truncated, EIO, a FIFO: this call fails, the store stays usable
+            raise ExpertReadError(f"{path}: cannot read expert {expert} of layer {layer} "
+                                  f"({getattr(e, 'strerror', None) or e}); "
                                   f"`moepack verify {self.reader.root}` checks the whole pack", path) from e
         if self.verify and key not in self._verified:
             if blake3.blake3(buf).hexdigest() != self.reader.expert_digest(layer, expert):
@@ -282,15 +283,17 @@ class ExpertStore:
             if key in self._slot_of and key not in self._inflight:
                 self.policy.touch(key)
 
-    def prefetch(self, layer: int | None, experts: Sequence[int]) -> None:
+    def prefetch(self, layer: int | None, experts: Sequence[int], exact: bool = False) -> None:
         """Start reading experts a later layer will probably need; returns at once.
 
-        Slots of the experts in use (the last ``fetch``) and of reads in flight are never taken.
+        Slots of the experts in use (the last ``fetch``) and of reads in flight are never taken. ``exact``: the
+        experts are known, not guessed (a hash-routed layer's), so poor accuracy of past guesses does not hold them
+        back.
         """
         if layer is None or layer not in self.layouts:
             return
         self._prefetch_calls += 1
-        if self.accuracy < self.min_accuracy and self._prefetch_calls % 16:
+        if not exact and self.accuracy < self.min_accuracy and self._prefetch_calls % 16:
             return  # guesses have been poor: a wasted read costs bandwidth; probe again now and then
         for e in dict.fromkeys(int(e) for e in experts):
             key = (layer, e)
@@ -321,9 +324,13 @@ class ExpertStore:
         return set(self._slot_of)
 
     def close(self) -> None:
+        """Stop: reads not started are cancelled, reads under way finish (each is one bounded read of a regular
+        file), then the I/O threads end."""
+        for fut in self._inflight.values():
+            fut.cancel()
         for key in list(self._inflight):
             try:
                 self._settle(key)
             except Exception:
                 pass
-        self._io.shutdown(wait=True)
+        self._io.shutdown(wait=True, cancel_futures=True)

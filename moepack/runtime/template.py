@@ -72,14 +72,15 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 
 
 @lru_cache(maxsize=4)
-def _compile(template: str, max_chars: int) -> Template:
+def compile_template(template: str, max_chars: int = MAX_CHARS) -> Template:
+    """``template`` compiled in the bounded sandbox (cached); a syntax error raises jinja2's TemplateSyntaxError."""
     return _Sandbox(max_chars).from_string(template)
 
 
 def render(template: str, variables: dict[str, Any], max_chars: int = MAX_CHARS) -> str:
     """``template`` rendered with ``variables``; TemplateLimitError past ``max_chars`` of output."""
     parts, size = [], 0
-    for piece in _compile(template, max_chars).generate(**variables):
+    for piece in compile_template(template, max_chars).generate(**variables):
         size += len(piece)
         if size > max_chars:
             raise TemplateLimitError(f"the chat template's output is over {max_chars} characters")

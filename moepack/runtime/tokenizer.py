@@ -6,19 +6,27 @@ so a pack's template produces the same prompt it would under transformers.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from jinja2 import TemplateError
 from tokenizers import Tokenizer as HFTokenizer
 
-from moepack.errors import PackError
-from moepack.runtime.template import render
+from moepack.errors import MoepackError, PackError
+from moepack.formats.files import parse_json, read_pack_file
+from moepack.runtime.template import compile_template, render
+
+if TYPE_CHECKING:
+    from moepack.formats.reader import PackReader
 
 log = logging.getLogger(__name__)
 
 LONG_TEXT = 1 << 16  # characters from which encoding lets other threads run
+
+
+class TemplateRefused(MoepackError):
+    """The chat template refused a conversation (its ``raise_exception``, or an error while rendering)."""
 
 
 def _token_str(tok: Any) -> str | None:
@@ -27,40 +35,100 @@ def _token_str(tok: Any) -> str | None:
     return tok
 
 
+TOKENIZER_BYTES = 256 << 20  # tokenizer.json: the largest real ones (Gemma, ~34 MB) with room to spare
+SIDE_BYTES = 16 << 20  # tokenizer_config.json (added tokens can be MBs), config.json, generation_config.json
+TEMPLATE_BYTES = 1 << 20  # a chat template
+
+
+def _side_object(data: bytes | None, where: Path, what: str) -> dict:
+    if data is None:
+        return {}
+    d = parse_json(data, where, what)
+    if type(d) is not dict:
+        raise PackError(f"{where}: must be a JSON object, not {type(d).__name__}; the pack's {what} is damaged")
+    return d
+
+
+def _template(value: Any, where: Path) -> str | None:
+    """A chat template as checkpoints store it: text, or named templates [{"name", "template"}, ...] (the
+    "default" one, else the first)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                                                 and isinstance(t.get("template"), str) for t in value):
+        named = {t["name"]: t["template"] for t in value}
+        return named.get("default", next(iter(named.values())))
+    raise PackError(f"{where}: chat_template must be text or a list of {{\"name\", \"template\"}} objects, "
+                    f"not {type(value).__name__}")
+
+
 class Tokenizer:
-    def __init__(self, pack: str | Path):
-        root = Path(pack)
-        path = root / "tokenizer.json"
-        if not path.is_file():
+    """``pack``: a directory with tokenizer.json, or a PackReader. A directory that holds a pack (manifest.json) is
+    validated as one first; every file is read through the pack's containment rules (formats/files.py), and with
+    ``verify`` checked against the manifest's blake3."""
+
+    def __init__(self, pack: "str | Path | PackReader", verify: bool = False):
+        from moepack.formats.reader import PackReader
+
+        reader = pack if isinstance(pack, PackReader) else None
+        root = reader.root if reader else Path(pack).expanduser()
+        if reader is None and ((root / "manifest.json").exists() or (root / ".moepack").is_dir()
+                               or any(root.glob("*.safetensors"))):
+            reader = PackReader(root, verify=verify)  # a pack is validated; a checkpoint is told to convert
+
+        def read(rel: str, max_bytes: int) -> bytes | None:
+            if reader is not None:
+                return reader.side_file(rel, max_bytes)
+            try:
+                return read_pack_file(root, rel, max_bytes)
+            except FileNotFoundError:
+                return None
+
+        data = read("tokenizer.json", TOKENIZER_BYTES)
+        if data is None:
             raise PackError(f"{root} has no tokenizer.json; convert from a checkpoint that ships one, or pass token ids")
-        self._tok = HFTokenizer.from_file(str(path))
-        cfg = json.loads((root / "tokenizer_config.json").read_text()) if (root / "tokenizer_config.json").is_file() else {}
+        try:
+            self._tok = HFTokenizer.from_str(data.decode("utf-8"))
+        except Exception as e:  # the tokenizers library raises plain Exceptions for a malformed file
+            raise PackError(f"{root / 'tokenizer.json'}: not a tokenizer the tokenizers library can load "
+                            f"({str(e)[:200]})") from None
+        cfg = _side_object(read("tokenizer_config.json", SIDE_BYTES), root / "tokenizer_config.json", "tokenizer config")
         self.bos_token = _token_str(cfg.get("bos_token"))
         self.eos_token = _token_str(cfg.get("eos_token"))
-        template = cfg.get("chat_template")
-        if (root / "chat_template.jinja").is_file():
-            template = (root / "chat_template.jinja").read_text()
-        elif (root / "chat_template.json").is_file():
-            template = json.loads((root / "chat_template.json").read_text()).get("chat_template", template)
-        if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-            named = {t["name"]: t["template"] for t in template}
-            template = named.get("default", next(iter(named.values()), None))
+        template = _template(cfg.get("chat_template"), root / "tokenizer_config.json")
+        if (text := read("chat_template.jinja", TEMPLATE_BYTES)) is not None:
+            try:
+                template = text.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise PackError(f"{root / 'chat_template.jinja'}: not UTF-8 text ({e})") from None
+        elif (data := read("chat_template.json", TEMPLATE_BYTES)) is not None:
+            where = root / "chat_template.json"
+            template = _template(_side_object(data, where, "chat template").get("chat_template", template), where)
         self.chat_template: str | None = template
-        self.eos_token_ids = self._eos_ids(root)
+        if template:
+            self._compiled(template)  # a syntax error is the pack's fault: say so before anything runs
+        self.eos_token_ids = self._eos_ids(root, read)
 
-    def _eos_ids(self, root: Path) -> set[int]:
+    def _eos_ids(self, root: Path, read) -> set[int]:
         ids: set[int] = set()
         for name in ("generation_config.json", "config.json"):
-            p = root / name
-            if p.is_file():
-                v = json.loads(p.read_text()).get("eos_token_id")
-                if isinstance(v, int):
-                    ids.add(v)
-                elif isinstance(v, list):
-                    ids.update(int(i) for i in v)
+            v = _side_object(read(name, SIDE_BYTES), root / name, name).get("eos_token_id")
+            values = v if isinstance(v, list) else [] if v is None else [v]
+            for i in values:
+                if type(i) is not int or not 0 <= i < (1 << 31):
+                    raise PackError(f"{root / name}: eos_token_id {str(v)[:60]} is not a token id (or a list of them)")
+                ids.add(i)
         if self.eos_token is not None and (i := self._tok.token_to_id(self.eos_token)) is not None:
             ids.add(i)
         return ids
+
+    def _compiled(self, template: str):
+        """The template compiled in the bounded sandbox (runtime/template.py, cached); a syntax error is a
+        PackError."""
+        try:
+            return compile_template(template)
+        except TemplateError as e:
+            raise PackError(f"the pack's chat template does not compile: {type(e).__name__}: {e}") from None
 
     @property
     def vocab_size(self) -> int:
@@ -89,7 +157,15 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None,
                             **kwargs: Any) -> str:
-        return render(self.chat_template, self.chat_variables(messages, add_generation_prompt, tools, **kwargs))
+        """Render ``messages`` in this process (bounded values and output, no time limit: the server renders in a
+        child process, runtime/template.py); the template refusing them (``raise_exception``, a failing
+        expression, a limit) is a TemplateRefused naming the template's message."""
+        variables = self.chat_variables(messages, add_generation_prompt, tools, **kwargs)
+        self._compiled(self.chat_template)
+        try:
+            return render(self.chat_template, variables)
+        except (TemplateError, TypeError, ValueError, LookupError, ArithmeticError) as e:
+            raise TemplateRefused(f"the chat template refused these messages: {type(e).__name__}: {e}") from None
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
         """Render then tokenize; the template already carries BOS and other special tokens."""

@@ -231,7 +231,7 @@ def serve(pack: str | Path, host: str = "127.0.0.1", port: int = 8080, memory_bu
     import moepack
     from moepack.runtime.tokenizer import Tokenizer
 
-    tok = Tokenizer(pack)  # a pack without a tokenizer cannot serve: fail before binding
+    tok = Tokenizer(pack, verify=bool((load_kwargs or {}).get("verify")))  # validates the pack; fail before binding
     if not tok.chat_template:
         log.warning("%s has no chat template: /v1/chat/completions will answer 400, /v1/completions works", pack)
     names = [model_id] if isinstance(model_id, str) else list(model_id or []) or [Path(pack).resolve().name]

@@ -100,6 +100,13 @@ class Turn:
         if rest:
             yield rest
 
+    def fail(self) -> None:
+        """The reply failed (an expert that cannot be read): forget the question and this turn's KV cache (its
+        layers may hold part of a step), keep the conversation before it."""
+        if not self.finished:
+            self.finished = True
+            self.session.messages.pop()
+
     def finish(self, interrupted: bool = False) -> TurnStats:
         """Keep the reply (even a partial one) and the KV cache for the next turn."""
         if self.finished:
@@ -285,6 +292,10 @@ def repl(session: ChatSession, read: Callable[[str], str] = input, out: TextIO =
                 out.flush()
         except KeyboardInterrupt:
             interrupted = True
+        except Exception as e:  # e.g. an ExpertReadError: that turn fails, the conversation goes on
+            turn.fail()
+            say(f"\nerror: {e}\n(that reply failed and was dropped; the conversation goes on)")
+            continue
         finally:
             st = turn.finish(interrupted)
         say()

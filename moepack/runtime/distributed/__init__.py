@@ -11,6 +11,9 @@ One forward pass (a prompt or a decoded token), ranks in a ring::
 
     rank 0: embed, its layers --h--> rank 1: its layers --h--> ... last rank: its layers, head --logits--> rank 0
 
+``h`` is the hidden state the model hands from layer to layer ([1, T, H]; [1, T, streams, H] with DeepSeek V4's
+hyper-connections); where layers route by token id (V4's hash-routed layers) the ids travel with it.
+
 Rank 0 drives (it is the process that prints tokens or serves HTTP) through ``rank.PipelineEngine``, the engine
 interface over the whole pipeline; the others loop in ``rank.serve_stage``, holding a KV cache per sequence rank 0 has
 open. Messages (``wire``) go to ring neighbours only (all the ring backend allows): a fixed-size header that each

@@ -41,7 +41,6 @@ def _stats_row(engine: Engine) -> list[int]:
 def serve_stage(engine: Engine, link: Link) -> None:
     """A rank > 0: run its stage for rank 0 until rank 0 stops the pipeline (or a neighbour is lost)."""
     st = engine.stage
-    hidden = int(engine.config["hidden_size"])
     caches: dict[int, list] = {}
     while True:
         op, cid, tokens, all_logits, arg, _ = link.recv((HEADER,), mx.int32).tolist()
@@ -61,12 +60,17 @@ def serve_stage(engine: Engine, link: Link) -> None:
             rows[st.index] = _stats_row(engine)
             link.send(mx.array(rows))
         elif op == FORWARD:
-            got = link.recv_result((1, tokens, hidden), engine.compute_dtype)
+            ids = None
+            if engine.needs_tokens:  # hash-routed layers: the token ids travel with the hidden state
+                ids = link.recv((1, tokens), mx.int32)
+                if not st.last:
+                    link.send(ids)
+            got = link.recv_result(engine.hidden_shape(tokens), engine.compute_dtype)
             out, error = None, got if isinstance(got, str) else None  # an earlier rank's error is passed on
             if error is None:
                 try:
                     cache = caches.setdefault(cid, engine.make_cache()) if cid >= 0 else None
-                    out = engine.run(got, cache, "all" if all_logits else "last")
+                    out = engine.run(got, cache, "all" if all_logits else "last", tokens=ids)
                     if st.last:
                         out = out[0]  # float32 [T or 1, vocab]
                 except Exception as e:  # this request fails; the pipeline stays up
@@ -148,13 +152,13 @@ class PipelineEngine(BaseEngine):
         all_logits = logits == "all"
         with self._lock:
             x = mx.array([ids], dtype=mx.int32)
-            out = self.engine.run(x, cache.local if cache is not None else None, logits)  # [1, T, H] or logits
+            out = self.engine.run(x, cache.local if cache is not None else None, logits)  # hidden state or logits
             if self.link.size == 1:
                 got = out[0]
             else:
                 cid = cache.remote.cid if cache is not None else -1
                 head = header(FORWARD, cid, len(ids), int(all_logits))
-                self._send_all([*self._frees(), head], "sending a step")
+                self._send_all([*self._frees(), head, *([x] if self.engine.needs_tokens else [])], "sending a step")
                 self.watchdog(lambda: self.link.send_result(out), "sending activations")
                 shape = (len(ids) if all_logits else 1, self.vocab)
                 got = self.watchdog(lambda: self.link.recv_result(shape, mx.float32, self.link.size - 1),

@@ -4,7 +4,7 @@ plans packs that are not here, e.g. tools/virtual_pack.py's manifest-only "virtu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Collection, Sequence
 
 import numpy as np
 
@@ -81,11 +81,18 @@ def layer_costs(manifest: Manifest, config: dict) -> tuple[list[int], int, int]:
     return dense, first, last
 
 
-def split_layers(costs: Sequence[int], n: int, first_extra: int = 0, last_extra: int = 0) -> list[range]:
-    """Contiguous ranges of layers for ``n`` stages that minimise the costliest stage (dynamic programming)."""
+def split_layers(costs: Sequence[int], n: int, first_extra: int = 0, last_extra: int = 0,
+                 starts: Collection[int] | None = None) -> list[range]:
+    """Contiguous ranges of layers for ``n`` stages that minimise the costliest stage (dynamic programming).
+
+    ``starts``: the layers a stage other than the first may begin at (None: any), where a later layer reuses what
+    an earlier one computed in the same pass (``arch.stage_starts``)."""
     L = len(costs)
     if not 1 <= n <= L:
         raise ValueError(f"cannot split {L} layers over {n} hosts: each host needs at least one layer")
+    if starts is not None and len({b for b in starts if 0 < b < L}) < n - 1:
+        raise ValueError(f"cannot split {L} layers over {n} hosts: a stage can only begin at layer "
+                         f"{', '.join(map(str, sorted(b for b in starts if 0 < b < L))) or 'none but 0'}")
     pre = np.concatenate([[0], np.cumsum(np.asarray(costs, dtype=np.int64))]).tolist()
     inf = float("inf")
     best = [[inf] * (L + 1) for _ in range(n + 1)]
@@ -95,6 +102,8 @@ def split_layers(costs: Sequence[int], n: int, first_extra: int = 0, last_extra:
         extra = (first_extra if k == 1 else 0) + (last_extra if k == n else 0)
         for i in range(k, L - (n - k) + 1):  # stage k-1 ends before layer i
             for j in range(k - 1, i):
+                if k > 1 and starts is not None and j not in starts:
+                    continue
                 v = max(best[k - 1][j], pre[i] - pre[j] + extra)
                 if v < best[k][i]:
                     best[k][i], cut[k][i] = v, j
@@ -112,7 +121,7 @@ def split_pack(reader: PackReader, hosts: int) -> PipelineSplit:
     a = m.architecture
     costs, first, last = layer_costs(m, config)
     try:
-        ranges = split_layers(costs, hosts, first, last)
+        ranges = split_layers(costs, hosts, first, last, arch.stage_starts(config))
     except ValueError as e:
         raise PipelineError(str(e)) from e
     tied = bool(config.get("tie_word_embeddings"))

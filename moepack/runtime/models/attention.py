@@ -6,6 +6,7 @@ are made of: OLMoE's clipping, Qwen3-Next's output gate), ``attend`` (gpt-oss's 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -35,8 +36,9 @@ def _attend_blas(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.a
     qn, kn, vn = (np.asarray(t) for t in f32[:3])
     s = np.matmul(qn.reshape(B, Hkv, G * T, D), kn.swapaxes(-1, -2)).reshape(B, Hkv, G, T, S)  # scores
     s *= scale
-    if mask is not None:
-        s += np.asarray(f32[3])
+    if mask is not None:  # [T, S], or [B, 1, T, S] (a sparse-attention selection per sequence)
+        m = np.asarray(f32[3])
+        s += m[:, :, None] if m.ndim == 4 else m
     m = s.max(axis=-1, keepdims=True)
     if sinks is not None:  # a per-head logit in the softmax that contributes no value
         sk = np.asarray(sinks.astype(mx.float32)).reshape(1, Hkv, G, 1, 1)
@@ -81,15 +83,40 @@ def attend(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Causal | N
     return o.transpose(0, 2, 1, 3).reshape(B, T, -1)
 
 
+def query_temperature(offset: int, T: int, beta: float, period: float, shift: int = 0) -> mx.array:
+    """Per-position query scale ``1 + beta * ln(1 + floor((pos + shift) / period))`` [T, 1] for T positions after
+    ``offset``, so attention sharpens with distance from the start. Llama 4's temperature tuning on its NoPE layers:
+    ``beta=attn_scale, period=floor_scale, shift=1``; Mistral 4's ``llama_4_scaling_beta``: ``period`` the original
+    context, ``shift=0``."""
+    pos = mx.arange(offset + shift, offset + shift + T).astype(mx.float32)
+    return (1 + beta * mx.log1p(mx.floor(pos / period)))[:, None]
+
+
+GATE_ACTIVATIONS = {"sigmoid": mx.sigmoid, "softplus": nn.softplus}
+
+
+@dataclass(frozen=True)
+class OutputGate:
+    """The attention output times act(W x) before ``o_proj``, from the layer's own projection ``name`` of the
+    layer input: one gate per head (broadcast over its dims) or one per element.
+    AFMoE: ``gate_proj``, sigmoid, per element; Laguna: ``g_proj``, softplus, per head (or per element)."""
+
+    name: str
+    act: str = "sigmoid"
+    per_head: bool = False
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped KV heads.
 
     qk_norm: None, "head" (RMSNorm over each head's dims: Qwen3, GLM) or "full" (RMSNorm over the whole projection
-    before splitting heads: OLMoE, MiniMax-M2). The rope module decides partial rotary.
+    before splitting heads: OLMoE, MiniMax-M2). The rope module decides partial rotary; ``rope=None`` is a NoPE
+    layer (AFMoE's full-attention layers). ``gate``: an output gate (see ``OutputGate``).
     """
 
-    def __init__(self, *, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int, rope: nn.Module,
-                 qkv_bias: bool = False, o_bias: bool = False, qk_norm: str | None = None, eps: float = 1e-6):
+    def __init__(self, *, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int, rope: nn.Module | None,
+                 qkv_bias: bool = False, o_bias: bool = False, qk_norm: str | None = None, eps: float = 1e-6,
+                 gate: OutputGate | None = None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.scale = head_dim**-0.5
@@ -104,24 +131,36 @@ class Attention(nn.Module):
             self.q_norm = nn.RMSNorm(n_heads * head_dim, eps=eps)
             self.k_norm = nn.RMSNorm(n_kv_heads * head_dim, eps=eps)
         self.rope = rope
+        self.gate = gate
+        if gate is not None:
+            setattr(self, gate.name, nn.Linear(hidden, n_heads * (1 if gate.per_head else head_dim), bias=False))
 
     @classmethod
-    def for_args(cls, a: Any, rope: nn.Module, **kw: Any) -> "Attention":
-        """From a family's ``MoEArgs``: its head counts and head size; ``kw`` the family's options."""
-        return cls(hidden=a.hidden_size, n_heads=a.num_attention_heads, n_kv_heads=a.num_key_value_heads,
-                   head_dim=a.head_size, rope=rope, eps=a.rms_norm_eps, **kw)
+    def for_args(cls, a: Any, rope: nn.Module | None, **kw: Any) -> "Attention":
+        """From a family's ``MoEArgs``: its head counts and head size; ``kw`` the family's options (and overrides,
+        e.g. a layer's own ``n_heads``)."""
+        base = dict(hidden=a.hidden_size, n_heads=a.num_attention_heads, n_kv_heads=a.num_key_value_heads,
+                    head_dim=a.head_size, rope=rope, eps=a.rms_norm_eps)
+        return cls(**{**base, **kw})
 
     def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array, Any]:
-        """x [B, T, hidden] -> q, k, v [B, T, heads * D] and whatever ``output`` needs besides the attention."""
+        """x [B, T, hidden] -> q, k, v [B, T, heads * D] and whatever ``output`` needs besides the attention
+        (the output gate's pre-activation, where there is one)."""
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
-        return q, k, v, None
+        return q, k, v, (self[self.gate.name](x) if self.gate is not None else None)
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, mask: Causal | None) -> mx.array:
         return attend(q, k, v, self.scale, mask)
 
     def output(self, o: mx.array, extra: Any) -> mx.array:
+        """o [B, T, H * D] (and ``project``'s extra) -> [B, T, hidden]."""
+        if self.gate is not None:
+            g = GATE_ACTIVATIONS[self.gate.act](extra)  # [B, T, H] or [B, T, H * D]
+            if self.gate.per_head:
+                g = mx.repeat(g, self.head_dim, axis=-1)  # each head's gate over its dims
+            o = o * g
         return self.o_proj(o)
 
     def __call__(self, x: mx.array, mask: Causal | None, cache: KVCache | None) -> mx.array:
@@ -134,7 +173,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, H, T, D]
         offset = cache.offset if cache is not None else 0
-        q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        if self.rope is not None:
+            q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         return self.output(self.attend(q, k, v, mask), extra)

@@ -8,9 +8,10 @@ the MoE block), ``rope.py`` and ``cache.py``.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Callable
 
 import mlx.core as mx
+import numpy as np
 import mlx.nn as nn
 
 from moepack import arch
@@ -63,16 +64,20 @@ class MoEArgs(BaseArgs):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward (dense layers and shared experts)."""
+    """SwiGLU feed-forward (dense layers and shared experts); ``activation(gate, up)`` replaces silu(gate)·up
+    (DeepSeek V4 clamps both)."""
 
-    def __init__(self, hidden: int, width: int, bias: bool = False):
+    def __init__(self, hidden: int, width: int, bias: bool = False,
+                 activation: Callable[[mx.array, mx.array], mx.array] | None = None):
         super().__init__()
         self.gate_proj = nn.Linear(hidden, width, bias=bias)
         self.up_proj = nn.Linear(hidden, width, bias=bias)
         self.down_proj = nn.Linear(width, hidden, bias=bias)
+        self.activation = activation
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        g, u = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.activation(g, u) if self.activation else nn.silu(g) * u)
 
 
 class DecoderLayer(nn.Module):
@@ -80,21 +85,30 @@ class DecoderLayer(nn.Module):
 
     ``sliding_window``: this layer attends only to the last that many positions.
     ``mixer``: the token mixer's attribute (and checkpoint) name, e.g. "linear_attn" for Qwen3-Next's DeltaNet layers.
+    ``sandwich``: norms on both sides of each sublayer (AFMoE): x + post_attention_layernorm(attn(input_layernorm(x))),
+    then x + post_mlp_layernorm(mlp(pre_mlp_layernorm(x))).
     """
 
     def __init__(self, mixer: nn.Module, mlp: nn.Module, a: MoEArgs, *, sliding_window: int | None = None,
-                 mixer_name: str = "self_attn"):
+                 mixer_name: str = "self_attn", sandwich: bool = False):
         super().__init__()
         hidden, eps = a.hidden_size, a.rms_norm_eps
-        self.sliding_window, self.mixer = sliding_window, mixer_name
+        self.sliding_window, self.mixer, self.sandwich = sliding_window, mixer_name, sandwich
         setattr(self, mixer_name, mixer)
         self.mlp = mlp
         self.input_layernorm = nn.RMSNorm(hidden, eps=eps)
         self.post_attention_layernorm = nn.RMSNorm(hidden, eps=eps)
+        if sandwich:
+            self.pre_mlp_layernorm = nn.RMSNorm(hidden, eps=eps)
+            self.post_mlp_layernorm = nn.RMSNorm(hidden, eps=eps)
 
     def __call__(self, x: mx.array, mask: Causal, cache: KVCache | None) -> mx.array:
-        h = x + self[self.mixer](self.input_layernorm(x), mask, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        a = self[self.mixer](self.input_layernorm(x), mask, cache)
+        if not self.sandwich:
+            h = x + a
+            return h + self.mlp(self.post_attention_layernorm(h))
+        h = x + self.post_attention_layernorm(a)
+        return h + self.post_mlp_layernorm(self.mlp(self.pre_mlp_layernorm(h)))
 
 
 class Body(nn.Module):
@@ -113,40 +127,77 @@ COMMON_RENAMES = ((".mlp.gate.", ".mlp.router."), (".mlp.shared_experts.", ".mlp
 class CausalLM(nn.Module):
     """HF-named module tree (``model.embed_tokens``, ``model.layers.N...``, ``lm_head``) so pack tensors load by name."""
 
-    def __init__(self, a: MoEArgs, layers: list[nn.Module]):
+    def __init__(self, a: MoEArgs, layers: list[nn.Module], head_bias: bool = False):
+        """``head_bias``: the LM head has a bias ``lm_head.bias`` (ERNIE 4.5 with ``use_bias``), also when its weight
+        is tied to the embedding."""
         super().__init__()
         self.model = Body(a.vocab_size, a.hidden_size, layers, a.rms_norm_eps)
+        self.hidden_size = a.hidden_size
         self.tie = a.tie_word_embeddings
         if not self.tie:
-            self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
+            self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=head_bias)
+        elif head_bias:
+            self.lm_head = nn.Module()
+            self.lm_head.bias = mx.zeros((a.vocab_size,))
+
+    # Embeddings are multiplied by this (AFMoE's muP: sqrt(hidden_size)).
+    embed_scale: float = 1.0
+
+    # Residual streams between layers: the hidden state is [B, T, H], or [B, T, streams, H] (hyper-connections).
+    streams: int = 1
+    # The layers need the token ids besides the hidden state (hash-routed MoE): run_layers passes them on.
+    routes_by_token: bool = False
 
     def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
         """tokens [B, T] -> logits [B, T, vocab]."""
-        return self.head(self.run_layers(self.model.embed_tokens(tokens), cache))  # [B, T, H] in between
+        return self.head(self.run_layers(self.embed(tokens), cache, tokens=tokens))
 
-    def run_layers(self, h: mx.array, cache: list | None = None, layers: range | None = None) -> mx.array:
-        """Hidden states [B, T, H] through ``layers`` (default: all), ``cache[j]`` serving the j-th of them.
+    def embed(self, tokens: mx.array) -> mx.array:
+        """tokens [B, T] -> the first layer's input [B, T, H] (``hidden_shape``)."""
+        h = self.model.embed_tokens(tokens)
+        return h if self.embed_scale == 1.0 else h * self.embed_scale
+
+    def hidden_shape(self, B: int, T: int) -> tuple[int, ...]:
+        """The hidden state between layers (what one pipeline stage hands the next)."""
+        H = self.hidden_size
+        return (B, T, H) if self.streams == 1 else (B, T, self.streams, H)
+
+    def run_layers(self, h: mx.array, cache: list | None = None, layers: range | None = None,
+                   tokens: mx.array | None = None) -> mx.array:
+        """Hidden states (``hidden_shape``) through ``layers`` (default: all), ``cache[j]`` serving the j-th of them;
+        ``tokens`` [B, T], the ids, go to layers that route by them (``routes_by_token``).
 
         All T positions pass through layer L before layer L+1 starts (a pipeline stage runs its own range).
         """
         layers = range(len(self.model.layers)) if layers is None else layers
         offset = cache[0].offset if cache else 0
+        extra = (tokens,) if self.routes_by_token else ()
         for j, i in enumerate(layers):
             layer = self.model.layers[i]
             mask = Causal(offset, getattr(layer, "sliding_window", None))
-            h = layer(h, mask, cache[j] if cache else None)
+            h = layer(h, mask, cache[j] if cache else None, *extra)
         return h
 
+    # final_logit_softcapping: logits -> cap·tanh(logits / cap) (Mistral Large 4); None for none
+    softcap: float | None = None
+
     def head(self, h: mx.array) -> mx.array:
-        """Final norm and LM head: [B, T, H] -> logits [B, T, vocab]."""
+        """Final norm and LM head: the hidden state -> logits [B, T, vocab]."""
         h = self.model.norm(h)
-        return self.model.embed_tokens.as_linear(h) if self.tie else self.lm_head(h)
+        logits = self.model.embed_tokens.as_linear(h) if self.tie else self.lm_head(h)
+        if self.tie and "lm_head" in self:  # a tied head with its own bias (ERNIE 4.5)
+            logits = logits + self.lm_head.bias
+        return logits if not self.softcap else mx.tanh(logits / self.softcap) * self.softcap
 
     def make_cache(self) -> list:
         return [KVCache() for _ in self.model.layers]
 
     # (old, new) substrings renamed in dense tensor names at load, e.g. hub "block_sparse_moe" -> in-model "mlp".
     renames: tuple[tuple[str, str], ...] = ()
+    # (fused, parts): a checkpoint module whose rows stack several of this tree's modules, split at load by each
+    # part's output rows, e.g. Sarvam's ``query_key_value`` = [q; k; v]. Rows quantize independently, so a quantized
+    # tensor's weight, scales and biases split the same way.
+    splits: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def rename(self, name: str) -> str:
         """A pack tensor name (the checkpoint's own) -> its parameter path in this module tree."""
@@ -154,6 +205,29 @@ class CausalLM(nn.Module):
             name = name.replace(old, new)
         return name
 
+    def _parts(self, module: str) -> list[str] | None:
+        """The modules a (renamed) fused module path splits into, or None."""
+        for fused, parts in self.splits:
+            if module.endswith("." + fused):
+                return [module[: -len(fused)] + p for p in parts]
+        return None
+
+    def module_paths(self, name: str) -> list[str]:
+        """The module path(s) a pack tensor ``<module>.weight`` loads into (several where ``splits`` splits it)."""
+        module = self.rename(name).removesuffix(".weight")
+        return self._parts(module) or [module]
+
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Map the pack's dense tensors onto this module tree (families may also adjust values here)."""
-        return {self.rename(k): v for k, v in weights.items()}
+        out, modules = {}, None
+        for k, v in weights.items():
+            k = self.rename(k)
+            module, _, leaf = k.rpartition(".")
+            parts = self._parts(module)
+            if parts is None:
+                out[k] = v
+                continue
+            modules = modules or dict(self.named_modules())
+            rows = [modules[p].weight.shape[0] for p in parts]  # still unquantized here: [out, in]
+            out.update({f"{p}.{leaf}": t for p, t in zip(parts, mx.split(v, np.cumsum(rows)[:-1].tolist(), axis=0))})
+        return out

@@ -10,30 +10,41 @@ import mlx.core as mx
 
 
 class KVCache:
-    """Keys and values of one attention layer, grown in steps so appends rarely reallocate."""
+    """Per-position tensors of one attention layer (keys and values; MLA's latent and roped key; a sparse-attention
+    indexer's keys besides), grown in steps so appends rarely reallocate."""
 
     step = 256
 
     def __init__(self) -> None:
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
+        self.arrays: tuple[mx.array, ...] = ()  # each [B, heads, capacity, D]
         self.offset = 0
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        # keys: [B, n_kv, T, D_k]; values: [B, n_kv, T, D_v]
-        prev, T = self.offset, keys.shape[2]
-        if self.keys is None or prev + T > self.keys.shape[2]:
+    @property
+    def keys(self) -> mx.array | None:
+        return self.arrays[0] if self.arrays else None
+
+    @property
+    def values(self) -> mx.array | None:
+        return self.arrays[1] if len(self.arrays) > 1 else None
+
+    def update_and_fetch(self, *new: mx.array) -> tuple[mx.array, ...]:
+        """Append ``new`` (each [B, heads, T, D], the same T) and return every position so far of each."""
+        prev, T = self.offset, new[0].shape[2]
+        if not self.arrays or prev + T > self.arrays[0].shape[2]:
             n = (self.step + T - 1) // self.step * self.step
-            new_k = mx.zeros((*keys.shape[:2], n, keys.shape[3]), keys.dtype)
-            new_v = mx.zeros((*values.shape[:2], n, values.shape[3]), values.dtype)
-            if self.keys is not None:
-                new_k = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
-                new_v = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
-            self.keys, self.values = new_k, new_v
+            grown = [mx.zeros((*a.shape[:2], n, a.shape[3]), a.dtype) for a in new]
+            if self.arrays:
+                grown = [mx.concatenate([old[..., :prev, :], g], axis=2) for old, g in zip(self.arrays, grown)]
+            self.arrays = tuple(grown)
         self.offset += T
-        self.keys[..., prev : self.offset, :] = keys
-        self.values[..., prev : self.offset, :] = values
-        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+        for buf, a in zip(self.arrays, new):
+            buf[..., prev : self.offset, :] = a
+        return tuple(buf[..., : self.offset, :] for buf in self.arrays)
+
+    def advance(self, n: int) -> tuple[()]:
+        """Count ``n`` positions of a layer that keeps nothing of its own (it attends to another layer's KV)."""
+        self.offset += n
+        return ()
 
     def trim(self, n: int) -> None:
         """Forget the last ``n`` positions (for reusing a shared prefix)."""
@@ -56,6 +67,18 @@ class RecurrentCache:
         """Forget the last ``n`` positions: impossible for a recurrent state, so forget them all."""
         self.conv = self.state = None
         self.offset = 0
+
+
+class LayerCaches(list):
+    """The caches of one layer with several attention sublayers (LongCat-Flash: two), one each, kept at one offset."""
+
+    @property
+    def offset(self) -> int:
+        return self[0].offset
+
+    def trim(self, n: int) -> None:
+        for c in self:
+            c.trim(n)
 
 
 @dataclass(frozen=True)

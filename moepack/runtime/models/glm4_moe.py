@@ -31,9 +31,11 @@ class ModelArgs(MoEArgs):
 
 
 class Model(CausalLM):
+    rotary_default = 0.5  # share of each head RoPE rotates when the config does not say (transformers' default)
+
     def __init__(self, cfg: dict, store):
         a = ModelArgs.from_config(cfg)
-        rotary = arch.rotary_dim(cfg, a.head_size, default_factor=0.5)  # transformers' default when unspelled
+        rotary = arch.rotary_dim(cfg, a.head_size, default_factor=self.rotary_default)
         rope = ScaledRoPE(rotary, a.rope_theta, a.rope_scaling, a.max_position_embeddings)
         moe = set(arch.moe_layers(cfg))
         layers = []

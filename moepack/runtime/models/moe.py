@@ -74,7 +74,8 @@ class SoftmaxRouter(nn.Linear):
         return route_softmax(kernels.linear(self, flat), self.top_k, self.renormalize)
 
 
-SCORES = {"sigmoid": mx.sigmoid, "softmax": lambda logits: mx.softmax(logits, axis=-1)}
+SCORES = {"sigmoid": mx.sigmoid, "softmax": lambda logits: mx.softmax(logits, axis=-1),
+          "sqrtsoftplus": lambda logits: mx.sqrt(nn.softplus(logits))}  # DeepSeek V4
 
 
 class GroupedRouter(nn.Module):
@@ -82,14 +83,16 @@ class GroupedRouter(nn.Module):
     ``e_score_correction_bias`` [E] (DeepSeek-V3, GLM-4.5, MiniMax-M2). Logits in float32.
 
     ``score="softmax", group_score="max", correction_bias=False, renormalize=False`` is DeepSeek-V2's router.
+    ``softcap``: logits pass through softcap·tanh(logits / softcap) first (Laguna).
     """
 
     float32 = True
 
     def __init__(self, hidden: int, n_experts: int, top_k: int, *, n_group: int = 1, topk_group: int = 1,
                  renormalize: bool = True, scaling: float = 1.0, correction_bias: bool = True,
-                 score: str = "sigmoid", group_score: str = "top2"):
+                 score: str = "sigmoid", group_score: str = "top2", softcap: float | None = None):
         super().__init__()
+        self.softcap = softcap or None
         self.weight = mx.zeros((n_experts, hidden))
         if correction_bias:
             self.e_score_correction_bias = mx.zeros((n_experts,))
@@ -97,10 +100,42 @@ class GroupedRouter(nn.Module):
         self.renormalize, self.scaling = renormalize, scaling
         self.score, self.group_score = SCORES[score], group_score
 
+    def scores(self, flat: mx.array) -> mx.array:
+        """[N, H] -> float32 scores [N, E] (logits soft-capped first where the family caps them)."""
+        logits = kernels.matmul_nt(flat.astype(mx.float32), self.weight.astype(mx.float32))  # [N, E]
+        if self.softcap:
+            logits = mx.tanh(logits / self.softcap) * self.softcap
+        return self.score(logits)
+
     def __call__(self, flat: mx.array) -> tuple[mx.array, mx.array]:
-        scores = self.score(kernels.matmul_nt(flat.astype(mx.float32), self.weight.astype(mx.float32)))  # [N, E]
+        scores = self.scores(flat)  # [N, E]
         return route_grouped(scores, self.top_k, self.get("e_score_correction_bias"), self.n_group, self.topk_group,
                              self.group_score, self.renormalize, self.scaling)
+
+
+class HashRouter(GroupedRouter):
+    """Hash routing (DeepSeek V4's first layers): a fixed token id -> experts table ``tid2eid`` [vocab, K] picks
+    the experts; the learned ``weight`` only weighs them (scores of the picked experts, renormalised and scaled).
+
+    The experts are known from the token ids before the layer runs, so the layer's reads can start early
+    (``MoE.prefetch``), and exactly: no guess, no wasted read.
+    """
+
+    by_token = True  # MoE passes the token ids
+
+    def __init__(self, hidden: int, n_experts: int, top_k: int, vocab: int, *, scaling: float = 1.0,
+                 score: str = "sigmoid"):
+        super().__init__(hidden, n_experts, top_k, scaling=scaling, correction_bias=False, score=score)
+        self.tid2eid = mx.zeros((vocab, top_k), dtype=mx.int32)
+
+    def experts(self, tokens: mx.array) -> mx.array:
+        """Token ids [...] -> expert ids [N, K]."""
+        return self.tid2eid[tokens.reshape(-1)]
+
+    def __call__(self, flat: mx.array, tokens: mx.array) -> tuple[mx.array, mx.array]:
+        inds = self.experts(tokens)
+        w = mx.take_along_axis(self.scores(flat), inds, axis=-1)
+        return inds, w / (w.sum(axis=-1, keepdims=True) + 1e-20) * self.scaling
 
 
 # ---- routed experts, streamed ----------------------------------------------------------------
@@ -115,13 +150,15 @@ class Batch:
     pairs: np.ndarray  # flat pair indices (token * K + choice), grouped by expert in ``experts`` order
 
 
-def plan_batches(ids: np.ndarray, capacity: int) -> list[Batch]:
+def plan_batches(ids: np.ndarray, capacity: int, below: int | None = None) -> list[Batch]:
     """Expert id of every (token, choice) pair [P] -> pool-sized batches of whole experts, in ascending expert order.
 
     Concatenating the batches' ``pairs`` gives a stable sort of the pairs by expert (``np.argsort(order)`` undoes it).
+    ``below``: only ids below it are stored experts; pairs with larger ids (zero experts) are in no batch.
     """
-    order = np.argsort(ids, kind="stable")
-    experts, rows = np.unique(ids, return_counts=True)
+    live = np.arange(len(ids)) if below is None else np.flatnonzero(ids < below)
+    order = live[np.argsort(ids[live], kind="stable")]
+    experts, rows = np.unique(ids[live], return_counts=True)
     out, p = [], 0
     for a in range(0, len(experts), max(1, capacity)):
         e, r = experts[a : a + capacity], rows[a : a + capacity]
@@ -153,13 +190,28 @@ def swiglu_numpy(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
 NUMPY_ACTIVATIONS = {swiglu: swiglu_numpy}
 
 
-class StreamedExperts:
-    """Computes the routed experts of one layer from the store's slot pool."""
+def clamped_silu(limit: float) -> Callable[[mx.array, mx.array], mx.array]:
+    """SwiGLU with clamped pre-activations (DeepSeek V4): silu(min(gate, limit)) · clip(up, -limit, limit)."""
 
-    def __init__(self, store, layer: int, activation: Callable[[mx.array, mx.array], mx.array] = swiglu):
+    def act(gate: mx.array, up: mx.array) -> mx.array:
+        return nn.silu(mx.minimum(gate, limit)) * mx.clip(up, -limit, limit)
+
+    return act
+
+
+class StreamedExperts:
+    """Computes the routed experts of one layer from the store's slot pool.
+
+    ``zero_from``: router ids from this one on are zero-computation experts (LongCat-Flash): each returns its input,
+    weighted, and costs no weights and no read.
+    """
+
+    def __init__(self, store, layer: int, activation: Callable[[mx.array, mx.array], mx.array] = swiglu,
+                 zero_from: int | None = None):
         self.store = store
         self.layer = layer
         self.activation = activation
+        self.zero_from = zero_from
         # Set by the engine: the next MoE layer and its router, to guess that layer's experts from this layer's
         # input and read them while this layer computes (decode only; a wrong guess costs a read, never a
         # different output, since misses are still read exactly).
@@ -195,23 +247,52 @@ class StreamedExperts:
                 outs.append(self._project(h, "down", s, grouped))
         return mx.concatenate(outs, axis=0) if n > 1 else outs[0]
 
+    def capacity(self, ids: np.ndarray, decode: bool) -> int:
+        """Experts per batch for the (token, choice) pairs' expert ids ``ids``: the whole pool when decoding; for a
+        prompt whose experts do not fit at once, half of it (two batches fit: one reads while one computes)."""
+        n = self.store.n_slots
+        return n if decode or len(np.unique(self._stored(ids))) <= n or n < 2 else n // 2
+
+    def _stored(self, ids: np.ndarray) -> np.ndarray:
+        """The ids of stored experts among ``ids`` (zero experts cost no read)."""
+        return ids if self.zero_from is None else ids[ids < self.zero_from]
+
+    def first_batch(self, inds: np.ndarray) -> np.ndarray:
+        """The experts (ascending) the first batch of a call with expert ids ``inds`` [N, K] will read."""
+        ids = inds.reshape(-1)
+        return np.unique(self._stored(ids))[: self.capacity(ids, decode=inds.shape[0] == 1)]
+
     def __call__(self, x: mx.array, inds: mx.array, weights: mx.array) -> mx.array:
         """x [N, H], inds [N, K] expert ids, weights [N, K] -> [N, H]."""
-        return self._decode(x, inds, weights) if inds.shape[0] == 1 else self._prompt(x, inds, weights)
+        y = self._decode(x, inds, weights) if inds.shape[0] == 1 else self._prompt(x, inds, weights)
+        if self.zero_from is None:
+            return y
+        zero_w = mx.where(inds >= self.zero_from, weights, mx.array(0, weights.dtype)).sum(axis=-1, keepdims=True)
+        return y + x * zero_w  # [N, H]: the zero experts' identity outputs, weighted
+
+    def _ids(self, inds: mx.array) -> tuple[np.ndarray, bool]:
+        """Host copy of the flat expert ids, and whether any is a stored expert (not a zero expert)."""
+        ids = np.array(inds).reshape(-1)  # host sync: the store must know which experts to read
+        return ids, len(self._stored(ids)) > 0
 
     def _decode(self, x: mx.array, inds: mx.array, weights: mx.array) -> mx.array:
         """One token: each (token, choice) pair its own 1-row matmul. The experts already cached compute while the
         missing ones are read; the next layer's experts may be guessed and read early (``predict``)."""
         N, K = inds.shape
         guess = self.predict(x)[0] if self.predict is not None and self.store.prefetching else None
-        mx.eval(inds) if guess is None else mx.eval(inds, guess)
-        ids = np.array(inds).reshape(-1)  # host sync: the store must know which experts to read
-        batches = plan_batches(ids, self.store.n_slots)
+        # x too: the previous layer's experts must be computed before their slots may be reused (a hash router's
+        # inds do not depend on x, so evaluating them alone would not force it)
+        mx.eval(x, inds) if guess is None else mx.eval(x, inds, guess)
+        ids, stored = self._ids(inds)
+        if not stored:
+            return mx.zeros_like(x)
+        batches = plan_batches(ids, self.capacity(ids, decode=True), self.zero_from)
         pairs, outs = [], []
         for b in batches:
             keys = self.store.acquire(self.layer, b.experts)
             if guess is not None:
-                self.store.prefetch(self.next_layer, np.array(guess).reshape(-1).tolist())
+                g = np.array(guess).reshape(-1)
+                self.store.prefetch(self.next_layer, (g[g < self.zero_from] if self.zero_from else g).tolist())
             pend = self.store.pending(keys)
             late = np.repeat([k in pend for k in keys], b.rows)
             slots = np.repeat(self.store.slots(keys), b.rows).astype(np.uint32)
@@ -228,8 +309,12 @@ class StreamedExperts:
             if b is not batches[-1]:
                 mx.eval(outs[-1])  # the next batch may reuse these slots
         y = mx.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
-        y = y[mx.array(np.argsort(np.concatenate(pairs), kind="stable"))].reshape(N, K, -1)  # back to pair order
-        return (y * weights[..., None].astype(y.dtype)).sum(axis=1)
+        order = np.concatenate(pairs)
+        if len(order) < N * K:  # zero experts' pairs: zero rows here (__call__ adds their identity outputs)
+            y = mx.zeros((N * K, y.shape[-1]), y.dtype).at[mx.array(order)].add(y)
+        else:
+            y = y[mx.array(np.argsort(order, kind="stable"))]  # back to pair order
+        return (y.reshape(N, K, -1) * weights[..., None].astype(y.dtype)).sum(axis=1)
 
     def _prompt(self, x: mx.array, inds: mx.array, weights: mx.array) -> mx.array:
         """Many tokens, expert by expert: every row routed to an expert in one matmul per projection, each expert read
@@ -237,12 +322,13 @@ class StreamedExperts:
         Rows are summed into the output in ascending expert order, whatever the batches: output does not depend on
         the budget."""
         N, K = inds.shape
-        mx.eval(inds, weights)
-        ids = np.array(inds).reshape(-1)
+        mx.eval(x, inds, weights)
+        ids, stored = self._ids(inds)
+        if not stored:
+            return mx.zeros_like(x)
         w = np.array(weights.astype(mx.float32)).reshape(-1)
         n = self.store.n_slots
-        experts = len(np.unique(ids))
-        batches = plan_batches(ids, n if experts <= n or n < 2 else n // 2)  # two batches fit: one reads, one computes
+        batches = plan_batches(ids, self.capacity(ids, decode=False), self.zero_from)
         # The sum over experts: in place in numpy on the CPU (MLX's scatter would copy [N, H] per expert)
         cpu = kernels.on_cpu()
         y = np.zeros(x.shape, np.float32) if cpu else mx.zeros(x.shape, x.dtype)
@@ -286,7 +372,7 @@ class StreamedExperts:
         if cpu:
             y = mx.array(y).astype(x.dtype)
         if cold:  # each layer's most used experts of the prompt stay for the decode that follows
-            order = np.argsort(-np.bincount(ids), kind="stable")
+            order = np.argsort(-np.bincount(self._stored(ids)), kind="stable")
             self.store.keep(self.layer, order[: max(1, n // max(1, len(self.store.layouts)))])
         return y
 
@@ -353,10 +439,22 @@ class MoE(nn.Module):
                 hidden = router.weight.shape[1]
                 self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    @property
+    def by_token(self) -> bool:
+        """Whether the router picks experts by token id (then call with the ids)."""
+        return getattr(self.router, "by_token", False)
+
+    def prefetch(self, tokens: mx.array) -> None:
+        """A hash-routed layer: start reading the experts ``tokens`` will use now, before the layer runs: those of
+        the layer's first batch, as many as the pool has free or evictable slots for (never those in use), so
+        every read is used."""
+        first = self.experts.first_batch(np.array(self.router.experts(tokens)))  # later batches may evict them
+        self.experts.store.prefetch(self.experts.layer, first.tolist(), exact=True)
+
+    def __call__(self, x: mx.array, tokens: mx.array | None = None) -> mx.array:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [N, H]
-        inds, w = self.router(flat)
+        inds, w = self.router(flat, tokens) if self.by_token else self.router(flat)
         y = self.experts(flat, inds, w.astype(flat.dtype))
         if "shared_expert" in self:
             s = self.shared_expert(flat)

@@ -9,6 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from moepack import arch
 from moepack.errors import UnsupportedArchitecture
 
 
@@ -63,20 +64,70 @@ class ScaledRoPE(nn.Module):
     """RoPE on the first ``dims`` features from explicit inverse frequencies, cos/sin scaled by ``attention_factor``.
 
     ``traditional``: rotate interleaved pairs (x0, x1), (x2, x3)... instead of the two halves.
+    ``at`` rotates at explicit positions (DeepSeek V4's compressed entries sit every ``rate`` positions), the last
+    ``dims`` features where ``trailing`` (V4 lays each head out as [nope | rope]), or by the opposite angles.
     """
 
     def __init__(self, dims: int, theta: float, scaling: dict | None, max_position_embeddings: int | None = None,
-                 traditional: bool = False):
+                 traditional: bool = False, trailing: bool = False):
         super().__init__()
         inv, self.attention_factor = rope_frequencies(dims, theta, scaling, max_position_embeddings)
-        self.dims, self.traditional = dims, traditional
+        self.dims, self.traditional, self.trailing = dims, traditional, trailing
         self._freqs = mx.array((1.0 / inv).astype(np.float32))  # mx.fast.rope takes wavelengths/2π
+        self._inv = mx.array(inv.astype(np.float32))
+
+    def at(self, x: mx.array, positions: mx.array, conjugate: bool = False) -> mx.array:
+        """x [..., T, D] rotated at ``positions`` [T] (float32 angles position·inv_freq, as transformers computes
+        them); ``conjugate``: by minus those angles (undoes a rotation at the same positions)."""
+        angles = positions.astype(mx.float32)[:, None] * self._inv  # [T, dims/2]
+        cos, sin = mx.cos(angles) * self.attention_factor, mx.sin(angles) * self.attention_factor
+        if conjugate:
+            sin = -sin
+        d = self.dims
+        part = (x[..., -d:] if self.trailing else x[..., :d]).astype(mx.float32)
+        if self.traditional:  # pairs (x0, x1), (x2, x3), ...
+            a, b = part[..., 0::2], part[..., 1::2]
+            rotated = mx.stack([a * cos - b * sin, b * cos + a * sin], axis=-1).reshape(part.shape)
+        else:
+            a, b = part[..., : d // 2], part[..., d // 2 :]
+            rotated = mx.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+        rotated = rotated.astype(x.dtype)
+        if d == x.shape[-1]:
+            return rotated
+        return mx.concatenate([x[..., :-d], rotated] if self.trailing else [rotated, x[..., d:]], axis=-1)
+
+    def wavelengths(self) -> mx.array:
+        return self._freqs
 
     def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
         y = mx.fast.rope(x, self.dims, traditional=self.traditional, base=None, scale=1.0, offset=offset,
-                         freqs=self._freqs)
+                         freqs=self.wavelengths())
         if self.attention_factor == 1.0:
             return y
         if self.dims == x.shape[-1]:
             return y * self.attention_factor
         return mx.concatenate([y[..., : self.dims] * self.attention_factor, y[..., self.dims :]], axis=-1)
+
+
+def ropes_by_layer_type(cfg: dict, head_dim: int, defaults: dict[str, dict]) -> dict[str, ScaledRoPE]:
+    """One RoPE per layer type, where ``rope_parameters`` is keyed by it (Laguna, Step 3.7:
+    ``{"full_attention": {"rope_theta": ..., "partial_rotary_factor": ...}, "sliding_attention": {...}}``);
+    ``defaults`` (the family's, in that form) when the config gives none."""
+    out = {}
+    for kind, params in (cfg.get("rope_parameters") or defaults).items():
+        theta, scaling = arch.rope({"rope_parameters": params})
+        out[kind] = ScaledRoPE(arch.rotary_dim({"rope_parameters": params}, head_dim), theta, scaling,
+                               cfg.get("max_position_embeddings"))
+    return out
+class LearnedRoPE(ScaledRoPE):
+    """ScaledRoPE whose inverse frequencies are scaled by exp(alpha), ``alpha`` a learned weight (Mistral Large 4's
+    LeRoPE); kept float32, as transformers keeps it."""
+
+    float32 = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.alpha = mx.zeros((self.dims // 2,))
+
+    def wavelengths(self) -> mx.array:
+        return self._freqs * mx.exp(-self.alpha.astype(mx.float32))

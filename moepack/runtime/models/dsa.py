@@ -1,0 +1,160 @@
+"""DeepSeek Sparse Attention (DSA): the "lightning indexer" that picks, for every query, the ``index_topk`` keys its
+attention may see (DeepSeek-V3.2, GLM-5, Mistral Large 4).
+
+The indexer has its own small projections and its own per-position keys, which live in the layer's cache beside the
+attention's (``KVCache`` holds both), so decoding token by token selects exactly what a full forward pass does. For
+query t over keys s (transformers' ``DeepseekV32Indexer``, which skips the reference's Hadamard rotation and FP8
+scoring: both leave q·k unchanged up to rounding):
+
+    score[t, s] = Σ_h  w[t, h] · relu(q[t, h] · k[s] · D^-1/2),   w = weights_proj(x) · H^-1/2
+
+and the query attends to its top-k causal keys. Selection is made one block of queries at a time (each query's top-k
+depends on its own row only), so it does not depend on the memory budget or on how a prompt is split into passes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from moepack.runtime import kernels
+from moepack.runtime.models import attention
+from moepack.runtime.models.cache import Causal
+from moepack.runtime.models.moe import topk
+
+# The indexer's k_norm (and Mistral Large 4's q_input_norm) are LayerNorms built with this eps in transformers.
+INDEXER_NORM_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class Sparse(Causal):
+    """A causal mask that also hides the keys the indexer did not select: ``chosen`` [B, T, k] key positions per
+    query (positions beyond a query's causal range may be among them; the causal part hides those)."""
+
+    chosen: mx.array | None = None
+
+    def block(self, q0: int, q1: int, dtype: mx.Dtype = mx.float32) -> mx.array:
+        """Additive mask [B, 1, q1-q0, hi-lo] over ``keys(q0, q1)``: 0 where causal and selected, else -inf."""
+        lo, hi = self.keys(q0, q1)
+        idx = mx.minimum(self.chosen[:, q0:q1], hi)  # keys past the block's causal range: one spare column
+        B, Tb, _ = idx.shape
+        keep = mx.put_along_axis(mx.zeros((B, Tb, hi + 1), dtype=mx.bool_), idx, mx.array(True), axis=-1)
+        keep = keep[..., lo:hi]
+        causal = Causal.block(self, q0, q1, dtype)
+        if causal is not None:
+            keep = keep & (causal == 0)
+        return mx.where(keep, mx.array(0, dtype), mx.array(-math.inf, dtype)).astype(dtype)[:, None]
+
+
+class HeadWeights(nn.Linear):
+    """The indexer's per-head weights (``weights_proj``): kept float32, as transformers keeps them."""
+
+    float32 = True
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return kernels.linear(self, x.astype(mx.float32))
+
+
+class PositionScaling(nn.Module):
+    """Mistral Large 4's learned softmax scaling: queries times ``scale[h]·log(pos + 1) + bias[h]`` per head."""
+
+    def __init__(self, n_heads: int):
+        super().__init__()
+        self.scale = mx.zeros((n_heads,))
+        self.bias = mx.ones((n_heads,))
+
+    def __call__(self, q: mx.array, offset: int) -> mx.array:
+        """q [B, H, T, D] -> q scaled per head and position."""
+        log_pos = mx.log(mx.arange(offset + 1, offset + 1 + q.shape[2], dtype=mx.float32))
+        s = self.scale[:, None] * log_pos[None] + self.bias[:, None]  # [H, T]
+        return q * s[..., None].astype(q.dtype)
+
+
+class Indexer(nn.Module):
+    """The lightning indexer; module names are the checkpoints' (``self_attn.indexer.wq_b`` ...).
+
+    ``q_dim``: what ``wq_b`` reads: the attention's normalised query LoRA (DeepSeek-V3.2, GLM-5: ``q_lora_rank``), or
+    the hidden state itself through ``q_input_norm`` with a per-position query scaling (Mistral Large 4).
+    ``rope``: applied to the first ``rope_dim`` dims of the indexer's queries and keys (None: a NoPE layer).
+    """
+
+    def __init__(self, *, hidden: int, q_dim: int, n_heads: int, head_dim: int, topk: int, rope: nn.Module | None,
+                 from_hidden: bool = False):
+        super().__init__()
+        self.n_heads, self.head_dim, self.topk = n_heads, head_dim, topk
+        if from_hidden:
+            self.q_input_norm = nn.LayerNorm(hidden, eps=INDEXER_NORM_EPS)
+            self.softmax_scaling = PositionScaling(n_heads)
+        self.wq_b = nn.Linear(q_dim, n_heads * head_dim, bias=False)
+        self.wk = nn.Linear(hidden, head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(head_dim, eps=INDEXER_NORM_EPS)
+        self.weights_proj = HeadWeights(hidden, n_heads, bias=False)
+        self._rope = rope  # underscore: a model-level module, not this indexer's weights
+
+    def keys(self, x: mx.array, offset: int) -> mx.array:
+        """x [B, T, hidden] -> this layer's indexer keys [B, 1, T, D] (one head, roped), for the cache."""
+        k = self.k_norm(self.wk(x))[:, None]
+        return self._rope(k, offset=offset) if self._rope is not None else k
+
+    def select(self, x: mx.array, q_in: mx.array, keys: mx.array, mask: Causal) -> Sparse:
+        """Each query's top-k keys among ``keys`` [B, 1, S, D] (every cached position), as a :class:`Sparse` mask.
+
+        x [B, T, hidden]: the layer's normed input; q_in: what ``wq_b`` reads (``q_lora`` or ``x``).
+        """
+        B, T, _ = x.shape
+        if "q_input_norm" in self:
+            q_in = self.q_input_norm(q_in)
+        q = self.wq_b(q_in).reshape(B, T, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)  # [B, H, T, D]
+        if "softmax_scaling" in self:
+            q = self.softmax_scaling(q, mask.offset)
+        if self._rope is not None:
+            q = self._rope(q, offset=mask.offset)
+        q = q.astype(mx.float32) * self.head_dim**-0.5
+        k = keys.astype(mx.float32)  # [B, 1, S, D]
+        w = self.weights_proj(x).astype(mx.float32) * self.n_heads**-0.5  # [B, T, H]
+        S = k.shape[2]
+        k_eff = min(self.topk, S)
+        block = max(1, min(T, attention.SCORE_BYTES // (4 * B * self.n_heads * S)))  # as attend() blocks
+        chosen = []
+        for q0 in range(0, T, block):
+            q1 = min(T, q0 + block)
+            s = mx.maximum(q[:, :, q0:q1] @ k.swapaxes(-1, -2), 0)  # [B, H, Tb, S]
+            score = (w[:, q0:q1].transpose(0, 2, 1)[..., None] * s).sum(axis=1)  # [B, Tb, S]
+            t = mx.arange(mask.offset + q0, mask.offset + q1)[:, None]
+            score = mx.where(mx.arange(S)[None] <= t, score, -math.inf)
+            idx = topk(score, k_eff).astype(mx.int32)
+            if block < T:
+                mx.eval(idx)
+            chosen.append(idx)
+        return Sparse(mask.offset, mask.window, mx.concatenate(chosen, axis=1) if len(chosen) > 1 else chosen[0])
+
+
+@dataclass
+class Relay:
+    """What a layer hands to later ones during one forward pass: the last indexer selection (GLM-5 and Mistral
+    Large 4 "shared" layers reuse it) and Mistral Large 4's latent KV per source layer (cross-layer KV sharing)."""
+
+    selection: Sparse | None = None
+    kv: dict[int, tuple[mx.array, ...]] | None = None
+
+    def clear(self) -> None:
+        self.selection = None
+        if self.kv is not None:
+            self.kv.clear()
+
+
+class RelayedLM:
+    """Mixin for a CausalLM whose layers hand things on through ``self.relay``: each pass starts with it empty, so a
+    layer never reuses what an earlier pass (or, in a pipeline, a layer this stage does not run) left there."""
+
+    relay: Relay | None = None
+
+    def run_layers(self, h: mx.array, cache: list | None = None, layers: range | None = None,
+                   tokens: mx.array | None = None) -> mx.array:
+        if self.relay is not None:
+            self.relay.clear()
+        return super().run_layers(h, cache, layers, tokens)
+
