@@ -325,7 +325,9 @@ def _print_stats(engine, n_prompt: int, n_gen: int, t0: float, first: float | No
 @_budget_option
 @click.option("--api-key", envvar="MOEPACK_API_KEY", help="Require 'Authorization: Bearer KEY' on every route "
               "but /health (also read from MOEPACK_API_KEY).")
-@click.option("--model-id", help="Model id clients use (default: the pack directory's name).")
+@click.option("--model-id", "--served-model-name", "model_id", multiple=True,
+              help="The model name replies report (default: the pack directory's name); repeat it to list aliases in "
+                   "/v1/models. Requests may name any model: one is served.")
 @click.option("--ctx-size", type=int, help="Context length in tokens (default: the model's).")
 @click.option("--parallel", type=int, default=1, show_default=True,
               help="Requests generated in turn, a token each; the rest wait in the queue.")
@@ -346,12 +348,15 @@ def serve(pack, host, port, memory_budget, api_key, model_id, ctx_size, parallel
                                "serve without authentication")
     options = _engine_options(verify, policy, prefetch)
     engine = _pipeline(pack, hosts, memory_budget, rank_timeout, **options)
-    click.echo(f"serving {pack} on http://{host}:{port}/v1 (GET /health answers 200 once loaded)", err=True)
-    run(pack, host=host, port=port, memory_budget=memory_budget, api_key=api_key, model_id=model_id,
-        context_length=ctx_size, parallel=parallel,
-        log_level="info" if logging.getLogger().isEnabledFor(logging.INFO) else "warning",
-        announce=lambda msg: click.echo(msg, err=True), engine=engine,
-        load_kwargs=options)
+    click.echo(f"loading {pack} (GET /health answers 503 until it is ready)", err=True)
+    try:
+        run(pack, host=host, port=port, memory_budget=memory_budget, api_key=api_key, model_id=model_id,
+            context_length=ctx_size, parallel=parallel,
+            log_level="info" if logging.getLogger().isEnabledFor(logging.INFO) else "warning",
+            announce=lambda msg: click.echo(msg, err=True), engine=engine,
+            load_kwargs=options)
+    except KeyboardInterrupt:  # uvicorn has shut down cleanly, then re-raised the Ctrl-C: exit as a shell expects
+        sys.exit(130)
 
 
 @main.command()

@@ -312,3 +312,14 @@ def test_server_over_two_hosts_reports_a_lost_host(qwen, tmp_path):
             for p in procs:
                 p.kill()
                 p.wait()
+
+
+def test_ranks_run_this_moepack_from_any_directory(tmp_path, monkeypatch):
+    """`--hosts N` from a folder holding a `moepack/` (a clone's parent, say): the ranks still import the moepack
+    this process runs (`python -m` put the working directory first on their sys.path, and the ranks died)."""
+    from moepack.runtime.distributed.launcher import launch
+
+    (tmp_path / "moepack").mkdir()
+    (tmp_path / "moepack" / "__init__.py").write_text("raise ImportError('the wrong moepack')\n")
+    monkeypatch.chdir(tmp_path)
+    assert launch(2, ["--version"]) == 0

@@ -31,7 +31,7 @@ class ToolFormat:
 def _json_or_text(v: str) -> Any:
     try:
         return json.loads(v)
-    except ValueError:
+    except (ValueError, RecursionError):
         return v
 
 
@@ -118,7 +118,7 @@ def parse(text: str, fmt: ToolFormat | None) -> tuple[str | None, list[dict]]:
                     calls.append(_call(g["name"], ARG_PARSERS[fmt.args](g["args"].strip() or "{}")))
             if calls:
                 break
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep for Python's parser
         calls = []
     if not calls:
         return text, []
