@@ -106,6 +106,8 @@ def _handler(hub: HubServer):
             hub.log.append((self.command, path, self.headers.get("Range")))
             if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", path):
                 return self._info(m[1], m[2])
+            if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)", path):
+                return self._tree(m[1], m[2])
             if m := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path):
                 return self._resolve(m[1], m[2], m[3], head)
             self._json(404, {"error": f"no route for {path}"}, {"X-Error-Code": "EntryNotFound"})
@@ -133,6 +135,18 @@ def _handler(hub: HubServer):
                              "disabled": False, "gated": False, "tags": [], "downloads": 0, "likes": 0,
                              "lastModified": "2026-01-01T00:00:00.000Z", "createdAt": "2026-01-01T00:00:00.000Z",
                              "siblings": siblings})
+
+        def _tree(self, rid: str, rev: str) -> None:
+            """The recursive file listing snapshot_download asks for (one page)."""
+            if (repo := self._repo(rid, rev)) is None:
+                return
+            entries = []
+            for name, f in repo.files.items():
+                e = {"type": "file", "oid": f["sha256"][:40], "size": f["size"], "path": name}
+                if f["lfs"]:
+                    e["lfs"] = {"oid": f["sha256"], "size": f["size"], "pointerSize": 134}
+                entries.append(e)
+            self._json(200, entries)
 
         def _resolve(self, rid: str, rev: str, name: str, head: bool) -> None:
             if (repo := self._repo(rid, rev)) is None:

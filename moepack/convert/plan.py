@@ -7,6 +7,7 @@ Each unit runs through the converter's own code (``pipeline.write_unit``) on laz
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -226,3 +227,162 @@ def _device(path: Path) -> int:
     while not path.exists():
         path = path.parent
     return os.stat(path).st_dev
+
+
+# ---------------------------------------------------------------------------------------------
+# `moepack plan MODEL`: size, memory, disk and speed before anything is downloaded
+
+COMMON_RECIPES = {"q4": Recipe(), "q8": Recipe(expert_bits=8), "bf16": Recipe(quantize=False)}
+TTFT_TOKENS = 2048
+READ_TEST_BYTES = 256 << 20
+
+
+def open_model(model: str, revision: str | None, staging: Path):
+    """(checkpoint or None, pack reader or None, provenance, file sizes) for a hub repo id, a checkpoint directory
+    or a pack; a hub repo is read through its headers only."""
+    from moepack.convert.hub import HubRepo, is_repo_id
+    from moepack.convert.source import resolve
+    from moepack.formats.reader import PackReader
+
+    p = Path(model).expanduser()
+    if (p / "manifest.json").is_file():
+        return None, PackReader(p), {"source": str(p.resolve())}, {}
+    if is_repo_id(model):
+        repo = HubRepo(model, revision)
+        return repo.checkpoint(staging), None, repo.provenance, _remote_sizes(repo)
+    root, provenance = resolve(model, revision)
+    ckpt = Checkpoint(root)
+    names = [*ckpt.source_files(), *ckpt.side_files()]
+    return ckpt, None, provenance, {n: ckpt.file_path(n).stat().st_size for n in names}
+
+
+def read_speed(directory: Path, block: int, seconds: float = 1.0, threads: int = 8) -> tuple[float, str]:
+    """Bytes/s of uncached reads of ``block``-sized pieces at random aligned offsets of a scratch file in
+    ``directory``, as the engine reads experts (direct I/O, ``threads`` at once); and the read mode used."""
+    import random
+    import threading
+    import time
+
+    from moepack.runtime.io import DirectReader, aligned_buffer
+
+    block = max(4096, align_up(block, 4096))
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=".moepack-readtest-", dir=directory)
+    try:
+        chunk = np.random.default_rng(0).integers(0, 256, 1 << 20, np.uint8).tobytes()
+        size = max(READ_TEST_BYTES, 4 * block)
+        with os.fdopen(fd, "wb") as f:
+            for _ in range(size >> 20):
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        reader = DirectReader()
+        done, stop = [0], time.perf_counter() + seconds
+        lock = threading.Lock()
+
+        def work(seed: int) -> None:
+            rng, buf = random.Random(seed), aligned_buffer(block)
+            while time.perf_counter() < stop:
+                reader.read_into(name, buf, rng.randrange(0, (size - block) // 4096) * 4096)
+                with lock:
+                    done[0] += block
+
+        t0 = time.perf_counter()
+        pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        return done[0] / (time.perf_counter() - t0), reader.mode
+    finally:
+        os.unlink(name)
+
+
+def plan_model(model: str, recipe: Recipe, revision: str | None = None, target: Path | None = None,
+               window: int = 2, disk_bps: float | None = None) -> dict:
+    """Everything `moepack plan MODEL` prints, as a dict (``--json``). ``target``: where the pack would go (its
+    disk is measured and its free space compared); ``disk_bps``: skip the read test and use this speed."""
+    from moepack.formats.reader import PackReader
+    from moepack.runtime.memory import available_memory, default_budget, memory_need
+
+    target = Path(target or ".")
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt, reader, provenance, sizes = open_model(model, revision, Path(tmp) / "source")
+        out: dict = {"model": model, **{k: v for k, v in provenance.items() if k == "revision"}}
+        if ckpt is not None:
+            need = disk_need(ckpt, recipe, provenance, sizes, window)
+            manifest = need.pop("manifest")
+            out["recipes"] = {"chosen": {**recipe.to_json(), "pack_bytes": need["pack"]}}
+            for name, r in COMMON_RECIPES.items():
+                r = Recipe(**{**r.to_json(), "alignment": recipe.alignment, "dtype": recipe.dtype})
+                out["recipes"][name] = {**r.to_json(), "pack_bytes": need["pack"] if r == recipe else
+                                        pack_bytes(predict(ckpt, r, provenance, sizes))}
+            out["files"] = {n: e["length"] for n, e in manifest.files.items()}
+            out["files"]["manifest.json"] = len(manifest.to_bytes())
+            free = free_bytes(target)
+            out["disk"] = {**need, "target": str(target), "free": free, "stream_window": window,
+                           "fits_without_stream": need["without_stream"] <= free,
+                           "fits_with_stream": need["with_stream"] <= free}
+            pack_dir = Path(tmp) / "pack"
+            pack_dir.mkdir()
+            (pack_dir / "config.json").write_text(json.dumps(ckpt.config))
+            manifest.save(pack_dir)
+            reader = PackReader(pack_dir)
+        m = reader.manifest
+        if ckpt is None:
+            out["recipes"] = {"chosen": {**m.recipe, "pack_bytes": pack_bytes(m)}}
+        need_mem = memory_need(reader, mx.bfloat16)  # the bytes as stored (bf16 packs)
+        lengths = {el.layer: m.expert_layouts[el.layout].length for el in m.experts}
+        E, k = m.architecture["num_experts"], m.architecture["top_k"]
+        per_token = k * sum(lengths.values())
+        avail = available_memory()
+        all_in = need_mem.dense_bytes + need_mem.experts * need_mem.slot_bytes
+        recommended = max(need_mem.minimum, min(default_budget(), all_in))
+        out["memory"] = {"dense_resident_bytes": need_mem.dense_bytes, "bytes_per_expert": max(lengths.values(), default=0),
+                         "slot_bytes": need_mem.slot_bytes, "experts": need_mem.experts, "top_k": k,
+                         "bytes_per_token_cold": per_token, "minimum_budget": need_mem.minimum,
+                         "available": avail, "recommended_budget": recommended,
+                         "fits_in_memory": recommended >= need_mem.minimum and need_mem.minimum <= avail}
+        if disk_bps is None:
+            disk_bps, mode = read_speed(target, max(lengths.values(), default=1 << 20))
+        else:
+            mode = "given"
+        hit = min(1.0, need_mem.slots(recommended) / need_mem.experts) if need_mem.experts else 1.0
+        prompt = sum(E * (1 - (1 - k / E) ** TTFT_TOKENS) * n for n in lengths.values())
+        out["speed"] = {"disk_read_bytes_per_s": disk_bps, "read_mode": mode, "expected_hit_rate": hit,
+                        "decode_tok_s_cold": disk_bps / per_token if per_token else None,
+                        "decode_tok_s_expected": disk_bps / (per_token * (1 - hit)) if per_token and hit < 1 else None,
+                        f"ttft_s_{TTFT_TOKENS}": prompt / disk_bps,
+                        "note": "I/O bounds: expert reads over the measured disk speed, compute not counted; the hit "
+                                "rate assumes uniform routing over the slots the recommended budget buys"}
+    return out
+
+
+def describe_plan(p: dict) -> str:
+    """The plan for people."""
+    hb = human_bytes
+    lines = [f"{p['model']}" + (f" @ {p['revision']}" if p.get("revision") else "")]
+    for name, r in p["recipes"].items():
+        what = "unquantized" if not r.get("quantize", True) else f"experts {r['expert_bits']}-bit, dense {r['dense_bits']}-bit"
+        lines.append(f"  pack ({name}, {what}, {r['dtype']}): {hb(r['pack_bytes'])} ({r['pack_bytes']} bytes)")
+    m = p["memory"]
+    lines += [f"  dense weights resident: {hb(m['dense_resident_bytes'])}; one expert: {hb(m['bytes_per_expert'])} "
+              f"({m['experts']} routed experts, top-{m['top_k']})",
+              f"  a token reads {hb(m['bytes_per_token_cold'])} of experts when none is cached",
+              f"  memory budget: minimum {hb(m['minimum_budget'])}, recommended here {hb(m['recommended_budget'])} "
+              f"(available {hb(m['available'])})"]
+    if "disk" in p:
+        d = p["disk"]
+        lines.append(f"  disk at {d['target']} ({hb(d['free'])} free): {hb(d['without_stream'])} with a full download "
+                     f"(source {hb(d['source'])} + pack), {hb(d['with_stream'])} streamed (--stream: pack + at most "
+                     f"{hb(d['stream_source_peak'])} of shards)")
+        if not d["fits_without_stream"]:
+            lines.append("    a full download does not fit: " + ("use --stream" if d["fits_with_stream"] else
+                                                                 "neither mode fits; choose a larger disk"))
+    s = p["speed"]
+    tok = lambda x: "n/a" if x is None else f"{x:.2f}"
+    lines.append(f"  speed bound (disk {s['disk_read_bytes_per_s'] / 1e9:.2f} GB/s, {s['read_mode']}): decode "
+                 f"{tok(s['decode_tok_s_cold'])} tok/s with no hits, {tok(s['decode_tok_s_expected'])} tok/s at the "
+                 f"expected {s['expected_hit_rate']:.0%} hits; first token of a {TTFT_TOKENS}-token prompt "
+                 f"{s[f'ttft_s_{TTFT_TOKENS}']:.1f} s (I/O only)")
+    return "\n".join(lines)
