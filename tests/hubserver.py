@@ -18,13 +18,14 @@ import json
 import re
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".model")
-CHUNK = 1 << 20
+CHUNK = 1 << 16
 
 
 @dataclass
@@ -59,6 +60,7 @@ class HubServer:
         self.faults: dict[str, dict] = {}  # file name -> {"kind": "drop"|"truncate"|"corrupt", "times": n}
         self.log: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
         self.bytes_sent = 0
+        self.rate: float | None = None  # bytes/s per download, to make a download slow enough to interrupt
         self._lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler(self))
         self.httpd.daemon_threads = True
@@ -212,6 +214,8 @@ def _handler(hub: HubServer):
                     with hub._lock:
                         hub.bytes_sent += len(data)
                     pos += n
+                    if hub.rate:
+                        time.sleep(len(data) / hub.rate)
 
         def _json(self, status: int, body: dict, headers: dict | None = None) -> None:
             data = json.dumps(body).encode()
@@ -233,10 +237,6 @@ def serve_dir(root: Path, port: int = 0) -> HubServer:
                       for n in sorted(o.iterdir()) if n.is_dir()}, port)
 
 
-if __name__ == "__main__":
-    with serve_dir(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 0) as hub:
-        print(hub.url, flush=True)
-        threading.Event().wait()
 
 
 def reshard(src: str | Path, dst: str | Path, n_shards: int) -> Path:
@@ -286,3 +286,9 @@ def reshard(src: str | Path, dst: str | Path, n_shards: int) -> Path:
         if p.is_file() and not p.name.endswith((".safetensors", ".safetensors.index.json")):
             shutil.copy(p, dst / p.name)
     return dst
+
+
+if __name__ == "__main__":
+    with serve_dir(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 0) as hub:
+        print(hub.url, flush=True)
+        threading.Event().wait()
