@@ -80,9 +80,17 @@ class HubRepo:
         from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
 
         headers = {**build_hf_headers(), "Range": f"bytes={start}-{start + n - 1}"}
-        r = get_session().get(self.url(name), headers=headers, follow_redirects=True)
-        hf_raise_for_status(r)
-        data = r.content
+        for attempt in range(ATTEMPTS):
+            try:
+                r = get_session().get(self.url(name), headers=headers, follow_redirects=True)
+                hf_raise_for_status(r)
+                data = r.content
+                break
+            except Exception as e:  # noqa: BLE001 - a dropped connection: ask again
+                if attempt + 1 == ATTEMPTS or getattr(getattr(e, "response", None), "status_code", 500) < 500 \
+                        and hasattr(e, "response"):
+                    raise
+                log.warning("reading %s failed (%s); retrying", name, e)
         if len(data) < n:
             raise SourceError(f"{self.url(name)}: asked for {n} bytes at {start}, got {len(data)}")
         return data[:n]
@@ -99,7 +107,7 @@ class HubRepo:
             raise SourceError(f"{url}: cannot read safetensors header ({e})") from e
         except Exception as e:
             raise SourceError(f"{url}: cannot read safetensors header ({type(e).__name__}: {e}); check the network "
-                              "or HF_TOKEN") from e
+                              "or HF_TOKEN and re-run the same command") from e
         return parse_header(name, raw, size, url)
 
     def fetch_small(self, name: str, dest: Path) -> Path:
@@ -275,10 +283,11 @@ class ShardFeed:
                 return
             except Exception as e:  # noqa: BLE001 - a network error, a short file or a wrong hash: try again
                 last = e
-                log.warning("downloading %s failed (%s: %s)%s", name, type(e).__name__, e,
+                log.warning("downloading %s failed (%s: %s)%s", name, type(e).__name__, " ".join(str(e).split()),
                             "; retrying" if attempt + 1 < ATTEMPTS else "")
         raise SourceError(f"could not download {name} from {self.repo.repo_id}@{self.repo.sha[:12]} after {ATTEMPTS} "
-                          f"tries ({type(last).__name__}: {last}); re-run the same command to resume") from last
+                          f"tries ({type(last).__name__}: {' '.join(str(last).split())}); re-run the same command to "
+                          "resume") from last
 
     def _verified(self, path: Path) -> bool:
         return (self.staging / ".verified" / path.name).is_file()
