@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 HEADER_PROBE = 1 << 16  # first range request; a larger header takes a second one
 ATTEMPTS = 3  # tries per shard download (each one resumes what the last left)
+PART = ".part"  # a shard being downloaded
 
 
 def is_repo_id(src: str) -> bool:
@@ -233,8 +234,12 @@ class ShardFeed:
 
     def bytes_on_disk(self) -> int:
         """Downloaded bytes so far, partial files included (for the progress display)."""
-        partial = sum(p.stat().st_size for p in (self.staging / ".cache").rglob("*.incomplete")) \
-            if (self.staging / ".cache").is_dir() else 0
+        partial = 0
+        for p in self.staging.glob("*" + PART):
+            try:
+                partial += p.stat().st_size
+            except FileNotFoundError:  # renamed into place meanwhile
+                pass
         return self.done_bytes + partial
 
     def _run(self) -> None:
@@ -260,7 +265,7 @@ class ShardFeed:
                 self._cond.notify_all()
 
     def _fetch(self, name: str) -> None:
-        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache
 
         want = self.repo.files[name]
         dest = self.staging / name
@@ -269,18 +274,12 @@ class ShardFeed:
             if not dest.exists():
                 os.symlink(cached, dest)  # in the user's hub cache already: read it there, never delete it
             return
+        if dest.is_file() and dest.stat().st_size == want.size:
+            return  # renamed into place only once whole and verified
         last = None
         for attempt in range(ATTEMPTS):
             try:
-                if not (dest.is_file() and dest.stat().st_size == want.size and self._verified(dest)):
-                    path = hf_hub_download(self.repo.repo_id, name, revision=self.repo.sha, local_dir=self.staging)
-                    problem = self._check(Path(path), want)
-                    if problem:
-                        Path(path).unlink(missing_ok=True)
-                        raise SourceError(problem)
-                    (self.staging / ".verified").mkdir(exist_ok=True)
-                    (self.staging / ".verified" / name).touch()
-                return
+                return self._download(want, dest)
             except Exception as e:  # noqa: BLE001 - a network error, a short file or a wrong hash: try again
                 last = e
                 log.warning("downloading %s failed (%s: %s)%s", name, type(e).__name__, " ".join(str(e).split()),
@@ -289,21 +288,52 @@ class ShardFeed:
                           f"tries ({type(last).__name__}: {' '.join(str(last).split())}); re-run the same command to "
                           "resume") from last
 
-    def _verified(self, path: Path) -> bool:
-        return (self.staging / ".verified" / path.name).is_file()
+    def _download(self, want: RemoteFile, dest: Path) -> None:
+        """Into ``dest.part``, continuing what an earlier (killed) run left there with a range request; checked
+        against the listing's size and sha256, then renamed to ``dest``. A wrong file is deleted, not resumed."""
+        from huggingface_hub import get_session
+        from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
 
-    @staticmethod
-    def _check(path: Path, want: RemoteFile) -> str | None:
-        size = path.stat().st_size
+        part = dest.with_name(dest.name + PART)
+        h = hashlib.sha256()
+        have = part.stat().st_size if part.is_file() else 0
+        if have > want.size:
+            part.unlink()
+            have = 0
+        with open(part, "ab") as f:
+            _hash_file(part, h)  # the bytes already here count towards the hash
+            headers = build_hf_headers()
+            if have:
+                headers["Range"] = f"bytes={have}-"
+            if have < want.size:
+                with get_session().stream("GET", self.repo.url(want.name), headers=headers, follow_redirects=True,
+                                          timeout=60) as r:
+                    hf_raise_for_status(r)
+                    if have and r.status_code != 206:  # the server ignored the range: start over
+                        f.truncate(0)
+                        f.seek(0)
+                        h = hashlib.sha256()
+                    for chunk in r.iter_bytes():
+                        f.write(chunk)
+                        h.update(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        size = part.stat().st_size
+        problem = None
         if size != want.size:
-            return f"{want.name}: downloaded {size} bytes, the repo lists {want.size}"
-        if want.sha256:
-            h = hashlib.sha256()
-            with open(path, "rb", buffering=0) as f:
-                buf = bytearray(4 << 20)
-                view = memoryview(buf)
-                while n := f.readinto(buf):
-                    h.update(view[:n])
-            if h.hexdigest() != want.sha256:
-                return f"{want.name}: sha256 {h.hexdigest()} differs from the repo's {want.sha256} (corrupt download)"
-        return None
+            problem = f"{want.name}: downloaded {size} bytes, the repo lists {want.size}"
+        elif want.sha256 and h.hexdigest() != want.sha256:
+            problem = f"{want.name}: sha256 {h.hexdigest()} differs from the repo's {want.sha256} (corrupt download)"
+        if problem:
+            if size >= want.size:
+                part.unlink()  # whole but wrong: fetch it afresh; a short one resumes
+            raise SourceError(problem)
+        os.replace(part, dest)
+
+
+def _hash_file(path: Path, h) -> None:
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(4 << 20)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
