@@ -123,6 +123,9 @@ def test_plan_predicts_every_size_byte_for_byte(hub, repos, local_packs, rid, tm
     assert run_convert(hub, tmp_path / "home", rid, hub_pack, stream=True).returncode == 0
     assert p["files"]["manifest.json"] == (hub_pack / "manifest.json").stat().st_size
     assert p["recipes"]["chosen"]["pack_bytes"] == sum(f.stat().st_size for f in hub_pack.rglob("*") if f.is_file())
+    res = subprocess.run([sys.executable, "-m", "moepack.cli", "plan", str(repos[rid]), "--json", "--disk-gbps", "2"],
+                         capture_output=True, text=True, timeout=300)  # the same from the checkpoint directory
+    assert json.loads(res.stdout)["files"] == {**p["files"], "manifest.json": (local / "manifest.json").stat().st_size}
     m = p["memory"]
     assert m["minimum_budget"] == m["dense_resident_bytes"] + m["top_k"] * m["slot_bytes"]
     assert m["bytes_per_token_cold"] > 0 and p["speed"]["decode_tok_s_cold"] > 0

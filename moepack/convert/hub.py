@@ -57,7 +57,6 @@ class HubRepo:
         self.sha: str = info.sha
         self.files = {s.rfilename: RemoteFile(s.rfilename, int(s.size or 0), s.lfs.sha256 if s.lfs else None)
                       for s in info.siblings or []}
-        self._session_lock = threading.Lock()
 
     @property
     def provenance(self) -> dict:

@@ -147,7 +147,7 @@ def plan_units(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Unit], dict]:
     for name in dense:
         by_file.setdefault(reads_of(ckpt, tensors[name]), []).append(name)
     shards = []
-    for files in sorted(by_file, key=lambda f: (f, layer_key(by_file[f][0]))):
+    for files in sorted(by_file):
         shard, size = [], 0
         for name in sorted(by_file[files], key=layer_key):
             nb = tensors[name].nbytes
