@@ -238,16 +238,46 @@ def serve_dir(root: Path, port: int = 0) -> HubServer:
                       for n in sorted(o.iterdir()) if n.is_dir()}, port)
 
 
+def write_shards(dst: Path, tensors: dict[str, tuple[str, list[int], int]], n_shards: int, data) -> None:
+    """``tensors`` (name -> (safetensors dtype, shape, bytes)) into ``n_shards`` files of about equal size and an
+    index, in layer order, so the cuts fall inside layers and some experts span two shards (as on the hub);
+    ``data(name)`` gives a tensor's bytes."""
+    layer = lambda k: int(m[1]) if (m := re.search(r"\.layers\.(\d+)\.", k)) else (-1 if "embed" in k else 10**6)
+    names = sorted(tensors, key=lambda k: (layer(k), k))
+    total = sum(t[2] for t in tensors.values())
+    shards: list[list[str]] = [[]]
+    size = 0
+    for k in names:
+        if size >= total * len(shards) / n_shards and len(shards) < n_shards:
+            shards.append([])
+        shards[-1].append(k)
+        size += tensors[k][2]
+    weight_map = {}
+    for i, keys in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        header, pos = {"__metadata__": {"format": "pt"}}, 0
+        for k in keys:
+            dtype, shape, n = tensors[k]
+            header[k] = {"dtype": dtype, "shape": shape, "data_offsets": [pos, pos + n]}
+            pos += n
+            weight_map[k] = fname
+        h = json.dumps(header).encode()
+        h += b" " * (-len(h) % 8)
+        with open(dst / fname, "wb") as f:
+            f.write(len(h).to_bytes(8, "little") + h)
+            for k in keys:
+                f.write(data(k))
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                    "weight_map": weight_map}, indent=2))
 
 
 def reshard(src: str | Path, dst: str | Path, n_shards: int) -> Path:
-    """Copy checkpoint ``src`` to ``dst`` with its tensors in ``n_shards`` safetensors files of about equal size and
-    an index, in layer order, so the cuts fall inside layers and some experts span two shards (as on the hub)."""
+    """Copy checkpoint ``src`` to ``dst`` with its tensors in ``n_shards`` files (:func:`write_shards`)."""
     import shutil
 
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    tensors = {}
+    raw = {}
     for p in sorted(src.glob("*.safetensors")):
         with open(p, "rb") as f:  # raw bytes: bf16 has no numpy dtype
             n = int.from_bytes(f.read(8), "little")
@@ -255,34 +285,8 @@ def reshard(src: str | Path, dst: str | Path, n_shards: int) -> Path:
             data = f.read()
         for k, v in header.items():
             if k != "__metadata__":
-                tensors[k] = (v["dtype"], v["shape"], data[v["data_offsets"][0]:v["data_offsets"][1]])
-    layer = lambda k: int(m[1]) if (m := re.search(r"\.layers\.(\d+)\.", k)) else (-1 if "embed" in k else 10**6)
-    names = sorted(tensors, key=lambda k: (layer(k), k))
-    total = sum(len(t[2]) for t in tensors.values())
-    shards: list[list[str]] = [[]]
-    size = 0
-    for k in names:
-        if size >= total * len(shards) / n_shards and len(shards) < n_shards:
-            shards.append([])
-        shards[-1].append(k)
-        size += len(tensors[k][2])
-    weight_map = {}
-    for i, keys in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        header, pos = {"__metadata__": {"format": "pt"}}, 0
-        for k in keys:
-            dtype, shape, data = tensors[k]
-            header[k] = {"dtype": dtype, "shape": shape, "data_offsets": [pos, pos + len(data)]}
-            pos += len(data)
-            weight_map[k] = fname
-        h = json.dumps(header).encode()
-        h += b" " * (-len(h) % 8)
-        with open(dst / fname, "wb") as f:
-            f.write(len(h).to_bytes(8, "little") + h)
-            for k in keys:
-                f.write(tensors[k][2])
-    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                    "weight_map": weight_map}, indent=2))
+                raw[k] = (v["dtype"], v["shape"], data[v["data_offsets"][0]:v["data_offsets"][1]])
+    write_shards(dst, {k: (d, s, len(b)) for k, (d, s, b) in raw.items()}, n_shards, lambda k: raw[k][2])
     for p in src.iterdir():
         if p.is_file() and not p.name.endswith((".safetensors", ".safetensors.index.json")):
             shutil.copy(p, dst / p.name)

@@ -33,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from hubserver import HubServer  # noqa: E402
+from hubserver import HubServer, write_shards  # noqa: E402
 
 REPO = "bench/qwen3-moe-synthetic"
 CONFIG = dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], vocab_size=32000, hidden_size=2048,
@@ -82,41 +82,16 @@ def write_checkpoint(d: Path, gb: float, n_shards: int) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.json").write_text(json.dumps(cfg, indent=2))
     sh = shapes(cfg)
-    layer = lambda k: int(k.split(".layers.")[1].split(".")[0]) if ".layers." in k else (-1 if "embed" in k else 10**6)
-    names = sorted(sh, key=lambda k: (layer(k), k))
-    total = sum(math.prod(s) * 2 for s in sh.values())
     rng = np.random.default_rng(0)
-    pool = (rng.standard_normal(1 << 22, np.float32) * 0.02).view(np.uint32) >> 16  # bf16 bits, reused with offsets
-    pool = pool.astype(np.uint16)
-    groups, size = [[]], 0
-    for k in names:
-        if size >= total * len(groups) / n_shards and len(groups) < n_shards:
-            groups.append([])
-        groups[-1].append(k)
-        size += math.prod(sh[k]) * 2
-    weight_map = {}
-    for i, keys in enumerate(groups):
-        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        header, pos = {"__metadata__": {"format": "pt"}}, 0
-        for k in keys:
-            n = math.prod(sh[k]) * 2
-            header[k] = {"dtype": "BF16", "shape": sh[k], "data_offsets": [pos, pos + n]}
-            pos += n
-            weight_map[k] = fname
-        h = json.dumps(header).encode()
-        h += b" " * (-len(h) % 8)
-        with open(d / fname, "wb") as f:
-            f.write(len(h).to_bytes(8, "little") + h)
-            for k in keys:
-                count = math.prod(sh[k])
-                if "norm" in k:
-                    f.write(np.full(count, 0x3F80, np.uint16).tobytes())  # 1.0
-                    continue
-                start = int(rng.integers(0, len(pool)))
-                reps = np.resize(np.roll(pool, -start), count)
-                f.write(reps.tobytes())
-    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                "weight_map": weight_map}))
+    pool = ((rng.standard_normal(1 << 22, np.float32) * 0.02).view(np.uint32) >> 16).astype(np.uint16)  # bf16 bits
+
+    def data(k: str) -> bytes:
+        count = math.prod(sh[k])
+        if "norm" in k:
+            return np.full(count, 0x3F80, np.uint16).tobytes()  # 1.0
+        return np.resize(np.roll(pool, -int(rng.integers(0, len(pool)))), count).tobytes()
+
+    write_shards(d, {k: ("BF16", s, math.prod(s) * 2) for k, s in sh.items()}, n_shards, data)
     return d
 
 
