@@ -158,6 +158,8 @@ class RemoteCheckpoint(Checkpoint):
     """A hub checkpoint indexed from remote headers: reads a shard from ``root`` once it is there, else by range
     request (planning reads a few tiny tensors, e.g. compressed-tensors' ``weight_shape``)."""
 
+    transient = True
+
     def __init__(self, root: Path, config: dict, tensors: dict[str, TensorInfo], repo: HubRepo):
         super().__init__(root, config, tensors)
         self.repo = repo
@@ -169,7 +171,6 @@ class RemoteCheckpoint(Checkpoint):
         if self.repo is None or (self.root / file).is_file():
             return super().read_bytes(file, start, n)
         return np.frombuffer(self.repo.read_range(file, start, n), np.uint8).copy()
-
 
 
 def _is_weight(name: str) -> bool:

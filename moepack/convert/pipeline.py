@@ -47,7 +47,13 @@ def run_unit(src_dir: str, out: str, recipe_json: dict, unit: Unit) -> dict:
     if unit.kind == "hash":
         path = Path(src_dir) / unit.payload["file"]
         return {"source_hash": {unit.payload["file"]: {"size": path.stat().st_size, "blake3": hash_file(path)}}}
-    return write_unit(_checkpoint(src_dir), recipe, unit, PackWriter(out, recipe.alignment).open(unit.payload["file"]))
+    ckpt = _checkpoint(src_dir)
+    try:
+        return write_unit(ckpt, recipe, unit, PackWriter(out, recipe.alignment).open(unit.payload["file"]))
+    finally:
+        if ckpt.transient:  # a streamed shard is deleted once read: an open descriptor would keep its space
+            for f in unit.reads:
+                ckpt.close(f)
 
 
 def write_unit(ckpt: Checkpoint, recipe: Recipe, unit: Unit, f: AlignedFile) -> dict:
@@ -135,9 +141,9 @@ def convert(
     and the pack). The pack is the same byte for byte either way."""
     out = Path(out)
     repo = None
-    if is_repo_id(src) and not Path(src).expanduser().is_dir():
-        if stream is None:
-            stream = choose_stream(src, revision, out, recipe, window)
+    if is_repo_id(src):
+        if stream is None:  # resume a streamed conversion as one; else stream only when the disk needs it
+            stream = "hub" in _job_source(out / STATE_DIR) or choose_stream(src, revision, out, recipe, window)
         if stream:
             repo = HubRepo(src, revision)
     elif stream:
@@ -182,6 +188,13 @@ def convert(
     _tidy(state)
     log.info("wrote %s", out)
     return out
+
+
+def _job_source(state: Path) -> dict:
+    try:
+        return json.loads((state / "job.json").read_text())["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def _same_job(state: Path, job: dict) -> bool:
@@ -290,31 +303,44 @@ def _run_units(ckpt: Checkpoint, out: Path, recipe: Recipe, units: list[Unit], w
             fetched = now
 
     args = (str(ckpt.root), str(out), recipe.to_json())
-    pending_units = list(todo)
+    waiting: dict[tuple[str, ...], list[Unit]] = {}  # units by the files they read, in plan order within
+    for u in todo:
+        waiting.setdefault(u.reads, []).append(u)
+
+    def ready(n: int) -> list[Unit]:
+        """Up to ``n`` units whose files are all on disk (a few hundred distinct read sets, not one per unit)."""
+        batch = []
+        for reads in list(waiting):
+            if feed is None or feed.has(reads):
+                while waiting[reads] and len(batch) < n:
+                    batch.append(waiting[reads].pop(0))
+                if not waiting[reads]:
+                    del waiting[reads]
+            if len(batch) >= n:
+                break
+        return batch
+
+    pool = None
     try:
         pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                                    initargs=(ckpt,)) if workers > 1 else None
         inflight: dict = {}
-        while pending_units or inflight:
+        while waiting or inflight:
             if feed is not None and feed.error is not None:
                 raise feed.error
-            ready = [u for u in pending_units if feed is None or feed.has(u.reads)]
             if pool is None:
-                if ready:
-                    u = ready[0]
-                    pending_units.remove(u)
-                    finish(u, _guard(run_unit, *args, u))
+                if batch := ready(1):
+                    finish(batch[0], _guard(run_unit, *args, batch[0]))
                     tick()
                     continue
             else:
-                for u in ready[: max(0, 2 * workers - len(inflight))]:
-                    pending_units.remove(u)
+                for u in ready(max(0, 2 * workers - len(inflight))):
                     inflight[pool.submit(_guard, run_unit, *args, u)] = u
             if inflight:
                 fin, _ = wait(inflight, timeout=0.5, return_when=FIRST_COMPLETED)
                 for fut in fin:
                     finish(inflight.pop(fut), fut.result())
-            elif pending_units:  # every unit the shards on disk allow is done; the rest need more shards
+            elif waiting:  # every unit the shards on disk allow is done; the rest need more shards
                 if feed.settled():
                     feed.grow()
                 feed.wait(0.5)

@@ -75,6 +75,8 @@ class TensorInfo:
 class Checkpoint:
     """The tensors and config of a Hugging Face checkpoint directory, indexed from shard headers only."""
 
+    transient = False  # shards deleted while converting (a streamed source): descriptors are not kept
+
     def __init__(self, root: Path, config: dict | None = None, tensors: dict[str, TensorInfo] | None = None):
         """``config`` and ``tensors`` (from headers read elsewhere, e.g. over HTTP) stand in for reading them from
         ``root``, whose shards may then arrive later (a streamed conversion)."""
