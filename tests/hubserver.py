@@ -60,6 +60,8 @@ class HubServer:
         self.faults: dict[str, dict] = {}  # file name -> {"kind": "drop"|"truncate"|"corrupt", "times": n}
         self.log: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
         self.bytes_sent = 0
+        self.token: str | None = None  # when set, a request without "Authorization: Bearer TOKEN" is refused
+        self.auth: list[str | None] = []  # each request's Authorization header
         self.rate: float | None = None  # bytes/s per download, to make a download slow enough to interrupt
         self._lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler(self))
@@ -106,6 +108,9 @@ def _handler(hub: HubServer):
         def _route(self, head: bool) -> None:
             path = unquote(urlparse(self.path).path)
             hub.log.append((self.command, path, self.headers.get("Range")))
+            hub.auth.append(self.headers.get("Authorization"))
+            if hub.token and self.headers.get("Authorization") != f"Bearer {hub.token}":
+                return self._json(401, {"error": "Invalid credentials"}, {"X-Error-Code": "GatedRepo"})
             if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", path):
                 return self._info(m[1], m[2])
             if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)", path):

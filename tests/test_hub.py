@@ -64,8 +64,8 @@ import json, sys
 from moepack.convert.pipeline import convert
 from moepack.convert.recipe import Recipe
 if __name__ == "__main__":
-    kw = json.loads(sys.argv[3])
-    convert(sys.argv[1], sys.argv[2], Recipe(), progress=False, workers=1, **kw)
+    kw = {"workers": 1, **json.loads(sys.argv[3])}
+    convert(sys.argv[1], sys.argv[2], Recipe(), progress=False, **kw)
 """
 
 
@@ -143,7 +143,8 @@ def test_stream_equals_download_and_local_within_disk_bound(hub, repos, local_pa
     assert res.returncode == 0, res.stderr
     out = tmp_path / "stream"
     hub.rate = 2e6  # slow enough that the sampler sees shards come and go
-    proc = subprocess.Popen([sys.executable, "-c", RUN, rid, str(out), json.dumps({"stream": True, "window": 1})],
+    kw = {"stream": True, "window": 1, "workers": 2 if "mixtral" in rid else 1}  # worker processes too
+    proc = subprocess.Popen([sys.executable, "-c", RUN, rid, str(out), json.dumps(kw)],
                             env=child_env(hub, tmp_path / "home-stream"), stderr=subprocess.PIPE, text=True)
     peak = 0
     while proc.poll() is None:
@@ -261,6 +262,29 @@ def test_server_faults_retry_or_fail_clearly(hub, repos, local_packs, tmp_path, 
     assert "SourceError" in last and shard in last and "re-run" in last, last
     if kind == "corrupt":
         assert "sha256" in last
+
+
+def test_stream_sends_token_and_pins_revision(hub, repos, local_packs, tmp_path):
+    """HF_TOKEN goes with every request (a gated repo refuses requests without it); --revision pins the commit,
+    and an unknown revision is a one-line error before anything is written."""
+    rid = "acme/mixtral-fused"
+    hub.token = "hf_test_token"
+    env = {**child_env(hub, tmp_path / "home"), "HF_TOKEN": hub.token}
+    res = subprocess.run([sys.executable, "-c", RUN, rid, str(tmp_path / "out"),
+                          json.dumps({"stream": True, "revision": hub.repos[rid].sha})], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    same_pack(tmp_path / "out", local_packs[rid])
+    assert set(hub.auth) == {f"Bearer {hub.token}"}
+    res = subprocess.run([sys.executable, "-c", RUN, rid, str(tmp_path / "out2"),
+                          json.dumps({"stream": True, "revision": "no-such-branch"})], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode != 0 and "SourceError" in res.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out2" / "manifest.json").exists()
+    res = subprocess.run([sys.executable, "-c", RUN, rid, str(tmp_path / "out3"), json.dumps({"stream": True})],
+                         env={k: v for k, v in env.items() if k != "HF_TOKEN"}, capture_output=True, text=True,
+                         timeout=300)  # no token: refused with a message that names HF_TOKEN
+    assert res.returncode != 0 and "HF_TOKEN" in res.stderr.strip().splitlines()[-1]
 
 
 CHECK = r"""

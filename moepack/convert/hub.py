@@ -52,8 +52,9 @@ class HubRepo:
             info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
         except Exception as e:  # offline, auth, not found: one message
             raise SourceError(
-                f"could not list {repo_id} on the Hugging Face hub ({type(e).__name__}: {e}); check the repo id, your "
-                "network or HF_TOKEN (with HF_HUB_OFFLINE=1 only a fully downloaded copy can be converted)") from e
+                f"could not list {repo_id}" + (f" at revision {revision}" if revision else "") + " on the Hugging Face "
+                f"hub ({type(e).__name__}: {_one_line(e)}); check the repo id, the revision, your network or HF_TOKEN "
+                "(with HF_HUB_OFFLINE=1 only a fully downloaded copy can be converted)") from e
         self.sha: str = info.sha
         self.files = {s.rfilename: RemoteFile(s.rfilename, int(s.size or 0), s.lfs.sha256 if s.lfs else None)
                       for s in info.siblings or []}
@@ -106,7 +107,7 @@ class HubRepo:
         except (ValueError, OSError) as e:
             raise SourceError(f"{url}: cannot read safetensors header ({e})") from e
         except Exception as e:
-            raise SourceError(f"{url}: cannot read safetensors header ({type(e).__name__}: {e}); check the network "
+            raise SourceError(f"{url}: cannot read safetensors header ({type(e).__name__}: {_one_line(e)}); check the network "
                               "or HF_TOKEN and re-run the same command") from e
         return parse_header(name, raw, size, url)
 
@@ -171,6 +172,11 @@ class RemoteCheckpoint(Checkpoint):
         if self.repo is None or (self.root / file).is_file():
             return super().read_bytes(file, start, n)
         return np.frombuffer(self.repo.read_range(file, start, n), np.uint8).copy()
+
+
+def _one_line(e: BaseException) -> str:
+    """huggingface_hub's messages span lines; moepack's errors are one line."""
+    return " ".join(str(e).split())
 
 
 def _is_weight(name: str) -> bool:
@@ -282,10 +288,10 @@ class ShardFeed:
                 return self._download(want, dest)
             except Exception as e:  # noqa: BLE001 - a network error, a short file or a wrong hash: try again
                 last = e
-                log.warning("downloading %s failed (%s: %s)%s", name, type(e).__name__, " ".join(str(e).split()),
+                log.warning("downloading %s failed (%s: %s)%s", name, type(e).__name__, _one_line(e),
                             "; retrying" if attempt + 1 < ATTEMPTS else "")
         raise SourceError(f"could not download {name} from {self.repo.repo_id}@{self.repo.sha[:12]} after {ATTEMPTS} "
-                          f"tries ({type(last).__name__}: {' '.join(str(last).split())}); re-run the same command to "
+                          f"tries ({type(last).__name__}: {_one_line(last)}); re-run the same command to "
                           "resume") from last
 
     def _download(self, want: RemoteFile, dest: Path) -> None:
