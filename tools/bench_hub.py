@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Streamed vs local conversion of a multi-GB checkpoint served by the local test hub (tests/hubserver.py).
 
-Writes a synthetic Qwen3-MoE checkpoint (random bf16 weights, real tensor names and shapes from transformers on the
-meta device) of about ``--gb`` GB in ``--shards`` shards under WORKDIR, serves it on loopback, and times three
+Writes tools/bench_convert.py's synthetic Qwen3-MoE checkpoint (moepack.demo's writer: random bf16 weights, real
+tensor names, hub config spelling) of about ``--gb`` GiB in ``--shards`` shards under WORKDIR, serves it on
+loopback with tests/hubserver.py, and times three
 conversions, each in a child process while the disk under its directories and the resident memory of its whole
 process tree are sampled every 0.1 s:
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -28,71 +28,22 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tools")]
 
-from hubserver import HubServer, write_shards  # noqa: E402
+from bench_convert import DEFAULT_DIMS, layers_for, spec_for  # noqa: E402
+from hubserver import HubServer  # noqa: E402
+
+from moepack.demo import checkpoint_bytes, write_checkpoint  # noqa: E402
 
 REPO = "bench/qwen3-moe-synthetic"
-CONFIG = dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], vocab_size=32000, hidden_size=2048,
-              num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4, head_dim=128,
-              intermediate_size=4096, moe_intermediate_size=768, num_experts=32, num_experts_per_tok=4,
-              norm_topk_prob=True, rms_norm_eps=1e-6, max_position_embeddings=4096, rope_theta=1e6,
-              tie_word_embeddings=False, torch_dtype="bfloat16")
 
 
-def shapes(cfg: dict) -> dict[str, list[int]]:
-    import torch
-    import transformers
-
-    config = transformers.AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items() if k != "model_type"})
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config)
-    sd = model.state_dict()
-    if "model.layers.0.mlp.experts.gate_up_proj" in sd:  # transformers 5 fuses experts; write the hub's spelling
-        out = {}
-        for k, v in sd.items():
-            if k.endswith("mlp.experts.gate_up_proj"):
-                E, two_i, h = v.shape
-                for e in range(E):
-                    out[k.replace("gate_up_proj", f"{e}.gate_proj.weight")] = [two_i // 2, h]
-                    out[k.replace("gate_up_proj", f"{e}.up_proj.weight")] = [two_i // 2, h]
-            elif k.endswith("mlp.experts.down_proj"):
-                E, h, i = v.shape
-                for e in range(E):
-                    out[k.replace("down_proj", f"{e}.down_proj.weight")] = [h, i]
-            else:
-                out[k] = list(v.shape)
-        return out
-    return {k: list(v.shape) for k, v in sd.items()}
-
-
-def scale_to(cfg: dict, gb: float) -> dict:
-    """The config with as many layers as make about ``gb`` GB of bf16."""
-    per_layer = 3 * cfg["num_experts"] * cfg["hidden_size"] * cfg["moe_intermediate_size"] * 2
-    cfg = dict(cfg, num_hidden_layers=max(1, round(gb * 1e9 / per_layer)))
-    return cfg
-
-
-def write_checkpoint(d: Path, gb: float, n_shards: int) -> Path:
-    """Random bf16 weights (normal, std 0.02; norms 1) in ``n_shards`` files cut in layer order, with an index."""
-    cfg = scale_to(CONFIG, gb)
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "config.json").write_text(json.dumps(cfg, indent=2))
-    sh = shapes(cfg)
-    rng = np.random.default_rng(0)
-    pool = ((rng.standard_normal(1 << 22, np.float32) * 0.02).view(np.uint32) >> 16).astype(np.uint16)  # bf16 bits
-
-    def data(k: str) -> bytes:
-        count = math.prod(sh[k])
-        if "norm" in k:
-            return np.full(count, 0x3F80, np.uint16).tobytes()  # 1.0
-        return np.resize(np.roll(pool, -int(rng.integers(0, len(pool)))), count).tobytes()
-
-    write_shards(d, {k: ("BF16", s, math.prod(s) * 2) for k, s in sh.items()}, n_shards, data)
-    return d
+def write_repo(d: Path, gib: float, n_shards: int) -> Path:
+    """tools/bench_convert.py's checkpoint (moepack.demo's writer) of about ``gib`` GiB, in ``n_shards`` shards."""
+    d_ = {**DEFAULT_DIMS, "layers": 0}
+    spec = spec_for({**d_, "layers": layers_for(gib, d_)})
+    return write_checkpoint(d, spec, shard_bytes=checkpoint_bytes(spec) // n_shards + 1)
 
 
 def _tree_rss(pid: int) -> int:
@@ -152,14 +103,14 @@ def same_files(a: Path, b: Path) -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("workdir", type=Path)
-    ap.add_argument("--gb", type=float, default=3.0)
+    ap.add_argument("--gb", type=float, default=3.0, help="checkpoint size in GiB")
     ap.add_argument("--shards", type=int, default=8)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--keep", action="store_true")
     a = ap.parse_args()
     w = a.workdir
     try:
-        ckpt = write_checkpoint(w / "repo" / REPO, a.gb, a.shards)
+        ckpt = write_repo(w / "repo" / REPO, a.gb, a.shards)
         source = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
         rows = {}
         with HubServer({REPO: ckpt}) as hub:
