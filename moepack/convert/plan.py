@@ -161,10 +161,7 @@ def _used(out: Path) -> int:
 
 
 def free_bytes(path: Path) -> int:
-    path = Path(path).resolve()
-    while not path.exists():
-        path = path.parent
-    return shutil.disk_usage(path).free
+    return shutil.disk_usage(_existing(path)).free
 
 
 def _remote_sizes(repo) -> dict[str, int]:
@@ -223,10 +220,15 @@ def choose_stream(src: str, revision: str | None, out: Path, recipe: Recipe, win
 
 
 def _device(path: Path) -> int:
+    return os.stat(_existing(path)).st_dev
+
+
+def _existing(path: Path) -> Path:
+    """``path``, or its nearest existing parent (OUT may not exist yet): the file system it would be on."""
     path = Path(path).resolve()
     while not path.exists():
         path = path.parent
-    return os.stat(path).st_dev
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,7 +249,9 @@ def open_model(model: str, revision: str | None, staging: Path):
     p = Path(model).expanduser()
     if (p / "manifest.json").is_file():
         return None, PackReader(p), {"source": str(p.resolve())}, {}
-    if is_repo_id(model):
+    from huggingface_hub import constants
+
+    if is_repo_id(model) and not constants.HF_HUB_OFFLINE:  # offline: the copy in the hub cache, below
         repo = HubRepo(model, revision)
         return repo.checkpoint(staging), None, repo.provenance, _remote_sizes(repo)
     root, provenance = resolve(model, revision)
@@ -342,7 +346,7 @@ def plan_model(model: str, recipe: Recipe, revision: str | None = None, target: 
                          "slot_bytes": need_mem.slot_bytes, "experts": need_mem.experts, "top_k": k,
                          "bytes_per_token_cold": per_token, "minimum_budget": need_mem.minimum,
                          "available": avail, "recommended_budget": recommended,
-                         "fits_in_memory": recommended >= need_mem.minimum and need_mem.minimum <= avail}
+                         "fits_in_memory": need_mem.minimum <= avail}
         if disk_bps is None:
             disk_bps, mode = read_speed(target, max(lengths.values(), default=1 << 20))
         else:
