@@ -126,6 +126,10 @@ def test_plan_predicts_every_size_byte_for_byte(hub, repos, local_packs, rid, tm
     res = subprocess.run([sys.executable, "-m", "moepack.cli", "plan", str(repos[rid]), "--json", "--disk-gbps", "2"],
                          capture_output=True, text=True, timeout=300)  # the same from the checkpoint directory
     assert json.loads(res.stdout)["files"] == {**p["files"], "manifest.json": (local / "manifest.json").stat().st_size}
+    res = subprocess.run([sys.executable, "-m", "moepack.cli", "plan", str(local), "--json", "--disk-gbps", "2"],
+                         capture_output=True, text=True, timeout=300)  # and from the pack itself
+    assert json.loads(res.stdout)["recipes"]["chosen"]["pack_bytes"] == sum(
+        f.stat().st_size for f in local.rglob("*") if f.is_file())
     m = p["memory"]
     assert m["minimum_budget"] == m["dense_resident_bytes"] + m["top_k"] * m["slot_bytes"]
     assert m["bytes_per_token_cold"] > 0 and p["speed"]["decode_tok_s_cold"] > 0
@@ -262,6 +266,15 @@ def test_server_faults_retry_or_fail_clearly(hub, repos, local_packs, tmp_path, 
     assert "SourceError" in last and shard in last and "re-run" in last, last
     if kind == "corrupt":
         assert "sha256" in last
+
+
+def test_read_speed_measures_and_cleans_up(tmp_path):
+    """The disk test behind plan's speed bound reads expert-sized blocks of a scratch file it then removes."""
+    from moepack.convert.plan import read_speed
+
+    bps, mode = read_speed(tmp_path, 16384, seconds=0.05, threads=2, size=4 << 20)
+    assert bps > 0 and mode in ("O_DIRECT", "F_NOCACHE", "buffered")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_stream_sends_token_and_pins_revision(hub, repos, local_packs, tmp_path):

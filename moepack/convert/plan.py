@@ -260,7 +260,8 @@ def open_model(model: str, revision: str | None, staging: Path):
     return ckpt, None, provenance, {n: ckpt.file_path(n).stat().st_size for n in names}
 
 
-def read_speed(directory: Path, block: int, seconds: float = 1.0, threads: int = 8) -> tuple[float, str]:
+def read_speed(directory: Path, block: int, seconds: float = 1.0, threads: int = 8,
+               size: int = READ_TEST_BYTES) -> tuple[float, str]:
     """Bytes/s of uncached reads of ``block``-sized pieces at random aligned offsets of a scratch file in
     ``directory``, as the engine reads experts (direct I/O, ``threads`` at once); and the read mode used."""
     import random
@@ -274,7 +275,7 @@ def read_speed(directory: Path, block: int, seconds: float = 1.0, threads: int =
     fd, name = tempfile.mkstemp(prefix=".moepack-readtest-", dir=directory)
     try:
         chunk = np.random.default_rng(0).integers(0, 256, 1 << 20, np.uint8).tobytes()
-        size = max(READ_TEST_BYTES, 4 * block)
+        size = max(size, 4 * block) >> 20 << 20 or 1 << 20
         with os.fdopen(fd, "wb") as f:
             for _ in range(size >> 20):
                 f.write(chunk)
