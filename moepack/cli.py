@@ -59,8 +59,13 @@ def main(ctx, verbose: bool, debug: bool) -> None:
 @click.option("--alignment", type=int, default=16384, show_default=True, help="Expert segment/file alignment in bytes.")
 @click.option("--workers", type=int, help="Parallel worker processes (default: by job size and CPU count).")
 @click.option("--force", is_flag=True, help="Convert again into an OUT that holds a pack or a different partial run.")
+@click.option("--stream/--no-stream", default=None,
+              help="For a hub repo id: download one shard at a time into OUT and delete each once converted, so the "
+                   "disk holds the pack and a few shards (default: only when the disk cannot hold both in full).")
+@click.option("--window", type=click.IntRange(1), default=2, show_default=True,
+              help="With --stream: shards downloaded ahead of the converter.")
 def convert(src, out, revision, dtype, q_bits, q_group_size, dense_bits, dense_group_size, no_quantize, requantize,
-            alignment, workers, force) -> None:
+            alignment, workers, force, stream, window) -> None:
     """Convert a Hugging Face checkpoint (directory or hub repo id) SRC into a pack at OUT.
 
     Re-running the same command after an interruption resumes where it stopped.
@@ -73,10 +78,11 @@ def convert(src, out, revision, dtype, q_bits, q_group_size, dense_bits, dense_g
                     requantize=requantize)
     t0 = time.perf_counter()
     try:
-        path = run(src, out, recipe, revision=revision, workers=workers, force=force,
+        path = run(src, out, recipe, revision=revision, workers=workers, force=force, stream=stream, window=window,
                    say=lambda msg: click.echo(msg, err=True))
     except KeyboardInterrupt:
-        click.echo("\ninterrupted; re-run the same command to resume", err=True)
+        click.echo("
+interrupted; re-run the same command to resume", err=True)
         sys.exit(130)
     click.echo(f"wrote {path} in {time.perf_counter() - t0:.1f}s")
 
@@ -179,23 +185,43 @@ def _pipeline(pack, hosts, memory_budget, rank_timeout, **engine_kwargs):
 
 
 @main.command()
-@click.argument("pack", type=click.Path(exists=True, file_okay=False))
-@click.option("--hosts", required=True, help="Number of hosts, or mlx.launch's hostfile (JSON).")
+@click.argument("model")
+@click.option("--hosts", help="Number of hosts, or mlx.launch's hostfile (JSON): plan a pack's split over hosts.")
 @click.option("--memory-budget", "--memory-per-host", "budget",
               help="Each host's budget for weights, as --memory-budget on each rank (e.g. 72GB): shows how many "
                    "expert slots each host gets.")
+@click.option("--revision", help="Hub revision (branch, tag or commit) when MODEL is a repo id.")
+@click.option("--out", "target", type=click.Path(file_okay=False), default=".", show_default=True,
+              help="Where the pack would go: its free space is compared and its read speed measured.")
+@click.option("--q-bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default="4", show_default=True)
+@click.option("--dense-bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default="8", show_default=True)
+@click.option("--no-quantize", is_flag=True, help="Plan for every float tensor kept unquantized.")
+@click.option("--window", type=click.IntRange(1), default=2, show_default=True, help="convert --stream's window.")
+@click.option("--disk-gbps", type=float, help="Use this read speed (GB/s) instead of measuring the disk under --out.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def plan(pack, hosts, budget, as_json) -> None:
-    """Show how PACK's layers split over several hosts (`generate|serve --hosts`) and what each host needs.
+def plan(model, hosts, budget, revision, target, q_bits, dense_bits, no_quantize, window, disk_gbps, as_json) -> None:
+    """Before converting or downloading: MODEL's pack size, memory, disk (with and without `convert --stream`) and a
+    speed bound. MODEL is a hub repo id (only config, index and safetensors headers are fetched), a checkpoint
+    directory or a pack.
 
-    The split balances each host's dense bytes plus the expert bytes a token reads on it. It needs only the pack's
-    manifest.json and config.json, so it can plan a pack that is not here.
+    With --hosts: how a pack's layers split over several hosts (`generate|serve --hosts`) and what each host needs,
+    from its manifest.json and config.json alone. The split balances each host's dense bytes plus the expert bytes
+    a token reads on it.
     """
+    if not hosts:
+        from moepack.convert.plan import describe_plan, plan_model
+        from moepack.convert.recipe import Recipe
+
+        recipe = Recipe(quantize=not no_quantize, expert_bits=int(q_bits), dense_bits=int(dense_bits))
+        p = plan_model(model, recipe, revision, Path(target), window, disk_gbps * 1e9 if disk_gbps else None)
+        click.echo(json.dumps(p, indent=2) if as_json else describe_plan(p))
+        return
     from moepack.formats.reader import PackReader
     from moepack.runtime.distributed import read_hosts, split_pack
     from moepack.runtime.distributed.split import describe, split_rows
     from moepack.units import parse_bytes
 
+    pack = model
     n, names, _ = read_hosts(hosts)
     reader = PackReader(pack)
     p = split_pack(reader, n)

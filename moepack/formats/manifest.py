@@ -175,10 +175,14 @@ class Manifest:
         return cls.from_json(parse_json(data, Path(pack) / MANIFEST, "manifest",
                                         max_values=len(data) // MANIFEST_BYTES_PER_VALUE + 1024))
 
+    def to_bytes(self) -> bytes:
+        """manifest.json's contents."""
+        return json.dumps(self.to_json(), indent=1).encode()
+
     def save(self, pack: str | os.PathLike) -> None:
         """Write manifest.json atomically (temp file, fsync, rename): readers never see half a manifest."""
         path = Path(pack) / MANIFEST
-        atomic_write(path, json.dumps(self.to_json(), indent=1).encode(), suffix=".tmp")
+        atomic_write(path, self.to_bytes(), suffix=".tmp")
         fsync_dir(path.parent)
 
 
