@@ -81,8 +81,7 @@ def convert(src, out, revision, dtype, q_bits, q_group_size, dense_bits, dense_g
         path = run(src, out, recipe, revision=revision, workers=workers, force=force, stream=stream, window=window,
                    say=lambda msg: click.echo(msg, err=True))
     except KeyboardInterrupt:
-        click.echo("
-interrupted; re-run the same command to resume", err=True)
+        click.echo("\ninterrupted; re-run the same command to resume", err=True)
         sys.exit(130)
     click.echo(f"wrote {path} in {time.perf_counter() - t0:.1f}s")
 
