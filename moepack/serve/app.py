@@ -18,10 +18,12 @@ from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from moepack import __version__
 from moepack.runtime.memory import memory_stats
 from moepack.serve import http
+from moepack.serve.constrain import Constraint, GrammarError, response_grammar
 from moepack.serve import schemas as S
 from moepack.serve.http import MAX_BODY, APIError
 from moepack.serve.prompt import chat_prompt
@@ -79,12 +81,22 @@ async def model(model_id: str, request: Request) -> S.ModelCard:
 
 
 def _submit(st: State, ids: list[int], max_tokens: int, req: S._Sampling, logprobs: int | None,
-            skip_special: bool) -> tuple[Relay, Job]:
+            skip_special: bool, constraint: Any = None) -> tuple[Relay, Job]:
     """Queue the generation on the worker; its events arrive through the returned relay."""
     relay = Relay()
-    job = Job(ids, max_tokens, req.sampling(logprobs), relay.emit, req.stop_list(), skip_special)
+    job = Job(ids, max_tokens, req.sampling(logprobs), relay.emit, req.stop_list(), skip_special, constraint)
     st.worker.submit(job)
     return relay, job
+
+
+async def _constraint(st: State, req: S.ChatCompletionRequest) -> Constraint | None:
+    """The grammar the reply must follow (``response_format``), compiled off the event loop; 400 when invalid."""
+    try:
+        lark = response_grammar(st.grammars, req.response_format)
+        return None if lark is None else await run_in_threadpool(st.grammars.compile, lark)
+    except GrammarError as e:
+        raise APIError(400, f"invalid schema for response_format: {e}", param="response_format",
+                       code="invalid_json_schema")
 
 
 async def chat_completions(req: S.ChatCompletionRequest, request: Request) -> S.ChatCompletion | Response:
@@ -99,7 +111,8 @@ async def chat_completions(req: S.ChatCompletionRequest, request: Request) -> S.
         raise APIError(400, "the rendered prompt is empty", param="messages")
     max_tokens = st.budget(len(ids), req.token_limit())
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    relay, job = _submit(st, ids, max_tokens, req, logprobs, skip_special=fmt is None)
+    constraint = await _constraint(st, req)
+    relay, job = _submit(st, ids, max_tokens, req, logprobs, skip_special=fmt is None, constraint=constraint)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if req.stream:
         head = stream_head(req, rid, created, st.opts.model_id, FINGERPRINT)

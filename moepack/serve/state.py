@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from moepack.serve.constrain import Grammars
 from moepack.serve.http import MAX_BODY, APIError
 from moepack.serve.toolcalls import ToolFormat, format_for
 from moepack.serve.worker import Worker
@@ -36,6 +37,7 @@ class State:
         self.tokenizer: Any = None
         self.worker: Worker | None = None
         self.tool_format: ToolFormat | None = None
+        self.grammars: Grammars | None = None
         self.context_length = 0
         self.created = int(time.time())
         self.load_error: str | None = None
@@ -46,6 +48,7 @@ class State:
         cfg = getattr(engine, "config", {}) or {}
         self.context_length = self.opts.context_length or int(cfg.get("max_position_embeddings") or 4096)
         self.tool_format = format_for(tokenizer.chat_template)
+        self.grammars = Grammars(tokenizer)
         self.worker = Worker(engine, tokenizer, self.opts.parallel, self.opts.prompt_cache).start()
         self.ready.set()
         log.info("serving %s (context %d, tool calls: %s)", self.opts.model_id, self.context_length,

@@ -52,6 +52,7 @@ class Job:
     emit: Callable[[Event], None]
     stop: list[str] = field(default_factory=list)
     skip_special_tokens: bool = True
+    constraint: Any = None  # a grammar the reply follows (serve/constrain.py)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -153,7 +154,8 @@ class Worker:
     def _admit(self, job: Job) -> None:
         try:
             cache, reused = self.cache.take(job.prompt, self.engine.make_cache)
-            gen = Generation(self.engine, job.prompt, job.max_tokens, job.params, self.stop_tokens, cache, reused)
+            gen = Generation(self.engine, job.prompt, job.max_tokens, job.params, self.stop_tokens, cache, reused,
+                             job.constraint)
             r = _Running(job, gen, TextStream(self.tokenizer, job.stop, job.skip_special_tokens))
         except Exception as e:
             log.exception("could not start a generation")
