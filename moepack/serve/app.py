@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from moepack import __version__
 from moepack.runtime.memory import memory_stats
 from moepack.serve import http
-from moepack.serve.constrain import Constraint, GrammarError, response_grammar
+from moepack.serve.constrain import Constraint, GrammarError, request_grammar
 from moepack.serve import schemas as S
 from moepack.serve.http import MAX_BODY, APIError
 from moepack.serve.prompt import chat_prompt
@@ -90,13 +90,15 @@ def _submit(st: State, ids: list[int], max_tokens: int, req: S._Sampling, logpro
 
 
 async def _constraint(st: State, req: S.ChatCompletionRequest) -> Constraint | None:
-    """The grammar the reply must follow (``response_format``), compiled off the event loop; 400 when invalid."""
+    """The grammar the reply must follow (``response_format``, or enforced tool calls), compiled off the event
+    loop; 400 when invalid."""
+    tools = bool(req.tools) and (req.tool_choice == "required" or isinstance(req.tool_choice, S.NamedToolChoice))
+    param = "tools" if tools else "response_format"
     try:
-        lark = response_grammar(st.grammars, req.response_format)
+        lark = request_grammar(st.grammars, req, st.tool_format, st.tokenizer.chat_template)
         return None if lark is None else await run_in_threadpool(st.grammars.compile, lark)
     except GrammarError as e:
-        raise APIError(400, f"invalid schema for response_format: {e}", param="response_format",
-                       code="invalid_json_schema")
+        raise APIError(400, f"invalid schema for {param}: {e}", param=param, code="invalid_json_schema")
 
 
 async def chat_completions(req: S.ChatCompletionRequest, request: Request) -> S.ChatCompletion | Response:
@@ -116,12 +118,15 @@ async def chat_completions(req: S.ChatCompletionRequest, request: Request) -> S.
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if req.stream:
         head = stream_head(req, rid, created, st.opts.model_id, FINGERPRINT)
-        return event_stream(relay, job, ChatChunks(head, tok, fmt, logprobs is not None))
+        return event_stream(relay, job, ChatChunks(head, tok, fmt, logprobs is not None,
+                                                      1 if req.parallel_tool_calls is False else None))
     got = await collect(relay, job, request)
     if got is None:
         return JSONResponse({}, status_code=499)  # nobody is listening
     text, samples, done = got
     content, calls = parse(text, fmt)
+    if req.parallel_tool_calls is False:
+        calls = calls[:1]
     finish = "tool_calls" if calls else done.finish_reason
     msg = S.AssistantMessage(content=content, tool_calls=[S.ToolCallOut(**c) for c in calls] or None)
     lps = S.ChoiceLogprobs(content=[chat_logprobs(tok, x) for x in samples]) if logprobs is not None else None

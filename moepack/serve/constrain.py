@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from dataclasses import dataclass
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -148,3 +149,141 @@ def response_grammar(grammars: Grammars, fmt: Any) -> str | None:
     if fmt.type == "json_object":
         return grammars.json_schema(None)
     return grammars.json_schema(fmt.json_schema.schema_)
+
+
+# ---- enforced tool calls ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CallSyntax:
+    """How one template family writes its tool calls, as text around the parts the grammar fills in.
+
+    ``call`` is a sequence of literals and the placeholders NAME, ARGS (the arguments as JSON), PARAMS (the
+    arguments as the family's XML-like parameters, written one by one by ``param``, with KEY and VALUE), and
+    INDEX (a call counter), CALL_OBJECT (the JSON object {"name", "arguments"}) or JSON_LIST (all calls as one
+    JSON list of those). Literals that are special tokens of the tokenizer become those tokens. ``detect``:
+    a substring of the chat template that selects this variant of the family (the first that matches wins).
+    """
+
+    open: str
+    call: tuple[str, ...]
+    sep: str
+    close: str
+    param: tuple[str, ...] = ()
+    detect: str = ""
+    parallel: bool = True  # several calls in one reply
+
+
+NAME, ARGS, PARAMS, INDEX = "\0name", "\0args", "\0params", "\0index"
+CALL_OBJECT, JSON_LIST = "\0call", "\0list"  # {"name": ..., "arguments": ...}; a JSON list of those
+KEY, VALUE = "\0key", "\0value"  # in ``param``
+
+# keyed by toolcalls.ToolFormat.name; each entry lists the family's variants, the most specific first
+CALL_SYNTAX: dict[str, tuple[CallSyntax, ...]] = {
+    "hermes": (CallSyntax("", ("<tool_call>\n", CALL_OBJECT, "\n</tool_call>"), "\n", ""),),
+    "deepseek": (
+        CallSyntax("<｜tool▁calls▁begin｜>", ("<｜tool▁call▁begin｜>", "function", "<｜tool▁sep｜>", NAME, "\n```json\n",
+                                               ARGS, "\n```", "<｜tool▁call▁end｜>"), "\n", "<｜tool▁calls▁end｜>",
+                   detect="```json"),  # V3
+        CallSyntax("<｜tool▁calls▁begin｜>", ("<｜tool▁call▁begin｜>", NAME, "<｜tool▁sep｜>", ARGS, "<｜tool▁call▁end｜>"),
+                   "", "<｜tool▁calls▁end｜>"),  # V3.1 and later
+    ),
+    "kimi_k2": (CallSyntax("<|tool_calls_section_begin|>", ("<|tool_call_begin|>", "functions.", NAME, ":", INDEX,
+                                                             "<|tool_call_argument_begin|>", ARGS, "<|tool_call_end|>"),
+                           "", "<|tool_calls_section_end|>"),),
+    "glm4_moe": (CallSyntax("", ("<tool_call>", NAME, "\n", PARAMS, "</tool_call>"), "\n", "",
+                            ("<arg_key>", KEY, "</arg_key>\n<arg_value>", VALUE, "</arg_value>\n")),),
+    "minimax_m2": (CallSyntax("<minimax:tool_call>\n", ('<invoke name="', NAME, '">\n', PARAMS, "</invoke>"), "\n",
+                              "\n</minimax:tool_call>", ('<parameter name="', KEY, '">', VALUE, "</parameter>\n")),),
+    "qwen3_coder": (CallSyntax("", ("<tool_call>\n<function=", NAME, ">\n", PARAMS, "</function>\n</tool_call>"), "\n",
+                               "", ("<parameter=", KEY, ">\n", VALUE, "\n</parameter>\n")),),
+    "mistral": (CallSyntax("", ("[TOOL_CALLS]", NAME, "[ARGS]", ARGS), "", "", detect="[ARGS]"),  # v11 and later
+                CallSyntax("[TOOL_CALLS]", (JSON_LIST,), "", "")),  # v3: one JSON list of calls
+    # gpt-oss: the generation prompt ends with <|start|>assistant; <|call|> (an end token) closes the call
+    "harmony": (CallSyntax("", ("<|channel|>", "commentary to=functions.", NAME, " ", "<|constrain|>", "json",
+                                "<|message|>", ARGS), "", "", parallel=False),),
+}
+
+
+def _call_object(tool: dict) -> dict:
+    """JSON schema of {"name": ..., "arguments": ...} for one tool (hermes' and Mistral v3's calls)."""
+    fn = tool["function"]
+    return {"type": "object", "properties": {"name": {"const": fn["name"]},
+                                             "arguments": fn.get("parameters") or ANY_OBJECT},
+            "required": ["name", "arguments"], "additionalProperties": False}
+
+
+def syntax_for(fmt_name: str, template: str | None) -> CallSyntax | None:
+    variants = CALL_SYNTAX.get(fmt_name, ())
+    return next((v for v in variants if not v.detect or (template and v.detect in template)), None)
+
+
+def tool_grammar(grammars: Grammars, syntax: CallSyntax, tools: list[dict], parallel: bool) -> str:
+    """The lark grammar of a reply that is nothing but tool calls to ``tools`` (one, or with ``parallel`` one or
+    more), in ``syntax``."""
+    lit = grammars.literal
+    many = parallel and syntax.parallel
+    if syntax.call == (JSON_LIST,):  # the calls are one JSON list
+        items = {"anyOf": [_call_object(t) for t in tools]}
+        return f"start: {lit(syntax.open)} " + json_rule({"type": "array", "items": items, "minItems": 1,
+                                                          **({} if many else {"maxItems": 1})}) + "\n"
+    rules, alts = [], []
+    for i, tool in enumerate(tools):
+        fn = tool["function"]
+        schema = fn.get("parameters") or ANY_OBJECT
+        parts = []
+        for piece in syntax.call:
+            if piece == NAME:
+                parts.append(lark_literal(fn["name"]))
+            elif piece == ARGS:
+                parts.append(json_rule(schema))
+            elif piece == INDEX:
+                parts.append("/[0-9]{1,4}/")
+            elif piece == CALL_OBJECT:
+                parts.append(json_rule(_call_object(tool)))
+            elif piece == PARAMS:
+                parts.append(_params_rule(syntax, schema, lit))
+            else:
+                parts.append(lit(piece))
+        rules.append(f"call_{i}: " + " ".join(p for p in parts if p))
+        alts.append(f"call_{i}")
+    sep = lit(syntax.sep) if syntax.sep else ""
+    body = f"call ({sep} call)*" if many else "call"
+    head = " ".join(x for x in (lit(syntax.open) if syntax.open else "", body,
+                                lit(syntax.close) if syntax.close else "") if x)
+    return "\n".join([f"start: {head}", "call: " + " | ".join(alts), *rules]) + "\n"
+
+
+def _params_rule(syntax: CallSyntax, schema: dict, lit) -> str:
+    """Parameters written one by one (GLM, MiniMax, Qwen3-Coder): each value as JSON valid for its own schema,
+    required ones in schema order, the others optional."""
+    props: dict = schema.get("properties") or {}
+    required = set(schema.get("required") or [])
+    out = []
+    for key, sub in props.items():
+        parts = []
+        for piece in syntax.param:
+            if piece == KEY:
+                parts.append(lark_literal(key))
+            elif piece == VALUE:
+                parts.append(json_rule(sub if isinstance(sub, dict) else {}))
+            else:
+                parts.append(lit(piece))
+        one = "(" + " ".join(parts) + ")"
+        out.append(one if key in required else one + "?")
+    return " ".join(out) if out else ""
+
+
+def request_grammar(grammars: Grammars, req: Any, tool_format: Any, template: str | None) -> str | None:
+    """The grammar a chat request's reply must follow: tool calls when ``tool_choice`` is "required" or names a
+    function (in the template family's own call syntax), else what ``response_format`` asks for; None: free text."""
+    choice = req.tool_choice
+    named = getattr(getattr(choice, "function", None), "name", None)
+    if req.tools and (choice == "required" or named):
+        syntax = syntax_for(tool_format.name, template) if tool_format is not None else None
+        if syntax is None:
+            raise GrammarError(f"tool calls cannot be enforced for this model's template "
+                               f"({tool_format.name if tool_format else 'no tool-call format'}); use tool_choice auto")
+        tools = [t.model_dump(exclude_none=True) for t in req.tools if named in (None, t.function.name)]
+        return tool_grammar(grammars, syntax, tools, req.parallel_tool_calls is not False)
+    return response_grammar(grammars, req.response_format)

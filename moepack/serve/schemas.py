@@ -259,6 +259,7 @@ class ToolCallOut(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = None
     tool_calls: list[ToolCallOut] | None = None
 
 
@@ -306,23 +307,36 @@ class Completion(BaseModel):
 # ---- stream chunks (``stream: true``) ---------------------------------------------------------
 
 
-class ToolCallDelta(BaseModel):
-    index: int
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCallOut
-
-
-class ChatDelta(BaseModel):
-    """What a chunk adds to the reply. Keys left None are omitted, as in OpenAI's deltas (``{}`` ends it)."""
-
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-    tool_calls: list[ToolCallDelta] | None = None
+class _Delta(BaseModel):
+    """Keys left None are omitted, as in OpenAI's deltas."""
 
     @model_serializer(mode="wrap")
     def _omit_none(self, handler) -> dict[str, Any]:
         return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class FunctionDelta(_Delta):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(_Delta):
+    """A call's first delta has its id, type and name (arguments ""), the next ones its arguments, as OpenAI sends."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta
+
+
+class ChatDelta(_Delta):
+    """What a chunk adds to the reply (``{}`` ends it). ``reasoning_content``: the thinking section of a reasoning
+    model, apart from the answer."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
