@@ -217,3 +217,103 @@ def test_each_family_grammar_parses_back(deepseek_grammars, family, parallel):
             for c in calls:
                 fn = type("F", (), c["function"])
                 assert _valid_call(type("C", (), {"function": fn})), (family, text)
+
+
+# ---- thinking models ----------------------------------------------------------------------------------
+
+# Qwen3's way: the model opens <think> itself; enable_thinking=false renders an empty thinking section
+QWEN3_THINK = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+               "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}"
+               "{% endif %}{% endif %}")
+# DeepSeek-R1's way: the prompt opens the thinking, the reply starts inside it
+R1_THINK = ("{% for m in messages %}{{ m.role + ': ' + m.content.split('</think>')[-1] + '\\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ 'assistant: <think>\\n' }}{% endif %}")
+
+
+@pytest.fixture()
+def thinker(pack):
+    """A scripted engine behind create_app on the tiny pack's tokenizer with ``template``; yields (base, engine)."""
+    from contextlib import contextmanager
+
+    from moepack.runtime.tokenizer import Tokenizer
+    from moepack.serve.app import create_app
+    from tiny_pack import ScriptedEngine
+
+    @contextmanager
+    def make(template: str, replies: list[str]):
+        tok = Tokenizer(pack)
+        tok.chat_template = template
+        engine = ScriptedEngine(tok, replies)
+        with run_app(create_app(engine, tok, prompt_cache=0)) as base:
+            yield openai.OpenAI(base_url=f"{base}/v1", api_key="none", timeout=TIMEOUT, max_retries=0), engine
+
+    return make
+
+
+def _stream(c, **kw) -> tuple[str, str]:
+    chunks = [ch for ch in c.chat.completions.create(model="moepack", stream=True, **kw) if ch.choices]
+    thought = "".join(getattr(ch.choices[0].delta, "reasoning_content", None) or "" for ch in chunks)
+    return thought, "".join(ch.choices[0].delta.content or "" for ch in chunks)
+
+
+def test_reasoning_split_qwen3(thinker):
+    reply = "<think>\nTwo and two.\n</think>\n\nFour."
+    with thinker(QWEN3_THINK, [reply, reply]) as (c, engine):
+        m = c.chat.completions.create(model="moepack", messages=ask("2+2?"), max_tokens=100).choices[0].message
+        assert m.content == "Four." and m.reasoning_content.strip() == "Two and two."
+        thought, content = _stream(c, messages=ask("2+2?"), max_tokens=100)
+        assert content == "Four." and thought.strip() == "Two and two."
+
+
+def test_reasoning_split_r1_prompt_opens_thinking(thinker):
+    with thinker(R1_THINK, ["Hmm, </thin not yet.</think>The answer."]) as (c, _):
+        thought, content = _stream(c, messages=ask("?"), max_tokens=100)
+        assert (thought, content) == ("Hmm, </thin not yet.", "The answer.")
+
+
+def test_reasoning_effort_none_turns_thinking_off(thinker):
+    with thinker(QWEN3_THINK, ["Four."]) as (c, engine):
+        m = c.chat.completions.create(model="moepack", messages=ask("2+2?"), max_tokens=50,
+                                      reasoning_effort="none").choices[0].message
+        assert m.content == "Four." and m.reasoning_content is None
+        assert engine.tok.decode(engine.seen[-1], skip_special_tokens=False).endswith("<think>\n\n</think>\n\n")
+
+
+def test_json_after_thinking(deepseek_grammars):
+    """A thinking model's grammar: free thinking first, then the answer's grammar."""
+    from moepack.serve.constrain import Grammars
+    from moepack.serve.reasoning import FORMATS, with_thinking
+
+    think = next(f for f in FORMATS if f.name == "think")
+    g: Grammars = deepseek_grammars
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    for inside in (False, True):
+        lark = with_thinking(think, g.json_schema(schema), inside, g.literal)
+        for text, ok in [("<think>{ not json</think>\n\n{\"ok\": true}", True), ("{\"ok\": false}", not inside),
+                         ("<think>x</think>nope", False), ("<think>x</think>{\"ok\": 1}", False)]:
+            if inside and text.startswith("<think>"):
+                text = text[len("<think>"):]
+            c = g.compile(lark)
+            ids = g.tokenizer.encode(text, add_special_tokens=False)
+            accepted = all(c.matcher.consume_token(t) for t in ids) and c.matcher.is_accepting()
+            assert accepted == ok, (inside, text)
+
+
+def test_chat_repl_shows_reasoning_dimmed_and_hides_it(pack):
+    import io
+
+    from moepack.runtime.tokenizer import Tokenizer
+    from moepack.serve.chat import DIM, ChatSession, repl
+    from tiny_pack import ScriptedEngine
+
+    tok = Tokenizer(pack)
+    tok.chat_template = QWEN3_THINK
+    reply = "<think>Let me see.</think>Four."
+    session = ChatSession(ScriptedEngine(tok, [reply, reply]), tok)
+    lines = iter(["2+2?", "/think off", "2+2?", "/quit"])
+    out = io.StringIO()
+    repl(session, read=lambda _: next(lines), out=out)
+    text = out.getvalue()
+    assert text.count(DIM + "Let me see.") == 1 and text.count("Four.") == 2 and "reasoning hidden" in text
+    assert [m["content"] for m in session.messages if m["role"] == "assistant"] == ["Four.", "Four."]

@@ -10,6 +10,7 @@ from jinja2 import TemplateError
 from moepack.errors import MoepackError
 from moepack.serve import schemas as S
 from moepack.serve.http import APIError
+from moepack.serve.reasoning import template_kwargs
 from moepack.serve.toolcalls import ToolFormat
 
 RESERVED_TEMPLATE_VARS = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
@@ -65,4 +66,4 @@ def chat_prompt(tok, tool_format: ToolFormat | None, req: S.ChatCompletionReques
     kwargs = dict(req.chat_template_kwargs or {})
     if clash := RESERVED_TEMPLATE_VARS & kwargs.keys():
         raise APIError(400, f"chat_template_kwargs may not set {sorted(clash)}", param="chat_template_kwargs")
-    return render_chat(tok, req.messages, tools, kwargs), fmt
+    return render_chat(tok, req.messages, tools, {**template_kwargs(req), **kwargs}), fmt

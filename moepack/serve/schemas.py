@@ -173,6 +173,9 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = Field(
+        None, description="Thinking models: \"none\" turns thinking off where the template can (Qwen3, GLM, "
+        "DeepSeek-V3.1); other values reach templates that read them (gpt-oss).")
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="Extra variables for the chat template, "
                                                         "e.g. {\"enable_thinking\": false}.")
 

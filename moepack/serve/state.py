@@ -11,6 +11,8 @@ from typing import Any
 
 from moepack.serve.constrain import Grammars
 from moepack.serve.http import MAX_BODY, APIError
+from moepack.serve.reasoning import ReasoningFormat
+from moepack.serve.reasoning import format_for as reasoning_for
 from moepack.serve.toolcalls import ToolFormat, format_for
 from moepack.serve.worker import Worker
 
@@ -38,6 +40,7 @@ class State:
         self.worker: Worker | None = None
         self.tool_format: ToolFormat | None = None
         self.grammars: Grammars | None = None
+        self.reasoning: ReasoningFormat | None = None  # the template's thinking section, if it has one
         self.context_length = 0
         self.created = int(time.time())
         self.load_error: str | None = None
@@ -49,6 +52,7 @@ class State:
         self.context_length = self.opts.context_length or int(cfg.get("max_position_embeddings") or 4096)
         self.tool_format = format_for(tokenizer.chat_template)
         self.grammars = Grammars(tokenizer)
+        self.reasoning = reasoning_for(tokenizer.chat_template)
         self.worker = Worker(engine, tokenizer, self.opts.parallel, self.opts.prompt_cache).start()
         self.ready.set()
         log.info("serving %s (context %d, tool calls: %s)", self.opts.model_id, self.context_length,

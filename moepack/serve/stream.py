@@ -19,6 +19,7 @@ from moepack.runtime.generation import Usage
 from moepack.runtime.sampling import Sampled
 from moepack.serve import schemas as S
 from moepack.serve.http import APIError
+from moepack.serve.reasoning import ReasoningSplit
 from moepack.serve.toolcalls import ToolCallStream, ToolFormat
 from moepack.serve.worker import Delta, Done, Failed, Job
 
@@ -137,10 +138,11 @@ class ChatChunks:
     usage_exclude: set[str] = set()
 
     def __init__(self, head: StreamHead, tokenizer, fmt: ToolFormat | None, logprobs: bool,
-                 max_calls: int | None = None):
+                 max_calls: int | None = None, reasoning: ReasoningSplit | None = None):
         self.head, self.tokenizer, self.logprobs = head, tokenizer, logprobs
         self.tools = ToolCallStream(fmt) if fmt else None
         self.max_calls, self.calls = max_calls, 0
+        self.reasoning = reasoning  # splits a thinking model's reasoning_content from its content
 
     def chunk(self, delta: S.ChatDelta, finish: str | None = None, lps: list | None = None,
               ) -> S.ChatCompletionChunk:
@@ -154,8 +156,15 @@ class ChatChunks:
         yield self.chunk(S.ChatDelta(role="assistant", content=""))
 
     def delta(self, ev: Delta) -> Iterator[S.ChatCompletionChunk]:
-        text = self.tools.push(ev.text) if self.tools else ev.text
+        thought, text = self.reasoning.push(ev.text) if self.reasoning else ("", ev.text)
         lps = [chat_logprobs(self.tokenizer, ev.sampled)] if self.logprobs else None
+        yield from self._content(thought, text, lps)
+
+    def _content(self, thought: str, text: str, lps: list | None = None) -> Iterator[S.ChatCompletionChunk]:
+        if thought:
+            yield self.chunk(S.ChatDelta(reasoning_content=thought), lps=lps)
+            lps = None
+        text = self.tools.push(text) if self.tools else text
         if text or lps:
             yield self.chunk(S.ChatDelta(content=text), lps=lps)
         if self.tools:
@@ -174,6 +183,8 @@ class ChatChunks:
                 index=i, function=S.FunctionDelta(arguments=fn["arguments"]))]))
 
     def closing(self, done: Done) -> Iterator[S.ChatCompletionChunk]:
+        if self.reasoning:
+            yield from self._content(*self.reasoning.finish())
         rest, calls = self.tools.finish() if self.tools else ("", [])
         if rest:
             yield self.chunk(S.ChatDelta(content=rest))
