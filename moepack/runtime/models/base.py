@@ -93,7 +93,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(hidden, eps=eps)
 
     def __call__(self, x: mx.array, mask: Causal, cache: KVCache | None) -> mx.array:
-        h = x + self[self.mixer](self.input_layernorm(x), mask, cache)
+        return self.feed_forward(self.mix(x, mask, cache))
+
+    def mix(self, x: mx.array, mask: Causal, cache: KVCache | None) -> mx.array:
+        """The first half: x + attn(norm(x)) (a batch of sequences runs it per sequence, runtime/batch.py)."""
+        return x + self[self.mixer](self.input_layernorm(x), mask, cache)
+
+    def feed_forward(self, h: mx.array) -> mx.array:
+        """The second half: h + mlp(norm(h))."""
         return h + self.mlp(self.post_attention_layernorm(h))
 
 

@@ -1,0 +1,101 @@
+"""Several sequences decoded together: one step runs every active sequence through each layer before the next
+layer starts, so an expert that several of them route to is read once per layer per step, not once per sequence.
+
+- :func:`forward_rows`: one step. Each sequence (a row) keeps its own KV cache at its own offset, so attention runs
+  row by row; before a layer's MoE block, the experts all rows route to are read at once (``read_ahead``), then each
+  row's MoE block runs on the experts now resident. Every row computes exactly what it would alone (same kernels,
+  same order), so a request's output never depends on what runs beside it.
+- :class:`Stepper`: drives one :class:`~moepack.runtime.generation.Generation` a forward pass at a time: its prompt
+  in chunks (so a long prompt joining the batch does not stall the others for its whole length), then a token per
+  step.
+
+An engine without the model in this process (a pipeline over several hosts) runs the rows one after another.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from moepack.runtime.generation import Generation
+from moepack.runtime.models.cache import Causal
+from moepack.runtime.models.moe import MoE
+from moepack.runtime.sampling import Sampled
+
+
+def batchable(engine: Any) -> bool:
+    """Whether ``engine`` runs its whole model here (an :class:`~moepack.runtime.engine.Engine` of one stage)."""
+    stage = getattr(engine, "stage", None)
+    return getattr(engine, "model", None) is not None and stage is not None and stage.count == 1
+
+
+def _read_union(engine: Any, layer: Any, hs: list[mx.array]) -> None:
+    """Start reading every expert the rows route to in this MoE layer (the union, each expert once)."""
+    moe: MoE = layer.mlp
+    inds = [moe.router(layer.post_attention_layernorm(h).reshape(-1, h.shape[-1]))[0] for h in hs]
+    mx.eval(inds)
+    union = np.unique(np.concatenate([np.array(i).reshape(-1) for i in inds]))
+    engine.store.read_ahead(moe.experts.layer, union.tolist())
+
+
+def forward_rows(engine: Any, rows: Sequence[tuple[list[int], list]]) -> list[np.ndarray]:
+    """One step for a batch: each row's ``ids`` appended to its own ``cache``; float32 logits [vocab] of each row's
+    last position."""
+    if not batchable(engine) or len(rows) == 1:
+        return [engine.forward(ids, cache, "last")[-1] for ids, cache in rows]
+    t0, io0 = time.perf_counter(), engine.store.counters.io_wait_s
+    m = engine.model
+    hs = [m.model.embed_tokens(mx.array([ids], dtype=mx.int32)) for ids, _ in rows]  # each [1, T_r, H]
+    for i, layer in enumerate(m.model.layers):
+        window = getattr(layer, "sliding_window", None)
+        hs = [layer.mix(h, Causal(cache[i].offset, window), cache[i]) for h, (_, cache) in zip(hs, rows)]
+        if isinstance(layer.mlp, MoE):
+            _read_union(engine, layer, hs)
+        hs = [layer.feed_forward(h) for h in hs]
+        mx.eval(hs)
+    outs = [m.head(h[:, -1:]).astype(mx.float32) for h in hs]
+    mx.eval(outs)
+    engine.compute_s += time.perf_counter() - t0 - (engine.store.counters.io_wait_s - io0)
+    engine.tokens_processed += sum(len(ids) for ids, _ in rows)
+    return [np.array(o[0, -1]) for o in outs]
+
+
+class Stepper:
+    """One generation advanced a forward pass at a time: ``ids()`` to feed, then ``absorb(logits)``, which
+    returns the sampled token once the prompt is in (None after a prompt chunk that is not its last)."""
+
+    def __init__(self, gen: Generation, chunk: int | None = None):
+        self.gen = gen
+        self.chunk = chunk  # prompt tokens per step (None: the whole prompt, in passes of the engine's max_pass)
+        self.fed = gen.reused  # prompt tokens in the cache
+        self.last: int | None = None  # the sampled token still to feed
+
+    @property
+    def prefilling(self) -> bool:
+        return self.fed < len(self.gen.prompt)
+
+    def ids(self) -> list[int]:
+        if not self.prefilling:
+            return [self.last]
+        n = min(self.chunk or len(self.gen.prompt), getattr(self.gen.engine, "max_pass", 1 << 30))
+        return self.gen.prompt[self.fed : self.fed + n]
+
+    def samples_next(self) -> bool:
+        """Whether the coming pass ends with a draw (then its grammar mask starts computing meanwhile)."""
+        return not self.prefilling or self.fed + len(self.ids()) >= len(self.gen.prompt)
+
+    def absorb(self, logits: np.ndarray) -> Sampled | None:
+        g = self.gen
+        if self.prefilling:
+            self.fed += len(self.ids())
+            g.tokens = g.prompt[: self.fed]
+            if self.prefilling:
+                return None
+        else:
+            g.tokens.append(self.last)
+        s = g.sample(logits)
+        self.last = s.token
+        return s
