@@ -54,8 +54,9 @@ def forward_rows(engine: Any, rows: Sequence[tuple[list[int], list]]) -> list[np
         hs = [layer.mix(h, Causal(cache[i].offset, window), cache[i]) for h, (_, cache) in zip(hs, rows)]
         if isinstance(layer.mlp, MoE):
             _read_union(engine, layer, hs)
-        hs = [layer.feed_forward(h) for h in hs]
-        mx.eval(hs)
+        for r, h in enumerate(hs):
+            hs[r] = layer.feed_forward(h)
+            mx.eval(hs[r])  # computed now: the next row's experts may take these slots
     outs = [m.head(h[:, -1:]).astype(mx.float32) for h in hs]
     mx.eval(outs)
     engine.compute_s += time.perf_counter() - t0 - (engine.store.counters.io_wait_s - io0)

@@ -3,7 +3,7 @@
 Types are strict (``"0.7"`` is not a temperature, ``1.0`` is not a token count) and ranges are OpenAI's, so a
 malformed request is answered with a 400 naming the field before it can reach the model. An unknown top-level
 parameter is a 400 too (``unknown_parameter``, as OpenAI answers): a sampling option this server does not
-implement (``logit_bias``, ``response_format``, llama.cpp's ``mirostat``...) must not be silently dropped.
+implement (``logit_bias``, llama.cpp's ``mirostat``...) must not be silently dropped.
 OpenAI's parameters that change nothing here (``user``, ``metadata``, ``store``, ``service_tier``) are accepted
 and ignored. Inside messages and tools, unknown keys are ignored: clients send back the assistant messages they
 received, with keys such as ``refusal`` or ``annotations``.

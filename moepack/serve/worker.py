@@ -180,10 +180,18 @@ class Worker:
                 r.gen.begin()  # its grammar mask computes while the pass runs
         try:
             logits = forward_rows(self.engine, [(r.stepper.ids(), r.gen.cache) for r in batch])
-        except Exception as e:  # one bad step (an unreadable expert file, say) must not stop the server
+        except Exception as e:  # one bad request (an unreadable expert file, say) must not stop the server...
+            if len(batch) > 1:  # ...nor fail the others: rewind the step, then run each request alone
+                log.warning("a batched step failed (%s: %s); running its requests one by one", type(e).__name__, e)
+                for r in batch:
+                    r.gen.settle()
+                    if any(c.offset != len(r.gen.tokens) for c in r.gen.cache):  # a recurrent state: cannot rewind
+                        self._fail(r, f"generation failed: {type(e).__name__}: {e}")
+                    else:
+                        self._step([r])
+                return
             log.exception("generation failed")
-            for r in batch:
-                self._fail(r, f"generation failed: {type(e).__name__}: {e}")
+            self._fail(batch[0], f"generation failed: {type(e).__name__}: {e}")
             return
         self.steps += 1
         self.rows += len(batch)
