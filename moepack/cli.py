@@ -289,7 +289,8 @@ def _print_stats(engine, n_prompt: int, n_gen: int, t0: float, first: float | No
 @click.option("--model-id", help="Model id clients use (default: the pack directory's name).")
 @click.option("--ctx-size", type=int, help="Context length in tokens (default: the model's).")
 @click.option("--parallel", type=int, default=1, show_default=True,
-              help="Requests generated in turn, a token each; the rest wait in the queue.")
+              help="Requests decoded together, each step reading the experts they share once; the rest wait "
+              "in the queue.")
 @_verify_option
 @_cache_options
 @_hosts_options

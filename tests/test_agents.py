@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from typing import Literal
 
 import httpx
@@ -16,7 +14,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from conftest import TIMEOUT, err, free_port, run_app, wait_healthy
+from conftest import TIMEOUT, err, run_app, serve_pack
 
 KEY = "sk-agents"
 
@@ -24,21 +22,8 @@ KEY = "sk-agents"
 @pytest.fixture(scope="module")
 def server(pack):
     """`moepack serve` on the tiny pack, 4 requests decoded together."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "moepack.cli", "serve", str(pack), "--port", str(port),
-                             "--api-key", KEY, "--parallel", "4", "--model-id", "tiny"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "MOEPACK_API_KEY": ""})
-    try:
-        wait_healthy(base, proc)
+    with serve_pack(pack, KEY, parallel=4) as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")

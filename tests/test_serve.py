@@ -22,7 +22,7 @@ from moepack.runtime.sampling import SamplingParams
 from moepack.runtime.tokenizer import Tokenizer
 from moepack.serve import toolcalls
 from moepack.serve.app import create_app
-from conftest import HELLO, TIMEOUT, err, free_port, run_app, wait_healthy
+from conftest import HELLO, TIMEOUT, err, free_port, run_app, serve_pack, wait_healthy
 from tiny_pack import ScriptedEngine, reference
 
 KEY = "sk-test-key"
@@ -30,22 +30,9 @@ KEY = "sk-test-key"
 
 @pytest.fixture(scope="module")
 def server(pack):
-    """`moepack serve` in a subprocess, bound to 127.0.0.1, with an API key and 3 requests decoded in turn."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "moepack.cli", "serve", str(pack), "--port", str(port),
-                             "--api-key", KEY, "--parallel", "3", "--model-id", "tiny"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "MOEPACK_API_KEY": ""})
-    try:
-        wait_healthy(base, proc)
+    """`moepack serve` in a subprocess, bound to 127.0.0.1, with an API key and 3 requests decoded together."""
+    with serve_pack(pack, KEY, parallel=3) as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")

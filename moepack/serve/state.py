@@ -25,7 +25,7 @@ class Options:
     api_key: str | None = None
     max_body: int = MAX_BODY
     context_length: int | None = None  # default: the model's max_position_embeddings
-    parallel: int = 1  # requests decoded in turn; the rest wait in the queue
+    parallel: int = 1  # requests decoded together (runtime/batch.py); the rest wait in the queue
     prompt_cache: int = 2  # KV caches kept for prefix reuse
 
 
