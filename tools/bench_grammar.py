@@ -134,11 +134,16 @@ class OutlinesCore:
 
         self.oc = outlines_core
         t = Tokenizer.from_str(tok_json)
-        # outlines-core keys its vocabulary by the token's text (bytes-level tokens as their byte-level spelling)
-        vocab: dict[str, list[int]] = {}
+        # outlines-core keys its vocabulary by each token's bytes: byte-level BPE spells them as GPT-2's
+        # printable stand-ins (Ġ for a space...), mapped back here
+        printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+        stand_in = {chr(b): b for b in printable}
+        stand_in.update({chr(256 + n): b for n, b in enumerate(b for b in range(256) if b not in printable)})
+        vocab: dict[bytes, list[int]] = {}
         for s, i in t.get_vocab().items():
             if i != eos:
-                vocab.setdefault(s, []).append(i)
+                raw = bytes(stand_in[c] for c in s) if all(c in stand_in for c in s) else s.encode()
+                vocab.setdefault(raw, []).append(i)
         self.vocab = outlines_core.Vocabulary(eos, vocab)
 
     def compile(self, schema: dict):
