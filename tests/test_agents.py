@@ -358,3 +358,24 @@ def test_batched_step_reads_the_union_once(small_pack, budget):
     finally:
         for e in engines:
             e.close()
+
+
+SPLITS = [
+    ("think", False, "<think>\nplan\n</think>\n\nAnswer.", "\nplan\n", "Answer."),
+    ("think", False, "No thinking here.", "", "No thinking here."),
+    ("think", True, "plan</think>Answer <think> stays.", "plan", "Answer <think> stays."),
+    ("harmony", False, "<|channel|>analysis<|message|>plan<|end|><|start|>assistant<|channel|>final<|message|>Hi.",
+     "plan", "Hi."),
+    ("harmony", False, "<|channel|>final<|message|>Hi.", "", "Hi."),
+]
+
+
+@pytest.mark.parametrize("name,inside,text,thought,content", SPLITS)
+def test_reasoning_split_whole_and_char_by_char(name, inside, text, thought, content):
+    from moepack.serve.reasoning import FORMATS, ReasoningSplit
+
+    fmt = next(f for f in FORMATS if f.name == name)
+    for pieces in ([text], list(text)):
+        s = ReasoningSplit(fmt, inside)
+        out = [s.push(p) for p in pieces] + [s.finish()]
+        assert ("".join(r for r, _ in out), "".join(c for _, c in out)) == (thought, content), pieces[:3]

@@ -79,12 +79,12 @@ class ReasoningSplit:
         s = self.buf.lstrip()
         if not s and not final:  # blank so far: a marker may follow
             return None
-        for m in markers:
+        if not final and any(len(m) > len(s) and m.startswith(s) for m in markers):
+            return None  # may still become (a longer) one
+        for m in sorted(markers, key=len, reverse=True):
             if m and s.startswith(m):
                 self.buf = s[len(m):]
                 return m
-        if not final and any(m and m.startswith(s) for m in markers):
-            return None
         return ""
 
     def push(self, text: str, final: bool = False) -> tuple[str, str]:
