@@ -33,9 +33,13 @@ def batchable(engine: Any) -> bool:
 
 
 def _read_union(engine: Any, layer: Any, hs: list[mx.array]) -> None:
-    """Start reading every expert the rows route to in this MoE layer (the union, each expert once)."""
+    """Start reading every expert the decoding rows route to in this MoE layer (the union, each expert once). A
+    prompt chunk reads its own experts as a prompt does (as the policy's first victims, so they do not push the
+    decode working set out); those the decoding rows share with it are then already resident."""
     moe: MoE = layer.mlp
-    inds = [moe.router(layer.post_attention_layernorm(h).reshape(-1, h.shape[-1]))[0] for h in hs]
+    inds = [moe.router(layer.post_attention_layernorm(h).reshape(-1, h.shape[-1]))[0] for h in hs if h.shape[1] == 1]
+    if not inds:
+        return
     mx.eval(inds)
     union = np.unique(np.concatenate([np.array(i).reshape(-1) for i in inds]))
     engine.store.read_ahead(moe.experts.layer, union.tolist())
