@@ -2,9 +2,10 @@
 layer starts, so an expert that several of them route to is read once per layer per step, not once per sequence.
 
 - :func:`forward_rows`: one step. Each sequence (a row) keeps its own KV cache at its own offset, so attention runs
-  row by row; before a layer's MoE block, the experts all rows route to are read at once (``read_ahead``), then each
-  row's MoE block runs on the experts now resident. Every row computes exactly what it would alone (same kernels,
-  same order), so a request's output never depends on what runs beside it.
+  row by row; the MoE block runs once for all the rows that decode a token: the union of the experts they route to
+  is acquired at once (each read once) and every (token, choice) pair is computed as a lone token's pair is. A
+  prompt chunk in the batch runs its MoE block as a prompt does. Every row computes exactly what it would alone
+  (same kernels, same order), so a request's output never depends on what runs beside it.
 - :class:`Stepper`: drives one :class:`~moepack.runtime.generation.Generation` a forward pass at a time: its prompt
   in chunks (so a long prompt joining the batch does not stall the others for its whole length), then a token per
   step.
@@ -32,17 +33,18 @@ def batchable(engine: Any) -> bool:
     return getattr(engine, "model", None) is not None and stage is not None and stage.count == 1
 
 
-def _read_union(engine: Any, layer: Any, hs: list[mx.array]) -> None:
-    """Start reading every expert the decoding rows route to in this MoE layer (the union, each expert once). A
-    prompt chunk reads its own experts as a prompt does (as the policy's first victims, so they do not push the
-    decode working set out); those the decoding rows share with it are then already resident."""
+def _moe_decoding(layer: Any, hs: list[mx.array]) -> list[mx.array]:
+    """The MoE half of a layer for rows that each decode one token: the routed experts of all rows in one call (the
+    union of their experts acquired at once, each read once; every (token, choice) pair computed as a lone token's
+    pair is), the router and the shared expert row by row, as each row alone runs them."""
     moe: MoE = layer.mlp
-    inds = [moe.router(layer.post_attention_layernorm(h).reshape(-1, h.shape[-1]))[0] for h in hs if h.shape[1] == 1]
-    if not inds:
-        return
-    mx.eval(inds)
-    union = np.unique(np.concatenate([np.array(i).reshape(-1) for i in inds]))
-    engine.store.read_ahead(moe.experts.layer, union.tolist())
+    xs = [layer.post_attention_layernorm(h).reshape(-1, h.shape[-1]) for h in hs]  # each [1, H]
+    routes = [moe.router(x) for x in xs]
+    flat = mx.concatenate(xs)
+    inds = mx.concatenate([i for i, _ in routes])
+    w = mx.concatenate([w.astype(x.dtype) for (_, w), x in zip(routes, xs)])
+    y = moe.experts(flat, inds, w, decode=True)  # [N, H]
+    return [h + moe.add_shared(x, y[r : r + 1]).reshape(h.shape) for r, (h, x) in enumerate(zip(hs, xs))]
 
 
 def forward_rows(engine: Any, rows: Sequence[tuple[list[int], list]]) -> list[np.ndarray]:
@@ -56,11 +58,15 @@ def forward_rows(engine: Any, rows: Sequence[tuple[list[int], list]]) -> list[np
     for i, layer in enumerate(m.model.layers):
         window = getattr(layer, "sliding_window", None)
         hs = [layer.mix(h, Causal(cache[i].offset, window), cache[i]) for h, (_, cache) in zip(hs, rows)]
-        if isinstance(layer.mlp, MoE):
-            _read_union(engine, layer, hs)
+        one = [r for r, h in enumerate(hs) if h.shape[1] == 1] if isinstance(layer.mlp, MoE) else []
+        if len(one) > 1:  # the decoding rows' experts together
+            for r, h in zip(one, _moe_decoding(layer, [hs[r] for r in one])):
+                hs[r] = h
+            mx.eval([hs[r] for r in one])  # computed now: the next rows' experts may take these slots
         for r, h in enumerate(hs):
-            hs[r] = layer.feed_forward(h)
-            mx.eval(hs[r])  # computed now: the next row's experts may take these slots
+            if len(one) < 2 or r not in one:  # a prompt chunk (or a dense layer): as alone
+                hs[r] = layer.feed_forward(h)
+                mx.eval(hs[r])
     outs = [m.head(h[:, -1:]).astype(mx.float32) for h in hs]
     mx.eval(outs)
     engine.compute_s += time.perf_counter() - t0 - (engine.store.counters.io_wait_s - io0)

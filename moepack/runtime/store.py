@@ -117,7 +117,6 @@ class ExpertStore:
         self._in_use: set[Key] = set()
         self._guessed: set[Key] = set()  # prefetched and not yet asked for
         self.prefetching = prefetch
-        self._ahead: set[Key] = set()  # read by read_ahead, not yet acquired
         # Prefetch pays only when guesses are mostly right (a wrong one is a whole extra expert read), so it
         # pauses while the running accuracy is below min_accuracy and probes every 16th call to notice recovery.
         self.accuracy = 1.0
@@ -176,7 +175,6 @@ class ExpertStore:
             slot = self._slot_of.pop(old)
             self.policy.remove(old)
             self._guessed.discard(old)
-            self._ahead.discard(old)
         self._slot_of[key] = slot
         self._key_of[slot] = key
         self.policy.insert(key, cold)
@@ -187,7 +185,6 @@ class ExpertStore:
         slot = self._slot_of.pop(key, None)
         self.policy.remove(key)
         self._guessed.discard(key)
-        self._ahead.discard(key)
         if slot is not None:
             self._key_of[slot] = None
             self._free.append(slot)
@@ -236,11 +233,7 @@ class ExpertStore:
         for key in uniq:
             self.heat[key] = self.heat.get(key, 0) + 1
             if key in self._inflight or key in self._slot_of:
-                if key in self._ahead:  # read ahead for this step (read_ahead): this is its miss
-                    self._ahead.discard(key)
-                    self.counters.misses += 1
-                else:
-                    self.counters.hits += 1
+                self.counters.hits += 1
                 if key in self._slot_of and key not in self._inflight:
                     self.policy.touch(key)
             else:
@@ -288,22 +281,6 @@ class ExpertStore:
             key = (layer, int(e))
             if key in self._slot_of and key not in self._inflight:
                 self.policy.touch(key)
-
-    def read_ahead(self, layer: int, experts: Sequence[int]) -> None:
-        """Start reading experts this step certainly needs (the union a batch of sequences routes to in ``layer``)
-        before the sequences acquire them one by one, so all the reads are in flight at once. Each is counted as a
-        miss by the first ``acquire`` that asks for it; the slots in use are never taken."""
-        want = [(layer, e) for e in dict.fromkeys(int(e) for e in experts)]
-        keep = set(self._in_use) | set(self._inflight) | {k for k in want if k in self._slot_of}
-        for key in want:
-            if key in self._slot_of or key in self._inflight:
-                continue
-            if len(keep) + 1 > self.n_slots:
-                return  # the pool cannot hold the whole union at once: the rest is read on acquire
-            slot = self._assign(key, keep)
-            keep.add(key)
-            self._inflight[key] = self._io.submit(self._load, key, slot)
-            self._ahead.add(key)
 
     def prefetch(self, layer: int | None, experts: Sequence[int]) -> None:
         """Start reading experts a later layer will probably need; returns at once.

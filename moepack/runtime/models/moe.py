@@ -195,9 +195,12 @@ class StreamedExperts:
                 outs.append(self._project(h, "down", s, grouped))
         return mx.concatenate(outs, axis=0) if n > 1 else outs[0]
 
-    def __call__(self, x: mx.array, inds: mx.array, weights: mx.array) -> mx.array:
-        """x [N, H], inds [N, K] expert ids, weights [N, K] -> [N, H]."""
-        return self._decode(x, inds, weights) if inds.shape[0] == 1 else self._prompt(x, inds, weights)
+    def __call__(self, x: mx.array, inds: mx.array, weights: mx.array, decode: bool | None = None) -> mx.array:
+        """x [N, H], inds [N, K] expert ids, weights [N, K] -> [N, H]. ``decode``: every row is one sequence's next
+        token (a batch of sequences, runtime/batch.py): each (token, choice) pair computed as a lone token's is;
+        default: only when N is 1, else the prompt path."""
+        decode = inds.shape[0] == 1 if decode is None else decode
+        return self._decode(x, inds, weights) if decode else self._prompt(x, inds, weights)
 
     def _decode(self, x: mx.array, inds: mx.array, weights: mx.array) -> mx.array:
         """One token: each (token, choice) pair its own 1-row matmul. The experts already cached compute while the
@@ -358,9 +361,13 @@ class MoE(nn.Module):
         flat = x.reshape(-1, shape[-1])  # [N, H]
         inds, w = self.router(flat)
         y = self.experts(flat, inds, w.astype(flat.dtype))
+        return self.add_shared(flat, y).reshape(shape)
+
+    def add_shared(self, flat: mx.array, y: mx.array) -> mx.array:
+        """The routed experts' output ``y`` [N, H] plus the shared expert's (if any) on the block's input [N, H]."""
         if "shared_expert" in self:
             s = self.shared_expert(flat)
             if "shared_expert_gate" in self:
                 s = mx.sigmoid(self.shared_expert_gate(flat)) * s
             y = y + s
-        return y.reshape(shape)
+        return y
