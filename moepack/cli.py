@@ -355,7 +355,8 @@ def _print_stats(engine, n_prompt: int, n_gen: int, t0: float, first: float | No
                    "/v1/models. Requests may name any model: one is served.")
 @click.option("--ctx-size", type=int, help="Context length in tokens (default: the model's).")
 @click.option("--parallel", type=int, default=1, show_default=True,
-              help="Requests generated in turn, a token each; the rest wait in the queue.")
+              help="Requests decoded together, each step reading the experts they share once; the rest wait "
+              "in the queue.")
 @_verify_option
 @_cache_options
 @_hosts_options

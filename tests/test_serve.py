@@ -23,7 +23,7 @@ from moepack.runtime.sampling import SamplingParams
 from moepack.runtime.tokenizer import Tokenizer
 from moepack.serve import toolcalls
 from moepack.serve.app import create_app
-from conftest import HELLO, TIMEOUT, err, free_port, run_app, wait_healthy
+from conftest import HELLO, TIMEOUT, err, free_port, run_app, serve_pack, wait_healthy
 from tiny_pack import ScriptedEngine, reference
 
 KEY = "sk-test-key"
@@ -31,22 +31,9 @@ KEY = "sk-test-key"
 
 @pytest.fixture(scope="module")
 def server(pack):
-    """`moepack serve` in a subprocess, bound to 127.0.0.1, with an API key and 3 requests decoded in turn."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "moepack.cli", "serve", str(pack), "--port", str(port),
-                             "--api-key", KEY, "--parallel", "3", "--model-id", "tiny"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "MOEPACK_API_KEY": ""})
-    try:
-        wait_healthy(base, proc)
+    """`moepack serve` in a subprocess, bound to 127.0.0.1, with an API key and 3 requests decoded together."""
+    with serve_pack(pack, KEY, parallel=3) as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")
@@ -426,8 +413,13 @@ def test_tool_call_round_trip(ref):
         content = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
         assert content == "Let me check.\n" and "<tool_call>" not in content
         calls = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
-        assert [(tc.index, tc.function.name, json.loads(tc.function.arguments)) for tc in calls] == [
-            (0, "get_weather", {"city": "Paris"})]
+        # as OpenAI streams a call: id, type and name with empty arguments first, then the arguments
+        assert calls[0].id.startswith("call_") and calls[0].function.arguments == "" and calls[1].id is None
+        joined: dict[int, list] = {}
+        for tc in calls:
+            name, args = joined.setdefault(tc.index, ["", ""])
+            joined[tc.index] = [name + (tc.function.name or ""), args + (tc.function.arguments or "")]
+        assert [(i, n, json.loads(a)) for i, (n, a) in joined.items()] == [(0, "get_weather", {"city": "Paris"})]
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
         follow = ask + [m.model_dump(exclude_none=True),

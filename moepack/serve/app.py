@@ -24,9 +24,12 @@ from starlette.concurrency import run_in_threadpool
 from moepack import __version__
 from moepack.runtime.memory import memory_stats
 from moepack.serve import http
+from moepack.serve.constrain import Constraint, GrammarError, request_grammar
 from moepack.serve import schemas as S
 from moepack.serve.http import MAX_BODY, APIError
 from moepack.serve.prompt import chat_ids
+from moepack.serve.reasoning import ReasoningSplit, starts_inside, with_thinking
+from moepack.serve.reasoning import split as split_reasoning
 from moepack.serve.state import Options, State
 from moepack.serve.stream import (ChatChunks, CompletionChunks, Relay, chat_logprobs, collect, completion_logprobs,
                                   event_stream, stream_head, usage_out)
@@ -82,12 +85,26 @@ async def model(model_id: str, request: Request) -> S.ModelCard:
 
 
 def _submit(st: State, ids: list[int], max_tokens: int, req: S._Sampling, logprobs: int | None,
-            skip_special: bool) -> tuple[Relay, Job]:
+            skip_special: bool, constraint: Any = None) -> tuple[Relay, Job]:
     """Queue the generation on the worker; its events arrive through the returned relay."""
     relay = Relay()
-    job = Job(ids, max_tokens, req.sampling(logprobs), relay.emit, req.stop_list(), skip_special)
+    job = Job(ids, max_tokens, req.sampling(logprobs), relay.emit, req.stop_list(), skip_special, constraint)
     st.worker.submit(job)
     return relay, job
+
+
+async def _constraint(st: State, req: S.ChatCompletionRequest, inside: bool) -> Constraint | None:
+    """The grammar the reply must follow (``response_format``, or enforced tool calls), after the thinking of a
+    reasoning model (``inside``: the prompt opened it), compiled off the event loop; 400 when invalid."""
+    tools = bool(req.tools) and (req.tool_choice == "required" or isinstance(req.tool_choice, S.NamedToolChoice))
+    param = "tools" if tools else "response_format"
+    try:
+        lark = request_grammar(st.grammars, req, st.tool_format, st.tokenizer.chat_template)
+        if lark is not None and st.reasoning is not None:
+            lark = with_thinking(st.reasoning, lark, inside, st.grammars.literal, answer_open=not tools)
+        return None if lark is None else await run_in_threadpool(st.grammars.compile, lark)
+    except GrammarError as e:
+        raise APIError(400, f"invalid schema for {param}: {e}", param=param, code="invalid_json_schema")
 
 
 async def chat_completions(req: S.ChatCompletionRequest, request: Request) -> S.ChatCompletion | Response:
@@ -95,21 +112,31 @@ async def chat_completions(req: S.ChatCompletionRequest, request: Request) -> S.
     st = _state(request)
     st.require_ready()
     tok = st.tokenizer
-    ids, fmt = await run_in_threadpool(chat_ids, tok, st.tool_format, req, st.renderer)
+    prompt, ids, fmt = await run_in_threadpool(chat_ids, tok, st.tool_format, req, st.renderer)
     max_tokens = st.budget(len(ids), req.token_limit())
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    relay, job = _submit(st, ids, max_tokens, req, logprobs, skip_special=fmt is None)
+    think = st.reasoning  # the reply's thinking goes to reasoning_content: its markers must stay in the text
+    inside = think is not None and starts_inside(think, prompt)
+    constraint = await _constraint(st, req, inside)
+    relay, job = _submit(st, ids, max_tokens, req, logprobs, skip_special=fmt is None and think is None,
+                         constraint=constraint)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if req.stream:
         head = stream_head(req, rid, created, st.opts.model_id, FINGERPRINT)
-        return event_stream(relay, job, ChatChunks(head, tok, fmt, logprobs is not None))
+        return event_stream(relay, job, ChatChunks(head, tok, fmt, logprobs is not None,
+                                                   1 if req.parallel_tool_calls is False else None,
+                                                   ReasoningSplit(think, inside) if think else None))
     got = await collect(relay, job, request)
     if got is None:
         return JSONResponse({}, status_code=499)  # nobody is listening
     text, samples, done = got
+    reasoning, text = split_reasoning(think, prompt, text)
     content, calls = parse(text, fmt)
+    if req.parallel_tool_calls is False:
+        calls = calls[:1]
     finish = "tool_calls" if calls else done.finish_reason
-    msg = S.AssistantMessage(content=content, tool_calls=[S.ToolCallOut(**c) for c in calls] or None)
+    msg = S.AssistantMessage(content=content, reasoning_content=reasoning,
+                             tool_calls=[S.ToolCallOut(**c) for c in calls] or None)
     lps = S.ChoiceLogprobs(content=[chat_logprobs(tok, x) for x in samples]) if logprobs is not None else None
     return S.ChatCompletion(id=rid, created=created, model=st.opts.model_id, system_fingerprint=FINGERPRINT,
                             choices=[S.ChatChoice(message=msg, finish_reason=finish, logprobs=lps)],

@@ -16,6 +16,7 @@ from moepack.errors import MoepackError
 from moepack.runtime.template import TemplateLimitError
 from moepack.serve import schemas as S
 from moepack.serve.http import APIError, parse_json
+from moepack.serve.reasoning import template_kwargs
 from moepack.serve.toolcalls import ToolFormat
 
 log = logging.getLogger(__name__)
@@ -84,14 +85,14 @@ def chat_prompt(tok, tool_format: ToolFormat | None, req: S.ChatCompletionReques
     kwargs = dict(req.chat_template_kwargs or {})
     if clash := RESERVED_TEMPLATE_VARS & kwargs.keys():
         raise APIError(400, f"chat_template_kwargs may not set {sorted(clash)}", param="chat_template_kwargs")
-    return render_chat(tok, req.messages, tools, kwargs, render), fmt
+    return render_chat(tok, req.messages, tools, {**template_kwargs(req), **kwargs}, render), fmt
 
 
 def chat_ids(tok, tool_format: ToolFormat | None, req: S.ChatCompletionRequest,
-             render: Render | None = None) -> tuple[list[int], ToolFormat | None]:
-    """The prompt's token ids and the tool-call format (:func:`chat_prompt`)."""
+             render: Render | None = None) -> tuple[str, list[int], ToolFormat | None]:
+    """The rendered prompt, its token ids and the tool-call format (:func:`chat_prompt`)."""
     prompt, fmt = chat_prompt(tok, tool_format, req, render)
     ids = tok.encode(prompt, add_special_tokens=False)
     if not ids:
         raise APIError(400, "the rendered prompt is empty", param="messages")
-    return ids, fmt
+    return prompt, ids, fmt

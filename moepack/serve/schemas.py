@@ -103,12 +103,25 @@ class NamedToolChoice(_Strict):
     function: NamedFunction
 
 
-class ResponseFormatText(_Strict):
-    type: Literal["text"]
+class JSONSchemaFormat(_Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_\-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
 
 
-# What ``response_format`` may ask for: plain text (json_object and json_schema join here as a union tagged by type)
-ResponseFormat = ResponseFormatText
+class ResponseFormat(_Strict):
+    """``text`` (no constraint), ``json_object`` (any JSON object) or ``json_schema`` (JSON valid against the
+    schema); both JSON kinds are enforced by constrained decoding (serve/constrain.py)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs json_schema")
+        return self
 
 
 class StreamOptions(_Strict):
@@ -172,6 +185,9 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = Field(
+        None, description="Thinking models: \"none\" turns thinking off where the template can (Qwen3, GLM, "
+        "DeepSeek-V3.1); other values reach templates that read them (gpt-oss).")
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="Extra variables for the chat template, "
                                                         "e.g. {\"enable_thinking\": false}.")
 
@@ -259,6 +275,7 @@ class ToolCallOut(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = None
     tool_calls: list[ToolCallOut] | None = None
 
 
@@ -306,23 +323,36 @@ class Completion(BaseModel):
 # ---- stream chunks (``stream: true``) ---------------------------------------------------------
 
 
-class ToolCallDelta(BaseModel):
-    index: int
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCallOut
-
-
-class ChatDelta(BaseModel):
-    """What a chunk adds to the reply. Keys left None are omitted, as in OpenAI's deltas (``{}`` ends it)."""
-
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-    tool_calls: list[ToolCallDelta] | None = None
+class _Delta(BaseModel):
+    """Keys left None are omitted, as in OpenAI's deltas."""
 
     @model_serializer(mode="wrap")
     def _omit_none(self, handler) -> dict[str, Any]:
         return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class FunctionDelta(_Delta):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(_Delta):
+    """A call's first delta has its id, type and name (arguments ""), the next ones its arguments, as OpenAI sends."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta
+
+
+class ChatDelta(_Delta):
+    """What a chunk adds to the reply (``{}`` ends it). ``reasoning_content``: the thinking section of a reasoning
+    model, apart from the answer."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -10,7 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from moepack.runtime.template import Renderer
+from moepack.serve.constrain import Grammars
 from moepack.serve.http import MAX_BODY, APIError
+from moepack.serve.reasoning import ReasoningFormat
+from moepack.serve.reasoning import format_for as reasoning_for
 from moepack.serve.toolcalls import ToolFormat, format_for
 from moepack.serve.worker import Worker
 
@@ -24,7 +27,7 @@ class Options:
     api_key: str | None = None
     max_body: int = MAX_BODY
     context_length: int | None = None  # default: the model's max_position_embeddings
-    parallel: int = 1  # requests decoded in turn; the rest wait in the queue
+    parallel: int = 1  # requests decoded together (runtime/batch.py); the rest wait in the queue
     prompt_cache: int = 2  # KV caches kept for prefix reuse
     render_time_limit: float | None = None  # seconds a chat template may render for (None: runtime/template.py's)
 
@@ -40,6 +43,8 @@ class State:
         self.worker: Worker | None = None
         self.renderer: Renderer | None = None  # chat templates, in a child process with a time limit
         self.tool_format: ToolFormat | None = None
+        self.grammars: Grammars | None = None
+        self.reasoning: ReasoningFormat | None = None  # the template's thinking section, if it has one
         self.context_length = 0
         self.created = int(time.time())
         self.load_error: str | None = None
@@ -52,6 +57,8 @@ class State:
         self.tool_format = format_for(tokenizer.chat_template)
         limit = self.opts.render_time_limit
         self.renderer = Renderer() if limit is None else Renderer(time_limit=limit)
+        self.grammars = Grammars(tokenizer)
+        self.reasoning = reasoning_for(tokenizer.chat_template)
         self.worker = Worker(engine, tokenizer, self.opts.parallel, self.opts.prompt_cache).start()
         self.ready.set()
         log.info("serving %s (context %d, tool calls: %s)", self.opts.model_id, self.context_length,

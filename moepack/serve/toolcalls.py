@@ -135,6 +135,16 @@ class ToolCallStream:
         self.fmt = fmt
         self.pending = ""
         self.section: str | None = None  # text from the opening marker on, once seen
+        self.sent = 0  # calls already handed out by ``complete``
+
+    def complete(self) -> list[dict]:
+        """Calls of the section that are complete and not yet handed out (each once, with a stable id)."""
+        if self.section is None:
+            return []
+        _, calls = parse(self.section, self.fmt)
+        new = calls[self.sent :]
+        self.sent += len(new)
+        return new
 
     def push(self, piece: str) -> str:
         if self.section is not None:
@@ -155,4 +165,6 @@ class ToolCallStream:
         if self.section is None:
             return rest, []
         content, calls = parse(self.section, self.fmt)
+        if self.sent:  # calls were streamed already: the rest of them (a broken tail is dropped)
+            return rest, calls[self.sent :]
         return (rest, calls) if calls else (rest + self.section, [])

@@ -106,11 +106,17 @@ class DecoderLayer(nn.Module):
             self.post_mlp_layernorm = nn.RMSNorm(hidden, eps=eps)
 
     def __call__(self, x: mx.array, mask: Causal, cache: KVCache | None) -> mx.array:
+        return self.feed_forward(self.mix(x, mask, cache))
+
+    def mix(self, x: mx.array, mask: Causal, cache: KVCache | None) -> mx.array:
+        """The first half: x + attn(norm(x)) (a batch of sequences runs it per sequence, runtime/batch.py)."""
         a = self[self.mixer](self.input_layernorm(x), mask, cache)
+        return x + (self.post_attention_layernorm(a) if self.sandwich else a)
+
+    def feed_forward(self, h: mx.array) -> mx.array:
+        """The second half: h + mlp(norm(h)) (sandwich: norms before and after the MLP)."""
         if not self.sandwich:
-            h = x + a
             return h + self.mlp(self.post_attention_layernorm(h))
-        h = x + self.post_attention_layernorm(a)
         return h + self.post_mlp_layernorm(self.mlp(self.pre_mlp_layernorm(h)))
 
 

@@ -278,9 +278,12 @@ class StreamedExperts:
         ids = inds.reshape(-1)
         return np.unique(self._stored(ids))[: self.capacity(ids, decode=inds.shape[0] == 1)]
 
-    def __call__(self, x: mx.array, inds: mx.array, weights: mx.array) -> mx.array:
-        """x [N, H], inds [N, K] expert ids, weights [N, K] -> [N, H]."""
-        y = self._decode(x, inds, weights) if inds.shape[0] == 1 else self._prompt(x, inds, weights)
+    def __call__(self, x: mx.array, inds: mx.array, weights: mx.array, decode: bool | None = None) -> mx.array:
+        """x [N, H], inds [N, K] expert ids, weights [N, K] -> [N, H]. ``decode``: every row is one sequence's next
+        token (a batch of sequences, runtime/batch.py): each (token, choice) pair computed as a lone token's is;
+        default: only when N is 1, else the prompt path."""
+        decode = inds.shape[0] == 1 if decode is None else decode
+        y = self._decode(x, inds, weights) if decode else self._prompt(x, inds, weights)
         if self.zero_from is None:
             return y
         zero_w = mx.where(inds >= self.zero_from, weights, mx.array(0, weights.dtype)).sum(axis=-1, keepdims=True)
@@ -467,6 +470,12 @@ class MoE(nn.Module):
         """Whether the router picks experts by token id (then call with the ids)."""
         return getattr(self.router, "by_token", False)
 
+    @property
+    def batchable(self) -> bool:
+        """Whether the decoding rows of several sequences can share one call of the routed experts (runtime/batch.py
+        routes each row by its hidden state and weighs the outputs; zero experts are handled by the plain path)."""
+        return not (self.by_token or self.scale_inputs or self.experts.zero_from is not None)
+
     def prefetch(self, tokens: mx.array) -> None:
         """A hash-routed layer: start reading the experts ``tokens`` will use now, before the layer runs: those of
         the layer's first batch, as many as the pool has free or evictable slots for (never those in use), so
@@ -485,9 +494,13 @@ class MoE(nn.Module):
             y = y.reshape(N, K, -1).sum(axis=1) if K > 1 else y
         else:
             y = self.experts(flat, inds, w.astype(flat.dtype))
+        return self.add_shared(flat, y).reshape(shape)
+
+    def add_shared(self, flat: mx.array, y: mx.array) -> mx.array:
+        """The routed experts' output ``y`` [N, H] plus the shared expert's (if any) on the block's input [N, H]."""
         if "shared_expert" in self:
             s = self.shared_expert(flat)
             if "shared_expert_gate" in self:
                 s = mx.sigmoid(self.shared_expert_gate(flat)) * s
             y = y + s
-        return y.reshape(shape)
+        return y
