@@ -10,8 +10,8 @@
 - MLP: dense or MoE per ``mlp_layer_types``; DeepSeek-V3 routing (sigmoid + selection-only correction bias, one
   group, renormalised, scaled) whose routed experts clamp their SwiGLU at ``swiglu_limit``; the shared expert does not.
 
-Checkpoints: transformers' names or the release's (``hc_pre.hc_attn_layer.hc_fn``, ``learnable_sink_param``,
-``linear_gate``: ``arch.HY_V4_NAMES``). MTP layers are dropped by the converter.
+Checkpoints: transformers' names or the release's (``hc_pre.hc_attn_layer.hc_fn``, ``hc_pre.hc_head.hc_head_fn``,
+``learnable_sink_param``, ``linear_gate`` for every gate projection: ``arch.HY_V4_NAMES``). MTP layers are dropped by the converter.
 """
 
 from __future__ import annotations
