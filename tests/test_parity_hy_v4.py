@@ -5,11 +5,15 @@ transformers'; cached decoding equal to a full forward pass."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from checkpoints import build, make_model
 from parity import PROMPT, check_cached_decoding, check_parity
 from safetensors.torch import load_file
+
+from moepack import arch
 
 
 # transformers saves the release's names (its conversion mapping for hy_v4, reversed) unless told to keep its own
@@ -51,3 +55,15 @@ def test_cached_decoding_equals_full_forward(tmp_path, monkeypatch):
     _, cache = check_cached_decoding("hy_v4", tmp_path, monkeypatch)
     # full layers cache their indexer's keys beside the latent and roped key; shared layers have none to cache
     assert [len(c.arrays) for c in cache] == [3, 2, 3, 2]
+
+
+def test_default_indexer_schedule(tmp_path):
+    """A config without ``indexer_types``: transformers' HYV4Config default (layer 0, then every fourth from 1, runs
+    its indexer: full, full, shared, shared over 4 layers)."""
+    ckpt = build("hy_v4", tmp_path / "ckpt", indexer_types=None)
+    p = ckpt / "config.json"
+    cfg = json.loads(p.read_text())
+    assert cfg.pop("indexer_types") == ["full", "full", "shared", "shared"]
+    p.write_text(json.dumps(cfg))
+    assert arch.indexer_kinds(cfg, 4) == ["full", "full", "shared", "shared"]
+    check_parity("hy_v4", tmp_path, ckpt=ckpt)

@@ -48,7 +48,7 @@ BOUNDS = {
     "glm_moe_dsa": {"8bit": 0.1, "default": 0.34},  # 4.24e-2 (3x: 0.127, above CAP), 0.113
     "mistral_large4": {"8bit": 0.004, "default": 0.052},  # 1.34e-3, 1.74e-2
     "deepseek_v4": {"8bit": 0.0031, "default": 0.2},  # 1.02e-3, 6.61e-2
-    "hy_v4": {"8bit": 0.018, "default": 0.19},  # 5.98e-3, 6.19e-2
+    "hy_v4": {"8bit": 0.1, "default": 0.28},  # 3.37e-2 (3x: 0.101, above CAP), 9.30e-2
 }
 
 
