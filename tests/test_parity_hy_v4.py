@@ -67,3 +67,18 @@ def test_default_indexer_schedule(tmp_path):
     p.write_text(json.dumps(cfg))
     assert arch.indexer_kinds(cfg, 4) == ["full", "full", "shared", "shared"]
     check_parity("hy_v4", tmp_path, ckpt=ckpt)
+
+
+def test_bfloat16_compute(tmp_path):
+    """In bfloat16 (a GPU's compute dtype) the model runs, prompt and cached decode, close to float32."""
+    import mlx.core as mx
+
+    import moepack
+    from moepack.convert.pipeline import convert
+    from parity import EXACT, nmse
+
+    pack = convert(str(build("hy_v4", tmp_path / "ckpt")), tmp_path / "pack", EXACT, progress=False)
+    f32 = moepack.load(pack, heat=False).logits(PROMPT)
+    bf16 = moepack.load(pack, heat=False, compute_dtype=mx.bfloat16)
+    assert nmse(bf16.logits(PROMPT), f32) < 0.05
+    assert len(list(bf16.generate(PROMPT, 3))) == 3
