@@ -364,9 +364,9 @@ DEFAULT_INDEXER_KINDS: dict[str, Callable[[int], str]] = {
 
 def indexer_kinds(cfg: dict, n_layers: int) -> list[str]:
     """Per layer "full" (runs its indexer) or "shared" (reuses the last full layer's selection), from either
-    spelling: ``indexer_types``; else the family's default (``DEFAULT_INDEXER_KINDS``, which reads nothing else, as
-    transformers); else the hub's ``index_topk_pattern`` ("FSS..."); else ``index_topk_freq`` and ``index_skip_topk_offset`` (transformers'
-    GlmMoeDsaConfig derivation; DeepSeek-V3.2 has none: all "full")."""
+    spelling: ``indexer_types``; else the family's default (``DEFAULT_INDEXER_KINDS``; such a family reads nothing
+    else, as transformers); else the hub's ``index_topk_pattern`` ("FSS..."); else ``index_topk_freq`` and
+    ``index_skip_topk_offset`` (transformers' GlmMoeDsaConfig derivation; DeepSeek-V3.2 has none: all "full")."""
     if cfg.get("indexer_types"):
         return list(cfg["indexer_types"])
     if cfg.get("model_type") in DEFAULT_INDEXER_KINDS:
