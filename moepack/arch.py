@@ -174,6 +174,14 @@ MISTRAL_NAMES = NativeNames(r"(layers|tok_embeddings|lerope|norm|output)\.", (
     (r"\.ssmax_scaling\.s$", ".softmax_scaling.scale"), (r"\.ssmax_scaling\.b$", ".softmax_scaling.bias"),
 ))
 
+# Hunyuan v4's release names (transformers' conversion mapping for hy_v4): the hyper-connections' ``hc_pre`` prefix,
+# ``hc_attn_layer``/``hc_mlp_layer``, ``hc_head_fn``...; the attention's ``learnable_sink_param`` and ``linear_gate``.
+HY_V4_NAMES = NativeNames(r"", (
+    (r"\.hc_pre\.hc_", ".hc_"), (r"\.learnable_sink_param", ".sinks"), (r"\.linear_gate", ".gate_proj"),
+    (r"\.hc_attn_layer\.hc_(fn|base|scale)", r".attn_hc.\1"), (r"\.hc_mlp_layer\.hc_(fn|base|scale)", r".ffn_hc.\1"),
+    (r"\.hc_head_(fn|base|scale)", r".hc_\1"),
+))
+
 
 @dataclass(frozen=True)
 class Family:
@@ -211,6 +219,7 @@ FAMILIES: tuple[Family, ...] = (
     # Llama 4 fuses experts transposed, gate and up halves: gate_up_proj [E, H, 2I], down_proj [E, I, H]
     Family("llama4", ("llama4", "llama4_text"), ("intermediate_size",), _llama4_moe_layer, FusedLayout(transposed=True)),
     Family("step3p7", ("step3p7", "step3p5"), ("moe_intermediate_size",), partial(_sparse_by_type, first_sparse=3)),
+    Family("hy_v4", ("hy_v4",), ("moe_intermediate_size",), partial(_sparse_by_type, first_sparse=1), native=HY_V4_NAMES),
 )
 BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 
@@ -373,12 +382,22 @@ def is_quantizable_dense(name: str, shape: list[int]) -> bool:
     return name.endswith(".weight") and len(shape) == 2 and not UNQUANTIZED.search(name)
 
 
+# model_type -> its indexer schedule where the config spells none (transformers' HYV4Config: layer 0, then every
+# fourth layer from 1, runs its indexer)
+DEFAULT_INDEXER_KINDS: dict[str, Callable[[int], str]] = {
+    "hy_v4": lambda i: "full" if i == 0 or (i - 1) % 4 == 0 else "shared",
+}
+
+
 def indexer_kinds(cfg: dict, n_layers: int) -> list[str]:
     """Per layer "full" (runs its indexer) or "shared" (reuses the last full layer's selection), from either
-    spelling: ``indexer_types``; else the hub's ``index_topk_pattern`` ("FSS..."); else ``index_topk_freq`` and
+    spelling: ``indexer_types``; else the family's default (``DEFAULT_INDEXER_KINDS``; such a family reads nothing
+    else, as transformers); else the hub's ``index_topk_pattern`` ("FSS..."); else ``index_topk_freq`` and
     ``index_skip_topk_offset`` (transformers' GlmMoeDsaConfig derivation; DeepSeek-V3.2 has none: all "full")."""
     if cfg.get("indexer_types"):
         return list(cfg["indexer_types"])
+    if cfg.get("model_type") in DEFAULT_INDEXER_KINDS:
+        return [DEFAULT_INDEXER_KINDS[cfg["model_type"]](i) for i in range(n_layers)]
     pattern = cfg.get("index_topk_pattern")
     if pattern is not None:
         return [{"F": "full", "S": "shared"}[c] for c in pattern] if isinstance(pattern, str) else list(pattern)
@@ -392,7 +411,8 @@ def stage_starts(cfg: dict) -> set[int] | None:
     must start at a layer with its own indexer that no later layer looks back past. None: any layer."""
     n = num_layers(cfg)
     sources = cfg.get("kv_source_layers") or list(range(n))
-    kinds = indexer_kinds(cfg, n) if cfg.get("index_topk") is not None else ["full"] * n
+    dsa = cfg.get("index_topk") is not None or cfg.get("model_type") in DEFAULT_INDEXER_KINDS
+    kinds = indexer_kinds(cfg, n) if dsa else ["full"] * n
     if "shared" not in kinds and sources == list(range(n)):
         return None
     return {b for b in range(n) if kinds[b] == "full" and all(s >= b for s in sources[b:])}

@@ -194,6 +194,16 @@ TINY: dict[str, tuple[str, str, dict]] = {
                              "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                            image_size=56, patch_size=14))),
+    # Every feature acts on the 12-token prompt: index_topk 5 < 12; layers 1 and 3 reuse the top-k of layers 0 and 2;
+    # 3 independent hyper-connection streams (hc_magnitude 1.5); sinks and the output gate; clamp 1.0 bites; layer 0
+    # dense; YaRN with mscale_all_dim (the softmax scale changes). 8 indexer heads: with 4, a key every head's relu
+    # zeroes often scores exactly 0 and ties decide the top-k (torch breaks ties its own way)
+    "hy_v4": ("HYV4Config", "HYV4ForCausalLM", dict(
+        num_hidden_layers=4, num_attention_heads=4, intermediate_size=96, moe_intermediate_size=32,
+        n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, routed_scaling_factor=2.5, q_lora_rank=32,
+        kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, index_topk=5, index_head_dim=16,
+        index_n_heads=8, indexer_types=["full", "shared", "full", "shared"], hc_mult=3, hc_magnitude=1.5,
+        swiglu_limit=1.0, rope_parameters={**YARN, "mscale": 1.0, "mscale_all_dim": 1.0})),
 }
 # model_type -> {transformers 5 key: the release's legacy key} (to_old_spelling)
 LEGACY_KEYS: dict[str, dict[str, str]] = {

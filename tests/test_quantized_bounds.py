@@ -50,6 +50,7 @@ BOUNDS = {
     "deepseek_v4": {"8bit": 0.0031, "default": 0.2},  # 1.02e-3, 6.61e-2
     "llama4_text": {"8bit": 0.00081, "default": 0.019},  # 2.70e-4, 6.48e-3
     "step3p7": {"8bit": 0.011, "default": 0.12},  # 3.63e-3, 3.88e-2
+    "hy_v4": {"8bit": 0.1, "default": 0.28},  # 3.37e-2 (3x: 0.101, above CAP), 9.30e-2
 }
 
 

@@ -13,7 +13,7 @@ release ships them (``--carried-experts 4:32`` for Kimi K2.5's INT4 group-32 exp
 source is quantized), each expert projection on an aligned boundary of its own file.
 
 CONFIG is a config.json path or a preset (``kimi-k2.5``: Kimi K2.5's published text-model dimensions;
-``deepseek-v3.2``, ``glm-5``).
+``deepseek-v3.2``, ``glm-5``, ``deepseek-v4-pro``, ``hy4-preview``).
 
 ``--ttft 2048,8192,32768`` also prints the expected time to first token for prompts of those lengths: bytes read
 over the SSD's bandwidth plus compute, under the old scheme (the prompt in 512-token chunks, each chunk reading every
@@ -88,12 +88,23 @@ DEEPSEEK_V4_PRO = {
     "rope_scaling": {"type": "yarn", "factor": 16.0, "original_max_position_embeddings": 65536, "beta_fast": 32,
                      "beta_slow": 1},
 }
+# Hunyuan v4 (tencent/Hy4-preview): the dimensions transformers' HYV4Config documents as its defaults (34 layers, the
+# first dense; 256 experts, top-8; MLA + DSA with shared indexer layers; 4 hyper-connection streams).
+HY4_PREVIEW = {
+    "model_type": "hy_v4", "architectures": ["HYV4ForCausalLM"], "vocab_size": 120832, "hidden_size": 2816,
+    "intermediate_size": 6912, "moe_intermediate_size": 768, "num_hidden_layers": 34, "num_attention_heads": 32,
+    "n_routed_experts": 256, "num_experts_per_tok": 8, "n_shared_experts": 1, "q_lora_rank": 1536, "kv_lora_rank": 512,
+    "qk_nope_head_dim": 192, "qk_rope_head_dim": 64, "v_head_dim": 256, "index_topk": 2048, "index_head_dim": 128,
+    "index_n_heads": 16, "hc_mult": 4, "rms_norm_eps": 1e-5, "max_position_embeddings": 262144,
+    "tie_word_embeddings": False,
+}
 PRESETS = {
     "kimi-k2.5": ({"model_type": "kimi_k25", "architectures": ["KimiK25ForConditionalGeneration"],
                    "text_config": KIMI_K25_TEXT}, "4:32"),
     "deepseek-v3.2": (DEEPSEEK_V32, None),
     "glm-5": (GLM_5, None),
     "deepseek-v4-pro": (DEEPSEEK_V4_PRO, "4:32"),
+    "hy4-preview": (HY4_PREVIEW, None),
 }
 # model types transformers knows under another name
 TRANSFORMERS_TYPE = {"kimi_k2": "deepseek_v3", "kimi_k25": "deepseek_v3"}

@@ -105,6 +105,13 @@ class OutputGate:
     act: str = "sigmoid"
     per_head: bool = False
 
+    def __call__(self, o: mx.array, pre: mx.array, head_dim: int) -> mx.array:
+        """o [B, T, H * D] times act(pre), ``pre`` the gate projection's output ([B, T, H] or [B, T, H * D])."""
+        g = GATE_ACTIVATIONS[self.act](pre)
+        if self.per_head:
+            g = mx.repeat(g, head_dim, axis=-1)  # each head's gate over its dims
+        return o * g
+
 
 class Attention(nn.Module):
     """Multi-head attention with grouped KV heads.
@@ -161,10 +168,7 @@ class Attention(nn.Module):
     def output(self, o: mx.array, extra: Any) -> mx.array:
         """o [B, T, H * D] (and ``project``'s extra) -> [B, T, hidden]."""
         if self.gate is not None:
-            g = GATE_ACTIVATIONS[self.gate.act](extra)  # [B, T, H] or [B, T, H * D]
-            if self.gate.per_head:
-                g = mx.repeat(g, self.head_dim, axis=-1)  # each head's gate over its dims
-            o = o * g
+            o = self.gate(o, extra, self.head_dim)
         return self.o_proj(o)
 
     def __call__(self, x: mx.array, mask: Causal | None, cache: KVCache | None) -> mx.array:

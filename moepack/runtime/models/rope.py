@@ -112,6 +112,14 @@ class ScaledRoPE(nn.Module):
         return self._freqs
 
     def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+        """x [..., T, D] rotated at positions offset, offset + 1, ... (the first ``dims`` features, or the last
+        where ``trailing``)."""
+        d = self.dims
+        if self.trailing and d < x.shape[-1]:
+            return mx.concatenate([x[..., :-d], self._rotate(x[..., -d:], offset)], axis=-1)
+        return self._rotate(x, offset)
+
+    def _rotate(self, x: mx.array, offset: int) -> mx.array:
         y = mx.fast.rope(x, self.dims, traditional=self.traditional, base=None, scale=1.0, offset=offset,
                          freqs=self.wavelengths())
         if self.attention_factor == 1.0:
