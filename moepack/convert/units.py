@@ -4,6 +4,7 @@ projection is read from, from shard headers alone, before anything is written.""
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
@@ -24,13 +25,29 @@ class Unit:
     """One independent piece of output: a dense shard, one expert file, or the hash of one source file."""
 
     id: str
-    kind: str  # "dense" | "expert" | "hash"
+    kind: str  # "dense" | "expert" | "table" | "hash"
     cost: int  # source bytes, for the progress bar
     payload: dict = field(default_factory=dict)
 
 
 def expert_relpath(layer: int, expert: int) -> str:
     return f"experts/{layer:03d}/{expert:04d}.bin"
+
+
+def table_relpath(name: str) -> str:
+    return f"tables/{name}.bin"
+
+
+HEAD = re.compile(r"(^|\.)(lm_)?head\.weight$")
+
+
+def streamed_tables(cfg: dict, recipe: Recipe, dense: list[str], tensors: dict) -> list[str]:
+    """The dense tensors the pack stores as streamed tables (SPEC 3.6): the input embedding, unless the LM head
+    shares it (no head of its own in the checkpoint, or ``tie_word_embeddings``) or the release quantized it."""
+    if not recipe.stream_tables or cfg.get("tie_word_embeddings") or not any(HEAD.search(n) for n in dense):
+        return []
+    return [n for n in dense if arch.is_embedding(n) and arch.layer_of(n) is None and len(tensors[n].shape) == 2
+            and not encodings.is_quantized(tensors[n])]
 
 
 class Read(NamedTuple):
@@ -134,6 +151,10 @@ def plan_units(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Unit], dict]:
         raise SourceError(f"{ckpt.root}: expert tensors found in layers {stray}, which config.json says are dense")
 
     units: list[Unit] = []
+    for name in streamed_tables(cfg, recipe, dense, tensors):
+        dense.remove(name)
+        units.append(Unit(f"table-{name}", "table", tensors[name].nbytes,
+                          {"file": table_relpath(name), "name": name, "source": tensors[name]}))
     # Dense tensors in a stable order, split into shards of bounded size.
     dense.sort(key=lambda n: (arch.layer_of(n) if arch.layer_of(n) is not None else -1, n))
     shard, size, shards = [], 0, []

@@ -170,13 +170,9 @@ class PackReader:
         through runtime/tables.py)."""
         t = self.manifest.tables[name]
         data = np.fromfile(self.table_path(name), dtype=np.uint8)
-        out = []
-        for r in rows:
-            base = t.row_offset(r)
-            parts = {k: dtypes.from_numpy_bytes(data[base + b.offset : base + b.offset + b.length], b.dtype)
-                     for k, b in t.row.parts.items()}
-            out.append(decode(parts, t.row.encoding, t.row.bits, t.row.group_size))
-        return mx.stack(out)
+        parts = {k: dtypes.from_numpy_bytes(np.stack([data[t.row_offset(r) + b.offset:][: b.length] for r in rows]),
+                                            b.dtype).reshape(len(rows), *b.shape) for k, b in t.row.parts.items()}
+        return decode(parts, t.row.encoding, t.row.bits, t.row.group_size)
 
     # ---- verification -----------------------------------------------------------------------
     def verify(self, progress=None) -> VerifyReport:
