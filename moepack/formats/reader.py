@@ -280,7 +280,8 @@ def summary(reader: PackReader) -> dict:
         sum(int(np.prod(t.shape)) for t in m.tables.values())  # a streamed embedding is dense, only not resident
     per_expert = max((lay.length for lay in layouts.values()), default=0)
     encodings: dict[str, int] = {}
-    for rec in list(m.dense.values()) + [r for lay in m.expert_layouts.values() for r in lay.tensors.values()]:
+    for rec in [*m.dense.values(), *(t.row for t in m.tables.values()),
+                *(r for lay in m.expert_layouts.values() for r in lay.tensors.values())]:
         key = {"raw": "raw", "affine": f"affine{rec.bits}/g{rec.group_size}"}.get(rec.encoding, rec.encoding)
         origin = ", ".join(filter(None, (rec.source_encoding, rec.carried)))  # e.g. "int4-pack-quantized-g32, lossless"
         key += f" {rec.dtype}" + (f" (from {origin})" if origin else "")

@@ -58,7 +58,8 @@ class BaseEngine(ABC):
         """Per-layer caches (``offset``, ``trim(n)``) for one sequence."""
 
     @abstractmethod
-    def _io_wait(self) -> float:
+    def io_wait_s(self) -> float:
+        """Seconds spent waiting for reads so far: expert files and table rows."""
         return self.store.counters.io_wait_s + sum(t.counters.io_wait_s for t in self.tables.values())
 
     def _pass(self, ids: list[int], cache: list | None, logits: Logits) -> np.ndarray:
@@ -284,18 +285,19 @@ class Engine(BaseEngine):
         through its layers, all T positions through a layer before the next; the last stage returns float32 logits
         [1, 1 or T, vocab] (the head runs only on the positions asked for). ``tokens``: the ids [1, T] where a later
         stage's layers route by them (``needs_tokens``)."""
-        t0, io0 = time.perf_counter(), self._io_wait()
+        t0, io0 = time.perf_counter(), self.io_wait_s()
         st, m = self.stage, self.model
         h = m.embed(x) if st.first else x
         h = m.run_layers(h, cache, st.layers, tokens=x if st.first else tokens)
         if st.last:
             h = m.head(h if logits == "all" else h[:, -1:]).astype(mx.float32)
         mx.eval(h)
-        self.compute_s += time.perf_counter() - t0 - (self._io_wait() - io0)
+        self.compute_s += time.perf_counter() - t0 - (self.io_wait_s() - io0)
         self.tokens_processed += x.shape[1]
         return h
 
-    def _io_wait(self) -> float:
+    def io_wait_s(self) -> float:
+        """Seconds spent waiting for reads so far: expert files and table rows."""
         return self.store.counters.io_wait_s + sum(t.counters.io_wait_s for t in self.tables.values())
 
     def _pass(self, ids: list[int], cache: list | None, logits: Logits) -> np.ndarray:
@@ -329,6 +331,15 @@ class Engine(BaseEngine):
                 "table_cache_rows": self.plan.table_rows if self.tables else 0,
                 "table_cache_bytes": sum(t.cache_bytes for t in self.tables.values()),
                 **{f"table_{k}": v for k, v in tables.items()}}
+
+    def table_bytes_read(self) -> int:
+        return sum(t.counters.bytes_read for t in self.tables.values())
+
+    def reset_counters(self) -> None:
+        """Zero the expert store's and the tables' read counters (bench runs count from here)."""
+        self.store.counters = type(self.store.counters)()
+        for t in self.tables.values():
+            t.counters = type(t.counters)()
 
     def close(self) -> None:
         self.store.close()
