@@ -57,10 +57,13 @@ def main(ctx, verbose: bool, debug: bool) -> None:
               help="Decode tensors the source ships quantized (INT4, MXFP4) and apply the recipe, instead of carrying "
                    "them losslessly.")
 @click.option("--alignment", type=int, default=16384, show_default=True, help="Expert segment/file alignment in bytes.")
+@click.option("--resident-embeddings", is_flag=True,
+              help="Keep the input embedding with the dense weights instead of streaming its rows from a table "
+                   "(writes a version 1 pack, which older moepack releases read).")
 @click.option("--workers", type=int, help="Parallel worker processes (default: by job size and CPU count).")
 @click.option("--force", is_flag=True, help="Convert again into an OUT that holds a pack or a different partial run.")
 def convert(src, out, revision, dtype, q_bits, q_group_size, dense_bits, dense_group_size, no_quantize, requantize,
-            alignment, workers, force) -> None:
+            alignment, resident_embeddings, workers, force) -> None:
     """Convert a Hugging Face checkpoint (directory or hub repo id) SRC into a pack at OUT.
 
     Re-running the same command after an interruption resumes where it stopped.
@@ -70,7 +73,7 @@ def convert(src, out, revision, dtype, q_bits, q_group_size, dense_bits, dense_g
 
     recipe = Recipe(dtype=dtype, quantize=not no_quantize, expert_bits=int(q_bits), expert_group_size=int(q_group_size),
                     dense_bits=int(dense_bits), dense_group_size=int(dense_group_size), alignment=alignment,
-                    requantize=requantize)
+                    requantize=requantize, stream_tables=not resident_embeddings)
     t0 = time.perf_counter()
     try:
         path = run(src, out, recipe, revision=revision, workers=workers, force=force,

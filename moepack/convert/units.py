@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field, replace
-from typing import NamedTuple
+from typing import Collection, NamedTuple
 
 from moepack import arch
 from moepack.convert import encodings
@@ -41,13 +41,14 @@ def table_relpath(name: str) -> str:
 HEAD = re.compile(r"(^|\.)(lm_)?head\.weight$")
 
 
-def streamed_tables(cfg: dict, recipe: Recipe, dense: list[str], tensors: dict) -> list[str]:
-    """The dense tensors the pack stores as streamed tables (SPEC 3.6): the input embedding, unless the LM head
-    shares it (no head of its own in the checkpoint, or ``tie_word_embeddings``) or the release quantized it."""
+def streamed_tables(cfg: dict, recipe: Recipe, dense: dict[str, list[int]], quantized: Collection[str] = ()) -> list[str]:
+    """The dense tensors (name -> shape) the pack stores as streamed tables (SPEC 3.6): the input embedding, unless
+    the LM head shares it (no head of its own in the checkpoint, or ``tie_word_embeddings``) or is ``quantized`` in
+    the release (carried as it is)."""
     if not recipe.stream_tables or cfg.get("tie_word_embeddings") or not any(HEAD.search(n) for n in dense):
         return []
-    return [n for n in dense if arch.is_embedding(n) and arch.layer_of(n) is None and len(tensors[n].shape) == 2
-            and not encodings.is_quantized(tensors[n])]
+    return [n for n, shape in dense.items() if arch.is_embedding(n) and arch.layer_of(n) is None and len(shape) == 2
+            and n not in quantized]
 
 
 class Read(NamedTuple):
@@ -151,7 +152,8 @@ def plan_units(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Unit], dict]:
         raise SourceError(f"{ckpt.root}: expert tensors found in layers {stray}, which config.json says are dense")
 
     units: list[Unit] = []
-    for name in streamed_tables(cfg, recipe, dense, tensors):
+    quantized = {n for n in dense if encodings.is_quantized(tensors[n])}
+    for name in streamed_tables(cfg, recipe, {n: list(tensors[n].shape) for n in dense}, quantized):
         dense.remove(name)
         units.append(Unit(f"table-{name}", "table", tensors[name].nbytes,
                           {"file": table_relpath(name), "name": name, "source": tensors[name]}))

@@ -200,7 +200,7 @@ class MemoryNeed:
         return self.slots(budget - rows * self.row_bytes), rows
 
 
-TABLE_SHARE = 1 / 8
+TABLE_SHARE = 1 / 16
 
 
 # Working memory beyond the budget (README "Memory"): MLX's buffer cache is held to MLX_CACHE_BYTES; a pass's
