@@ -141,10 +141,10 @@ def test_split_layers_balances_contiguous_ranges():
         split_layers([1, 1], 3)
 
 
-@pytest.mark.parametrize("hosts", [1, 2, 3, 4])
 EMBED = "model.embed_tokens.weight"
 
 
+@pytest.mark.parametrize("hosts", [1, 2, 3, 4])
 def test_plan_gives_every_tensor_and_expert_one_host(qwen, hosts):
     reader = PackReader(qwen)
     p = plan(reader, hosts)
