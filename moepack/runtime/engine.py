@@ -58,10 +58,6 @@ class BaseEngine(ABC):
         """Per-layer caches (``offset``, ``trim(n)``) for one sequence."""
 
     @abstractmethod
-    def io_wait_s(self) -> float:
-        """Seconds spent waiting for reads so far: expert files and table rows."""
-        return self.store.counters.io_wait_s + sum(t.counters.io_wait_s for t in self.tables.values())
-
     def _pass(self, ids: list[int], cache: list | None, logits: Logits) -> np.ndarray:
         """``ids`` through the whole model, appended to ``cache``; float32 logits [1 or len(ids), vocab]."""
 
