@@ -178,3 +178,23 @@ def test_table_geometry_follows_the_spec():
     big = Table.layout("t.bin", 10, TensorRecord("raw", [5000], "float32", {"data": Blob(0, 20000, "float32", [5000])}),
                        16384)
     assert (big.rows_per_block, big.block_bytes, big.row_offset(3)) == (1, 32768, 3 * 32768)
+
+
+def test_inspect_reports_the_table_and_the_budget_split(packs):
+    from click.testing import CliRunner
+
+    from moepack.cli import main
+
+    streamed = packs[0]
+    reader = PackReader(streamed)
+    need = memory_need(reader, compute_dtype_for(reader))
+    budget = need.minimum + 16 * need.slot_bytes
+    r = CliRunner().invoke(main, ["inspect", str(streamed), "--json", "--memory-budget", str(budget)])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.output)
+    slots, rows = need.split(budget)
+    assert s["memory"]["expert_slots"] == slots and s["memory"]["table_cache_rows"] == rows > 1
+    assert s["bytes"]["table_per_token_uncached"] == reader.tables[EMBED].block_bytes
+    assert s["tables"][EMBED]["shape"] == [4096, 128]
+    with moepack.load(streamed, budget, heat=False) as e:  # the engine splits the same budget the same way
+        assert (e.plan.n_slots, e.plan.table_rows) == (slots, rows)
