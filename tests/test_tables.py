@@ -143,6 +143,7 @@ HOSTILE = {
     "wrong file size": (lambda m, t: m["files"][t["file"]].update(length=m["files"][t["file"]]["length"] + 16384), "rows take"),
     "part past the row": (lambda m, t: t["row"]["parts"]["biases"].update(offset=t["row_bytes"]), "run past"),
     "two-dimensional row": (lambda m, t: t["row"].update(shape=[1, 128]), "one row's shape"),
+    "empty row": (lambda m, t: t["row"].update(shape=[0]), "out of range"),
     "a dense file": (lambda m, t: t.update(file=next(iter(m["dense"].values()))["parts"]["weight"]["file"]), "also holds"),
     "unlisted file": (lambda m, t: t.update(file="tables/other.bin"), "not a file listed"),
     "in a version 1 pack": (lambda m, t: m.update(format_version=1), "version 2 addition"),

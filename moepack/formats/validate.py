@@ -335,6 +335,7 @@ def _table(t: Any, where: str, align: int, files: dict[str, int], taken: set[str
     row = _obj(t["row"], f"{where}.row", ("shape",))
     if type(row["shape"]) is not list or len(row["shape"]) != 1:
         _fail(f"{where}.row.shape", f"{show(row['shape'])} is not one row's shape [columns]")
+    _int(row["shape"][0], f"{where}.row.shape[0]", 1, MAX_WIDTH)
     start, span = _record(row, f"{where}.row", limit=t["row_bytes"])
     want = Table.layout(rel, rows, TensorRecord.from_json(row), align)
     if start != 0 or t["row_bytes"] != span:
