@@ -81,7 +81,7 @@ def test_small_budget_reads_only_the_rows_it_needs_and_generates_the_same(packs)
     assert full["table_cache_rows"] == table.rows and small["table_cache_rows"] == 1
     # the rows looked up: each pass's distinct tokens (the prompt twice, then one per generated token but the last)
     looked = 2 * len(set(PROMPT)) + 7
-    assert small["table_rows"] == full["table_rows"] == looked
+    assert small["table_lookups"] == full["table_lookups"] == looked
     assert small["table_hits"] + small["table_misses"] == looked and small["table_misses"] > full["table_misses"]
     assert full["table_misses"] == len(set(PROMPT) | set(full_tokens[:-1]))  # a whole table cached: each row once
     assert small["table_bytes_read"] == small["table_misses"] * table.block_bytes < table.length  # one block a miss

@@ -320,7 +320,7 @@ class Engine(BaseEngine):
     def stats(self) -> dict:
         c = self.store.counters
         tables = {k: sum(getattr(t.counters, k) for t in self.tables.values())
-                  for k in ("rows", "hits", "misses", "bytes_read", "io_wait_s")}
+                  for k in ("lookups", "hits", "misses", "bytes_read", "io_wait_s")}
         return {**c.as_dict(), "compute_s": self.compute_s, "tokens": self.tokens_processed,
                 "slots": self.plan.n_slots, "slot_bytes": self.plan.slot_bytes, "expert_file_bytes": self.store.file_bytes,
                 "io_threads": self.store.threads, "io_mode": self.store.io.mode,

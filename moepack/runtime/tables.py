@@ -31,7 +31,7 @@ from moepack.runtime.memory import resident_dtype
 
 @dataclass
 class TableCounters:
-    rows: int = 0  # rows looked up (distinct rows of each step)
+    lookups: int = 0  # rows looked up (the distinct rows of each step)
     hits: int = 0
     misses: int = 0
     bytes_read: int = 0  # whole aligned blocks, what the disk delivered
@@ -94,7 +94,7 @@ class TableStore:
                     self._free.append(self._slot_of.popitem(last=False)[1])
                 slot = self._slot_of[r] = self._free.pop()
                 self._cache[slot] = out[i]
-            self.counters.rows += len(ids)
+            self.counters.lookups += len(ids)
         return out
 
     def __call__(self, tokens: mx.array) -> mx.array:
