@@ -57,6 +57,9 @@ def main(ctx, verbose: bool, debug: bool) -> None:
               help="Decode tensors the source ships quantized (INT4, MXFP4) and apply the recipe, instead of carrying "
                    "them losslessly.")
 @click.option("--alignment", type=int, default=16384, show_default=True, help="Expert segment/file alignment in bytes.")
+@click.option("--resident-embeddings", is_flag=True,
+              help="Keep the input embedding with the dense weights instead of streaming its rows from a table "
+                   "(writes a version 1 pack, which older moepack releases read).")
 @click.option("--workers", type=int, help="Parallel worker processes (default: by job size and CPU count).")
 @click.option("--force", is_flag=True, help="Convert again into an OUT that holds a pack or a different partial run.")
 @click.option("--stream/--no-stream", default=None,
@@ -65,7 +68,7 @@ def main(ctx, verbose: bool, debug: bool) -> None:
 @click.option("--window", type=click.IntRange(1), default=2, show_default=True,
               help="With --stream: shards downloaded ahead of the converter.")
 def convert(src, out, revision, dtype, q_bits, q_group_size, dense_bits, dense_group_size, no_quantize, requantize,
-            alignment, workers, force, stream, window) -> None:
+            alignment, resident_embeddings, workers, force, stream, window) -> None:
     """Convert a Hugging Face checkpoint (directory or hub repo id) SRC into a pack at OUT.
 
     Re-running the same command after an interruption resumes where it stopped.
@@ -75,7 +78,7 @@ def convert(src, out, revision, dtype, q_bits, q_group_size, dense_bits, dense_g
 
     recipe = Recipe(dtype=dtype, quantize=not no_quantize, expert_bits=int(q_bits), expert_group_size=int(q_group_size),
                     dense_bits=int(dense_bits), dense_group_size=int(dense_group_size), alignment=alignment,
-                    requantize=requantize)
+                    requantize=requantize, stream_tables=not resident_embeddings)
     t0 = time.perf_counter()
     try:
         path = run(src, out, recipe, revision=revision, workers=workers, force=force, stream=stream, window=window,
@@ -89,11 +92,21 @@ def convert(src, out, revision, dtype, q_bits, q_group_size, dense_bits, dense_g
 @main.command()
 @click.argument("pack", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect(pack, as_json) -> None:
-    """Show a pack's architecture, sizes, per-token read cost and recipe."""
+@click.option("--memory-budget", help="Show how this budget is split (default: 60% of available memory).")
+def inspect(pack, as_json, memory_budget) -> None:
+    """Show a pack's architecture, sizes, per-token read cost, recipe, and how a memory budget is split between
+    expert slots and the table row cache."""
     from moepack.formats.reader import PackReader, summary
+    from moepack.runtime import memory
 
-    s = summary(PackReader(pack))
+    reader = PackReader(pack)
+    s = summary(reader)
+    need = memory.memory_need(reader, memory.compute_dtype_for(reader))
+    budget = max(memory.parse_budget(memory_budget) or memory.default_budget(), need.minimum)
+    slots, rows = need.split(budget)
+    s["memory"] = {"minimum": need.minimum, "resident_dense": need.dense_bytes, "budget": budget,
+                   "expert_slots": slots, "slot_bytes": need.slot_bytes, "table_cache_rows": rows,
+                   "table_cache_bytes": rows * need.row_bytes}
     if as_json:
         click.echo(json.dumps(s, indent=2, allow_nan=False))  # strict JSON: a pack's numbers are finite
         return
@@ -105,7 +118,16 @@ def inspect(pack, as_json) -> None:
     click.echo(f"  size           {human_bytes(b['total'])} in {s['files']} files; dense {human_bytes(b['dense'])}, "
                f"experts {human_bytes(b['experts'])}")
     click.echo(f"  per expert     {human_bytes(b['per_expert'])} (one file each, aligned to {human_bytes(s['alignment'])})")
-    click.echo(f"  per token      {human_bytes(b['per_token_uncached'])} read when no expert is cached")
+    click.echo(f"  per token      {human_bytes(b['per_token_uncached'])} read when no expert is cached"
+               + (f", {human_bytes(b['table_per_token_uncached'])} from tables when no row is" if s["tables"] else ""))
+    for name, t in s["tables"].items():
+        click.echo(f"  table          {name} {t['shape'][0]:,} x {t['shape'][1]:,} {t['encoding']}, streamed: "
+                   f"{t['row_bytes']:,} bytes a row, one {human_bytes(t['block_bytes'])} block read a missing row")
+    mem = s["memory"]
+    rows = (f", table cache {mem['table_cache_rows']:,} rows ({human_bytes(mem['table_cache_bytes'])})"
+            if s["tables"] else "")
+    click.echo(f"  memory         at least {human_bytes(mem['minimum'])} (dense {human_bytes(mem['resident_dense'])} "
+               f"resident); a budget of {human_bytes(mem['budget'])} holds {mem['expert_slots']} expert slots{rows}")
     r = s["recipe"]
     q = (f"experts {r['expert_bits']}-bit g{r['expert_group_size']}, dense {r['dense_bits']}-bit g{r['dense_group_size']}"
          if r["quantize"] else "unquantized")
@@ -333,11 +355,16 @@ def _print_stats(engine, n_prompt: int, n_gen: int, t0: float, first: float | No
     prompt_s = (first or end) - t0
     gen_s = end - (first or end)
     tokens = max(s["tokens"], 1)
+    table, cache = "", ""
+    if s.get("table_cache_bytes"):  # the pack streams tables (SPEC 3.6): their share of reads and of the budget
+        table = f" + {human_bytes(s['table_bytes_read'] / tokens)}/token from tables"
+        cache = f", table cache {s['table_cache_rows']} rows ({human_bytes(s['table_cache_bytes'])})"
     click.echo(
         f"prompt: {n_prompt} tokens, {n_prompt / prompt_s if prompt_s else 0:.1f} tok/s | "
         f"generation: {n_gen} tokens, {(n_gen - 1) / gen_s if gen_s and n_gen > 1 else 0:.2f} tok/s | "
-        f"peak memory {human_bytes(peak_rss())} | read {human_bytes(s['bytes_read'] / tokens)}/token | "
-        f"hit rate {s['hit_rate']:.1%} | I/O wait {s['io_wait_s']:.2f}s, compute {s['compute_s']:.2f}s ({s['io_mode']})",
+        f"peak memory {human_bytes(peak_rss())} | read {human_bytes(s['bytes_read'] / tokens)}/token{table} | "
+        f"hit rate {s['hit_rate']:.1%} | I/O wait {s['io_wait_s']:.2f}s, compute {s['compute_s']:.2f}s ({s['io_mode']}) | "
+        f"budget: {s.get('slots', '?')} expert slots{cache}",
         err=True,
     )
 

@@ -141,6 +141,9 @@ def test_split_layers_balances_contiguous_ranges():
         split_layers([1, 1], 3)
 
 
+EMBED = "model.embed_tokens.weight"
+
+
 @pytest.mark.parametrize("hosts", [1, 2, 3, 4])
 def test_plan_gives_every_tensor_and_expert_one_host(qwen, hosts):
     reader = PackReader(qwen)
@@ -149,12 +152,15 @@ def test_plan_gives_every_tensor_and_expert_one_host(qwen, hosts):
     assert [s.index for s in stages] == list(range(hosts))
     assert stages[0].start == 0 and stages[-1].stop == SPEC.num_hidden_layers
     assert all(a.stop == b.start and a.start < a.stop for a, b in zip(stages, stages[1:]))
-    for name in reader.manifest.dense:
+    assert reader.tables  # the embedding is streamed: the first stage's minimum holds one token's rows of it
+    for name in [*reader.manifest.dense, *reader.tables]:
         assert sum(s.owns(name) for s in stages) == 1, name
     assert sorted(L for sh in p.shares for L in sh.moe_layers) == reader.moe_layers
     assert sum(sh.dense_bytes for sh in p.shares) == reader.dense_bytes
     for sh in p.shares:
-        assert sh.minimum == sh.dense_bytes + 2 * sh.slot_bytes
+        rows = sum(t.row_bytes for n, t in reader.tables.items() if sh.stage.owns(n))
+        assert sh.minimum == sh.dense_bytes + 2 * sh.slot_bytes + rows
+        assert sh.table_read_per_token == (reader.tables[EMBED].block_bytes if sh.stage.first else 0)
 
 
 def test_plan_of_tied_embeddings_and_dense_layers(deepseek):

@@ -36,7 +36,8 @@ import transformers
 from moepack import arch
 from moepack.convert.recipe import Recipe
 from moepack.formats import dtypes, quant
-from moepack.formats.manifest import Blob, ExpertLayer, ExpertLayout, Manifest, TensorRecord
+from moepack.convert.units import streamed_tables, table_relpath
+from moepack.formats.manifest import Blob, ExpertLayer, ExpertLayout, Manifest, Table, TensorRecord
 from moepack.formats.writer import BLOB_ALIGN, align_up
 
 # Kimi K2.5 (moonshotai/Kimi-K2.5): a DeepSeek-V3 text model (as Kimi K2) inside a vision-language wrapper.
@@ -186,10 +187,16 @@ def virtual_pack(config: dict, out: Path, recipe: Recipe, carried: tuple[int, in
     fam = arch.family_for(tc)
     dense_shapes, expert_projs = expert_shapes(tensor_shapes(tc), tc)
     files: dict[str, dict] = {}
-    dense, pos = {}, 0
-    for name in sorted(dense_shapes, key=lambda n: (arch.layer_of(n) if arch.layer_of(n) is not None else -1, n)):
-        if arch.SKIPPED.match(name):
-            continue
+    dense, pos, tables = {}, 0, {}
+    kept = {n: s for n, s in dense_shapes.items() if not arch.SKIPPED.match(n)}
+    for name in streamed_tables(tc, recipe, kept, INTEGER_TABLES):  # the input embedding, streamed (SPEC 3.6)
+        rows, *cols = kept.pop(name)
+        enc, parts, bits, gs, _ = encode(name, [1, *cols], False, recipe, None)
+        blobs, _ = _blobs({k: (dt, shape[1:]) for k, (dt, shape) in parts.items()}, 0, None)
+        tables[name] = Table.layout(table_relpath(name), rows, TensorRecord(enc, cols, recipe.dtype, blobs, bits, gs),
+                                    recipe.alignment)
+        files[tables[name].file] = {"length": tables[name].length, "blake3": NO_HASH}
+    for name in sorted(kept, key=lambda n: (arch.layer_of(n) if arch.layer_of(n) is not None else -1, n)):
         enc, parts, bits, gs, _ = encode(name, dense_shapes[name], False, recipe, None)
         blobs, pos = _blobs(parts, pos, "dense/dense-00000.bin")
         dtype = dtypes.TABLE_DTYPE if name in INTEGER_TABLES else recipe.dtype
@@ -218,7 +225,7 @@ def virtual_pack(config: dict, out: Path, recipe: Recipe, carried: tuple[int, in
     manifest = Manifest(architecture, recipe.alignment, recipe.to_json(),
                         {"source": "virtual pack (tools/virtual_pack.py): sizes only, no tensor data",
                          "converter": "tools/virtual_pack.py"},
-                        files, dense, layouts, layers)
+                        dict(sorted(files.items())), dense, layouts, layers, tables=tables)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     manifest.save(out)
@@ -276,6 +283,7 @@ def main() -> None:
     ap.add_argument("--ssd-gbps", type=float, default=5.3, help="the SSD's read bandwidth, GB/s (for --ttft)")
     ap.add_argument("--tflops", type=float, default=20.0, help="sustained matmul TFLOP/s (for --ttft; an assumption)")
     ap.add_argument("--budget", default="64GB", help="the memory budget the passes are sized for (for --ttft)")
+    ap.add_argument("--resident-embeddings", action="store_true", help="as `moepack convert --resident-embeddings`")
     args = ap.parse_args()
     if args.config in PRESETS:
         config, carried = PRESETS[args.config]
@@ -283,7 +291,8 @@ def main() -> None:
     else:
         config, carried = json.loads(Path(args.config).read_text()), args.carried_experts
     recipe = Recipe(dtype=args.dtype, expert_bits=args.q_bits, expert_group_size=args.q_group_size,
-                    dense_bits=args.dense_bits, dense_group_size=args.dense_group_size)
+                    dense_bits=args.dense_bits, dense_group_size=args.dense_group_size,
+                    stream_tables=not args.resident_embeddings)
     bits_gs = tuple(int(x) for x in carried.split(":")) if carried else None
     print(virtual_pack(config, args.out, recipe, bits_gs))
     if args.ttft:

@@ -33,8 +33,9 @@ from moepack.convert.plan import check_stream_disk, choose_stream
 from moepack.convert.source import SIDE_FILES, Checkpoint, file_fingerprint, resolve
 from moepack.convert.units import Unit, expert_relpath, plan_units
 from moepack.errors import MoepackError, SourceError
-from moepack.formats.manifest import ExpertLayer, ExpertLayout, Manifest, TensorRecord
-from moepack.formats.writer import AlignedFile, PackWriter, hash_file
+from moepack.formats import dtypes
+from moepack.formats.manifest import BLOB_ALIGN, Blob, ExpertLayer, ExpertLayout, Manifest, Table, TensorRecord, align_up
+from moepack.formats.writer import AlignedFile, PackWriter, add_table_rows, hash_file
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ def write_unit(ckpt: Checkpoint, recipe: Recipe, unit: Unit, f: AlignedFile) -> 
                                              source_encoding=info.dtype, carried=e.carried).to_json()
                 del a, e
             result = {"dense": records}
+        elif unit.kind == "table":
+            result = {"tables": {unit.payload["name"]: _write_table(ckpt, recipe, f, unit.payload).to_json()}}
         else:
             tensors = {}
             for proj in sorted(unit.payload["projs"], key=_proj_order):
@@ -101,6 +104,28 @@ def write_unit(ckpt: Checkpoint, recipe: Recipe, unit: Unit, f: AlignedFile) -> 
         result["layout"] = result["layout"].to_json()
     result["files"] = {unit.payload["file"]: entry}
     return result
+
+
+TABLE_CHUNK_BYTES = 64 << 20  # a table is converted in chunks of rows: never the whole table in memory
+
+
+def _write_table(ckpt: Checkpoint, recipe: Recipe, f: AlignedFile, p: dict) -> Table:
+    """Encode a table row-wise as the dense recipe would encode the whole tensor, and write it in blocks."""
+    info, name = p["source"], p["name"]
+    rows = info.shape[0]
+    first = recipe.encode_source(name, encodings.read(ckpt, info, None, slice(0, 1)), expert=False)  # the row layout
+    blobs, off = {}, 0
+    for k, v in first.parts.items():
+        blobs[k] = Blob(off, v.nbytes, dtypes.name_of(v.dtype), list(v.shape[1:]))
+        off += align_up(v.nbytes, BLOB_ALIGN)
+    row = TensorRecord(first.encoding, list(info.shape[1:]), first.dtype, blobs, first.bits, first.group_size,
+                       source_encoding=info.dtype, carried=first.carried)
+    table = Table.layout(p["file"], rows, row, recipe.alignment)
+    step = max(1, TABLE_CHUNK_BYTES // table.block_bytes) * table.rows_per_block
+    for s in range(0, rows, step):
+        e = recipe.encode_source(name, encodings.read(ckpt, info, None, slice(s, min(rows, s + step))), expert=False)
+        add_table_rows(f, table, s, e.parts)
+    return table
 
 
 def _proj_order(p: str) -> tuple[int, str]:
@@ -207,7 +232,7 @@ def convert(
 # dense shards and expert files (with their temporary .part names), side files copied from the source.
 PACK_NAMES = {"manifest.json", "manifest.json.tmp", STATE_DIR, "heat.json", *SIDE_FILES,
               *(f"{n}.part" for n in SIDE_FILES)}
-PACK_FILE = re.compile(r"(dense/dense-\d{5}|experts/\d{3}/\d{4})\.bin(\.part)?")
+PACK_FILE = re.compile(r"(dense/dense-\d{5}|experts/\d{3}/\d{4}|tables/[\w.]+)\.bin(\.part)?")
 
 
 def _inside(a: Path, b: Path) -> bool:
@@ -252,7 +277,7 @@ def _is_pack(out: Path) -> bool:
 
 def remove_pack_files(out: Path) -> None:
     """--force: remove the pack (or partial conversion) in ``out`` and nothing else; other files stay."""
-    for sub in ("dense", "experts"):
+    for sub in ("dense", "experts", "tables"):
         base = out / sub
         if not base.is_dir() or base.is_symlink():
             continue
@@ -506,6 +531,7 @@ def assemble(recipe: Recipe, architecture: dict, provenance: dict, units: list[U
     """The manifest from every unit's result and the side files' entries (``{name: {"length", "blake3"}}``)."""
     files: dict[str, dict] = dict(side)
     dense: dict[str, TensorRecord] = {}
+    tables: dict[str, Table] = {}
     layouts: dict[str, ExpertLayout] = {}
     layout_keys: dict[str, str] = {}
     layer_layout: dict[int, str] = {}
@@ -516,6 +542,7 @@ def assemble(recipe: Recipe, architecture: dict, provenance: dict, units: list[U
         source_hashes.update(r.get("source_hash", {}))
         for name, rec in r.get("dense", {}).items():
             dense[name] = TensorRecord.from_json(rec)
+        tables.update({name: Table.from_json(t) for name, t in r.get("tables", {}).items()})
         if "layout" in r:
             L = u.payload["layer"]
             key = json.dumps(r["layout"], sort_keys=True)
@@ -542,4 +569,5 @@ def assemble(recipe: Recipe, architecture: dict, provenance: dict, units: list[U
         dense=dense,
         expert_layouts=layouts,
         experts=experts,
+        tables=tables,
     )

@@ -4,8 +4,9 @@ projection is read from, from shard headers alone, before anything is written.""
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field, replace
-from typing import NamedTuple
+from typing import Collection, NamedTuple
 
 from moepack import arch
 from moepack.convert import encodings
@@ -24,7 +25,7 @@ class Unit:
     """One independent piece of output: a dense shard, one expert file, or the hash of one source file."""
 
     id: str
-    kind: str  # "dense" | "expert" | "hash"
+    kind: str  # "dense" | "expert" | "table" | "hash"
     cost: int  # source bytes, for the progress bar
     payload: dict = field(default_factory=dict)
     reads: tuple[str, ...] = ()  # the source files it reads (a streamed conversion fetches them first)
@@ -32,6 +33,23 @@ class Unit:
 
 def expert_relpath(layer: int, expert: int) -> str:
     return f"experts/{layer:03d}/{expert:04d}.bin"
+
+
+def table_relpath(name: str) -> str:
+    return f"tables/{name}.bin"
+
+
+HEAD = re.compile(r"(^|\.)(lm_)?head\.weight$")
+
+
+def streamed_tables(cfg: dict, recipe: Recipe, dense: dict[str, list[int]], quantized: Collection[str] = ()) -> list[str]:
+    """The dense tensors (name -> shape) the pack stores as streamed tables (SPEC 3.6): the input embedding, unless
+    the LM head shares it (no head of its own in the checkpoint, or ``tie_word_embeddings``) or is ``quantized`` in
+    the release (carried as it is)."""
+    if not recipe.stream_tables or cfg.get("tie_word_embeddings") or not any(HEAD.search(n) for n in dense):
+        return []
+    return [n for n, shape in dense.items() if arch.is_embedding(n) and arch.layer_of(n) is None and len(shape) == 2
+            and n not in quantized]
 
 
 class Read(NamedTuple):
@@ -151,6 +169,12 @@ def plan_units(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Unit], dict]:
         raise SourceError(f"{ckpt.root}: expert tensors found in layers {stray}, which config.json says are dense")
 
     units: list[Unit] = []
+    quantized = {n for n in dense if encodings.is_quantized(tensors[n])}
+    for name in streamed_tables(cfg, recipe, {n: list(tensors[n].shape) for n in dense}, quantized):
+        dense.remove(name)
+        units.append(Unit(f"table-{name}", "table", tensors[name].nbytes,
+                          {"file": table_relpath(name), "name": name, "source": tensors[name]},
+                          reads_of(ckpt, tensors[name])))
     # Dense tensors grouped by the source shard they come from (so a streamed conversion can drop each shard once
     # read), in a stable order within, split into files of bounded size.
     layer_key = lambda n: (arch.layer_of(n) if arch.layer_of(n) is not None else -1, n)
