@@ -131,7 +131,8 @@ def test_plan_predicts_every_size_byte_for_byte(hub, repos, local_packs, rid, tm
     assert json.loads(res.stdout)["recipes"]["chosen"]["pack_bytes"] == sum(
         f.stat().st_size for f in local.rglob("*") if f.is_file())
     m = p["memory"]
-    assert m["minimum_budget"] == m["dense_resident_bytes"] + m["top_k"] * m["slot_bytes"]
+    assert m["minimum_budget"] == m["dense_resident_bytes"] + m["top_k"] * m["slot_bytes"] + m["table_row_bytes_per_token"]
+    assert m["table_row_bytes_per_token"] > 0  # the embedding streams from its table
     assert m["bytes_per_token_cold"] > 0 and p["speed"]["decode_tok_s_cold"] > 0
     d = p["disk"]
     assert d["without_stream"] == d["pack"] + d["source"] > d["with_stream"] == d["pack"] + d["stream_source_peak"]

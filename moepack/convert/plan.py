@@ -62,6 +62,9 @@ class SizeFile:
     def pad_to(self, boundary: int) -> None:
         self.pos = align_up(self.pos, boundary)
 
+    def write_bytes(self, data) -> None:
+        self.pos += len(data)
+
     def add(self, a: mx.array, align: int = BLOB_ALIGN, with_file: bool = True) -> Blob:
         self.pad_to(align)
         blob = Blob(self.pos, a.nbytes, dtypes.name_of(a.dtype), list(a.shape), self.relpath if with_file else None)
@@ -341,11 +344,12 @@ def plan_model(model: str, recipe: Recipe, revision: str | None = None, target: 
         E, k = m.architecture["num_experts"], m.architecture["top_k"]
         per_token = k * sum(lengths.values())
         avail = available_memory()
-        all_in = need_mem.dense_bytes + need_mem.experts * need_mem.slot_bytes
+        all_in = need_mem.dense_bytes + need_mem.experts * need_mem.slot_bytes + need_mem.table_rows * need_mem.row_bytes
         recommended = max(need_mem.minimum, min(default_budget(), all_in))
         out["memory"] = {"dense_resident_bytes": need_mem.dense_bytes, "bytes_per_expert": max(lengths.values(), default=0),
                          "slot_bytes": need_mem.slot_bytes, "experts": need_mem.experts, "top_k": k,
                          "bytes_per_token_cold": per_token, "minimum_budget": need_mem.minimum,
+                         "table_row_bytes_per_token": need_mem.row_bytes,
                          "available": avail, "recommended_budget": recommended,
                          "fits_in_memory": need_mem.minimum <= avail}
         if disk_bps is None:

@@ -48,6 +48,10 @@ class AlignedFile:
         self._hash.update(data)
         self.pos += len(data) if isinstance(data, (bytes, bytearray)) else memoryview(data).nbytes
 
+    def write_bytes(self, data) -> None:
+        """Append raw bytes at the current position (a table's blocks, laid out by the caller)."""
+        self._write(data)
+
     def pad_to(self, boundary: int) -> None:
         n = align_up(self.pos, boundary) - self.pos
         while n:
@@ -98,7 +102,7 @@ def add_table_rows(f: AlignedFile, table: Table, first: int, parts: dict[str, mx
         rows[:n, b.offset : b.offset + b.length] = np.ascontiguousarray(dtypes.to_numpy_bytes(parts[k])).view(np.uint8).reshape(n, -1)
     out = np.zeros((blocks, t.block_bytes), np.uint8)
     out[:, : t.rows_per_block * t.row_bytes] = rows.reshape(blocks, -1)
-    f._write(memoryview(out).cast("B"))
+    f.write_bytes(memoryview(out).cast("B"))
 
 
 def hash_file(path: str | os.PathLike) -> str:
