@@ -10,7 +10,7 @@ from checkpoints import COMMON, TINY, make_model
 from parity import check_parity
 from safetensors.torch import load_file, save_file
 
-from moepack.runtime.models.qwen3_next import CHUNK, delta_rule_chunked, delta_rule_step
+from moepack.runtime.models.delta_rule import CHUNK, delta_rule_chunked, delta_rule_step
 
 
 @pytest.mark.parametrize("fused,old", [(False, False), (True, False), (False, True)])
