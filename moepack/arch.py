@@ -18,7 +18,7 @@ from moepack.errors import UnsupportedArchitecture
 # Canonical config keys and the spellings found in the wild, first match wins.
 CONFIG_ALIASES: dict[str, tuple[str, ...]] = {
     "num_experts": ("n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts"),
-    "top_k": ("num_experts_per_tok", "moe_topk", "top_k", "moe_k"),
+    "top_k": ("num_experts_per_tok", "moe_topk", "top_k", "moe_k", "num_experts_per_token"),  # Kimi Linear: the last
     "n_shared_experts": ("n_shared_experts", "num_shared_experts"),  # Sarvam's release: num_shared_experts
     "attention_bias": ("attention_bias", "use_qkv_bias"),  # Sarvam's release: use_qkv_bias
     "num_hidden_layers": ("num_hidden_layers", "num_layers"),  # LongCat-Flash: num_layers (each two sublayers)
@@ -91,6 +91,13 @@ def _mlp_layer_types(cfg: dict, i: int) -> bool:
     """``mlp_layer_types`` ("dense"/"sparse" per layer; transformers' default: the first dense) (Laguna, Hunyuan v3)."""
     types = cfg.get("mlp_layer_types") or ["dense"] + ["sparse"] * (num_layers(cfg) - 1)
     return types[i] == "sparse"
+
+
+def _kimi_linear_moe_layer(cfg: dict, i: int) -> bool:
+    """``mlp_layer_types``, else every layer from ``first_k_dense_replace`` (Kimi Linear's default: 1) on."""
+    if cfg.get("mlp_layer_types"):
+        return cfg["mlp_layer_types"][i] == "sparse"
+    return i >= cfg.get("first_k_dense_replace", 1)
 
 
 def _ernie_moe_layer(cfg: dict, i: int) -> bool:
@@ -186,6 +193,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("mistral_large4", ("mistral_large4", "mistral_large4_text"), ("moe_intermediate_size",),
            _deepseek_moe_layer, native=MISTRAL_NAMES),
     Family("deepseek_v4", ("deepseek_v4",), ("moe_intermediate_size",), _all_layers),
+    # KDA linear attention (moepack/runtime/models/kda.py) mixed with NoPE MLA
+    Family("kimi_linear", ("kimi_linear",), ("moe_intermediate_size",), _kimi_linear_moe_layer),
 )
 BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 

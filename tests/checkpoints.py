@@ -171,6 +171,15 @@ TINY: dict[str, tuple[str, str, dict]] = {
         compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 5},
         index_n_heads=4, index_head_dim=16, index_topk=2, hc_mult=3, swiglu_limit=1.0, rope_theta=1e4,
         compress_rope_theta=1.6e5, rope_parameters={k: v for k, v in YARN.items() if k != "rope_theta"})),
+    # MLA (NoPE), KDA, MLA, KDA; layer 0 dense; 4 groups of 2 experts, 2 groups kept (KDA first routes this seed's
+    # prompt on near-ties, which 8-bit noise flips)
+    "kimi_linear": ("KimiLinearConfig", "KimiLinearForCausalLM", dict(
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, intermediate_size=96,
+        moe_intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=4,
+        topk_group=2, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+        linear_head_dim=16, linear_num_heads=2,
+        layer_types=["full_attention", "linear_attention", "full_attention", "linear_attention"],
+        mlp_layer_types=["dense", "sparse", "sparse", "sparse"])),
 }
 # model_type -> {transformers 5 key: the release's legacy key} (to_old_spelling)
 LEGACY_KEYS: dict[str, dict[str, str]] = {
@@ -219,6 +228,8 @@ def to_old_spelling(cfg: dict) -> dict:
     cfg = dict(cfg)
     if cfg.get("model_type") == "deepseek_v4":
         return _deepseek_v4_old_spelling(cfg)
+    if cfg.get("model_type") == "kimi_linear":
+        cfg = _kimi_linear_old_spelling(cfg)
     params = cfg.pop("rope_parameters", None) or {}
     cfg["rope_theta"] = params.get("rope_theta", 10000.0)
     scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "rope_type", "partial_rotary_factor")}
@@ -243,6 +254,22 @@ def to_old_spelling(cfg: dict) -> dict:
     if cfg.get("indexer_types"):  # GLM-5's hub spelling: one letter per layer, Full or Shared indexer
         cfg["index_topk_pattern"] = "".join(t[0].upper() for t in cfg.pop("indexer_types"))
     cfg["torch_dtype"] = cfg.pop("dtype", "float32")
+    return cfg
+
+
+def _kimi_linear_old_spelling(cfg: dict) -> dict:
+    """Kimi Linear's release keys: ``linear_attn_config`` (1-indexed ``kda_layers``/``full_attn_layers``),
+    ``first_k_dense_replace`` for ``mlp_layer_types``; its other release names (``num_experts_per_token``, ...) are
+    what transformers writes too."""
+    types = cfg.pop("layer_types")
+    cfg["linear_attn_config"] = {
+        "head_dim": cfg.pop("linear_head_dim"), "num_heads": cfg.pop("linear_num_heads"),
+        "short_conv_kernel_size": cfg.pop("linear_conv_kernel_dim"),
+        "kda_layers": [i + 1 for i, t in enumerate(types) if t == "linear_attention"],
+        "full_attn_layers": [i + 1 for i, t in enumerate(types) if t == "full_attention"]}
+    cfg["first_k_dense_replace"] = cfg.pop("mlp_layer_types").index("sparse")
+    for k in ("head_dim", "qk_head_dim"):
+        cfg.pop(k, None)
     return cfg
 
 

@@ -65,3 +65,27 @@ def check_cached_decoding(kind: str, tmp: Path, monkeypatch, prefix: int = 5):
         m.setattr(engine, "max_pass", 4)
         np.testing.assert_allclose(engine.logits(PROMPT), whole, rtol=1e-4, atol=1e-4)
     return engine, cache
+
+
+def check_prefix_reuse(kind: str, tmp: Path) -> None:
+    """A recurrent-state family (linear attention): a prompt prefilled in two pieces gives the logits of one pass; a
+    prompt cache holding a longer, diverging sequence is not reused (a recurrent state cannot be rewound), one
+    holding an exact prefix is, its state restored."""
+    from moepack.runtime.generation import PromptCache, prefill
+
+    engine = moepack.load(convert(str(build(kind, tmp / "ckpt")), tmp / "pack", EXACT, progress=False))
+    whole = engine.logits(PROMPT)[-1]
+    prompts = PromptCache()
+
+    def cached_prefix():
+        cache = engine.make_cache()
+        prefill(engine, PROMPT[:8], cache)
+        prompts.put(PROMPT[:8], cache)
+
+    cached_prefix()
+    fresh, reused = prompts.take(PROMPT[:5] + [1, 2, 3], engine.make_cache)
+    assert reused == 0 and all(c.offset == 0 for c in fresh)
+    cached_prefix()
+    cache, reused = prompts.take(PROMPT, engine.make_cache)
+    assert reused == 8
+    np.testing.assert_allclose(prefill(engine, PROMPT[8:], cache), whole, rtol=1e-4, atol=1e-4)

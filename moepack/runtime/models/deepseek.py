@@ -57,6 +57,10 @@ VARIANTS = {
     "glm_moe_dsa": replace(V3, reads_rope_interleave=False, indexer_rope="interleaved", defaults=(
         ("routed_scaling_factor", 2.5), ("norm_topk_prob", True), ("n_group", 1), ("topk_group", 1),
         ("rms_norm_eps", 1e-5), ("index_n_heads", 32))),
+    # run by kimi_linear.py (its MLA layers, whose rope dims stay unrotated) and its routing
+    "kimi_linear": replace(V3, defaults=(
+        ("routed_scaling_factor", 2.446), ("norm_topk_prob", True), ("n_group", 1), ("topk_group", 1),
+        ("rms_norm_eps", 1e-5), ("max_position_embeddings", 1048576))),
     # run by mistral_large4.py: softmax router over groups' top-2 sums, always renormalised, no correction bias
     "mistral_large4_text": Variant("softmax", "top2", False, True, False, False, indexer_rope="interleaved", defaults=(
         ("norm_topk_prob", True), ("n_group", 1), ("topk_group", 1), ("rms_norm_eps", 1e-5), ("index_n_heads", 32),

@@ -1,0 +1,78 @@
+"""Kimi Linear: KDA linear-attention layers (kda.py) mixed with MLA layers that apply no rope (their "rope" dims of
+the shared key pass unrotated), DeepSeek-V3 routing (sigmoid + correction bias, groups, scaled) with shared
+experts, leading dense layers.
+
+Both config spellings: transformers 5's (``layer_types``, ``linear_head_dim``, ``mlp_layer_types``) and the
+release's (``linear_attn_config`` with 1-indexed ``kda_layers``/``full_attn_layers``, ``first_k_dense_replace``,
+``num_experts_per_token``, ``moe_renormalize``, ``num_expert_group``, ``model_max_length``). The release names its
+MoE ``block_sparse_moe`` and experts ``w1``/``w2``/``w3``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from moepack import arch
+from moepack.runtime.models import deepseek, kda
+from moepack.runtime.models.base import MLP, CausalLM, DecoderLayer
+from moepack.runtime.models.cache import KVCache, RecurrentCache
+from moepack.runtime.models.rope import unrotated
+
+# the release's config keys -> transformers' (KimiLinearConfig.attribute_map)
+RELEASE_KEYS = {"moe_renormalize": "norm_topk_prob", "num_expert_group": "n_group",
+                "num_experts_per_token": "num_experts_per_tok", "model_max_length": "max_position_embeddings"}
+LINEAR_KEYS = {"head_dim": "linear_head_dim", "num_heads": "linear_num_heads",
+               "short_conv_kernel_size": "linear_conv_kernel_dim"}
+
+
+def normalized(cfg: dict) -> dict:
+    """config.json in transformers 5's spelling, whichever it was written in."""
+    cfg = {**cfg, **{new: cfg[old] for old, new in RELEASE_KEYS.items() if cfg.get(old) is not None}}
+    linear = cfg.get("linear_attn_config") or {}
+    cfg.update({new: linear[old] for old, new in LINEAR_KEYS.items() if old in linear})
+    n = arch.num_layers(cfg)
+    if not cfg.get("layer_types"):
+        if "kda_layers" in linear and "full_attn_layers" in linear:  # 1-indexed
+            full = set(linear["full_attn_layers"])
+            cfg["layer_types"] = ["full_attention" if i + 1 in full else "linear_attention" for i in range(n)]
+        else:
+            cfg["layer_types"] = ["full_attention" if i and i % 4 == 0 else "linear_attention" for i in range(n)]
+    return cfg
+
+
+@dataclass(kw_only=True)
+class ModelArgs(deepseek.ModelArgs):
+    layer_types: list[str]
+    linear_head_dim: int = 128
+    linear_num_heads: int = 32
+    linear_conv_kernel_dim: int = 4
+
+
+class Model(CausalLM):
+    renames = ((".block_sparse_moe.", ".mlp."), *kda.RENAMES)
+    splits = kda.SPLITS
+
+    def __init__(self, cfg: dict, store):
+        cfg = normalized(cfg)
+        a = ModelArgs.from_config(cfg)
+        variant = deepseek.VARIANTS[a.model_type]
+        moe = set(arch.moe_layers(cfg))
+        layers = []
+        for i, kind in enumerate(a.layer_types):
+            if kind == "linear_attention":
+                mixer = kda.KimiDeltaAttention(a.hidden_size, a.linear_num_heads, a.linear_head_dim,
+                                               a.linear_conv_kernel_dim, a.rms_norm_eps)
+            else:
+                mixer = deepseek.MLAttention(a, unrotated, layer=i)
+            mlp = deepseek.moe_block(a, variant, store, i) if i in moe else MLP(a.hidden_size, a.intermediate_size)
+            layers.append(DecoderLayer(mixer, mlp, a))
+        super().__init__(a, layers)
+        self.layer_types = a.layer_types
+
+    def make_cache(self) -> list:
+        return [RecurrentCache() if t == "linear_attention" else KVCache() for t in self.layer_types]
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        return kda.sanitize(super().sanitize(weights))
