@@ -100,6 +100,11 @@ def _kimi_linear_moe_layer(cfg: dict, i: int) -> bool:
     return i >= cfg.get("first_k_dense_replace", 1)
 
 
+def _glm5_next_moe_layer(cfg: dict, i: int) -> bool:
+    """``mlp_layer_types``, else transformers' default for GLM-5.3: the first three layers dense."""
+    return (cfg.get("mlp_layer_types") or ["dense"] * 3 + ["sparse"] * num_layers(cfg))[i] == "sparse"
+
+
 def _ernie_moe_layer(cfg: dict, i: int) -> bool:
     # every moe_layer_interval-th layer from moe_layer_start_index to moe_layer_end_index (-1: the last layer)
     end = cfg.get("moe_layer_end_index", -1)
@@ -195,6 +200,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("deepseek_v4", ("deepseek_v4",), ("moe_intermediate_size",), _all_layers),
     # KDA linear attention (moepack/runtime/models/kda.py) mixed with NoPE MLA
     Family("kimi_linear", ("kimi_linear",), ("moe_intermediate_size",), _kimi_linear_moe_layer),
+    # KDA + NoPE MLA with a pooled-key DSA indexer, hyper-connections; the text model of a multimodal checkpoint
+    Family("glm5_next", ("glm5_next", "glm5_next_text"), ("moe_intermediate_size",), _glm5_next_moe_layer),
 )
 BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 
@@ -310,7 +317,7 @@ CONFIG_BOUNDS: dict[str, tuple[str, float, float]] = {
     "vocab_size": ("int", 1, 1 << 31),
     "num_attention_heads": ("int", 1, 1 << 16),
     "num_key_value_heads": ("int", 1, 1 << 16),
-    "head_dim": ("int", 1, 1 << 16),
+    "head_dim": ("int", 0, 1 << 16),  # 0: MLA's rope dims where it has none (GLM-5.3's NoPE: head_dim = qk_rope_head_dim)
     "max_position_embeddings": ("int", 1, 1 << 40),
     "rope_theta": ("float", 0, float("inf")),
     "rms_norm_eps": ("float", 0, 1),

@@ -180,6 +180,23 @@ TINY: dict[str, tuple[str, str, dict]] = {
         linear_head_dim=16, linear_num_heads=2,
         layer_types=["full_attention", "linear_attention", "full_attention", "linear_attention"],
         mlp_layer_types=["dense", "sparse", "sparse", "sparse"])),
+    # multimodal (a 1-layer vision tower the converter leaves out); KDA, MLA (own indexer), MLA (reusing its top-k),
+    # KDA, MLA (own indexer): keys pooled in pairs, top-4 = 2 pools of the 6 in the prompt plus each query's
+    # incomplete pool (8 indexer heads: with fewer, a query whose every head scores 0 leaves pools tied); 3
+    # hyper-connection streams; layer 0 dense; the SwiGLU clamp bites
+    "glm5_next": ("Glm5NextConfig", "Glm5NextForConditionalGeneration", dict(
+        text_config=dict(
+            num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=4, intermediate_size=96,
+            moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=2,
+            topk_group=1, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=0, qk_nope_head_dim=16, v_head_dim=16,
+            index_topk=4, index_kpool=2, index_head_dim=16, index_n_heads=8, linear_head_dim=16, linear_num_heads=2,
+            hc_mult=3, swiglu_limit=1.5,
+            layer_types=["linear_attention", "indexed_attention", "indexed_attention", "linear_attention",
+                         "indexed_attention"],
+            indexer_types=["full", "full", "shared", "full", "full"],
+            mlp_layer_types=["dense", "sparse", "sparse", "sparse", "sparse"]),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4, image_size=32,
+                           out_hidden_size=64, projection_intermediate_size=64))),
 }
 # model_type -> {transformers 5 key: the release's legacy key} (to_old_spelling)
 LEGACY_KEYS: dict[str, dict[str, str]] = {

@@ -49,6 +49,7 @@ BOUNDS = {
     "mistral_large4": {"8bit": 0.004, "default": 0.052},  # 1.34e-3, 1.74e-2
     "deepseek_v4": {"8bit": 0.0031, "default": 0.2},  # 1.02e-3, 6.61e-2
     "kimi_linear": {"8bit": 0.0043, "default": 0.23},  # 1.44e-3, 7.64e-2
+    "glm5_next": {"8bit": 0.1, "default": 0.5},  # 4.29e-2, 0.277: 3x is above CAP, CAP holds
 }
 
 

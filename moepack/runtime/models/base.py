@@ -153,9 +153,11 @@ class CausalLM(nn.Module):
         return self.head(self.run_layers(self.embed(tokens), cache, tokens=tokens))
 
     def embed(self, tokens: mx.array) -> mx.array:
-        """tokens [B, T] -> the first layer's input [B, T, H] (``hidden_shape``)."""
+        """tokens [B, T] -> the first layer's input (``hidden_shape``): with hyper-connection streams, every stream
+        starts as the embedding."""
         h = self.model.embed_tokens(tokens)
-        return h if self.embed_scale == 1.0 else h * self.embed_scale
+        h = h if self.embed_scale == 1.0 else h * self.embed_scale
+        return h if self.streams == 1 else mx.broadcast_to(h[:, :, None], (*h.shape[:2], self.streams, h.shape[-1]))
 
     def hidden_shape(self, B: int, T: int) -> tuple[int, ...]:
         """The hidden state between layers (what one pipeline stage hands the next)."""

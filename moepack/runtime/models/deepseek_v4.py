@@ -270,11 +270,6 @@ class Model(CausalLM):
         self.streams = a.hc_mult
         self.model.hc_head = HyperHead(a.hidden_size, a.hc_mult, a.hc_eps, a.rms_norm_eps)
 
-    def embed(self, tokens: mx.array) -> mx.array:
-        """[B, T] -> every stream starts as the embedding: [B, T, n, H]."""
-        e = self.model.embed_tokens(tokens)
-        return mx.broadcast_to(e[:, :, None], (*e.shape[:2], self.streams, e.shape[-1]))
-
     def head(self, h: mx.array) -> mx.array:
         return super().head(self.model.hc_head(h))
 

@@ -18,6 +18,9 @@ from moepack.runtime.models.cache import RecurrentCache
 from moepack.runtime.models.delta_rule import GatedRMSNorm, delta_rule, l2norm, short_conv
 
 RENAMES = ((".forget_gate.", "."),)
+# a release's ``linear_attn_config`` keys -> transformers' config keys
+LINEAR_KEYS = {"head_dim": "linear_head_dim", "num_heads": "linear_num_heads",
+               "short_conv_kernel_size": "linear_conv_kernel_dim", "gate_lower_bound": "linear_lower_bound"}
 SPLITS = (("conv1d", ("q_conv1d", "k_conv1d", "v_conv1d")),)
 
 
@@ -65,6 +68,12 @@ class KimiDeltaAttention(nn.Module):
         o = o.swapaxes(1, 2).astype(x.dtype)  # [B, T, H, Dv]
         gate = self.g_b_proj(self.g_a_proj(x)).reshape(B, T, H, Dk)
         return self.o_proj(self.o_norm(o, gate).reshape(B, T, -1))
+
+
+def linear_config(cfg: dict) -> dict:
+    """``cfg`` with a release's ``linear_attn_config`` read into transformers' keys (``linear_head_dim``, ...)."""
+    linear = cfg.get("linear_attn_config") or {}
+    return {**cfg, **{new: linear[old] for old, new in LINEAR_KEYS.items() if old in linear}}
 
 
 def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:

@@ -23,15 +23,12 @@ from moepack.runtime.models.rope import unrotated
 # the release's config keys -> transformers' (KimiLinearConfig.attribute_map)
 RELEASE_KEYS = {"moe_renormalize": "norm_topk_prob", "num_expert_group": "n_group",
                 "num_experts_per_token": "num_experts_per_tok", "model_max_length": "max_position_embeddings"}
-LINEAR_KEYS = {"head_dim": "linear_head_dim", "num_heads": "linear_num_heads",
-               "short_conv_kernel_size": "linear_conv_kernel_dim"}
 
 
 def normalized(cfg: dict) -> dict:
     """config.json in transformers 5's spelling, whichever it was written in."""
-    cfg = {**cfg, **{new: cfg[old] for old, new in RELEASE_KEYS.items() if cfg.get(old) is not None}}
+    cfg = kda.linear_config({**cfg, **{new: cfg[old] for old, new in RELEASE_KEYS.items() if cfg.get(old) is not None}})
     linear = cfg.get("linear_attn_config") or {}
-    cfg.update({new: linear[old] for old, new in LINEAR_KEYS.items() if old in linear})
     n = arch.num_layers(cfg)
     if not cfg.get("layer_types"):
         if "kda_layers" in linear and "full_attn_layers" in linear:  # 1-indexed
