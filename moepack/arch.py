@@ -93,16 +93,16 @@ def _mlp_layer_types(cfg: dict, i: int) -> bool:
     return types[i] == "sparse"
 
 
-def _kimi_linear_moe_layer(cfg: dict, i: int) -> bool:
-    """``mlp_layer_types``, else every layer from ``first_k_dense_replace`` (Kimi Linear's default: 1) on."""
-    if cfg.get("mlp_layer_types"):
-        return cfg["mlp_layer_types"][i] == "sparse"
-    return i >= cfg.get("first_k_dense_replace", 1)
+def _leading_dense(default: int) -> Callable[[dict, int], bool]:
+    """``mlp_layer_types``, else every layer from ``first_k_dense_replace`` on (the family's ``default`` where the
+    config gives neither: Kimi Linear 1, Bailing hybrid 2, GLM-5.3 3)."""
 
+    def is_moe(cfg: dict, i: int) -> bool:
+        if cfg.get("mlp_layer_types"):
+            return cfg["mlp_layer_types"][i] == "sparse"
+        return i >= cfg.get("first_k_dense_replace", default)
 
-def _glm5_next_moe_layer(cfg: dict, i: int) -> bool:
-    """``mlp_layer_types``, else transformers' default for GLM-5.3: the first three layers dense."""
-    return (cfg.get("mlp_layer_types") or ["dense"] * 3 + ["sparse"] * num_layers(cfg))[i] == "sparse"
+    return is_moe
 
 
 def _ernie_moe_layer(cfg: dict, i: int) -> bool:
@@ -199,9 +199,11 @@ FAMILIES: tuple[Family, ...] = (
            _deepseek_moe_layer, native=MISTRAL_NAMES),
     Family("deepseek_v4", ("deepseek_v4",), ("moe_intermediate_size",), _all_layers),
     # KDA linear attention (moepack/runtime/models/kda.py) mixed with NoPE MLA
-    Family("kimi_linear", ("kimi_linear",), ("moe_intermediate_size",), _kimi_linear_moe_layer),
+    Family("kimi_linear", ("kimi_linear",), ("moe_intermediate_size",), _leading_dense(1)),
     # KDA + NoPE MLA with a pooled-key DSA indexer, hyper-connections; the text model of a multimodal checkpoint
-    Family("glm5_next", ("glm5_next", "glm5_next_text"), ("moe_intermediate_size",), _glm5_next_moe_layer),
+    Family("glm5_next", ("glm5_next", "glm5_next_text"), ("moe_intermediate_size",), _leading_dense(3)),
+    # KDA (full-rank gates) + gated MLA groups, the release's Ling names
+    Family("bailing_hybrid", ("bailing_hybrid",), ("moe_intermediate_size",), _leading_dense(2)),
 )
 BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 

@@ -197,6 +197,14 @@ TINY: dict[str, tuple[str, str, dict]] = {
             mlp_layer_types=["dense", "sparse", "sparse", "sparse", "sparse"]),
         vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4, image_size=32,
                            out_hidden_size=64, projection_intermediate_size=64))),
+    # groups of 2: KDA (bounded forget gate) then gated MLA (RoPE), twice; layer 0 dense; 4 groups of 2 experts, 2
+    # groups kept; routed_scaling_factor 1 (the default 2.5 makes this random model route on near-ties that 8-bit
+    # noise flips: NMSE 0.2)
+    "bailing_hybrid": ("BailingHybridConfig", "BailingHybridForCausalLM", dict(
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, head_dim=16, intermediate_size=96,
+        moe_intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=4,
+        topk_group=2, first_k_dense_replace=1, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=16, layer_group_size=2, routed_scaling_factor=1.0, rope_theta=1e4)),
 }
 # model_type -> {transformers 5 key: the release's legacy key} (to_old_spelling)
 LEGACY_KEYS: dict[str, dict[str, str]] = {
@@ -247,6 +255,10 @@ def to_old_spelling(cfg: dict) -> dict:
         return _deepseek_v4_old_spelling(cfg)
     if cfg.get("model_type") == "kimi_linear":
         cfg = _kimi_linear_old_spelling(cfg)
+    if cfg.get("model_type") == "bailing_hybrid":  # the release: head_dim is KDA's, layers from layer_group_size
+        cfg["head_dim"] = cfg.pop("linear_head_dim")
+        for k in ("linear_num_heads", "linear_conv_kernel_dim", "mlp_layer_types", "qk_head_dim"):
+            cfg.pop(k)
     params = cfg.pop("rope_parameters", None) or {}
     cfg["rope_theta"] = params.get("rope_theta", 10000.0)
     scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "rope_type", "partial_rotary_factor")}

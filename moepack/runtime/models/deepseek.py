@@ -65,6 +65,10 @@ VARIANTS = {
     "glm5_next_text": replace(V3, reads_rope_interleave=False, defaults=(
         ("routed_scaling_factor", 2.5), ("norm_topk_prob", True), ("n_group", 1), ("topk_group", 1),
         ("rms_norm_eps", 1e-5), ("index_n_heads", 32), ("qk_rope_head_dim", 0), ("max_position_embeddings", 1048576))),
+    # run by bailing_hybrid.py (its MLA layers: always interleaved rope, a per-head output gate)
+    "bailing_hybrid": replace(V3, reads_rope_interleave=False, defaults=(
+        ("routed_scaling_factor", 2.5), ("norm_topk_prob", True), ("n_group", 8), ("topk_group", 4),
+        ("rms_norm_eps", 1e-6), ("max_position_embeddings", 262144), ("rope_theta", 6e6))),
     # run by mistral_large4.py: softmax router over groups' top-2 sums, always renormalised, no correction bias
     "mistral_large4_text": Variant("softmax", "top2", False, True, False, False, indexer_rope="interleaved", defaults=(
         ("norm_topk_prob", True), ("n_group", 1), ("topk_group", 1), ("rms_norm_eps", 1e-5), ("index_n_heads", 32),
@@ -123,13 +127,14 @@ class MLAttention(nn.Module):
     ``rope`` None: a NoPE layer, whose keys' rope dims join the nope part (kv_b_proj is that much wider).
     ``kv_source``: another (earlier) layer whose latent KV this layer attends to; it then has no kv_a_proj of its
     own and caches no latent (Mistral Large 4). ``lora_eps``: kv_a_layernorm's eps (``q_lora_eps``: q_a_layernorm's). ``position_scaling``: Mistral
-    Large 4's learned per-head, per-position query scaling (``softmax_scaling``).
+    Large 4's learned per-head, per-position query scaling (``softmax_scaling``). ``head_gate``: each head's output
+    times sigmoid(``g_proj``(x)) before ``o_proj`` (Bailing hybrid).
     """
 
     def __init__(self, a: ModelArgs, rope: nn.Module | None, indexer: Indexer | None = None,
                  relay: Relay | None = None, *, layer: int = 0, kv_source: int | None = None,
                  lora_eps: float = LORA_NORM_EPS, q_lora_eps: float = LORA_NORM_EPS, position_scaling: bool = False,
-                 lora_scales: tuple[float, float] = (1.0, 1.0)):
+                 lora_scales: tuple[float, float] = (1.0, 1.0), head_gate: bool = False):
         super().__init__()
         self.q_scale, self.kv_scale = lora_scales
         H, nH = a.hidden_size, a.num_attention_heads
@@ -151,6 +156,8 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(nH * self.v_dim, H, bias=a.attention_bias)
         if position_scaling:
             self.softmax_scaling = PositionScaling(nH)
+        if head_gate:
+            self.g_proj = nn.Linear(H, nH, bias=False)
         self._rope = rope  # underscore: a model-level module (learned in Mistral Large 4), not this layer's weights
         self.scale = softmax_scale(a)
         # Mistral 4: queries scaled by 1 + beta·ln(1 + floor(pos / original context))
@@ -177,13 +184,21 @@ class MLAttention(nn.Module):
         kv = self._attended_kv(own, mask.offset + T)  # latent [B, 1, S, kv_lora] (, roped key [B, 1, S, rope])
         mask = self._selection(x, q_lora, own[-1:] if self.indexer is not None else (), mask)
         if T == 1:
-            return self.o_proj(self._absorbed(q, kv, mask))
+            return self._output(self._absorbed(q, kv, mask), x)
         latent, S = kv[0], kv[0].shape[2]
         kv_up = self.kv_b_proj(latent).reshape(B, S, self.n_heads, -1).transpose(0, 2, 1, 3)  # [B, nH, S, nope+v]
         k = kv_up[..., : self.nope]
         if self.rope_dim:
             k = mx.concatenate([k, mx.broadcast_to(kv[1], (B, self.n_heads, S, self.rope_dim))], axis=-1)
-        return self.o_proj(attend(q, k, kv_up[..., self.nope :], self.scale, mask))  # k [B, nH, S, nope+rope]
+        return self._output(attend(q, k, kv_up[..., self.nope :], self.scale, mask), x)  # k [B, nH, S, nope+rope]
+
+    def _output(self, o: mx.array, x: mx.array) -> mx.array:
+        """o [B, T, nH·v] (heads merged) -> o_proj, each head gated first where the layer has ``g_proj``."""
+        if "g_proj" in self:
+            B, T, _ = o.shape
+            gate = mx.sigmoid(self.g_proj(x).astype(mx.float32)).astype(o.dtype)  # [B, T, nH]
+            o = (o.reshape(B, T, self.n_heads, -1) * gate[..., None]).reshape(B, T, -1)
+        return self.o_proj(o)
 
     def _latent_kv(self, x: mx.array, offset: int) -> tuple[mx.array, ...]:
         """This layer's own latent [B, 1, T, kv_lora] and roped shared key [B, 1, T, rope] (none on a NoPE layer;

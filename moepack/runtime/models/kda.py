@@ -1,6 +1,6 @@
 """KDA (Kimi Delta Attention), the linear-attention layer of Kimi Linear, GLM-5.3-Flash and Bailing hybrid:
 separate q/k/v projections through one causal short conv (kernel 4) + SiLU, L2-normalised q/k, a per-channel
-forget gate (low-rank ``f_b_proj(f_a_proj(x)) + dt_bias``), ``beta = sigmoid(b_proj(x))``, the delta rule with that
+forget gate (``f_b_proj(f_a_proj(x)) + dt_bias``, Bailing's in one projection ``f_proj``), ``beta = sigmoid(b_proj(x))``, the delta rule with that
 per-channel decay (delta_rule.py, shared with Qwen3-Next's Gated DeltaNet), then RMSNorm(o)·sigmoid(low-rank gate)
 and ``o_proj``. Its cache is a RecurrentCache (the conv's last inputs and the [H, Dk, Dk] state).
 
@@ -25,31 +25,40 @@ SPLITS = (("conv1d", ("q_conv1d", "k_conv1d", "v_conv1d")),)
 
 
 class KimiDeltaAttention(nn.Module):
-    """``lower_bound``: GLM-5.3's bounded forget gate, log-decay = lower_bound·sigmoid(e^A·g); None: Kimi's
-    −e^A·softplus(g)."""
+    """``lower_bound``: GLM-5.3's and Bailing's bounded forget gate, log-decay = lower_bound·sigmoid(e^A·g); None:
+    Kimi's −e^A·softplus(g). ``low_rank``: the forget and output gates project through ``head_dim``
+    (``f_a_proj``/``f_b_proj``, ``g_a_proj``/``g_b_proj``); else in one step (Bailing: ``f_proj``, ``g_proj``)."""
 
     def __init__(self, hidden: int, n_heads: int, head_dim: int, conv_kernel: int, eps: float,
-                 lower_bound: float | None = None):
+                 lower_bound: float | None = None, low_rank: bool = True):
         super().__init__()
         self.n_heads, self.head_dim, self.lower_bound = n_heads, head_dim, lower_bound
         D = n_heads * head_dim
         for name in ("q", "k", "v"):
             setattr(self, f"{name}_proj", nn.Linear(hidden, D, bias=False))
             setattr(self, f"{name}_conv1d", nn.Conv1d(D, D, conv_kernel, groups=D, bias=False))
-        self.f_a_proj = nn.Linear(hidden, head_dim, bias=False)
-        self.f_b_proj = nn.Linear(head_dim, D, bias=False)
+        for gate in ("f", "g"):
+            if low_rank:
+                setattr(self, f"{gate}_a_proj", nn.Linear(hidden, head_dim, bias=False))
+                setattr(self, f"{gate}_b_proj", nn.Linear(head_dim, D, bias=False))
+            else:
+                setattr(self, f"{gate}_proj", nn.Linear(hidden, D, bias=False))
         self.dt_bias = mx.zeros((D,))
         self.A_log = mx.zeros((n_heads,))  # Kimi's release stores [1, 1, H, 1]: reshaped in __call__
         self.b_proj = nn.Linear(hidden, n_heads, bias=False)
-        self.g_a_proj = nn.Linear(hidden, head_dim, bias=False)
-        self.g_b_proj = nn.Linear(head_dim, D, bias=False)
         self.o_norm = GatedRMSNorm(head_dim, eps, activation="sigmoid")
         self.o_proj = nn.Linear(D, hidden, bias=False)
+
+    def _gate_proj(self, gate: str, x: mx.array) -> mx.array:
+        """The forget ("f") or output ("g") gate's projection of x [B, T, hidden] -> [B, T, H·Dk]."""
+        if f"{gate}_proj" in self:
+            return self[f"{gate}_proj"](x)
+        return self[f"{gate}_b_proj"](self[f"{gate}_a_proj"](x))
 
     def forget_gate(self, x: mx.array) -> mx.array:
         """x [B, T, hidden] -> per-channel log decay g [B, T, H, Dk] (float32, ≤ 0)."""
         B, T, _ = x.shape
-        g = (self.f_b_proj(self.f_a_proj(x)).astype(mx.float32) + self.dt_bias.astype(mx.float32))
+        g = self._gate_proj("f", x).astype(mx.float32) + self.dt_bias.astype(mx.float32)
         g = g.reshape(B, T, self.n_heads, self.head_dim)
         rate = mx.exp(self.A_log.astype(mx.float32).reshape(self.n_heads, 1))
         if self.lower_bound is not None:
@@ -66,7 +75,7 @@ class KimiDeltaAttention(nn.Module):
         beta = mx.sigmoid(self.b_proj(x).astype(mx.float32))  # [B, T, H]
         o = delta_rule(*(t.swapaxes(1, 2) for t in (q, k, v, self.forget_gate(x), beta)), cache)  # heads first
         o = o.swapaxes(1, 2).astype(x.dtype)  # [B, T, H, Dv]
-        gate = self.g_b_proj(self.g_a_proj(x)).reshape(B, T, H, Dk)
+        gate = self._gate_proj("g", x).reshape(B, T, H, Dk)
         return self.o_proj(self.o_norm(o, gate).reshape(B, T, -1))
 
 

@@ -25,9 +25,14 @@ RELEASE_KEYS = {"moe_renormalize": "norm_topk_prob", "num_expert_group": "n_grou
                 "num_experts_per_token": "num_experts_per_tok", "model_max_length": "max_position_embeddings"}
 
 
+def release_keys(cfg: dict) -> dict:
+    """``cfg`` with the release's MoE keys (Kimi Linear's and Bailing hybrid's) also under transformers' names."""
+    return {**cfg, **{new: cfg[old] for old, new in RELEASE_KEYS.items() if cfg.get(old) is not None}}
+
+
 def normalized(cfg: dict) -> dict:
     """config.json in transformers 5's spelling, whichever it was written in."""
-    cfg = kda.linear_config({**cfg, **{new: cfg[old] for old, new in RELEASE_KEYS.items() if cfg.get(old) is not None}})
+    cfg = kda.linear_config(release_keys(cfg))
     linear = cfg.get("linear_attn_config") or {}
     n = arch.num_layers(cfg)
     if not cfg.get("layer_types"):
