@@ -28,7 +28,9 @@ def test_kimi_linear_prefix_reuse(tmp_path):
 
 def test_per_channel_chunked_rule_matches_transformers_recurrence():
     """Several chunks (the last padded), a starting state, and the one-token step continuing from the chunked one."""
-    from transformers.models.kimi_linear.modeling_kimi_linear import recurrent_kimi_delta_attention
+    from transformers.models.kimi_linear.modeling_kimi_linear import (
+        recurrent_kimi_delta_attention,
+    )
 
     rng = np.random.default_rng(0)
     B, T, H, Dk = 1, 2 * CHUNK + 22, 2, 16

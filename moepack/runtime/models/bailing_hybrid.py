@@ -12,13 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import mlx.core as mx
-
-from moepack import arch
-from moepack.runtime.models import deepseek, kda
-from moepack.runtime.models.base import MLP, CausalLM, DecoderLayer
-from moepack.runtime.models.cache import KVCache, RecurrentCache
-from moepack.runtime.models.kimi_linear import release_keys
+from moepack.runtime.models import deepseek, kda, kimi_linear
 from moepack.runtime.models.rope import ScaledRoPE
 
 
@@ -43,33 +37,19 @@ class ModelArgs(deepseek.ModelArgs):
                                 for i in range(self.num_hidden_layers)]
 
 
-class Model(CausalLM):
+class Model(kimi_linear.Model):
     renames = (("model.word_embeddings.", "model.embed_tokens."), (".attention.", ".self_attn."),
                (".self_attn.dense.", ".self_attn.o_proj."), (".mlp.gate.expert_bias", ".mlp.gate.e_score_correction_bias"),
                *kda.RENAMES)
-    splits = kda.SPLITS
+    Args = ModelArgs
+    normalized = staticmethod(kimi_linear.release_keys)
 
-    def __init__(self, cfg: dict, store):
-        cfg = release_keys(cfg)
-        a = ModelArgs.from_config(cfg)
-        variant = deepseek.VARIANTS[a.model_type]
+    @staticmethod
+    def linear_attention(a: ModelArgs) -> kda.KimiDeltaAttention:
+        return kda.KimiDeltaAttention(a.hidden_size, a.linear_num_heads, a.linear_head_dim, a.linear_conv_kernel_dim,
+                                      a.rms_norm_eps, a.kda_lower_bound if a.kda_safe_gate else None, low_rank=False)
+
+    @staticmethod
+    def attention(a: ModelArgs, layer: int) -> deepseek.MLAttention:
         rope = ScaledRoPE(a.qk_rope_head_dim, a.rope_theta, a.rope_scaling, a.max_position_embeddings, traditional=True)
-        moe = set(arch.moe_layers(cfg))
-        layers = []
-        for i, kind in enumerate(a.layer_types):
-            if kind == "linear_attention":
-                mixer = kda.KimiDeltaAttention(a.hidden_size, a.linear_num_heads, a.linear_head_dim,
-                                               a.linear_conv_kernel_dim, a.rms_norm_eps,
-                                               a.kda_lower_bound if a.kda_safe_gate else None, low_rank=False)
-            else:
-                mixer = deepseek.MLAttention(a, rope, layer=i, head_gate=True)
-            mlp = deepseek.moe_block(a, variant, store, i) if i in moe else MLP(a.hidden_size, a.intermediate_size)
-            layers.append(DecoderLayer(mixer, mlp, a))
-        super().__init__(a, layers)
-        self.layer_types = a.layer_types
-
-    def make_cache(self) -> list:
-        return [RecurrentCache() if t == "linear_attention" else KVCache() for t in self.layer_types]
-
-    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        return kda.sanitize(super().sanitize(weights))
+        return deepseek.MLAttention(a, rope, layer=layer, head_gate=True)

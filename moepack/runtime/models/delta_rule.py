@@ -87,7 +87,7 @@ def delta_rule_chunked(q, k, v, g, beta, state, C: int = CHUNK):
     Inside a chunk the sequential updates collapse to a unit lower-triangular system (the UT transform); the
     state carries across chunks.
     """
-    B, H, T, Dk = k.shape
+    B, H, T, _ = k.shape
     g = _channel_gate(g, 3)  # [B, H, T, 1 or Dk]
     pad = -T % C
     if pad:

@@ -17,7 +17,6 @@ import mlx.core as mx
 from moepack import arch
 from moepack.runtime.models import deepseek, kda
 from moepack.runtime.models.base import MLP, CausalLM
-from moepack.runtime.models.cache import KVCache, RecurrentCache
 from moepack.runtime.models.dsa import PooledIndexer, Relay, RelayedLM
 from moepack.runtime.models.hyper import HyperDecoderLayer
 from moepack.runtime.models.moe import GroupedRouter, MoE, StreamedExperts, clamped_silu
@@ -45,9 +44,8 @@ class ModelArgs(deepseek.ModelArgs):
                                 for i in range(self.num_hidden_layers)]
 
 
-class Model(RelayedLM, CausalLM):
+class Model(kda.HybridLM, RelayedLM, CausalLM):
     renames = ((".hc_attn_", ".attn_hc."), (".hc_ffn_", ".ffn_hc."), *kda.RENAMES)
-    splits = kda.SPLITS
 
     def __init__(self, cfg: dict, store):
         cfg = kda.linear_config(arch.text_config(cfg))
@@ -85,9 +83,3 @@ class Model(RelayedLM, CausalLM):
     def head(self, h: mx.array) -> mx.array:
         """The streams collapse by a plain mean (GLM-5.3's head has no weights), then the final norm and LM head."""
         return super().head(h.mean(axis=2))
-
-    def make_cache(self) -> list:
-        return [RecurrentCache() if t == "linear_attention" else KVCache() for t in self.layer_types]
-
-    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        return kda.sanitize(super().sanitize(weights))

@@ -14,8 +14,13 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from moepack.runtime.models.cache import RecurrentCache
-from moepack.runtime.models.delta_rule import GatedRMSNorm, delta_rule, l2norm, short_conv
+from moepack.runtime.models.cache import KVCache, RecurrentCache
+from moepack.runtime.models.delta_rule import (
+    GatedRMSNorm,
+    delta_rule,
+    l2norm,
+    short_conv,
+)
 
 RENAMES = ((".forget_gate.", "."),)
 # a release's ``linear_attn_config`` keys -> transformers' config keys
@@ -95,3 +100,18 @@ def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
             v = v.reshape(-1)
         out[k] = v
     return out
+
+
+class HybridLM:
+    """Mixin for a CausalLM whose ``layer_types`` mark its KDA layers ("linear_attention"; the others attend): their
+    caches are recurrent states, and the KDA tensors load as ``sanitize`` above says."""
+
+    layer_types: list[str]
+    renames = RENAMES
+    splits = SPLITS
+
+    def make_cache(self) -> list:
+        return [RecurrentCache() if t == "linear_attention" else KVCache() for t in self.layer_types]
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        return sanitize(super().sanitize(weights))

@@ -12,12 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import mlx.core as mx
-
 from moepack import arch
 from moepack.runtime.models import deepseek, kda
 from moepack.runtime.models.base import MLP, CausalLM, DecoderLayer
-from moepack.runtime.models.cache import KVCache, RecurrentCache
 from moepack.runtime.models.rope import unrotated
 
 # the release's config keys -> transformers' (KimiLinearConfig.attribute_map)
@@ -52,29 +49,32 @@ class ModelArgs(deepseek.ModelArgs):
     linear_conv_kernel_dim: int = 4
 
 
-class Model(CausalLM):
+class Model(kda.HybridLM, CausalLM):
+    """Also Bailing hybrid's (bailing_hybrid.py), which builds other mixers from another config."""
+
     renames = ((".block_sparse_moe.", ".mlp."), *kda.RENAMES)
-    splits = kda.SPLITS
+    Args = ModelArgs
 
     def __init__(self, cfg: dict, store):
-        cfg = normalized(cfg)
-        a = ModelArgs.from_config(cfg)
+        cfg = self.normalized(cfg)
+        a = self.Args.from_config(cfg)
         variant = deepseek.VARIANTS[a.model_type]
         moe = set(arch.moe_layers(cfg))
         layers = []
         for i, kind in enumerate(a.layer_types):
-            if kind == "linear_attention":
-                mixer = kda.KimiDeltaAttention(a.hidden_size, a.linear_num_heads, a.linear_head_dim,
-                                               a.linear_conv_kernel_dim, a.rms_norm_eps)
-            else:
-                mixer = deepseek.MLAttention(a, unrotated, layer=i)
+            mixer = self.linear_attention(a) if kind == "linear_attention" else self.attention(a, i)
             mlp = deepseek.moe_block(a, variant, store, i) if i in moe else MLP(a.hidden_size, a.intermediate_size)
             layers.append(DecoderLayer(mixer, mlp, a))
         super().__init__(a, layers)
         self.layer_types = a.layer_types
 
-    def make_cache(self) -> list:
-        return [RecurrentCache() if t == "linear_attention" else KVCache() for t in self.layer_types]
+    normalized = staticmethod(normalized)
 
-    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        return kda.sanitize(super().sanitize(weights))
+    @staticmethod
+    def linear_attention(a: ModelArgs) -> kda.KimiDeltaAttention:
+        return kda.KimiDeltaAttention(a.hidden_size, a.linear_num_heads, a.linear_head_dim, a.linear_conv_kernel_dim,
+                                      a.rms_norm_eps)
+
+    @staticmethod
+    def attention(a: ModelArgs, layer: int) -> deepseek.MLAttention:
+        return deepseek.MLAttention(a, unrotated, layer=layer)
