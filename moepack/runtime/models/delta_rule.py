@@ -125,5 +125,6 @@ def delta_rule(q, k, v, g, beta, cache: RecurrentCache | None):
     else:
         o, state = delta_rule_chunked(q, k, v, g, beta, state)
     if cache is not None:
-        cache.state, cache.offset = state, cache.offset + T
+        cache.state = state
+        cache.advanced(T)
     return o
