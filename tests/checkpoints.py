@@ -255,6 +255,13 @@ def to_old_spelling(cfg: dict) -> dict:
         return _deepseek_v4_old_spelling(cfg)
     if cfg.get("model_type") == "kimi_linear":
         cfg = _kimi_linear_old_spelling(cfg)
+    if cfg.get("model_type") == "glm5_next":  # the text model's hub keys: a linear_attn_config, an indexer pattern
+        text = dict(cfg["text_config"])
+        text["linear_attn_config"] = {"head_dim": text.pop("linear_head_dim"), "num_heads": text.pop("linear_num_heads"),
+                                      "short_conv_kernel_size": text.pop("linear_conv_kernel_dim"),
+                                      "gate_lower_bound": text.pop("linear_lower_bound")}
+        text["index_topk_pattern"] = "".join(t[0].upper() for t in text.pop("indexer_types"))
+        cfg["text_config"] = text
     if cfg.get("model_type") == "bailing_hybrid":  # the release: head_dim is KDA's, layers from layer_group_size
         cfg["head_dim"] = cfg.pop("linear_head_dim")
         for k in ("linear_num_heads", "linear_conv_kernel_dim", "mlp_layer_types", "qk_head_dim"):

@@ -2,14 +2,16 @@
 parity of the multimodal checkpoint's text model with transformers, cached decoding equal to a full pass (the
 pooled selection and the recurrent state carried token by token), and prefix reuse restoring the recurrent state."""
 
+import pytest
 from checkpoints import TINY
 from parity import check_cached_decoding, check_parity, check_prefix_reuse
 
 from moepack.runtime.models.cache import RecurrentCache
 
 
-def test_glm5_next_parity(tmp_path):
-    check_parity("glm5_next", tmp_path)
+@pytest.mark.parametrize("fused,old", [(False, False), (True, False), (False, True)])
+def test_glm5_next_parity(tmp_path, fused, old):
+    check_parity("glm5_next", tmp_path, fused=fused, old_spelling=old)
 
 
 def test_glm5_next_cached_decoding(tmp_path, monkeypatch):
