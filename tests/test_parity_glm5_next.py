@@ -22,3 +22,33 @@ def test_glm5_next_cached_decoding(tmp_path, monkeypatch):
 
 def test_glm5_next_prefix_reuse(tmp_path):
     check_prefix_reuse("glm5_next", tmp_path)
+
+
+def test_virtual_pack_sizes_match_a_conversion(tmp_path):
+    """tools/virtual_pack.py sizes GLM-5.3's text model (no causal-LM class of its own in transformers) as the
+    converter writes it: the same dense bytes (under transformers' names, not the release's: one stacked conv where
+    the release has three) and expert files."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from checkpoints import build
+    from parity import EXACT
+
+    from moepack.convert.pipeline import convert
+    from moepack.convert.recipe import Recipe
+    from moepack.formats.reader import PackReader
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+    from virtual_pack import virtual_pack
+
+    ckpt = build("glm5_next", tmp_path / "ckpt")
+    for recipe in (EXACT, Recipe()):
+        real = PackReader(convert(str(ckpt), tmp_path / "real", recipe, progress=False, force=True)).manifest
+        virt = PackReader(virtual_pack(json.loads((ckpt / "config.json").read_text()), tmp_path / "virtual", recipe,
+                                       None)).manifest
+        assert sum(r.nbytes for r in virt.dense.values()) == sum(r.nbytes for r in real.dense.values())
+        def lengths(man):  # each expert file's length
+            return [man.expert_layouts[e.layout].length for e in man.experts]
+
+        assert lengths(virt) == lengths(real)
