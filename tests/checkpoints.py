@@ -204,6 +204,40 @@ TINY: dict[str, tuple[str, str, dict]] = {
         kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, index_topk=5, index_head_dim=16,
         index_n_heads=8, indexer_types=["full", "shared", "full", "shared"], hc_mult=3, hc_magnitude=1.5,
         swiglu_limit=1.0, rope_parameters={**YARN, "mscale": 1.0, "mscale_all_dim": 1.0})),
+    # MLA (NoPE), KDA, MLA, KDA; layer 0 dense; 4 groups of 2 experts, 2 groups kept (KDA first routes this seed's
+    # prompt on near-ties, which 8-bit noise flips)
+    "kimi_linear": ("KimiLinearConfig", "KimiLinearForCausalLM", dict(
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, intermediate_size=96,
+        moe_intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=4,
+        topk_group=2, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+        linear_head_dim=16, linear_num_heads=2,
+        layer_types=["full_attention", "linear_attention", "full_attention", "linear_attention"],
+        mlp_layer_types=["dense", "sparse", "sparse", "sparse"])),
+    # multimodal (a 1-layer vision tower the converter leaves out); KDA, MLA (own indexer), MLA (reusing its top-k),
+    # KDA, MLA (own indexer): keys pooled in pairs, top-4 = 2 pools of the 6 in the prompt plus each query's
+    # incomplete pool (8 indexer heads: with fewer, a query whose every head scores 0 leaves pools tied); 3
+    # hyper-connection streams; layer 0 dense; the SwiGLU clamp bites
+    "glm5_next": ("Glm5NextConfig", "Glm5NextForConditionalGeneration", dict(
+        text_config=dict(
+            num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=4, intermediate_size=96,
+            moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=2,
+            topk_group=1, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=0, qk_nope_head_dim=16, v_head_dim=16,
+            index_topk=4, index_kpool=2, index_head_dim=16, index_n_heads=8, linear_head_dim=16, linear_num_heads=2,
+            hc_mult=3, swiglu_limit=1.5,
+            layer_types=["linear_attention", "indexed_attention", "indexed_attention", "linear_attention",
+                         "indexed_attention"],
+            indexer_types=["full", "full", "shared", "full", "full"],
+            mlp_layer_types=["dense", "sparse", "sparse", "sparse", "sparse"]),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4, image_size=32,
+                           out_hidden_size=64, projection_intermediate_size=64))),
+    # groups of 2: KDA (bounded forget gate) then gated MLA (RoPE), twice; layer 0 dense; 4 groups of 2 experts, 2
+    # groups kept; routed_scaling_factor 1 (the default 2.5 makes this random model route on near-ties that 8-bit
+    # noise flips: NMSE 0.2)
+    "bailing_hybrid": ("BailingHybridConfig", "BailingHybridForCausalLM", dict(
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, head_dim=16, intermediate_size=96,
+        moe_intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=4,
+        topk_group=2, first_k_dense_replace=1, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=16, layer_group_size=2, routed_scaling_factor=1.0, rope_theta=1e4)),
 }
 # model_type -> {transformers 5 key: the release's legacy key} (to_old_spelling)
 LEGACY_KEYS: dict[str, dict[str, str]] = {
@@ -276,6 +310,19 @@ def to_old_spelling(cfg: dict) -> dict:
     if cfg.get("model_type") == "step3p7":
         cfg["text_config"] = step3p7_release_text_config(cfg["text_config"])
         return cfg
+    if cfg.get("model_type") == "kimi_linear":
+        cfg = _kimi_linear_old_spelling(cfg)
+    if cfg.get("model_type") == "glm5_next":  # the text model's hub keys: a linear_attn_config, an indexer pattern
+        text = dict(cfg["text_config"])
+        text["linear_attn_config"] = {"head_dim": text.pop("linear_head_dim"), "num_heads": text.pop("linear_num_heads"),
+                                      "short_conv_kernel_size": text.pop("linear_conv_kernel_dim"),
+                                      "gate_lower_bound": text.pop("linear_lower_bound")}
+        text["index_topk_pattern"] = "".join(t[0].upper() for t in text.pop("indexer_types"))
+        cfg["text_config"] = text
+    if cfg.get("model_type") == "bailing_hybrid":  # the release: head_dim is KDA's, layers from layer_group_size
+        cfg["head_dim"] = cfg.pop("linear_head_dim")
+        for k in ("linear_num_heads", "linear_conv_kernel_dim", "mlp_layer_types", "qk_head_dim"):
+            cfg.pop(k)
     params = cfg.pop("rope_parameters", None) or {}
     cfg["rope_theta"] = params.get("rope_theta", 10000.0)
     scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "rope_type", "partial_rotary_factor")}
@@ -300,6 +347,22 @@ def to_old_spelling(cfg: dict) -> dict:
     if cfg.get("indexer_types"):  # GLM-5's hub spelling: one letter per layer, Full or Shared indexer
         cfg["index_topk_pattern"] = "".join(t[0].upper() for t in cfg.pop("indexer_types"))
     cfg["torch_dtype"] = cfg.pop("dtype", "float32")
+    return cfg
+
+
+def _kimi_linear_old_spelling(cfg: dict) -> dict:
+    """Kimi Linear's release keys: ``linear_attn_config`` (1-indexed ``kda_layers``/``full_attn_layers``),
+    ``first_k_dense_replace`` for ``mlp_layer_types``; its other release names (``num_experts_per_token``, ...) are
+    what transformers writes too."""
+    types = cfg.pop("layer_types")
+    cfg["linear_attn_config"] = {
+        "head_dim": cfg.pop("linear_head_dim"), "num_heads": cfg.pop("linear_num_heads"),
+        "short_conv_kernel_size": cfg.pop("linear_conv_kernel_dim"),
+        "kda_layers": [i + 1 for i, t in enumerate(types) if t == "linear_attention"],
+        "full_attn_layers": [i + 1 for i, t in enumerate(types) if t == "full_attention"]}
+    cfg["first_k_dense_replace"] = cfg.pop("mlp_layer_types").index("sparse")
+    for k in ("head_dim", "qk_head_dim"):
+        cfg.pop(k, None)
     return cfg
 
 

@@ -77,3 +77,37 @@ def check_cached_decoding(kind: str, tmp: Path, monkeypatch, prefix: int = 5):
         m.setattr(engine, "max_pass", 4)
         np.testing.assert_allclose(engine.logits(PROMPT), whole, rtol=1e-4, atol=1e-4)
     return engine, cache
+
+
+def check_prefix_reuse(kind: str, tmp: Path) -> None:
+    """A recurrent-state family (linear attention): a prompt prefilled in two pieces gives the logits of one pass; a
+    prompt cache diverging before its prompt's end is not reused (a recurrent state cannot be rewound), one holding
+    an exact prefix is, and so is one that went on past its prompt (back to the prompt's snapshot)."""
+    from moepack.runtime.generation import PromptCache, prefill
+
+    engine = moepack.load(convert(str(build(kind, tmp / "ckpt")), tmp / "pack", EXACT, progress=False))
+    whole = engine.logits(PROMPT)[-1]
+    prompts = PromptCache()
+
+    def cached_prefix():
+        cache = engine.make_cache()
+        prefill(engine, PROMPT[:8], cache)
+        prompts.put(PROMPT[:8], cache)
+
+    cached_prefix()
+    fresh, reused = prompts.take(PROMPT[:5] + [1, 2, 3], engine.make_cache)
+    assert reused == 0 and all(c.offset == 0 for c in fresh)
+    cached_prefix()
+    cache, reused = prompts.take(PROMPT, engine.make_cache)
+    assert reused == 8
+    np.testing.assert_allclose(prefill(engine, PROMPT[8:], cache), whole, rtol=1e-4, atol=1e-4)
+    # the next turn of a chat: the cache went on past the prompt (a reply the new prompt does not repeat), and
+    # comes back to the prompt's end, where the recurrent state was snapshotted
+    cache = engine.make_cache()
+    prefill(engine, PROMPT[:8], cache)
+    prefill(engine, [1], cache)
+    prefill(engine, [2], cache)
+    prompts.put(PROMPT[:8] + [1, 2], cache)
+    cache, reused = prompts.take(PROMPT, engine.make_cache)
+    assert reused == 8
+    np.testing.assert_allclose(prefill(engine, PROMPT[8:], cache), whole, rtol=1e-4, atol=1e-4)

@@ -7,10 +7,10 @@ import pytest
 import torch
 import transformers
 from checkpoints import COMMON, TINY, make_model
-from parity import check_parity
+from parity import check_parity, check_prefix_reuse
 from safetensors.torch import load_file, save_file
 
-from moepack.runtime.models.qwen3_next import CHUNK, delta_rule_chunked, delta_rule_step
+from moepack.runtime.models.delta_rule import CHUNK, delta_rule_chunked, delta_rule_step
 
 
 @pytest.mark.parametrize("fused,old", [(False, False), (True, False), (False, True)])
@@ -76,31 +76,7 @@ def test_chunked_delta_rule_matches_transformers_recurrence():
 
 
 def test_recurrent_cache_continues_and_is_never_rewound(tmp_path):
-    """A prompt prefilled in two pieces gives the logits of one pass; a prompt cache holding a longer, diverging
-    sequence is not reused (a DeltaNet state cannot be rewound), one holding an exact prefix is."""
-    import moepack
-    from checkpoints import build
-    from parity import EXACT, PROMPT
-
-    from moepack.convert.pipeline import convert
-    from moepack.runtime.generation import PromptCache, prefill
-
-    engine = moepack.load(convert(str(build("qwen3_next", tmp_path / "ckpt")), tmp_path / "pack", EXACT, progress=False))
-    whole = engine.logits(PROMPT)[-1]
-    prompts = PromptCache()
-
-    def cached_prefix():
-        cache = engine.make_cache()
-        prefill(engine, PROMPT[:8], cache)
-        prompts.put(PROMPT[:8], cache)
-
-    cached_prefix()
-    fresh, reused = prompts.take(PROMPT[:5] + [1, 2, 3], engine.make_cache)
-    assert reused == 0 and all(c.offset == 0 for c in fresh)
-    cached_prefix()
-    cache, reused = prompts.take(PROMPT, engine.make_cache)
-    assert reused == 8
-    np.testing.assert_allclose(prefill(engine, PROMPT[8:], cache), whole, rtol=1e-4, atol=1e-4)
+    check_prefix_reuse("qwen3_next", tmp_path)
 
 
 def test_depthwise_conv_is_the_causal_sum_bit_for_bit():

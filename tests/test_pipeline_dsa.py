@@ -1,6 +1,6 @@
-"""DSA families over a two-rank pipeline: the same logits, greedy tokens and cached conversation as one process; a
-stage never begins at a layer that reuses an earlier layer's top-k selection or latent KV (GLM-5's and Hunyuan v4's
-shared-indexer layers, Mistral Large 4's KV-sharing layers)."""
+"""DSA families over a two-rank pipeline (GLM-5.3-Flash with its KDA layers too): the same logits, greedy tokens
+and cached conversation as one process; a stage never begins at a layer that reuses an earlier layer's top-k selection
+or latent KV (GLM-5's and Hunyuan v4's shared-indexer layers, Mistral Large 4's KV-sharing layers)."""
 
 from __future__ import annotations
 
@@ -43,9 +43,22 @@ def test_two_ranks_match_one_process(kind, tmp_path):
     stages = [s.stage for s in plan(PackReader(pack), 2).shares]
     if SECOND_STAGE[kind] is not None:
         assert stages[1].start == SECOND_STAGE[kind]
+    two_ranks_match_one_process(pack, tmp_path)
+
+
+def test_two_ranks_match_one_process_glm5_next(tmp_path):
+    """GLM-5.3-Flash: KDA recurrent state, pooled-key selection and three hyper-connection streams between the ranks;
+    no stage begins at layer 2, which reuses layer 1's selection."""
+    pack = convert(str(build("glm5_next", tmp_path / "ckpt")), tmp_path / "pack", EXACT, progress=False)
+    assert arch.stage_starts(arch.text_config(PackReader(pack).config)) == {0, 1, 3, 4}
+    assert plan(PackReader(pack), 2).shares[1].stage.start in {1, 3, 4}
+    two_ranks_match_one_process(pack, tmp_path, rewinds=False)
+
+
+def two_ranks_match_one_process(pack, tmp_path, rewinds: bool = True) -> None:
     ref = reference(pack)
     with Ranks(2, "parity", tmp_path / "ranks", pack) as ranks:
         codes = ranks.finish()
         assert codes == [0, 0], ranks.output()
         res = ranks.result()
-    assert_same(res, tmp_path / "ranks", ref)
+    assert_same(res, tmp_path / "ranks", ref, rewinds)

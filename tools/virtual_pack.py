@@ -118,10 +118,14 @@ def tensor_shapes(cfg: dict) -> dict[str, list[int]]:
     tc = {k: v for k, v in cfg.items() if k not in ("architectures", "auto_map", "quantization_config")}
     mt = TRANSFORMERS_TYPE.get(tc["model_type"], tc["model_type"])
     config = transformers.AutoConfig.for_model(mt, **{k: v for k, v in tc.items() if k != "model_type"})
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config)
     tied = {"lm_head.weight"} if tc.get("tie_word_embeddings") else set()  # saved once, as the embedding
-    state = {k: v for k, v in model.state_dict().items() if k not in tied}
+    with torch.device("meta"):
+        try:
+            state = transformers.AutoModelForCausalLM.from_config(config).state_dict()
+        except ValueError:  # a multimodal release's text model (GLM-5.3-Flash) has no causal-LM class of its own
+            state = {"model." + k: v for k, v in transformers.AutoModel.from_config(config).state_dict().items()}
+            state["lm_head.weight"] = torch.empty(config.vocab_size, config.hidden_size)
+    state = {k: v for k, v in state.items() if k not in tied}
     INTEGER_TABLES.update(k for k, v in state.items() if not v.is_floating_point())
     return {k: list(v.shape) for k, v in state.items()}
 

@@ -91,8 +91,10 @@ class PromptCache:
         if best is None:
             return make_cache(), 0
         _, cache = self.entries.pop(best)
+        # a recurrent (linear-attention) state rewinds only to its snapshot (the end of the cached prompt)
+        best_n = min([best_n] + [c.rewind_point(best_n) for c in cache if hasattr(c, "rewind_point")])
         trim_to(cache, best_n)
-        if any(c.offset != best_n for c in cache):  # a recurrent (linear-attention) state cannot be rewound
+        if best_n == 0 or any(c.offset != best_n for c in cache):
             return make_cache(), 0
         return cache, best_n
 

@@ -54,17 +54,38 @@ class KVCache:
 class RecurrentCache:
     """A linear-attention layer's state: the conv's last ``kernel - 1`` inputs and the recurrent matrix.
 
-    Unlike a KV cache it cannot be rewound to an earlier position: ``trim`` forgets everything (``offset`` 0), which
-    tells a caller (``PromptCache``) that the cache no longer holds the prefix.
+    Unlike a KV cache it cannot be rewound to any earlier position, only to the end of its last multi-token pass (the
+    prompt: a snapshot kept by reference, MLX arrays being immutable), so the next turn of a conversation, which
+    starts with this one's prompt, reuses it. ``trim`` to any other position forgets everything (``offset`` 0),
+    which tells a caller (``PromptCache``) that the cache no longer holds the prefix.
     """
 
     def __init__(self) -> None:
         self.conv: mx.array | None = None
         self.state: mx.array | None = None
         self.offset = 0
+        self.saved: tuple[int, mx.array | None, mx.array | None] | None = None  # (offset, conv, state)
+
+    def advanced(self, T: int) -> None:
+        """The layer has updated ``conv`` and ``state`` over T more positions; a prompt pass (T > 1) is snapshotted."""
+        self.offset += T
+        if T > 1:
+            self.saved = (self.offset, self.conv, self.state)
+
+    def rewind_point(self, n: int) -> int:
+        """The longest prefix of at most ``n`` positions this cache can return to (0: none)."""
+        if self.offset <= n:
+            return self.offset
+        return self.saved[0] if self.saved is not None and self.saved[0] <= n else 0
 
     def trim(self, n: int) -> None:
-        """Forget the last ``n`` positions: impossible for a recurrent state, so forget them all."""
+        """Forget the last ``n`` positions: back to the snapshot if it lies there, else forget them all."""
+        target = self.offset - n
+        if n <= 0:
+            return
+        if self.saved is not None and self.saved[0] == target:
+            self.offset, self.conv, self.state = self.saved
+            return
         self.conv = self.state = None
         self.offset = 0
 

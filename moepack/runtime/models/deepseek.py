@@ -57,6 +57,18 @@ VARIANTS = {
     "glm_moe_dsa": replace(V3, reads_rope_interleave=False, indexer_rope="interleaved", defaults=(
         ("routed_scaling_factor", 2.5), ("norm_topk_prob", True), ("n_group", 1), ("topk_group", 1),
         ("rms_norm_eps", 1e-5), ("index_n_heads", 32))),
+    # run by kimi_linear.py (its MLA layers, whose rope dims stay unrotated) and its routing
+    "kimi_linear": replace(V3, defaults=(
+        ("routed_scaling_factor", 2.446), ("norm_topk_prob", True), ("n_group", 1), ("topk_group", 1),
+        ("rms_norm_eps", 1e-5), ("max_position_embeddings", 1048576))),
+    # run by glm5_next.py (its NoPE MLA layers, with the pooled DSA indexer)
+    "glm5_next_text": replace(V3, reads_rope_interleave=False, defaults=(
+        ("routed_scaling_factor", 2.5), ("norm_topk_prob", True), ("n_group", 1), ("topk_group", 1),
+        ("rms_norm_eps", 1e-5), ("index_n_heads", 32), ("qk_rope_head_dim", 0), ("max_position_embeddings", 1048576))),
+    # run by bailing_hybrid.py (its MLA layers: always interleaved rope, a per-head output gate)
+    "bailing_hybrid": replace(V3, reads_rope_interleave=False, defaults=(
+        ("routed_scaling_factor", 2.5), ("norm_topk_prob", True), ("n_group", 8), ("topk_group", 4),
+        ("rms_norm_eps", 1e-6), ("max_position_embeddings", 262144), ("rope_theta", 6e6))),
     # run by mistral_large4.py: softmax router over groups' top-2 sums, always renormalised, no correction bias
     # run by hy_v4.py: V3's router over one group; its indexer rotates halves (the trailing rope dims)
     "hy_v4": replace(V3, indexer_rope="halves", defaults=(
@@ -118,14 +130,15 @@ class MLAttention(nn.Module):
     indexer selection, which a layer with a relay and no indexer reuses; latent KV for layers that share it).
     ``rope`` None: a NoPE layer, whose keys' rope dims join the nope part (kv_b_proj is that much wider).
     ``kv_source``: another (earlier) layer whose latent KV this layer attends to; it then has no kv_a_proj of its
-    own and caches no latent (Mistral Large 4). ``lora_eps``: kv_a_layernorm's eps. ``position_scaling``: Mistral
-    Large 4's learned per-head, per-position query scaling (``softmax_scaling``). ``sinks``: a learned logit per head
-    in the softmax (``sinks``); ``gate``: an output gate over each head's values (Hunyuan v4: ``gate_proj``).
+    own and caches no latent (Mistral Large 4). ``lora_eps``: kv_a_layernorm's eps (``q_lora_eps``: q_a_layernorm's).
+    ``position_scaling``: Mistral Large 4's learned per-head, per-position query scaling (``softmax_scaling``).
+    ``sinks``: a learned logit per head in the softmax (``sinks``); ``gate``: an output gate over each head's values
+    (Hunyuan v4: ``gate_proj``; Bailing hybrid: ``g_proj``, one per head).
     """
 
     def __init__(self, a: ModelArgs, rope: nn.Module | None, indexer: Indexer | None = None,
                  relay: Relay | None = None, *, layer: int = 0, kv_source: int | None = None,
-                 lora_eps: float = LORA_NORM_EPS, position_scaling: bool = False,
+                 lora_eps: float = LORA_NORM_EPS, q_lora_eps: float = LORA_NORM_EPS, position_scaling: bool = False,
                  lora_scales: tuple[float, float] = (1.0, 1.0), sinks: bool = False, gate: OutputGate | None = None):
         super().__init__()
         self.q_scale, self.kv_scale = lora_scales
@@ -138,7 +151,7 @@ class MLAttention(nn.Module):
             self.q_proj = nn.Linear(H, nH * qk, bias=False)
         else:
             self.q_a_proj = nn.Linear(H, a.q_lora_rank, bias=a.attention_bias)
-            self.q_a_layernorm = nn.RMSNorm(a.q_lora_rank, eps=LORA_NORM_EPS)
+            self.q_a_layernorm = nn.RMSNorm(a.q_lora_rank, eps=q_lora_eps)
             self.q_b_proj = nn.Linear(a.q_lora_rank, nH * qk, bias=False)
         self.layer, self.kv_source = layer, layer if kv_source is None else kv_source
         if self.kv_source == layer:

@@ -159,3 +159,54 @@ class RelayedLM:
             self.relay.clear()
         return super().run_layers(h, cache, layers, tokens)
 
+
+
+class PooledIndexer(Indexer):
+    """GLM-5.3-Flash's indexer over pooled keys (transformers' ``Glm5NextTextIndexer``): the keys of every ``kpool``
+    consecutive positions are pooled into one (a per-channel softmax over the pool of ``gate·x + ape``), queries
+    score the complete pools they can see, the ``topk // kpool`` best pools give their positions, and with
+    ``tail`` each query also sees its own incomplete pool. No rope.
+
+    The cache holds per position [key | gate scores] ([B, 1, S, 2D]); pools are rebuilt from it, so a decoding step
+    pools exactly what a full pass does.
+    """
+
+    def __init__(self, *, kpool: int, tail: bool, **kw):
+        super().__init__(rope=None, **kw)
+        self.kpool, self.tail = kpool, tail
+        self.index_kpool_compress_ape = mx.zeros((kpool, self.head_dim))
+        self.index_kpool_compress_gate = mx.zeros((self.head_dim, self.wk.weight.shape[1]))
+
+    def keys(self, x: mx.array, offset: int) -> mx.array:
+        """x [B, T, hidden] -> [B, 1, T, 2D]: each position's key and its pooling logits."""
+        return mx.concatenate([self.k_norm(self.wk(x)), x @ self.index_kpool_compress_gate.T], axis=-1)[:, None]
+
+    def select(self, x: mx.array, q_in: mx.array, keys: mx.array, mask: Causal) -> Sparse:
+        B, T, _ = x.shape
+        P, D = self.kpool, self.head_dim
+        S = keys.shape[2]
+        n = S // P  # complete pools
+        t = mx.arange(mask.offset, mask.offset + T)[:, None]  # each query's position
+        never = S + 1  # a position past every key: Sparse drops it
+        chosen = []
+        k_sel = min(self.topk // P, n)
+        if k_sel:
+            packed = keys[:, 0, : n * P].astype(mx.float32).reshape(B, n, P, 2 * D)
+            k, logits = packed[..., :D], packed[..., D:] + self.index_kpool_compress_ape.astype(mx.float32)
+            pooled = (mx.softmax(logits, axis=2) * k).sum(axis=2)  # [B, n, D]
+            q = self.wq_b(q_in).reshape(B, T, self.n_heads, D).transpose(0, 2, 1, 3).astype(mx.float32)
+            s = mx.maximum(q @ pooled[:, None].swapaxes(-1, -2) * D**-0.5, 0)  # [B, H, T, n]
+            w = self.weights_proj(x).astype(mx.float32) * self.n_heads**-0.5  # [B, T, H]
+            score = (w.transpose(0, 2, 1)[..., None] * s).sum(axis=1)  # [B, T, n]
+            visible = mx.arange(n)[None] * P + P - 1 <= t  # a pool is selectable once its last position is seen
+            pools = topk(mx.where(visible, score, -math.inf), k_sel).astype(mx.int32)  # [B, T, k_sel]
+            ok = mx.take_along_axis(mx.broadcast_to(visible, score.shape), pools, axis=-1)
+            pos = pools[..., None] * P + mx.arange(P)  # [B, T, k_sel, P]
+            chosen.append(mx.where(ok[..., None], pos, never).reshape(B, T, -1))
+        if self.tail and P > 1:
+            count = (t + 1) % P  # the query's own pool, incomplete: its first `count` positions
+            j = mx.arange(P - 1)[None]
+            chosen.append(mx.broadcast_to(mx.where(j < count, t + 1 - count + j, never), (B, T, P - 1)))
+        if not chosen:  # nothing selectable: every key hidden (transformers' all -1 row)
+            chosen.append(mx.full((B, T, 1), never, mx.int32))
+        return Sparse(mask.offset, mask.window, mx.concatenate(chosen, axis=-1).astype(mx.int32))

@@ -29,10 +29,10 @@ from moepack import arch
 from moepack.runtime.models.attention import Attention
 from moepack.runtime.models.base import MLP, CausalLM, DecoderLayer, MoEArgs
 from moepack.runtime.models.cache import KVCache, RecurrentCache
+from moepack.runtime.models.delta_rule import GatedRMSNorm, delta_rule, l2norm, short_conv
 from moepack.runtime.models.moe import MoE, SoftmaxRouter, StreamedExperts
 from moepack.runtime.models.rope import ScaledRoPE
 
-CHUNK = 64  # the delta rule's chunk length in prefill
 ZERO_CENTRED = re.compile(r"(input_layernorm|post_attention_layernorm|q_norm|k_norm)\.weight$|^model\.norm\.weight$")
 
 
@@ -79,64 +79,6 @@ class GatedAttention(Attention):
         return self.o_proj(o * mx.sigmoid(gate))
 
 
-class GatedRMSNorm(nn.Module):
-    """RMSNorm(x)·w·silu(gate) over the last axis (plain weight, not zero-centred)."""
-
-    def __init__(self, dims: int, eps: float):
-        super().__init__()
-        self.weight = mx.ones((dims,))
-        self.eps = eps
-
-    def __call__(self, x: mx.array, gate: mx.array) -> mx.array:
-        return mx.fast.rms_norm(x, self.weight, self.eps) * nn.silu(gate)
-
-
-def l2norm(x: mx.array, eps: float = 1e-6) -> mx.array:
-    return x * mx.rsqrt((x * x).sum(axis=-1, keepdims=True) + eps)
-
-
-def delta_rule_step(q, k, v, g, beta, state):
-    """One token. q, k [B, H, Dk]; v [B, H, Dv]; g, beta [B, H]; state [B, H, Dk, Dv] -> o [B, H, Dv], state."""
-    state = state * mx.exp(g)[..., None, None]
-    kv = (state * k[..., None]).sum(axis=-2)  # [B, H, Dv]: what the state predicts for k
-    state = state + k[..., None] * ((v - kv) * beta[..., None])[..., None, :]
-    return (state * q[..., None]).sum(axis=-2), state
-
-
-def delta_rule_chunked(q, k, v, g, beta, state, C: int = CHUNK):
-    """A whole sequence, chunk by chunk. q, k [B, H, T, Dk]; v [B, H, T, Dv]; g, beta [B, H, T] -> [B, H, T, Dv], state.
-
-    Inside a chunk the sequential updates collapse to a unit lower-triangular system (the UT transform); the
-    state carries across chunks. Same algorithm as transformers' ``torch_chunk_gated_delta_rule``.
-    """
-    B, H, T, Dk = k.shape
-    pad = -T % C
-    if pad:
-        q, k, v = (mx.pad(t, [(0, 0), (0, 0), (0, pad), (0, 0)]) for t in (q, k, v))
-        g, beta = (mx.pad(t, [(0, 0), (0, 0), (0, pad)]) for t in (g, beta))
-    N = (T + pad) // C
-    kb, vb = k * beta[..., None], v * beta[..., None]
-    q, k, kb, vb = (t.reshape(B, H, N, C, -1) for t in (q, k, kb, vb))  # [B, H, N, C, D]
-    cum = mx.cumsum(g.reshape(B, H, N, C), axis=-1)  # log decay from the chunk's start to each position
-    causal = mx.tril(mx.ones((C, C), dtype=mx.bool_))
-    # decay[i, j] = exp(cum_i - cum_j) for j <= i, else 0
-    decay = mx.where(causal, mx.exp(mx.where(causal, cum[..., :, None] - cum[..., None, :], 0)), 0)
-    ut = mx.tril(kb @ k.swapaxes(-1, -2) * decay, -1) + mx.eye(C)  # [B, H, N, C, C], unit lower triangular
-    ut_vk = mx.concatenate([vb, kb * mx.exp(cum)[..., None]], axis=-1)
-    ut_vk = mx.linalg.solve_triangular(ut, ut_vk, upper=False, stream=mx.cpu)  # MLX solves on the CPU only
-    u, w = ut_vk[..., : vb.shape[-1]], ut_vk[..., vb.shape[-1] :]  # new values, decayed keys reading the old state
-    attn = q @ k.swapaxes(-1, -2) * decay  # within-chunk attention
-    q_dec = q * mx.exp(cum)[..., None]
-    k_dec = k * mx.exp(cum[..., -1:] - cum)[..., None]
-    last = mx.exp(cum[..., -1])  # [B, H, N]: a whole chunk's decay
-    outs = []
-    for n in range(N):
-        v_new = u[:, :, n] - w[:, :, n] @ state  # [B, H, C, Dv]
-        outs.append(q_dec[:, :, n] @ state + attn[:, :, n] @ v_new)
-        state = state * last[:, :, n, None, None] + k_dec[:, :, n].swapaxes(-1, -2) @ v_new
-    return mx.concatenate(outs, axis=2)[:, :, :T], state
-
-
 class GatedDeltaNet(nn.Module):
     def __init__(self, a: ModelArgs, split: bool):
         super().__init__()
@@ -177,12 +119,7 @@ class GatedDeltaNet(nn.Module):
     def __call__(self, x: mx.array, mask, cache: RecurrentCache | None) -> mx.array:
         B, T, _ = x.shape
         qkv, z, b, a = self._project(x)
-        K = self.conv1d.weight.shape[1]
-        past = cache.conv if cache is not None and cache.conv is not None else mx.zeros((B, K - 1, qkv.shape[-1]), qkv.dtype)
-        xp = mx.concatenate([past, qkv], axis=1)  # [B, K-1+T, C]
-        if cache is not None:
-            cache.conv = xp[:, -(K - 1) :]
-        qkv = nn.silu(self.conv1d(xp))
+        qkv = short_conv(qkv, self.conv1d.weight, cache)
         q, k, v = mx.split(qkv, [self.key_dim, 2 * self.key_dim], axis=-1)
         q = l2norm(q.reshape(B, T, self.nk, self.dk).astype(mx.float32)) * self.dk**-0.5
         k = l2norm(k.reshape(B, T, self.nk, self.dk).astype(mx.float32))
@@ -191,16 +128,7 @@ class GatedDeltaNet(nn.Module):
         q, k = mx.repeat(q, r, axis=2), mx.repeat(k, r, axis=2)
         beta = mx.sigmoid(b.astype(mx.float32))  # [B, T, Hv]
         g = -mx.exp(self.A_log.astype(mx.float32)) * nn.softplus(a.astype(mx.float32) + self.dt_bias.astype(mx.float32))
-        q, k, v, g, beta = (t.swapaxes(1, 2) for t in (q, k, v, g, beta))  # heads before time
-        state = cache.state if cache is not None and cache.state is not None else \
-            mx.zeros((B, self.nv, self.dk, self.dv), mx.float32)
-        if T == 1:
-            o, state = delta_rule_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], g[:, :, 0], beta[:, :, 0], state)
-            o = o[:, :, None]
-        else:
-            o, state = delta_rule_chunked(q, k, v, g, beta, state)
-        if cache is not None:
-            cache.state, cache.offset = state, cache.offset + T
+        o = delta_rule(*(t.swapaxes(1, 2) for t in (q, k, v, g, beta)), cache)  # heads before time
         o = o.swapaxes(1, 2).astype(x.dtype)  # [B, T, Hv, Dv]
         return self.out_proj(self.norm(o, z).reshape(B, T, -1))
 

@@ -151,3 +151,8 @@ class LearnedRoPE(ScaledRoPE):
 
     def wavelengths(self) -> mx.array:
         return self._freqs * mx.exp(-self.alpha.astype(mx.float32))
+
+
+def unrotated(x: mx.array, offset: int = 0) -> mx.array:
+    """The rope of a NoPE MLA layer that keeps its rope dims (Kimi Linear): the shared key part passes as it is."""
+    return x
