@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 from moepack.errors import UnsupportedArchitecture
@@ -18,33 +19,43 @@ from moepack.errors import UnsupportedArchitecture
 # Canonical config keys and the spellings found in the wild, first match wins.
 CONFIG_ALIASES: dict[str, tuple[str, ...]] = {
     "num_experts": ("n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts"),
-    "top_k": ("num_experts_per_tok", "moe_topk", "top_k", "moe_k", "num_experts_per_token"),  # Kimi Linear: the last
+    "top_k": ("num_experts_per_tok", "moe_topk", "top_k", "moe_k", "moe_top_k",
+              "num_experts_per_token"),  # Kimi Linear's and Bailing's releases: the last
     "n_shared_experts": ("n_shared_experts", "num_shared_experts"),  # Sarvam's release: num_shared_experts
     "attention_bias": ("attention_bias", "use_qkv_bias"),  # Sarvam's release: use_qkv_bias
     "num_hidden_layers": ("num_hidden_layers", "num_layers"),  # LongCat-Flash: num_layers (each two sublayers)
-    "zero_experts": ("zero_expert_num",),  # LongCat-Flash: identity experts the router may pick after the stored ones
+    "zero_experts": ("zero_expert_num",),
+    "num_key_value_heads": ("num_key_value_heads", "num_attention_groups"),  # Step 3.7's release  # LongCat-Flash: identity experts the router may pick after the stored ones
 }
 
-# Per-expert tensors: ...layers.L.(mlp|block_sparse_moe|ffn).experts.E.<proj>.<weight|bias> (ffn: DeepSeek V4's release)
+# Per-expert tensors: ...layers.L.(mlp|block_sparse_moe|ffn|feed_forward).experts.E.<proj>.<weight|bias>
+# (ffn: DeepSeek V4's release; feed_forward: Llama 4's)
 EXPERT_TENSOR = re.compile(
-    r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe|ffn)\.experts\.(?P<expert>\d+)\."
+    r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe|ffn|feed_forward)\.experts\.(?P<expert>\d+)\."
     r"(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)\.(?P<part>weight|bias)$"
 )
 # Fused tensors (transformers 5 with save_original_format=False): [E, 2I, H] gate_up (gate rows first), [E, H, I] down.
 FUSED_EXPERT_TENSOR = re.compile(
-    r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe)\.experts\.(?P<proj>gate_up_proj|down_proj)(?P<bias>_bias)?$"
+    r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe|feed_forward)\.experts\."
+    r"(?P<proj>gate_up_proj|down_proj)(?P<bias>_bias)?$"
+)
+# Stacked per projection (Step 3.7's release): ...layers.L.moe.<gate_proj|up_proj|down_proj>.weight [E, out, in].
+STACKED_EXPERT_TENSOR = re.compile(
+    r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.moe\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$"
 )
 LAYER_TENSOR = re.compile(r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.")
 # The token embedding: ``model.embed_tokens.weight``, or ``embed.weight`` in DeepSeek V4's release.
 EMBEDDING = re.compile(r"(^|\.)embed(_tokens)?\.")
 # Tensors a pack leaves out: multi-token-prediction heads (``mtp.layers.0...`` would otherwise read as layer 0;
-# Mistral Large 4's ``mtp_dspark``) and the vision tower of a multimodal checkpoint whose text model moepack runs
-# (Qwen3.5-MoE; Kimi K2.5's vision_tower and mm_projector; Mistral Large 4's Pixtral tower and projector, in
-# transformers' names and in Mistral's own).
-VISION = re.compile(r"^(model\.visual\.|visual\.|vision_tower\.|mm_projector\.|multi_modal_projector\.|"
-                    r"model\.vision_tower\.|model\.multi_modal_projector\.|vision_encoder\.|patch_merger\.|"
-                    r"pre_mm_projector_norm\.|vision_language_adapter\.)")
-SKIPPED = re.compile(rf"^mtp\.|^mtp_dspark\.|{VISION.pattern}")
+# LongCat-Flash's ``model.mtp.*``; Mistral Large 4's ``mtp_dspark``; ERNIE 4.5's ``model.mtp_block.0...``,
+# ``model.mtp_linear_proj.0...``) and the vision tower of a multimodal checkpoint whose text model moepack runs
+# (Qwen3.5-MoE; Kimi K2.5's vision_tower and mm_projector; Llama 4's vision_model and multi_modal_projector; Step
+# 3.7's vision_model and vit_large_projector, under model. in transformers 5's saves; Mistral Large 4's Pixtral tower
+# and projector, in transformers' names and in Mistral's own).
+VISION = re.compile(r"^(model\.visual\.|visual\.|vision_tower\.|(model\.)?vision_model\.|mm_projector\.|"
+                    r"multi_modal_projector\.|vit_large_projector\.|model\.vision_tower\.|model\.multi_modal_projector\.|"
+                    r"vision_encoder\.|patch_merger\.|pre_mm_projector_norm\.|vision_language_adapter\.)")
+SKIPPED = re.compile(rf"^(model\.)?mtp\.|^mtp_dspark\.|^model\.mtp_|{VISION.pattern}")
 # A multimodal wrapper's prefixes -> the text model's own, so its tensors load as a plain causal LM
 # (Kimi K2.5 nests a DeepSeek-V3 text model as language_model.model.* and language_model.lm_head; Qwen3.5-MoE
 # as model.language_model.*).
@@ -87,10 +98,15 @@ def _afmoe_layer(cfg: dict, i: int) -> bool:
     return i >= cfg.get("num_dense_layers", 1)
 
 
-def _mlp_layer_types(cfg: dict, i: int) -> bool:
-    """``mlp_layer_types`` ("dense"/"sparse" per layer; transformers' default: the first dense) (Laguna, Hunyuan v3)."""
-    types = cfg.get("mlp_layer_types") or ["dense"] + ["sparse"] * (num_layers(cfg) - 1)
-    return types[i] == "sparse"
+def _sparse_by_type(cfg: dict, i: int, first_sparse: int) -> bool:
+    """``mlp_layer_types`` ("dense"/"sparse" per layer: Laguna, Hunyuan v3, Step 3.7), else Step 3.7's release spelling
+    ``moe_layers_enum`` (MoE layer indices, a list or "3,4,..."), else layers from ``first_sparse`` on (the family's
+    default)."""
+    if types := cfg.get("mlp_layer_types"):
+        return types[i] == "sparse"
+    if (enum := cfg.get("moe_layers_enum")) is not None:
+        return i in {int(x) for x in (enum.split(",") if isinstance(enum, str) else enum) if str(x).strip()}
+    return i >= first_sparse
 
 
 def _leading_dense(default: int) -> Callable[[dict, int], bool]:
@@ -111,6 +127,13 @@ def _ernie_moe_layer(cfg: dict, i: int) -> bool:
     end = num_layers(cfg) - 1 if end is None or end == -1 else end
     return ((i + 1) % (cfg.get("moe_layer_interval") or 1) == 0 and cfg.get("moe_layer_start_index", 1) <= i <= end
             and get(cfg, "num_experts", 0) > 0)
+
+
+def _llama4_moe_layer(cfg: dict, i: int) -> bool:
+    # ``moe_layers`` where given, else every interleave_moe_layer_step-th layer (transformers' default)
+    step = cfg.get("interleave_moe_layer_step") or 1
+    layers = cfg.get("moe_layers")
+    return i in (layers if layers is not None else range(step - 1, num_layers(cfg), step))
 
 
 @dataclass(frozen=True)
@@ -164,6 +187,14 @@ MISTRAL_NAMES = NativeNames(r"(layers|tok_embeddings|lerope|norm|output)\.", (
     (r"\.ssmax_scaling\.s$", ".softmax_scaling.scale"), (r"\.ssmax_scaling\.b$", ".softmax_scaling.bias"),
 ))
 
+# Hunyuan v4's release names (transformers' conversion mapping for hy_v4): the hyper-connections' ``hc_pre`` prefix,
+# ``hc_attn_layer``/``hc_mlp_layer``, ``hc_head_fn``...; the attention's ``learnable_sink_param`` and ``linear_gate``.
+HY_V4_NAMES = NativeNames(r"", (
+    (r"\.hc_pre\.hc_", ".hc_"), (r"\.learnable_sink_param", ".sinks"), (r"\.linear_gate", ".gate_proj"),
+    (r"\.hc_attn_layer\.hc_(fn|base|scale)", r".attn_hc.\1"), (r"\.hc_mlp_layer\.hc_(fn|base|scale)", r".ffn_hc.\1"),
+    (r"\.hc_head_(fn|base|scale)", r".hc_\1"),
+))
+
 
 @dataclass(frozen=True)
 class Family:
@@ -186,18 +217,22 @@ FAMILIES: tuple[Family, ...] = (
     Family("minimax_m2", ("minimax_m2",), ("intermediate_size",), _all_layers),
     Family("gpt_oss", ("gpt_oss",), ("intermediate_size",), _all_layers, FusedLayout(transposed=True, interleaved=True)),
     Family("qwen3_next", ("qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text"), ("moe_intermediate_size",), _qwen_moe_layer),
-    Family("hy_v3", ("hy_v3",), ("moe_intermediate_size",), _mlp_layer_types),
+    Family("hy_v3", ("hy_v3",), ("moe_intermediate_size",), partial(_sparse_by_type, first_sparse=1)),
     Family("ernie4_5_moe", ("ernie4_5_moe",), ("moe_intermediate_size",), _ernie_moe_layer),
     Family("dots1", ("dots1",), ("moe_intermediate_size",), _glm_moe_layer),
     Family("sarvam_moe", ("sarvam_moe",), ("moe_intermediate_size",), _glm_moe_layer),
     Family("afmoe", ("afmoe",), ("moe_intermediate_size",), _afmoe_layer),
-    Family("laguna", ("laguna",), ("moe_intermediate_size",), _mlp_layer_types),
+    Family("laguna", ("laguna",), ("moe_intermediate_size",), partial(_sparse_by_type, first_sparse=1)),
     Family("longcat_flash", ("longcat_flash",), ("expert_ffn_hidden_size", "moe_intermediate_size"), _all_layers),
     # MLA + the DSA lightning indexer (moepack/runtime/models/dsa.py), run by the DeepSeek module
     Family("deepseek", ("deepseek_v32", "glm_moe_dsa"), ("moe_intermediate_size",), _deepseek_moe_layer),
     Family("mistral_large4", ("mistral_large4", "mistral_large4_text"), ("moe_intermediate_size",),
            _deepseek_moe_layer, native=MISTRAL_NAMES),
     Family("deepseek_v4", ("deepseek_v4",), ("moe_intermediate_size",), _all_layers),
+    # Llama 4 fuses experts transposed, gate and up halves: gate_up_proj [E, H, 2I], down_proj [E, I, H]
+    Family("llama4", ("llama4", "llama4_text"), ("intermediate_size",), _llama4_moe_layer, FusedLayout(transposed=True)),
+    Family("step3p7", ("step3p7", "step3p5"), ("moe_intermediate_size",), partial(_sparse_by_type, first_sparse=3)),
+    Family("hy_v4", ("hy_v4",), ("moe_intermediate_size",), partial(_sparse_by_type, first_sparse=1), native=HY_V4_NAMES),
     # KDA linear attention (moepack/runtime/models/kda.py) mixed with NoPE MLA
     Family("kimi_linear", ("kimi_linear",), ("moe_intermediate_size",), _leading_dense(1)),
     # KDA + NoPE MLA with a pooled-key DSA indexer, hyper-connections; the text model of a multimodal checkpoint
@@ -342,9 +377,11 @@ def config_problem(cfg: dict) -> str | None:
                 return f"{key} is {str(v)[:40]}, not a whole number"
             if not lo <= v <= hi:
                 return f"{key} {v} is out of range [{lo}, {hi}]"
-        elif type(v) not in (int, float) or not math.isfinite(v) or not lo < v <= hi:
-            return f"{key} is {str(v)[:40]}; it must be a finite number above {lo}" + (f" and at most {hi}" if
-                                                                                       math.isfinite(hi) else "")
+        else:  # a float, or one per layer (Step 3.7's release spells rope_theta per layer)
+            for x in (v if isinstance(v, list) and v else [v]):
+                if type(x) not in (int, float) or not math.isfinite(x) or not lo < x <= hi:
+                    return f"{key} is {str(v)[:40]}; it must be a finite number above {lo}" + (
+                        f" and at most {hi}" if math.isfinite(hi) else "")
     k, e = get(cfg, "top_k"), get(cfg, "num_experts")
     if k is not None and e is not None and k > e:
         return f"top_k {k} is more than num_experts {e}"
@@ -364,12 +401,22 @@ def is_quantizable_dense(name: str, shape: list[int]) -> bool:
     return name.endswith(".weight") and len(shape) == 2 and not UNQUANTIZED.search(name)
 
 
+# model_type -> its indexer schedule where the config spells none (transformers' HYV4Config: layer 0, then every
+# fourth layer from 1, runs its indexer)
+DEFAULT_INDEXER_KINDS: dict[str, Callable[[int], str]] = {
+    "hy_v4": lambda i: "full" if i == 0 or (i - 1) % 4 == 0 else "shared",
+}
+
+
 def indexer_kinds(cfg: dict, n_layers: int) -> list[str]:
     """Per layer "full" (runs its indexer) or "shared" (reuses the last full layer's selection), from either
-    spelling: ``indexer_types``; else the hub's ``index_topk_pattern`` ("FSS..."); else ``index_topk_freq`` and
+    spelling: ``indexer_types``; else the family's default (``DEFAULT_INDEXER_KINDS``; such a family reads nothing
+    else, as transformers); else the hub's ``index_topk_pattern`` ("FSS..."); else ``index_topk_freq`` and
     ``index_skip_topk_offset`` (transformers' GlmMoeDsaConfig derivation; DeepSeek-V3.2 has none: all "full")."""
     if cfg.get("indexer_types"):
         return list(cfg["indexer_types"])
+    if cfg.get("model_type") in DEFAULT_INDEXER_KINDS:
+        return [DEFAULT_INDEXER_KINDS[cfg["model_type"]](i) for i in range(n_layers)]
     pattern = cfg.get("index_topk_pattern")
     if pattern is not None:
         return [{"F": "full", "S": "shared"}[c] for c in pattern] if isinstance(pattern, str) else list(pattern)
@@ -383,7 +430,8 @@ def stage_starts(cfg: dict) -> set[int] | None:
     must start at a layer with its own indexer that no later layer looks back past. None: any layer."""
     n = num_layers(cfg)
     sources = cfg.get("kv_source_layers") or list(range(n))
-    kinds = indexer_kinds(cfg, n) if cfg.get("index_topk") is not None else ["full"] * n
+    dsa = cfg.get("index_topk") is not None or cfg.get("model_type") in DEFAULT_INDEXER_KINDS
+    kinds = indexer_kinds(cfg, n) if dsa else ["full"] * n
     if "shared" not in kinds and sources == list(range(n)):
         return None
     return {b for b in range(n) if kinds[b] == "full" and all(s >= b for s in sources[b:])}

@@ -57,10 +57,18 @@ def main(ctx, verbose: bool, debug: bool) -> None:
               help="Decode tensors the source ships quantized (INT4, MXFP4) and apply the recipe, instead of carrying "
                    "them losslessly.")
 @click.option("--alignment", type=int, default=16384, show_default=True, help="Expert segment/file alignment in bytes.")
+@click.option("--resident-embeddings", is_flag=True,
+              help="Keep the input embedding with the dense weights instead of streaming its rows from a table "
+                   "(writes a version 1 pack, which older moepack releases read).")
 @click.option("--workers", type=int, help="Parallel worker processes (default: by job size and CPU count).")
 @click.option("--force", is_flag=True, help="Convert again into an OUT that holds a pack or a different partial run.")
+@click.option("--stream/--no-stream", default=None,
+              help="For a hub repo id: download one shard at a time into OUT and delete each once converted, so the "
+                   "disk holds the pack and a few shards (default: only when the disk cannot hold both in full).")
+@click.option("--window", type=click.IntRange(1), default=2, show_default=True,
+              help="With --stream: shards downloaded ahead of the converter.")
 def convert(src, out, revision, dtype, q_bits, q_group_size, dense_bits, dense_group_size, no_quantize, requantize,
-            alignment, workers, force) -> None:
+            alignment, resident_embeddings, workers, force, stream, window) -> None:
     """Convert a Hugging Face checkpoint (directory or hub repo id) SRC into a pack at OUT.
 
     Re-running the same command after an interruption resumes where it stopped.
@@ -70,10 +78,10 @@ def convert(src, out, revision, dtype, q_bits, q_group_size, dense_bits, dense_g
 
     recipe = Recipe(dtype=dtype, quantize=not no_quantize, expert_bits=int(q_bits), expert_group_size=int(q_group_size),
                     dense_bits=int(dense_bits), dense_group_size=int(dense_group_size), alignment=alignment,
-                    requantize=requantize)
+                    requantize=requantize, stream_tables=not resident_embeddings)
     t0 = time.perf_counter()
     try:
-        path = run(src, out, recipe, revision=revision, workers=workers, force=force,
+        path = run(src, out, recipe, revision=revision, workers=workers, force=force, stream=stream, window=window,
                    say=lambda msg: click.echo(msg, err=True))
     except KeyboardInterrupt:
         click.echo("\ninterrupted; re-run the same command to resume", err=True)
@@ -84,11 +92,21 @@ def convert(src, out, revision, dtype, q_bits, q_group_size, dense_bits, dense_g
 @main.command()
 @click.argument("pack", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect(pack, as_json) -> None:
-    """Show a pack's architecture, sizes, per-token read cost and recipe."""
+@click.option("--memory-budget", help="Show how this budget is split (default: 60% of available memory).")
+def inspect(pack, as_json, memory_budget) -> None:
+    """Show a pack's architecture, sizes, per-token read cost, recipe, and how a memory budget is split between
+    expert slots and the table row cache."""
     from moepack.formats.reader import PackReader, summary
+    from moepack.runtime import memory
 
-    s = summary(PackReader(pack))
+    reader = PackReader(pack)
+    s = summary(reader)
+    need = memory.memory_need(reader, memory.compute_dtype_for(reader))
+    budget = max(memory.parse_budget(memory_budget) or memory.default_budget(), need.minimum)
+    slots, rows = need.split(budget)
+    s["memory"] = {"minimum": need.minimum, "resident_dense": need.dense_bytes, "budget": budget,
+                   "expert_slots": slots, "slot_bytes": need.slot_bytes, "table_cache_rows": rows,
+                   "table_cache_bytes": rows * need.row_bytes}
     if as_json:
         click.echo(json.dumps(s, indent=2, allow_nan=False))  # strict JSON: a pack's numbers are finite
         return
@@ -100,7 +118,16 @@ def inspect(pack, as_json) -> None:
     click.echo(f"  size           {human_bytes(b['total'])} in {s['files']} files; dense {human_bytes(b['dense'])}, "
                f"experts {human_bytes(b['experts'])}")
     click.echo(f"  per expert     {human_bytes(b['per_expert'])} (one file each, aligned to {human_bytes(s['alignment'])})")
-    click.echo(f"  per token      {human_bytes(b['per_token_uncached'])} read when no expert is cached")
+    click.echo(f"  per token      {human_bytes(b['per_token_uncached'])} read when no expert is cached"
+               + (f", {human_bytes(b['table_per_token_uncached'])} from tables when no row is" if s["tables"] else ""))
+    for name, t in s["tables"].items():
+        click.echo(f"  table          {name} {t['shape'][0]:,} x {t['shape'][1]:,} {t['encoding']}, streamed: "
+                   f"{t['row_bytes']:,} bytes a row, one {human_bytes(t['block_bytes'])} block read a missing row")
+    mem = s["memory"]
+    rows = (f", table cache {mem['table_cache_rows']:,} rows ({human_bytes(mem['table_cache_bytes'])})"
+            if s["tables"] else "")
+    click.echo(f"  memory         at least {human_bytes(mem['minimum'])} (dense {human_bytes(mem['resident_dense'])} "
+               f"resident); a budget of {human_bytes(mem['budget'])} holds {mem['expert_slots']} expert slots{rows}")
     r = s["recipe"]
     q = (f"experts {r['expert_bits']}-bit g{r['expert_group_size']}, dense {r['dense_bits']}-bit g{r['dense_group_size']}"
          if r["quantize"] else "unquantized")
@@ -179,23 +206,43 @@ def _pipeline(pack, hosts, memory_budget, rank_timeout, **engine_kwargs):
 
 
 @main.command()
-@click.argument("pack", type=click.Path(exists=True, file_okay=False))
-@click.option("--hosts", required=True, help="Number of hosts, or mlx.launch's hostfile (JSON).")
+@click.argument("model")
+@click.option("--hosts", help="Number of hosts, or mlx.launch's hostfile (JSON): plan a pack's split over hosts.")
 @click.option("--memory-budget", "--memory-per-host", "budget",
               help="Each host's budget for weights, as --memory-budget on each rank (e.g. 72GB): shows how many "
                    "expert slots each host gets.")
+@click.option("--revision", help="Hub revision (branch, tag or commit) when MODEL is a repo id.")
+@click.option("--out", "target", type=click.Path(file_okay=False), default=".", show_default=True,
+              help="Where the pack would go: its free space is compared and its read speed measured.")
+@click.option("--q-bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default="4", show_default=True)
+@click.option("--dense-bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default="8", show_default=True)
+@click.option("--no-quantize", is_flag=True, help="Plan for every float tensor kept unquantized.")
+@click.option("--window", type=click.IntRange(1), default=2, show_default=True, help="convert --stream's window.")
+@click.option("--disk-gbps", type=float, help="Use this read speed (GB/s) instead of measuring the disk under --out.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def plan(pack, hosts, budget, as_json) -> None:
-    """Show how PACK's layers split over several hosts (`generate|serve --hosts`) and what each host needs.
+def plan(model, hosts, budget, revision, target, q_bits, dense_bits, no_quantize, window, disk_gbps, as_json) -> None:
+    """Before converting or downloading: MODEL's pack size, memory, disk (with and without `convert --stream`) and a
+    speed bound. MODEL is a hub repo id (only config, index and safetensors headers are fetched), a checkpoint
+    directory or a pack.
 
-    The split balances each host's dense bytes plus the expert bytes a token reads on it. It needs only the pack's
-    manifest.json and config.json, so it can plan a pack that is not here.
+    With --hosts: how a pack's layers split over several hosts (`generate|serve --hosts`) and what each host needs,
+    from its manifest.json and config.json alone. The split balances each host's dense bytes plus the expert bytes
+    a token reads on it.
     """
+    if not hosts:
+        from moepack.convert.plan import describe_plan, plan_model
+        from moepack.convert.recipe import Recipe
+
+        recipe = Recipe(quantize=not no_quantize, expert_bits=int(q_bits), dense_bits=int(dense_bits))
+        p = plan_model(model, recipe, revision, Path(target), window, disk_gbps * 1e9 if disk_gbps else None)
+        click.echo(json.dumps(p, indent=2) if as_json else describe_plan(p))
+        return
     from moepack.formats.reader import PackReader
     from moepack.runtime.distributed import read_hosts, split_pack
     from moepack.runtime.distributed.split import describe, split_rows
     from moepack.units import parse_bytes
 
+    pack = model
     n, names, _ = read_hosts(hosts)
     reader = PackReader(pack)
     p = split_pack(reader, n)
@@ -308,11 +355,16 @@ def _print_stats(engine, n_prompt: int, n_gen: int, t0: float, first: float | No
     prompt_s = (first or end) - t0
     gen_s = end - (first or end)
     tokens = max(s["tokens"], 1)
+    table, cache = "", ""
+    if s.get("table_cache_bytes"):  # the pack streams tables (SPEC 3.6): their share of reads and of the budget
+        table = f" + {human_bytes(s['table_bytes_read'] / tokens)}/token from tables"
+        cache = f", table cache {s['table_cache_rows']} rows ({human_bytes(s['table_cache_bytes'])})"
     click.echo(
         f"prompt: {n_prompt} tokens, {n_prompt / prompt_s if prompt_s else 0:.1f} tok/s | "
         f"generation: {n_gen} tokens, {(n_gen - 1) / gen_s if gen_s and n_gen > 1 else 0:.2f} tok/s | "
-        f"peak memory {human_bytes(peak_rss())} | read {human_bytes(s['bytes_read'] / tokens)}/token | "
-        f"hit rate {s['hit_rate']:.1%} | I/O wait {s['io_wait_s']:.2f}s, compute {s['compute_s']:.2f}s ({s['io_mode']})",
+        f"peak memory {human_bytes(peak_rss())} | read {human_bytes(s['bytes_read'] / tokens)}/token{table} | "
+        f"hit rate {s['hit_rate']:.1%} | I/O wait {s['io_wait_s']:.2f}s, compute {s['compute_s']:.2f}s ({s['io_mode']}) | "
+        f"budget: {s.get('slots', '?')} expert slots{cache}",
         err=True,
     )
 
@@ -325,10 +377,13 @@ def _print_stats(engine, n_prompt: int, n_gen: int, t0: float, first: float | No
 @_budget_option
 @click.option("--api-key", envvar="MOEPACK_API_KEY", help="Require 'Authorization: Bearer KEY' on every route "
               "but /health (also read from MOEPACK_API_KEY).")
-@click.option("--model-id", help="Model id clients use (default: the pack directory's name).")
+@click.option("--model-id", "--served-model-name", "model_id", multiple=True,
+              help="The model name replies report (default: the pack directory's name); repeat it to list aliases in "
+                   "/v1/models. Requests may name any model: one is served.")
 @click.option("--ctx-size", type=int, help="Context length in tokens (default: the model's).")
 @click.option("--parallel", type=int, default=1, show_default=True,
-              help="Requests generated in turn, a token each; the rest wait in the queue.")
+              help="Requests decoded together, each step reading the experts they share once; the rest wait "
+              "in the queue.")
 @_verify_option
 @_cache_options
 @_hosts_options
@@ -346,12 +401,15 @@ def serve(pack, host, port, memory_budget, api_key, model_id, ctx_size, parallel
                                "serve without authentication")
     options = _engine_options(verify, policy, prefetch)
     engine = _pipeline(pack, hosts, memory_budget, rank_timeout, **options)
-    click.echo(f"serving {pack} on http://{host}:{port}/v1 (GET /health answers 200 once loaded)", err=True)
-    run(pack, host=host, port=port, memory_budget=memory_budget, api_key=api_key, model_id=model_id,
-        context_length=ctx_size, parallel=parallel,
-        log_level="info" if logging.getLogger().isEnabledFor(logging.INFO) else "warning",
-        announce=lambda msg: click.echo(msg, err=True), engine=engine,
-        load_kwargs=options)
+    click.echo(f"loading {pack} (GET /health answers 503 until it is ready)", err=True)
+    try:
+        run(pack, host=host, port=port, memory_budget=memory_budget, api_key=api_key, model_id=model_id,
+            context_length=ctx_size, parallel=parallel,
+            log_level="info" if logging.getLogger().isEnabledFor(logging.INFO) else "warning",
+            announce=lambda msg: click.echo(msg, err=True), engine=engine,
+            load_kwargs=options)
+    except KeyboardInterrupt:  # uvicorn has shut down cleanly, then re-raised the Ctrl-C: exit as a shell expects
+        sys.exit(130)
 
 
 @main.command()

@@ -171,6 +171,39 @@ TINY: dict[str, tuple[str, str, dict]] = {
         compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 5},
         index_n_heads=4, index_head_dim=16, index_topk=2, hc_mult=3, swiglu_limit=1.0, rope_theta=1e4,
         compress_rope_theta=1.6e5, rope_parameters={k: v for k, v in YARN.items() if k != "rope_theta"})),
+    # MoE layers 1 and 3 between dense ones (interleave step 2); layers 0-2 RoPE (llama3 scaling over an original
+    # context of 16) attending within chunks of 5 < 12, layer 3 NoPE over the whole prompt, its queries scaled by
+    # position (floor_scale 4); top-1 routing with a shared expert
+    "llama4_text": ("Llama4TextConfig", "Llama4ForCausalLM", dict(
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=32,
+        intermediate_size_mlp=96, num_local_experts=8, num_experts_per_tok=1, interleave_moe_layer_step=2,
+        attention_chunk_size=5, no_rope_layer_interval=4, floor_scale=4, attn_scale=0.5,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    # multimodal (a one-layer vision tower the converter leaves out): sliding (window 4, 8 heads, full rotary) and
+    # full layers (4 heads, half rotary at another theta); layer 0 dense; SwiGLU clamps that bite (0.5) and none (0)
+    "step3p7": ("Step3p7Config", "Step3p7ForConditionalGeneration", dict(
+        text_config=dict(
+            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
+            moe_intermediate_size=32, share_expert_dim=48, n_routed_experts=8, num_experts_per_tok=2,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+            mlp_layer_types=["dense", "sparse", "sparse", "sparse"], sliding_window=4, num_sliding_attention_heads=8,
+            swiglu_limits=[0, 0.5, 0, 0.5], swiglu_limits_shared=[0.5, 0, 0.5, 0], moe_router_scaling_factor=2.5,
+            query_pre_attn_scalar=12, pad_token_id=0,
+            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 5e5, "partial_rotary_factor": 0.5},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=56, patch_size=14))),
+    # Every feature acts on the 12-token prompt: index_topk 5 < 12; layers 1 and 3 reuse the top-k of layers 0 and 2;
+    # 3 independent hyper-connection streams (hc_magnitude 1.5); sinks and the output gate; clamp 1.0 bites; layer 0
+    # dense; YaRN with mscale_all_dim (the softmax scale changes). 8 indexer heads: with 4, a key every head's relu
+    # zeroes often scores exactly 0 and ties decide the top-k (torch breaks ties its own way)
+    "hy_v4": ("HYV4Config", "HYV4ForCausalLM", dict(
+        num_hidden_layers=4, num_attention_heads=4, intermediate_size=96, moe_intermediate_size=32,
+        n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, routed_scaling_factor=2.5, q_lora_rank=32,
+        kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, index_topk=5, index_head_dim=16,
+        index_n_heads=8, indexer_types=["full", "shared", "full", "shared"], hc_mult=3, hc_magnitude=1.5,
+        swiglu_limit=1.0, rope_parameters={**YARN, "mscale": 1.0, "mscale_all_dim": 1.0})),
     # MLA (NoPE), KDA, MLA, KDA; layer 0 dense; 4 groups of 2 experts, 2 groups kept (KDA first routes this seed's
     # prompt on near-ties, which 8-bit noise flips)
     "kimi_linear": ("KimiLinearConfig", "KimiLinearForCausalLM", dict(
@@ -217,9 +250,8 @@ LEGACY_ROTARY_DEFAULT = {"sarvam_moe": 1.0}
 
 def make_model(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
     cfg_cls, model_cls, kwargs = TINY[kind]
-    if "text_config" in kwargs:  # multimodal: the text model gets COMMON and the overrides
-        kwargs = {**kwargs, "text_config": {**COMMON, **kwargs["text_config"], **overrides}}
-        cfg = getattr(transformers, cfg_cls)(**kwargs)
+    if "text_config" in kwargs:  # multimodal: the common sizes and the overrides are the text model's
+        cfg = getattr(transformers, cfg_cls)(**{**kwargs, "text_config": {**COMMON, **kwargs["text_config"], **overrides}})
     else:
         cfg = getattr(transformers, cfg_cls)(**{**COMMON, **kwargs, **overrides})
     torch.manual_seed(seed)
@@ -248,11 +280,36 @@ def randomize(model: torch.nn.Module) -> torch.nn.Module:
 MLA_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa")
 
 
+def step3p7_release_text_config(tc: dict, mtp: int = 1) -> dict:
+    """Step 3.7's text config as its release spells it (remote-code names, per-layer RoPE lists, MoE layers as
+    ``moe_layers_enum``, the sliding layers' heads in ``attention_other_setting``, per-layer lists padded with
+    ``mtp`` multi-token-prediction layers)."""
+    tc = {k: v for k, v in tc.items() if k not in ("per_layer_config", "mtp_layer_types", "mtp_mlp_layer_types")}
+    types = tc["layer_types"]
+    rp = tc.pop("rope_parameters")
+    tc["rope_theta"] = [rp[t]["rope_theta"] for t in types] + [rp["full_attention"]["rope_theta"]] * mtp
+    tc["partial_rotary_factors"] = [rp[t].get("partial_rotary_factor", 1.0) for t in types] + [0.5] * mtp
+    tc["moe_layers_enum"] = ",".join(str(i) for i, t in enumerate(tc.pop("mlp_layer_types")) if t == "sparse")
+    tc["attention_other_setting"] = {"attention_type": "sliding_attention",
+                                     "num_attention_heads": tc.pop("num_sliding_attention_heads")}
+    for new, old in (("n_routed_experts", "moe_num_experts"), ("num_experts_per_tok", "moe_top_k"),
+                     ("num_key_value_heads", "num_attention_groups")):
+        tc[old] = tc.pop(new)
+    tc["layer_types"] = types + ["full_attention"] * mtp
+    for k in ("swiglu_limits", "swiglu_limits_shared"):
+        tc[k] = tc[k] + [0] * mtp
+    tc["num_nextn_predict_layers"] = mtp
+    return tc
+
+
 def to_old_spelling(cfg: dict) -> dict:
     """config.json as most hub checkpoints spell it (written before transformers 5)."""
     cfg = dict(cfg)
     if cfg.get("model_type") == "deepseek_v4":
         return _deepseek_v4_old_spelling(cfg)
+    if cfg.get("model_type") == "step3p7":
+        cfg["text_config"] = step3p7_release_text_config(cfg["text_config"])
+        return cfg
     if cfg.get("model_type") == "kimi_linear":
         cfg = _kimi_linear_old_spelling(cfg)
     if cfg.get("model_type") == "glm5_next":  # the text model's hub keys: a linear_attn_config, an indexer pattern
@@ -341,13 +398,17 @@ def build(kind: str, out: str | Path, fused: bool = False, old_spelling: bool = 
 
 def reference_logits(ckpt: Path, ids: list[int]):
     """transformers' own float32 logits for ``ids`` from the checkpoint as saved (the parity oracle)."""
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-    except ValueError:  # a model type the auto class does not map (mistral4): the class config.json names
-        arch = json.loads((Path(ckpt) / "config.json").read_text())["architectures"][0]
-        model = getattr(transformers, arch).from_pretrained(ckpt, dtype=torch.float32).eval()
-    except ValueError:  # multimodal only (Mistral Large 4): run the whole model on text
-        model = transformers.AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32).eval()
+    cfg = json.loads((Path(ckpt) / "config.json").read_text())
+    # the causal-LM class where transformers maps one (Llama 4), else the multimodal one run on text (Step 3.7,
+    # Mistral Large 4), else the class config.json names (mistral4, which no auto class maps)
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText):
+        try:
+            model = auto.from_pretrained(ckpt, dtype=torch.float32).eval()
+            break
+        except ValueError:
+            continue
+    else:
+        model = getattr(transformers, cfg["architectures"][0]).from_pretrained(ckpt, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].numpy(), model
 

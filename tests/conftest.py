@@ -169,6 +169,26 @@ def wait_healthy(base: str, proc: subprocess.Popen | None = None, timeout: float
 
 
 @contextmanager
+def serve_pack(pack: Path, key: str, parallel: int, model_id: str = "tiny"):
+    """`moepack serve` on ``pack`` in a subprocess bound to 127.0.0.1 with API key ``key``; yields its base URL."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "moepack.cli", "serve", str(pack), "--port", str(port),
+                             "--api-key", key, "--parallel", str(parallel), "--model-id", model_id],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "MOEPACK_API_KEY": ""})
+    try:
+        wait_healthy(base, proc)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextmanager
 def run_app(app):
     """A real uvicorn server for ``app`` on a loopback port, in a thread of this process."""
     import uvicorn

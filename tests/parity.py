@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 
 import moepack
@@ -19,9 +20,19 @@ def nmse(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a - b) ** 2).mean() / (b**2).mean())
 
 
+def cached_logits(engine, prefill: int = 5) -> np.ndarray:
+    """PROMPT's logits through the model's cache: a prefill of ``prefill`` tokens (longer than the tiny models'
+    sliding windows), then one token at a time."""
+    cache = engine.model.make_cache()
+    steps = [engine.model(mx.array([PROMPT[:prefill]]), cache)[0]]
+    steps += [engine.model(mx.array([[t]]), cache)[0] for t in PROMPT[prefill:]]
+    return np.array(mx.concatenate(steps, axis=0).astype(mx.float32))
+
+
 def check_parity(kind: str, tmp: Path, fused: bool = False, old_spelling: bool = False, ckpt: Path | None = None,
                  **overrides) -> None:
-    """float32 pack logits within NMSE 1e-5 of transformers, same 8 greedy tokens, at full and minimum budget.
+    """float32 pack logits within NMSE 1e-5 of transformers, same 8 greedy tokens, at full and minimum budget;
+    cached decoding gives the full forward's logits.
 
     ``ckpt``: a checkpoint the test built itself (e.g. a hub-style layout), instead of ``build(kind, ...)``.
     """
@@ -35,6 +46,7 @@ def check_parity(kind: str, tmp: Path, fused: bool = False, old_spelling: bool =
     print(f"{kind}: float32 logits NMSE {nmse(got, ref):.3g}")  # `pytest -s` shows it
     assert nmse(got, ref) < 1e-5, f"{kind}: logits NMSE {nmse(got, ref):.3g}"
     assert list(full.generate(PROMPT, 8)) == want
+    np.testing.assert_allclose(cached_logits(full), got, rtol=1e-4, atol=1e-4)
     small = moepack.load(pack, memory_budget=full.plan.minimum)
     assert small.plan.n_slots < full.plan.n_slots
     np.testing.assert_array_equal(small.logits(PROMPT), got)

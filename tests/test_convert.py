@@ -176,22 +176,33 @@ def check_pack(pack: Path, src: Path, recipe: Recipe) -> PackReader:
     align = recipe.alignment
     dt = recipe.dtype
 
-    # dense tensors: which are quantized, and their stored bytes and values
-    assert set(m.dense) == set(dense)
+    # dense tensors: which are quantized, and their stored bytes and values; the input embedding is a streamed
+    # table (SPEC 3.6), encoded as the dense recipe would encode it, where the head has weights of its own
+    assert set(m.dense) | set(m.tables) == set(dense) and not set(m.dense) & set(m.tables)
+    head = not cfg.get("tie_word_embeddings") and "lm_head.weight" in dense
+    assert set(m.tables) == ({"model.embed_tokens.weight"} if head and recipe.stream_tables else set())
+
+    def stored(name: str, blob) -> bytes:
+        if name not in m.tables:
+            return (pack / blob.file).read_bytes()[blob.offset : blob.offset + blob.length]
+        t, data = m.tables[name], (pack / m.tables[name].file).read_bytes()
+        return b"".join(data[t.row_offset(i) + blob.offset :][: blob.length] for i in range(t.rows))
+
     for name, w in dense.items():
-        rec = m.dense[name]
+        rec = m.dense[name] if name in m.dense else m.tables[name].row
         # affine needs whole groups per row: qwen2_moe's shared expert (width 48) stays raw at group size 32
         quantized = recipe.quantize and w.ndim == 2 and not KEEP_RAW.search(name) and w.shape[1] % recipe.dense_group_size == 0
         bits, gs = (recipe.dense_bits, recipe.dense_group_size) if quantized else (None, None)
         assert rec.encoding == ("affine" if quantized else "raw"), name
-        assert (rec.bits, rec.group_size, rec.dtype, rec.shape) == (bits, gs, dt, list(w.shape)), name
+        shape = m.tables[name].shape if name in m.tables else rec.shape
+        assert (rec.bits, rec.group_size, rec.dtype, shape) == (bits, gs, dt, list(w.shape)), name
         want = expected_parts(w, dt, bits, gs)
         assert set(rec.parts) == set(want), name
         for part, blob in rec.parts.items():
-            data = (pack / blob.file).read_bytes()[blob.offset : blob.offset + blob.length]
-            assert data == raw_bytes(want[part]), f"{name}.{part}: stored bytes differ from mx.quantize's"
+            assert stored(name, blob) == raw_bytes(want[part]), f"{name}.{part}: stored bytes differ from mx.quantize's"
             assert blob.offset % 64 == 0
-        assert_same(r.dense_tensor(name), dense_value(want, bits, gs), name)
+        value = r.table_rows(name, list(range(w.shape[0]))) if name in m.tables else r.dense_tensor(name)
+        assert_same(value, dense_value(want, bits, gs), name)
     if recipe.quantize:  # the rule above must not be vacuous
         assert m.dense["lm_head.weight"].encoding == "affine"
         assert any(".self_attn." in n and m.dense[n].encoding == "affine" for n in m.dense)
@@ -220,7 +231,7 @@ def check_pack(pack: Path, src: Path, recipe: Recipe) -> PackReader:
 
     # manifest: architecture, recipe, provenance, and a hash of every file (nothing else left in the directory)
     kind = cfg["model_type"]
-    assert m.format == "moepack" and m.format_version == 1
+    assert m.format == "moepack" and m.format_version == (2 if m.tables else 1)
     a = m.architecture
     assert a["family"] == FAMILY[kind] and a["model_type"] == kind
     assert a["moe_layers"] == moe_layers and a["num_layers"] == n_layers

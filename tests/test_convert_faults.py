@@ -212,7 +212,7 @@ def _times_reached(pack: Path) -> dict[str, int]:
     """How often a whole conversion reaches each point, counted from the finished pack's manifest."""
     m = json.loads((pack / "manifest.json").read_text())
     layouts = {k: sum(len(t["parts"]) for t in v["tensors"].values()) for k, v in m["expert_layouts"].items()}
-    written = [f for f in m["files"] if f.startswith(("dense/", "experts/"))]
+    written = [f for f in m["files"] if f.startswith(("dense/", "experts/", "tables/"))]
     return {"blob": sum(len(r["parts"]) for r in m["dense"].values()) +
                     sum(layouts[el["layout"]] * len(el["files"]) for el in m["experts"]),
             "file": len(written), "unit": len(written) + len(m["provenance"]["source_files"]),

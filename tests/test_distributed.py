@@ -143,6 +143,9 @@ def test_split_layers_balances_contiguous_ranges():
         split_layers([1, 1], 3)
 
 
+EMBED = "model.embed_tokens.weight"
+
+
 @pytest.mark.parametrize("hosts", [1, 2, 3, 4])
 def test_plan_gives_every_tensor_and_expert_one_host(qwen, hosts):
     reader = PackReader(qwen)
@@ -151,12 +154,15 @@ def test_plan_gives_every_tensor_and_expert_one_host(qwen, hosts):
     assert [s.index for s in stages] == list(range(hosts))
     assert stages[0].start == 0 and stages[-1].stop == SPEC.num_hidden_layers
     assert all(a.stop == b.start and a.start < a.stop for a, b in zip(stages, stages[1:]))
-    for name in reader.manifest.dense:
+    assert reader.tables  # the embedding is streamed: the first stage's minimum holds one token's rows of it
+    for name in [*reader.manifest.dense, *reader.tables]:
         assert sum(s.owns(name) for s in stages) == 1, name
     assert sorted(L for sh in p.shares for L in sh.moe_layers) == reader.moe_layers
     assert sum(sh.dense_bytes for sh in p.shares) == reader.dense_bytes
     for sh in p.shares:
-        assert sh.minimum == sh.dense_bytes + 2 * sh.slot_bytes
+        rows = sum(t.row_bytes for n, t in reader.tables.items() if sh.stage.owns(n))
+        assert sh.minimum == sh.dense_bytes + 2 * sh.slot_bytes + rows
+        assert sh.table_read_per_token == (reader.tables[EMBED].block_bytes if sh.stage.first else 0)
 
 
 def test_plan_of_tied_embeddings_and_dense_layers(deepseek):
@@ -314,3 +320,14 @@ def test_server_over_two_hosts_reports_a_lost_host(qwen, tmp_path):
             for p in procs:
                 p.kill()
                 p.wait()
+
+
+def test_ranks_run_this_moepack_from_any_directory(tmp_path, monkeypatch):
+    """`--hosts N` from a folder holding a `moepack/` (a clone's parent, say): the ranks still import the moepack
+    this process runs (`python -m` put the working directory first on their sys.path, and the ranks died)."""
+    from moepack.runtime.distributed.launcher import launch
+
+    (tmp_path / "moepack").mkdir()
+    (tmp_path / "moepack" / "__init__.py").write_text("raise ImportError('the wrong moepack')\n")
+    monkeypatch.chdir(tmp_path)
+    assert launch(2, ["--version"]) == 0

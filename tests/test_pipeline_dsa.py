@@ -1,6 +1,6 @@
-"""DSA families (GLM-5.3-Flash with its KDA layers too) over a two-rank pipeline: the same logits, greedy tokens and
-cached conversation as one process; a stage never begins at a layer that reuses an earlier layer's top-k selection or latent KV (GLM-5's shared-indexer
-layers, Mistral Large 4's KV-sharing layers)."""
+"""DSA families over a two-rank pipeline (GLM-5.3-Flash with its KDA layers too): the same logits, greedy tokens and
+cached conversation as one process; a stage never begins at a layer that reuses an earlier layer's top-k selection or
+latent KV (GLM-5's and Hunyuan v4's shared-indexer layers, Mistral Large 4's KV-sharing layers)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ SECOND_STAGE = {
     "deepseek_v32": None,
     "glm_moe_dsa": 3,  # indexer types full, shared, shared, full: only layer 3 selects for itself and those after
     "mistral_large4": 2,  # layer 1 reuses layer 0's KV and selection, layer 3 layer 2's KV
+    "hy_v4": 2,  # full, shared, full, shared; and 3 hyper-connection streams handed between the stages
 }
 
 

@@ -48,6 +48,9 @@ BOUNDS = {
     "glm_moe_dsa": {"8bit": 0.1, "default": 0.34},  # 4.24e-2 (3x: 0.127, above CAP), 0.113
     "mistral_large4": {"8bit": 0.004, "default": 0.052},  # 1.34e-3, 1.74e-2
     "deepseek_v4": {"8bit": 0.0031, "default": 0.2},  # 1.02e-3, 6.61e-2
+    "llama4_text": {"8bit": 0.00081, "default": 0.019},  # 2.70e-4, 6.48e-3
+    "step3p7": {"8bit": 0.011, "default": 0.12},  # 3.63e-3, 3.88e-2
+    "hy_v4": {"8bit": 0.1, "default": 0.28},  # 3.37e-2 (3x: 0.101, above CAP), 9.30e-2
     "kimi_linear": {"8bit": 0.0043, "default": 0.23},  # 1.44e-3, 7.64e-2
     "glm5_next": {"8bit": 0.1, "default": 0.5},  # 4.29e-2, 0.277: 3x is above CAP, CAP holds
     "bailing_hybrid": {"8bit": 0.061, "default": 0.19},  # 2.04e-2, 6.38e-2

@@ -128,7 +128,7 @@ def _rename_file(m: dict, old: str, new: str) -> dict:
 
 
 CASES = {  # name -> (mutation of the manifest dict, what the error must say)
-    "newer format": (lambda m: _set(m, ("format_version",), 2), r"format version 2 is not supported"),
+    "newer format": (lambda m: _set(m, ("format_version",), 3), r"format version 3 is not supported"),
     "bool version": (lambda m: _set(m, ("format_version",), True), r"format version True is not supported"),
     "not moepack": (lambda m: _set(m, ("format",), "gguf"), r"not a moepack manifest"),
     "dot-dot path": (lambda m: _rename_file(m, _expert_file(m), "../outside/secret.bin"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -22,7 +23,7 @@ from moepack.runtime.sampling import SamplingParams
 from moepack.runtime.tokenizer import Tokenizer
 from moepack.serve import toolcalls
 from moepack.serve.app import create_app
-from conftest import HELLO, TIMEOUT, err, free_port, run_app, wait_healthy
+from conftest import HELLO, TIMEOUT, err, free_port, run_app, serve_pack, wait_healthy
 from tiny_pack import ScriptedEngine, reference
 
 KEY = "sk-test-key"
@@ -30,22 +31,9 @@ KEY = "sk-test-key"
 
 @pytest.fixture(scope="module")
 def server(pack):
-    """`moepack serve` in a subprocess, bound to 127.0.0.1, with an API key and 3 requests decoded in turn."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "moepack.cli", "serve", str(pack), "--port", str(port),
-                             "--api-key", KEY, "--parallel", "3", "--model-id", "tiny"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "MOEPACK_API_KEY": ""})
-    try:
-        wait_healthy(base, proc)
+    """`moepack serve` in a subprocess, bound to 127.0.0.1, with an API key and 3 requests decoded together."""
+    with serve_pack(pack, KEY, parallel=3) as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")
@@ -310,9 +298,11 @@ def test_error_classes(server, client):
     bad = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", timeout=TIMEOUT, max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2)
-    # 404: unknown model, unknown route
+    # any model name is served (clients send what they were configured with), the served one reported;
+    # 404: an unknown model's card, an unknown route
+    assert client.chat.completions.create(model="gpt-9", messages=HELLO, max_tokens=2).model == "tiny"
     with pytest.raises(openai.NotFoundError) as e:
-        client.chat.completions.create(model="gpt-9", messages=HELLO, max_tokens=2)
+        client.models.retrieve("gpt-9")
     assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
     r = httpx.get(f"{server}/v1/nothing-here", headers=h, timeout=TIMEOUT)
     assert r.status_code == 404 and err(r)["code"] == "unknown_url"
@@ -423,8 +413,13 @@ def test_tool_call_round_trip(ref):
         content = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
         assert content == "Let me check.\n" and "<tool_call>" not in content
         calls = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
-        assert [(tc.index, tc.function.name, json.loads(tc.function.arguments)) for tc in calls] == [
-            (0, "get_weather", {"city": "Paris"})]
+        # as OpenAI streams a call: id, type and name with empty arguments first, then the arguments
+        assert calls[0].id.startswith("call_") and calls[0].function.arguments == "" and calls[1].id is None
+        joined: dict[int, list] = {}
+        for tc in calls:
+            name, args = joined.setdefault(tc.index, ["", ""])
+            joined[tc.index] = [name + (tc.function.name or ""), args + (tc.function.arguments or "")]
+        assert [(i, n, json.loads(a)) for i, (n, a) in joined.items()] == [(0, "get_weather", {"city": "Paris"})]
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
         follow = ask + [m.model_dump(exclude_none=True),
@@ -485,6 +480,11 @@ def test_parse_tool_calls_edge_cases():
     assert toolcalls.parse("no calls here", hermes) == ("no calls here", [])
     broken = "x <tool_call>\n{not json}\n</tool_call>"
     assert toolcalls.parse(broken, hermes) == (broken, [])  # unparseable: the model's text, as is
+    deep = '<tool_call>\n{"name": "f", "arguments": ' + "[" * 100_000 + "]" * 100_000 + "}\n</tool_call>"
+    assert toolcalls.parse(deep, hermes) == (deep, [])  # nested past Python's parser: text too (was a 500)
+    glm = next(f for f in toolcalls.FORMATS if f.name == "glm4_moe")
+    deep = "<tool_call>f\n<arg_key>a</arg_key><arg_value>" + "[" * 100_000 + "</arg_value></tool_call>"
+    assert toolcalls.parse(deep, glm)[1][0]["function"]["arguments"] == json.dumps({"a": "[" * 100_000})
     s = toolcalls.ToolCallStream(hermes)
     out = "".join(s.push(p) for p in ["Hi <to", "ol_", "call>\n{\"name\": \"f\", \"argu", "ments\": {}}\n</tool_call>"])
     rest, calls = s.finish()
@@ -627,3 +627,39 @@ def test_deepseek_tool_calls_with_its_real_tokenizer(tmp_path):
         prompt = tok.decode(engine.seen[-1], skip_special_tokens=False)
         assert '<｜tool▁sep｜>get_weather\n```json\n{"city": "Paris"}\n```' in prompt  # the JSON text, as sent
         assert "<｜tool▁output▁begin｜>21C<｜tool▁output▁end｜>" in prompt
+
+
+def test_serve_says_it_serves_once_ready_logs_each_request_and_exits_quietly_on_ctrl_c(pack, tmp_path):
+    """`moepack serve` as a user meets it: "serving ... on URL" only once the pack is loaded and the port bound
+    (it used to be printed before either); one log line per request, with no flag; Ctrl-C: exit 130, no
+    "Aborted!", no traceback. --served-model-name names the model (twice: an alias)."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    out = tmp_path / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k != "MOEPACK_API_KEY"}
+    with open(out, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "moepack.cli", "serve", str(pack), "--port", str(port),
+                                 "--served-model-name", "tiny", "--served-model-name", "gpt-4o-mini"],
+                                stdout=f, stderr=subprocess.STDOUT, env=env)
+    try:
+        end = time.monotonic() + TIMEOUT
+        while "serving" not in out.read_text():
+            assert proc.poll() is None and time.monotonic() < end, out.read_text()
+            time.sleep(0.1)
+        assert httpx.get(f"{base}/health", timeout=TIMEOUT).status_code == 200, out.read_text()
+        assert f"serving 'tiny' on {base}/v1" in out.read_text()
+        assert [m["id"] for m in httpx.get(f"{base}/v1/models", timeout=TIMEOUT).json()["data"]] == \
+            ["tiny", "gpt-4o-mini"]
+        r = httpx.post(f"{base}/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": HELLO,
+                                                            "max_tokens": 2}, timeout=TIMEOUT)
+        assert r.status_code == 200 and r.json()["model"] == "tiny", r.text
+        assert httpx.get(f"{base}/nowhere", timeout=TIMEOUT).status_code == 404
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(TIMEOUT) == 130, out.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = out.read_text()
+    assert "Aborted" not in text and "Traceback" not in text, text
+    logged = [line.split('"')[1] for line in text.splitlines() if "moepack.serve.access" in line]
+    assert logged == ["GET /health", "GET /v1/models", "POST /v1/chat/completions", "GET /nowhere"], text

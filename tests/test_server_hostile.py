@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
+import sys
 import threading
 from contextlib import contextmanager
 
@@ -22,10 +24,15 @@ import pytest
 import uvicorn
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
+from jinja2 import TemplateError
+from pydantic import ValidationError
 
 import moepack
+from moepack.runtime.template import Renderer, TemplateLimitError, render
 from moepack.runtime.tokenizer import Tokenizer
 from moepack.serve import http as http_module
+from moepack.serve import prompt as prompt_module
+from moepack.serve import schemas as S
 from moepack.serve.app import create_app
 from moepack.serve.http import MAX_DEPTH
 from conftest import HELLO, TIMEOUT, err, minimum_budget, run_app
@@ -183,9 +190,11 @@ def test_max_tokens_far_beyond_the_context_is_400(tok):
 def test_unknown_top_level_parameters_are_400(tok):
     """As OpenAI: an argument this server does not implement is named in a 400, never silently dropped."""
     with scripted(tok) as (c, engine, worker):
-        for url, base in [(CHAT, {"messages": HELLO}), (COMPLETIONS, {"prompt": "x"})]:
-            for name, value in [("logit_bias", {"5": 10}), ("response_format", {"type": "json_object"}),
-                                ("mirostat", 2), ("Temperature", 0.5), ("str", 1)]:
+        unknown = [("logit_bias", {"5": 10}), ("guided_json", {}), ("mirostat", 2), ("Temperature", 0.5), ("str", 1)]
+        # response_format is implemented for chat (constrained decoding), not for text completions
+        for url, base, extra in [(CHAT, {"messages": HELLO}, []),
+                                 (COMPLETIONS, {"prompt": "x"}, [("response_format", {"type": "json_object"})])]:
+            for name, value in unknown + extra:
                 r = c.post(url, json={**base, name: value})
                 assert r.status_code == 400, (url, name, r.text)
                 e = err(r)
@@ -354,3 +363,260 @@ def test_a_broken_expert_file_fails_only_the_requests_that_need_it(pack, faulty,
     s = httpx.get(f"{base}/stats", timeout=TIMEOUT).json()["server"]
     assert s["failed"] == 3 and s["active"] == 0 and s["queued"] == 0, s
     assert s["kv_caches"] <= 2  # the failed requests' caches were dropped, not kept
+
+
+# ---- the event loop stays free: /health answers while a request is parsed, validated, rendered, tokenized -----
+
+GATED = {  # the steps that take seconds on an 8 MiB body, each looked up where the server calls it
+    "parse": (http_module, "parse_body"),
+    "validate": (S.ChatCompletionRequest, "model_validate"),
+    "render": (prompt_module, "render_chat"),
+    "tokenize": (Tokenizer, "encode"),
+}
+
+
+@pytest.mark.parametrize("step", GATED)
+def test_health_answers_while_a_request_is_being_processed(tok, monkeypatch, step):
+    """Each heavy step of a chat request is held at a gate: /health must answer while it is held (on the event
+    loop, the held step would stall every route until released)."""
+    entered, release, expired = threading.Event(), threading.Event(), threading.Event()
+    owner, name = GATED[step]
+    real = getattr(owner, name)
+
+    def gated(*args, **kwargs):
+        if not entered.is_set():
+            entered.set()
+            if not release.wait(30):  # never released: /health could not answer while the step was held
+                expired.set()
+        return real(*args, **kwargs)
+
+    engine = ScriptedEngine(tok, ["Hi there."])
+    with run_app(create_app(engine, tok, model_id="tiny")) as base:
+        monkeypatch.setattr(owner, name, gated)
+        done = {}
+        big = threading.Thread(target=lambda: done.update(r=httpx.post(
+            f"{base}{CHAT}", json={"messages": HELLO, "max_tokens": 2}, timeout=TIMEOUT)))
+        big.start()
+        assert entered.wait(TIMEOUT), f"the request never reached {step}"
+        health = httpx.get(f"{base}/health", timeout=TIMEOUT)
+        held = "r" not in done and not expired.is_set()
+        release.set()
+        big.join(TIMEOUT)
+    assert health.status_code == 200 and held, f"/health waited for the request's {step}"
+    assert done["r"].status_code == 200, done["r"].text
+
+
+def test_long_texts_are_tokenized_without_holding_the_gil(pack):
+    """Tokenizing megabytes takes seconds; `tokenizers`' encode holds the GIL throughout, so even in a worker
+    thread it stalled the event loop. Oracle without timings: with forced GIL switches off (a 100 s interval), this
+    thread runs while the other is inside the tokenizer only if the tokenizer lets go of the GIL."""
+    tok = Tokenizer(pack)
+    text = "Hello there, how are you? " * 20_000
+    want = tok._tok.encode(text, add_special_tokens=False).ids
+    entered, main_ran, seen = threading.Event(), threading.Event(), []
+
+    class Watched:  # the tokenizers object, noting on return whether this thread got to run meanwhile
+        def __init__(self, real):
+            self.real = real
+
+        def __getattr__(self, name):
+            f = getattr(self.real, name)
+
+            def call(*args, **kwargs):
+                out = f(*args, **kwargs)
+                seen.append(main_ran.is_set())
+                return out
+
+            return call if name in ("encode", "encode_batch") else f
+
+    tok._tok = Watched(tok._tok)
+    got = {}
+
+    def encode():
+        entered.set()
+        got["ids"] = tok.encode(text, add_special_tokens=False)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(100.0)
+    try:
+        t = threading.Thread(target=encode)
+        t.start()
+        entered.wait(TIMEOUT)
+        main_ran.set()
+        t.join(TIMEOUT)
+    finally:
+        sys.setswitchinterval(old)
+    assert got["ids"] == want
+    assert seen == [True], "the tokenizer held the GIL for the whole encoding"
+
+
+def test_an_8mib_request_of_empty_messages(tok):
+    """8 MiB of `{"messages": [{}, {}, ...]}` (2.8 million messages) froze the server for 35 s: the walk over the
+    body on the event loop, then pydantic building an error for every message. Now: a 400 naming the first message
+    (lists stop at their first bad item, the body is not walked node by node). That /health answers while such a
+    request is worked on, without timings: test_health_answers_while_a_request_is_being_processed."""
+    body = b'{"messages":[' + b",".join([b"{}"] * ((8 << 20) // 3 - 10)) + b"]}"
+    assert len(body) <= 8 << 20
+    engine = ScriptedEngine(tok, ["Hi there."])
+    with run_app(create_app(engine, tok, model_id="tiny")) as base:
+        done = {}
+        big = threading.Thread(target=lambda: done.update(r=httpx.post(f"{base}{CHAT}", content=body, headers=JSON,
+                                                                      timeout=TIMEOUT)))
+        big.start()
+        assert httpx.get(f"{base}/health", timeout=TIMEOUT).status_code == 200
+        big.join(TIMEOUT)
+        r = done["r"]
+        assert r.status_code == 400 and err(r)["param"] == "messages.[0].role", r.text
+        assert engine.seen == []
+    with pytest.raises(ValidationError) as e:
+        S.ChatCompletionRequest.model_validate(json.loads(body))
+    assert e.value.error_count() == 1  # not 2.8 million errors, built while holding the GIL
+
+
+# ---- chat templates are code from the pack --------------------------------------------------------------
+
+HOSTILE = {  # template -> what the 400 says
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}": "did not finish within",
+    '{{ "x" * 3000000000 }}': "repeats a value",
+    "{{ 9 ** (9 ** 9) }}": "bits",
+    '{% for i in range(100000) %}{{ "y" * 1000 }}{% endfor %}': "output is over",
+}
+
+
+def template_tok(pack, template: str) -> Tokenizer:
+    t = Tokenizer(pack)
+    t.chat_template = template
+    return t
+
+
+@pytest.mark.parametrize("template,says", HOSTILE.items(), ids=["nested-loops", "3GB-string", "huge-power", "output"])
+def test_hostile_chat_templates_are_stopped(pack, template, says):
+    """A pack's template cannot freeze the server: a render runs in a child process, killed past its time limit;
+    huge values and output are refused. /health answers while it runs; the next request renders again."""
+    hostile = template_tok(pack, template)
+    engine = ScriptedEngine(hostile, ["Hi there."])
+    with run_app(create_app(engine, hostile, model_id="tiny", render_time_limit=4)) as base:
+        done = {}
+        chat = threading.Thread(target=lambda: done.update(r=httpx.post(f"{base}{CHAT}", json={"messages": HELLO},
+                                                                       timeout=TIMEOUT)))
+        chat.start()
+        assert httpx.get(f"{base}/health", timeout=TIMEOUT).status_code == 200
+        chat.join(TIMEOUT)
+        r = done["r"]
+        assert r.status_code == 400 and err(r)["code"] == "chat_template_limit" and says in err(r)["message"], r.text
+        assert engine.seen == []
+        hostile.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+        r = httpx.post(f"{base}{CHAT}", json={"messages": HELLO, "max_tokens": 2}, timeout=TIMEOUT)
+        assert r.status_code == 200, r.text
+
+
+def test_the_render_process_is_killed_at_its_time_limit_and_memory_limit():
+    renderer = Renderer(time_limit=2, memory_limit=256 << 20)
+    try:
+        loops = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+        with pytest.raises(TemplateLimitError, match="within 2s"):
+            renderer(loops, {})
+        if sys.platform.startswith("linux"):  # elsewhere only the time limit holds memory back
+            doubling = ('{% set ns = namespace(s="x") %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}'
+                        "{% endfor %}{{ ns.s|length }}")
+            with pytest.raises(TemplateLimitError, match="memory"):
+                renderer(doubling, {})
+        with pytest.raises(TemplateError, match="no"):
+            renderer("{{ raise_exception('no') }}", {})
+        assert renderer("{{ a }}!", {"a": "ok"}) == "ok!"  # a fresh process after each kill
+    finally:
+        renderer.close()
+
+
+def test_in_process_rendering_refuses_huge_values():
+    """The CLI's chat renders in-process: the same checks (no child process, no time limit) stop huge values."""
+    with pytest.raises(TemplateLimitError):
+        render('{{ "x" * 3000000000 }}', {})
+    with pytest.raises(TemplateLimitError):
+        render("{{ [0] * 100000 * 100000 }}", {})
+    assert render("{{ 'ab' * 3 }}{{ 2 ** 10 }}", {}) == "ababab1024"
+
+
+# ---- deep JSON inside a tool call's arguments ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [MAX_DEPTH + 1, 900, 100_000])
+def test_deep_tool_call_arguments_are_400(tok, depth):
+    """Tool-call arguments are JSON text inside a string: held to the body's nesting limit (was a 500
+    RecursionError from json, or from the template's tojson)."""
+    args = "[" * depth + "]" * depth
+    msgs = HELLO + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": args}}]}]
+    with scripted(tok) as (c, engine, worker):
+        r = c.post(CHAT, json={"messages": msgs, "max_tokens": 2})
+        assert r.status_code == 400, r.text
+        e = err(r)
+        assert e["code"] == "invalid_json" and e["param"] == "messages.[1].tool_calls.[0].function.arguments", e
+        nothing_reached_the_model(engine, worker)
+
+
+# ---- real clients ---------------------------------------------------------------------------------------
+
+
+def test_bodies_are_json_whatever_their_content_type(tok):
+    """Clients that send no Content-Type, or curl -d's application/x-www-form-urlencoded, are read as JSON."""
+    body = json.dumps({"messages": HELLO, "max_tokens": 2}).encode()
+    with scripted(tok) as (c, engine, worker):
+        for ctype in (None, "application/x-www-form-urlencoded", "text/plain", "application/json; charset=utf-8"):
+            r = c.post(CHAT, content=body, headers={"Content-Type": ctype} if ctype else {})
+            assert r.status_code == 200, (ctype, r.text)
+        assert worker.counters.requests == 4
+
+
+def test_any_model_name_is_served_and_aliases_are_listed(tok):
+    with scripted(tok, aliases=["gpt-4o", "tiny"]) as (c, engine, worker):
+        for model in ("tiny", "gpt-4o", "some-other-name"):
+            r = c.post(CHAT, json={"model": model, "messages": HELLO, "max_tokens": 2})
+            assert r.status_code == 200 and r.json()["model"] == "tiny", r.text
+        r = c.post(COMPLETIONS, json={"model": "x", "prompt": "Hi", "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["model"] == "tiny", r.text
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["tiny", "gpt-4o"]
+        assert c.get("/v1/models/gpt-4o").json()["id"] == "gpt-4o"
+        assert err(c.get("/v1/models/nope"))["code"] == "model_not_found"
+
+
+def test_response_format_text_is_accepted(tok):
+    with scripted(tok) as (c, engine, worker):
+        r = c.post(CHAT, json={"messages": HELLO, "max_tokens": 2, "response_format": {"type": "text"}})
+        assert r.status_code == 200, r.text
+        r = c.post(CHAT, json={"messages": HELLO, "response_format": {"type": "grammar"}})
+        assert r.status_code == 400 and err(r)["param"] == "response_format.type", r.text
+        assert worker.counters.requests == 1
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+def test_tools_for_a_template_without_tool_calls_are_ignored(pack, caplog):
+    """Editors send tools to every model: a template that defines no tool calls renders without them (a warning
+    is logged once), instead of a 400."""
+    plain = template_tok(pack, "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}")
+    engine = ScriptedEngine(plain, ["Hi there."])
+    with caplog.at_level(logging.WARNING, logger="moepack.serve.prompt"):
+        with TestClient(create_app(engine, plain, model_id="tiny", prompt_cache=0),
+                        raise_server_exceptions=False) as c:
+            for tools in (None, [WEATHER], [WEATHER]):
+                r = c.post(CHAT, json={"messages": HELLO, "max_tokens": 2, "tools": tools})
+                assert r.status_code == 200 and r.json()["choices"][0]["message"]["tool_calls"] is None, r.text
+    assert engine.seen[0] == plain.encode("<user>Hello", add_special_tokens=False)
+    assert engine.seen[1] == engine.seen[0] and engine.seen[2] == engine.seen[0]  # the same prompt, tools or not
+    warned = [r for r in caplog.records if "defines no tool calls" in r.getMessage()]
+    assert len(warned) == 1
+
+
+def test_image_parts_are_a_clear_400(tok):
+    with scripted(tok) as (c, engine, worker):
+        for part in ({"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}},
+                     {"type": "input_audio", "input_audio": {"data": "AA", "format": "wav"}}):
+            msgs = [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, part]}]
+            r = c.post(CHAT, json={"messages": msgs})
+            assert r.status_code == 400, r.text
+            e = err(r)
+            assert e["param"] == "messages.[0].content" and part["type"] in e["message"], e
+            assert "text-only" in e["message"], e
+        nothing_reached_the_model(engine, worker)

@@ -13,7 +13,7 @@ release ships them (``--carried-experts 4:32`` for Kimi K2.5's INT4 group-32 exp
 source is quantized), each expert projection on an aligned boundary of its own file.
 
 CONFIG is a config.json path or a preset (``kimi-k2.5``: Kimi K2.5's published text-model dimensions;
-``deepseek-v3.2``, ``glm-5``).
+``deepseek-v3.2``, ``glm-5``, ``deepseek-v4-pro``, ``hy4-preview``).
 
 ``--ttft 2048,8192,32768`` also prints the expected time to first token for prompts of those lengths: bytes read
 over the SSD's bandwidth plus compute, under the old scheme (the prompt in 512-token chunks, each chunk reading every
@@ -36,7 +36,8 @@ import transformers
 from moepack import arch
 from moepack.convert.recipe import Recipe
 from moepack.formats import dtypes, quant
-from moepack.formats.manifest import Blob, ExpertLayer, ExpertLayout, Manifest, TensorRecord
+from moepack.convert.units import streamed_tables, table_relpath
+from moepack.formats.manifest import Blob, ExpertLayer, ExpertLayout, Manifest, Table, TensorRecord
 from moepack.formats.writer import BLOB_ALIGN, align_up
 
 # Kimi K2.5 (moonshotai/Kimi-K2.5): a DeepSeek-V3 text model (as Kimi K2) inside a vision-language wrapper.
@@ -88,12 +89,23 @@ DEEPSEEK_V4_PRO = {
     "rope_scaling": {"type": "yarn", "factor": 16.0, "original_max_position_embeddings": 65536, "beta_fast": 32,
                      "beta_slow": 1},
 }
+# Hunyuan v4 (tencent/Hy4-preview): the dimensions transformers' HYV4Config documents as its defaults (34 layers, the
+# first dense; 256 experts, top-8; MLA + DSA with shared indexer layers; 4 hyper-connection streams).
+HY4_PREVIEW = {
+    "model_type": "hy_v4", "architectures": ["HYV4ForCausalLM"], "vocab_size": 120832, "hidden_size": 2816,
+    "intermediate_size": 6912, "moe_intermediate_size": 768, "num_hidden_layers": 34, "num_attention_heads": 32,
+    "n_routed_experts": 256, "num_experts_per_tok": 8, "n_shared_experts": 1, "q_lora_rank": 1536, "kv_lora_rank": 512,
+    "qk_nope_head_dim": 192, "qk_rope_head_dim": 64, "v_head_dim": 256, "index_topk": 2048, "index_head_dim": 128,
+    "index_n_heads": 16, "hc_mult": 4, "rms_norm_eps": 1e-5, "max_position_embeddings": 262144,
+    "tie_word_embeddings": False,
+}
 PRESETS = {
     "kimi-k2.5": ({"model_type": "kimi_k25", "architectures": ["KimiK25ForConditionalGeneration"],
                    "text_config": KIMI_K25_TEXT}, "4:32"),
     "deepseek-v3.2": (DEEPSEEK_V32, None),
     "glm-5": (GLM_5, None),
     "deepseek-v4-pro": (DEEPSEEK_V4_PRO, "4:32"),
+    "hy4-preview": (HY4_PREVIEW, None),
 }
 # model types transformers knows under another name
 TRANSFORMERS_TYPE = {"kimi_k2": "deepseek_v3", "kimi_k25": "deepseek_v3"}
@@ -179,10 +191,16 @@ def virtual_pack(config: dict, out: Path, recipe: Recipe, carried: tuple[int, in
     fam = arch.family_for(tc)
     dense_shapes, expert_projs = expert_shapes(tensor_shapes(tc), tc)
     files: dict[str, dict] = {}
-    dense, pos = {}, 0
-    for name in sorted(dense_shapes, key=lambda n: (arch.layer_of(n) if arch.layer_of(n) is not None else -1, n)):
-        if arch.SKIPPED.match(name):
-            continue
+    dense, pos, tables = {}, 0, {}
+    kept = {n: s for n, s in dense_shapes.items() if not arch.SKIPPED.match(n)}
+    for name in streamed_tables(tc, recipe, kept, INTEGER_TABLES):  # the input embedding, streamed (SPEC 3.6)
+        rows, *cols = kept.pop(name)
+        enc, parts, bits, gs, _ = encode(name, [1, *cols], False, recipe, None)
+        blobs, _ = _blobs({k: (dt, shape[1:]) for k, (dt, shape) in parts.items()}, 0, None)
+        tables[name] = Table.layout(table_relpath(name), rows, TensorRecord(enc, cols, recipe.dtype, blobs, bits, gs),
+                                    recipe.alignment)
+        files[tables[name].file] = {"length": tables[name].length, "blake3": NO_HASH}
+    for name in sorted(kept, key=lambda n: (arch.layer_of(n) if arch.layer_of(n) is not None else -1, n)):
         enc, parts, bits, gs, _ = encode(name, dense_shapes[name], False, recipe, None)
         blobs, pos = _blobs(parts, pos, "dense/dense-00000.bin")
         dtype = dtypes.TABLE_DTYPE if name in INTEGER_TABLES else recipe.dtype
@@ -211,7 +229,7 @@ def virtual_pack(config: dict, out: Path, recipe: Recipe, carried: tuple[int, in
     manifest = Manifest(architecture, recipe.alignment, recipe.to_json(),
                         {"source": "virtual pack (tools/virtual_pack.py): sizes only, no tensor data",
                          "converter": "tools/virtual_pack.py"},
-                        files, dense, layouts, layers)
+                        dict(sorted(files.items())), dense, layouts, layers, tables=tables)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     manifest.save(out)
@@ -269,6 +287,7 @@ def main() -> None:
     ap.add_argument("--ssd-gbps", type=float, default=5.3, help="the SSD's read bandwidth, GB/s (for --ttft)")
     ap.add_argument("--tflops", type=float, default=20.0, help="sustained matmul TFLOP/s (for --ttft; an assumption)")
     ap.add_argument("--budget", default="64GB", help="the memory budget the passes are sized for (for --ttft)")
+    ap.add_argument("--resident-embeddings", action="store_true", help="as `moepack convert --resident-embeddings`")
     args = ap.parse_args()
     if args.config in PRESETS:
         config, carried = PRESETS[args.config]
@@ -276,7 +295,8 @@ def main() -> None:
     else:
         config, carried = json.loads(Path(args.config).read_text()), args.carried_experts
     recipe = Recipe(dtype=args.dtype, expert_bits=args.q_bits, expert_group_size=args.q_group_size,
-                    dense_bits=args.dense_bits, dense_group_size=args.dense_group_size)
+                    dense_bits=args.dense_bits, dense_group_size=args.dense_group_size,
+                    stream_tables=not args.resident_embeddings)
     bits_gs = tuple(int(x) for x in carried.split(":")) if carried else None
     print(virtual_pack(config, args.out, recipe, bits_gs))
     if args.ttft:

@@ -28,11 +28,14 @@ from tqdm import tqdm
 from moepack import __version__, arch
 from moepack.convert import encodings
 from moepack.convert.recipe import Recipe
+from moepack.convert.hub import HubRepo, ShardFeed, is_repo_id
+from moepack.convert.plan import check_stream_disk, choose_stream
 from moepack.convert.source import SIDE_FILES, Checkpoint, file_fingerprint, resolve
 from moepack.convert.units import Unit, expert_relpath, plan_units
 from moepack.errors import MoepackError, SourceError
-from moepack.formats.manifest import ExpertLayer, ExpertLayout, Manifest, TensorRecord
-from moepack.formats.writer import PackWriter, hash_file
+from moepack.formats import dtypes
+from moepack.formats.manifest import BLOB_ALIGN, Blob, ExpertLayer, ExpertLayout, Manifest, Table, TensorRecord, align_up
+from moepack.formats.writer import AlignedFile, PackWriter, add_table_rows, hash_file
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +49,23 @@ STATE_DIR = ".moepack"
 def run_unit(src_dir: str, out: str, recipe_json: dict, unit: Unit) -> dict:
     """Write one unit's output file (or hash one source file); returns what the manifest records of it."""
     recipe = Recipe(**recipe_json)
-    writer = PackWriter(out, recipe.alignment)
     if unit.kind == "hash":
         path = Path(src_dir) / unit.payload["file"]
         try:
-            return {"source_hash": {unit.payload["file"]: hash_file(path)}}
+            return {"source_hash": {unit.payload["file"]: {"size": path.stat().st_size, "blake3": hash_file(path)}}}
         except OSError as e:
             raise SourceError(f"{path}: cannot read it ({e.strerror})") from None
     ckpt = _checkpoint(src_dir)
-    f = writer.open(unit.payload["file"])
+    try:
+        return write_unit(ckpt, recipe, unit, PackWriter(out, recipe.alignment).open(unit.payload["file"]))
+    finally:
+        if ckpt.transient:  # a streamed shard is deleted once read: an open descriptor would keep its space
+            for f in unit.reads:
+                ckpt.close(f)
+
+
+def write_unit(ckpt: Checkpoint, recipe: Recipe, unit: Unit, f: AlignedFile) -> dict:
+    """Encode a dense or expert unit into ``f`` (an AlignedFile, or plan.py's SizeFile that only counts)."""
     try:
         if unit.kind == "dense":
             records = {}
@@ -67,6 +78,8 @@ def run_unit(src_dir: str, out: str, recipe_json: dict, unit: Unit) -> dict:
                                              source_encoding=info.dtype, carried=e.carried).to_json()
                 del a, e
             result = {"dense": records}
+        elif unit.kind == "table":
+            result = {"tables": {unit.payload["name"]: _write_table(ckpt, recipe, f, unit.payload).to_json()}}
         else:
             tensors = {}
             for proj in sorted(unit.payload["projs"], key=_proj_order):
@@ -93,6 +106,28 @@ def run_unit(src_dir: str, out: str, recipe_json: dict, unit: Unit) -> dict:
     return result
 
 
+TABLE_CHUNK_BYTES = 64 << 20  # a table is converted in chunks of rows: never the whole table in memory
+
+
+def _write_table(ckpt: Checkpoint, recipe: Recipe, f: AlignedFile, p: dict) -> Table:
+    """Encode a table row-wise as the dense recipe would encode the whole tensor, and write it in blocks."""
+    info, name = p["source"], p["name"]
+    rows = info.shape[0]
+    first = recipe.encode_source(name, encodings.read(ckpt, info, None, slice(0, 1)), expert=False)  # the row layout
+    blobs, off = {}, 0
+    for k, v in first.parts.items():
+        blobs[k] = Blob(off, v.nbytes, dtypes.name_of(v.dtype), list(v.shape[1:]))
+        off += align_up(v.nbytes, BLOB_ALIGN)
+    row = TensorRecord(first.encoding, list(info.shape[1:]), first.dtype, blobs, first.bits, first.group_size,
+                       source_encoding=info.dtype, carried=first.carried)
+    table = Table.layout(p["file"], rows, row, recipe.alignment)
+    step = max(1, TABLE_CHUNK_BYTES // table.block_bytes) * table.rows_per_block
+    for s in range(0, rows, step):
+        e = recipe.encode_source(name, encodings.read(ckpt, info, None, slice(s, min(rows, s + step))), expert=False)
+        add_table_rows(f, table, s, e.parts)
+    return table
+
+
 def _proj_order(p: str) -> tuple[int, str]:
     base = p.removesuffix("_bias")
     return (arch.EXPERT_PROJS.index(base) if base in arch.EXPERT_PROJS else 9, p)
@@ -105,6 +140,13 @@ def _checkpoint(src_dir: str) -> Checkpoint:
     if src_dir not in _CKPTS:
         _CKPTS[src_dir] = Checkpoint(Path(src_dir))
     return _CKPTS[src_dir]
+
+
+def _init_worker(ckpt: Checkpoint, parent: int) -> None:
+    """A worker process starts with the driver's checkpoint index (a streamed source has no shards to read yet) and
+    ends with the driver (``exit_with_parent``)."""
+    exit_with_parent(parent)
+    _CKPTS[str(ckpt.root)] = ckpt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,23 +165,34 @@ def convert(
     workers: int | None = None,
     force: bool = False,
     progress: bool = True,
+    stream: bool | None = None,
+    window: int = 2,
     say: Callable[[str], None] = log.info,
 ) -> Path:
-    """Convert ``src`` into a pack at ``out``. ``out`` must be new, empty, a pack or a partial conversion of ours;
-    ``force`` replaces a pack or a partial run, removing only the files a pack consists of. ``say``: where to
-    tell the user that a run resumes."""
-    out = Path(out).expanduser()
-    root, provenance = resolve(src, revision)
-    check_out(root, out)
-    ckpt = Checkpoint(root)
-    _CKPTS[str(root)] = ckpt
-    units, architecture = plan_units(ckpt, recipe)
+    """Convert ``src`` (a checkpoint directory or a hub repo id) into a pack at ``out``. ``out`` must be new, empty,
+    a pack or a partial conversion of ours; ``force`` replaces a pack or a partial run, removing only the files a
+    pack consists of. ``say``: where to tell the user that a run resumes.
 
-    job = {
-        "converter": __version__,
-        "recipe": recipe.to_json(),
-        "source": {f: file_fingerprint(ckpt.file_path(f)) for f in ckpt.source_files()},
-    }
+    ``stream``: fetch a hub repo's shards one at a time into ``out`` and delete each once converted, at most
+    ``window`` on disk besides those a unit still needs (None: only when the disk cannot hold the whole download
+    and the pack). The pack is the same byte for byte either way."""
+    out = Path(out).expanduser()
+    repo = None
+    if is_repo_id(src):
+        if stream is None:  # resume a streamed conversion as one; else stream only when the disk needs it
+            stream = "hub" in _job_source(out / STATE_DIR) or choose_stream(src, revision, out, recipe, window)
+        if stream:
+            repo = HubRepo(src, revision)
+    elif stream:
+        raise ConvertError(f"--stream converts a hub repo id (owner/name) shard by shard; {src} is a local path")
+    if repo is not None:
+        source_id = {"hub": repo.repo_id, "commit": repo.sha, "files": repo.fingerprint()}
+    else:
+        root, provenance = resolve(src, revision)
+        check_out(root, out)
+        ckpt = Checkpoint(root)
+        source_id = {f: file_fingerprint(ckpt.file_path(f)) for f in ckpt.source_files()}
+    job = {"converter": __version__, "recipe": recipe.to_json(), "source": source_id}
     if (out / "manifest.json").exists() and not force:
         if _same_job(out / STATE_DIR, job):  # killed after writing the manifest, before tidying up: tidy up
             with _writable(out), _lock(out):
@@ -152,11 +205,23 @@ def convert(
         with _lock(out):
             if force:
                 remove_pack_files(out)
-            if _check_job(state, job):
+            resumed = _check_job(state, job)
+            feed = None
+            if repo is not None:
+                ckpt = repo.checkpoint(state / "source")
+                provenance = repo.provenance
+            _CKPTS[str(ckpt.root)] = ckpt
+            units, architecture = plan_units(ckpt, recipe)
+            if resumed:
                 done = sum(1 for u in units if (state / "done" / f"{u.id}.json").exists())
                 say(f"resuming the conversion in {out}: {done} of {len(units)} parts already done")
-            results = _run_units(str(root), out, recipe, units, workers, progress)
-            manifest = _assemble(out, ckpt, recipe, architecture, provenance, units, results)
+            if repo is not None:
+                check_stream_disk(out, ckpt, recipe, provenance, repo, window)
+                feed = ShardFeed(repo, ckpt.root, [], window)
+            results = _run_units(ckpt, out, recipe, units, workers, progress, feed)
+            side = {name: PackWriter(out, recipe.alignment).copy_file(ckpt.file_path(name), name)
+                    for name in ckpt.side_files()}
+            manifest = assemble(recipe, architecture, provenance, units, results, side)
             manifest.save(out)
     _tidy(state)
     log.info("wrote %s", out)
@@ -167,7 +232,7 @@ def convert(
 # dense shards and expert files (with their temporary .part names), side files copied from the source.
 PACK_NAMES = {"manifest.json", "manifest.json.tmp", STATE_DIR, "heat.json", *SIDE_FILES,
               *(f"{n}.part" for n in SIDE_FILES)}
-PACK_FILE = re.compile(r"(dense/dense-\d{5}|experts/\d{3}/\d{4})\.bin(\.part)?")
+PACK_FILE = re.compile(r"(dense/dense-\d{5}|experts/\d{3}/\d{4}|tables/[\w.]+)\.bin(\.part)?")
 
 
 def _inside(a: Path, b: Path) -> bool:
@@ -212,7 +277,7 @@ def _is_pack(out: Path) -> bool:
 
 def remove_pack_files(out: Path) -> None:
     """--force: remove the pack (or partial conversion) in ``out`` and nothing else; other files stay."""
-    for sub in ("dense", "experts"):
+    for sub in ("dense", "experts", "tables"):
         base = out / sub
         if not base.is_dir() or base.is_symlink():
             continue
@@ -229,7 +294,8 @@ def remove_pack_files(out: Path) -> None:
         p = out / name
         if p.is_file() or p.is_symlink():
             p.unlink()
-    shutil.rmtree(out / STATE_DIR / "done", ignore_errors=True)
+    for sub in ("done", "source"):  # units done; a streamed conversion's shards on disk
+        shutil.rmtree(out / STATE_DIR / sub, ignore_errors=True)
     (out / STATE_DIR / "job.json").unlink(missing_ok=True)
 
 
@@ -245,6 +311,13 @@ def _writable(out: Path):
         raise
 
 
+def _job_source(state: Path) -> dict:
+    try:
+        return json.loads((state / "job.json").read_text())["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
 def _same_job(state: Path, job: dict) -> bool:
     try:
         return json.loads((state / "job.json").read_text()) == job
@@ -255,6 +328,7 @@ def _same_job(state: Path, job: dict) -> bool:
 def _tidy(state: Path) -> None:
     """Remove the resume state, job.json last: a kill part-way leaves it, so the same command still finishes."""
     shutil.rmtree(state / "done", ignore_errors=True)
+    shutil.rmtree(state / "source", ignore_errors=True)
     (state / "lock").unlink(missing_ok=True)
     (state / "job.json").unlink(missing_ok=True)
     shutil.rmtree(state, ignore_errors=True)
@@ -301,7 +375,10 @@ def _check_job(state: Path, job: dict) -> bool:
     return False
 
 
-def _run_units(src_dir: str, out: Path, recipe: Recipe, units: list[Unit], workers: int | None, progress: bool) -> dict[str, dict]:
+def _run_units(ckpt: Checkpoint, out: Path, recipe: Recipe, units: list[Unit], workers: int | None, progress: bool,
+               feed: ShardFeed | None = None) -> dict[str, dict]:
+    """Run every unit not yet done (its note in ``OUT/.moepack/done``). With a ``feed`` (a streamed source), a unit
+    runs once the shards it reads are on disk, and a shard is released once every unit reading it is done."""
     done_dir = out / STATE_DIR / "done"
     done_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
@@ -317,7 +394,18 @@ def _run_units(src_dir: str, out: Path, recipe: Recipe, units: list[Unit], worke
     total = sum(u.cost for u in todo)
     if workers is None:
         workers = 1 if total < (256 << 20) else min(4, os.cpu_count() or 1)
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="converting", disable=not progress)
+    readers: dict[str, int] = {}  # shard -> units still to run that read it
+    for u in todo:
+        for f in u.reads:
+            readers[f] = readers.get(f, 0) + 1
+    download = 0
+    if feed is not None:
+        feed.needed = [s for s in ckpt.shards if readers.get(s)]  # shards whose units are all done: never again
+        download = sum(feed.repo.files[s].size for s in feed.needed)
+        feed.start()
+    bar = tqdm(total=total + download, unit="B", unit_scale=True, unit_divisor=1024,
+               desc="downloading and converting" if feed else "converting", disable=not progress)
+    fetched = 0
 
     def finish(u: Unit, r: dict) -> None:
         tmp = done_dir / f"{u.id}.json.tmp"
@@ -325,35 +413,72 @@ def _run_units(src_dir: str, out: Path, recipe: Recipe, units: list[Unit], worke
         os.replace(tmp, done_dir / f"{u.id}.json")
         results[u.id] = r
         bar.update(u.cost)
+        for f in u.reads:
+            readers[f] -= 1
+            if readers[f] == 0 and feed is not None and f in feed.present:
+                feed.release(f, ckpt)
 
+    def tick() -> None:
+        nonlocal fetched
+        if feed is not None and (now := feed.bytes_on_disk()) > fetched:
+            bar.update(now - fetched)
+            fetched = now
+
+    args = (str(ckpt.root), str(out), recipe.to_json())
+    waiting: dict[tuple[str, ...], list[Unit]] = {}  # units by the files they read, in plan order within
+    for u in todo:
+        waiting.setdefault(u.reads, []).append(u)
+
+    def ready(n: int) -> list[Unit]:
+        """Up to ``n`` units whose files are all on disk (a few hundred distinct read sets, not one per unit)."""
+        batch = []
+        for reads in list(waiting):
+            if feed is None or feed.has(reads):
+                while waiting[reads] and len(batch) < n:
+                    batch.append(waiting[reads].pop(0))
+                if not waiting[reads]:
+                    del waiting[reads]
+            if len(batch) >= n:
+                break
+        return batch
+
+    pool = None
     try:
-        if workers <= 1:
-            for u in todo:
-                finish(u, _guard(run_unit, src_dir, str(out), recipe.to_json(), u))
-        else:
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=exit_with_parent,
-                                     initargs=(os.getpid(),)) as pool:
-                pending = {}
-                it = iter(todo)
-                for u in it:  # keep a bounded number of units in flight
-                    pending[pool.submit(_guard, run_unit, src_dir, str(out), recipe.to_json(), u)] = u
-                    if len(pending) >= 2 * workers:
-                        break
-                try:
-                    while pending:
-                        fin, _ = wait(pending, return_when=FIRST_COMPLETED)
-                        for fut in fin:
-                            finish(pending.pop(fut), fut.result())
-                        for u in it:
-                            pending[pool.submit(_guard, run_unit, src_dir, str(out), recipe.to_json(), u)] = u
-                            if len(pending) >= 2 * workers:
-                                break
-                except KeyboardInterrupt:  # stop now: units in flight are redone by the re-run
-                    for proc in list((getattr(pool, "_processes", None) or {}).values()):  # no public kill
-                        proc.terminate()
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    raise
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                   initargs=(ckpt, os.getpid())) if workers > 1 else None
+        inflight: dict = {}
+        while waiting or inflight:
+            if feed is not None and feed.error is not None:
+                raise feed.error
+            if pool is None:
+                if batch := ready(1):
+                    finish(batch[0], _guard(run_unit, *args, batch[0]))
+                    tick()
+                    continue
+            else:
+                for u in ready(max(0, 2 * workers - len(inflight))):
+                    inflight[pool.submit(_guard, run_unit, *args, u)] = u
+            if inflight:
+                fin, _ = wait(inflight, timeout=0.5, return_when=FIRST_COMPLETED)
+                for fut in fin:
+                    finish(inflight.pop(fut), fut.result())
+            elif waiting:  # every unit the shards on disk allow is done; the rest need more shards
+                if feed.settled():
+                    feed.grow()
+                feed.wait(0.5)
+            tick()
+    except KeyboardInterrupt:  # stop now: units in flight are redone by the re-run
+        if pool is not None:
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):  # no public kill
+                proc.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+            pool = None
+        raise
     finally:
+        if feed is not None:
+            feed.stop()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
         bar.close()
     return results
 
@@ -401,11 +526,12 @@ def _guard(fn, *args):
         return fn(*args)
 
 
-def _assemble(out: Path, ckpt: Checkpoint, recipe: Recipe, architecture: dict, provenance: dict,
-              units: list[Unit], results: dict[str, dict]) -> Manifest:
-    writer = PackWriter(out, recipe.alignment)
-    files: dict[str, dict] = {}
+def assemble(recipe: Recipe, architecture: dict, provenance: dict, units: list[Unit], results: dict[str, dict],
+             side: dict[str, dict]) -> Manifest:
+    """The manifest from every unit's result and the side files' entries (``{name: {"length", "blake3"}}``)."""
+    files: dict[str, dict] = dict(side)
     dense: dict[str, TensorRecord] = {}
+    tables: dict[str, Table] = {}
     layouts: dict[str, ExpertLayout] = {}
     layout_keys: dict[str, str] = {}
     layer_layout: dict[int, str] = {}
@@ -416,6 +542,7 @@ def _assemble(out: Path, ckpt: Checkpoint, recipe: Recipe, architecture: dict, p
         source_hashes.update(r.get("source_hash", {}))
         for name, rec in r.get("dense", {}).items():
             dense[name] = TensorRecord.from_json(rec)
+        tables.update({name: Table.from_json(t) for name, t in r.get("tables", {}).items()})
         if "layout" in r:
             L = u.payload["layer"]
             key = json.dumps(r["layout"], sort_keys=True)
@@ -424,8 +551,6 @@ def _assemble(out: Path, ckpt: Checkpoint, recipe: Recipe, architecture: dict, p
                 layouts[layout_keys[key]] = ExpertLayout.from_json(r["layout"])
             if layer_layout.setdefault(L, layout_keys[key]) != layout_keys[key]:
                 raise ConvertError(f"experts of layer {L} came out with different layouts; the source is inconsistent")
-    for name in ckpt.side_files():
-        files[name] = writer.copy_file(ckpt.file_path(name), name)
     experts = [
         ExpertLayer(L, layer_layout[L], [expert_relpath(L, e) for e in range(architecture["num_experts"])])
         for L in architecture["moe_layers"]
@@ -433,7 +558,7 @@ def _assemble(out: Path, ckpt: Checkpoint, recipe: Recipe, architecture: dict, p
     provenance = {
         **provenance,
         "converter": f"moepack {__version__}",
-        "source_files": {f: {"size": ckpt.file_path(f).stat().st_size, "blake3": source_hashes[f]} for f in ckpt.source_files()},
+        "source_files": source_hashes,  # in the order of the units: shards, then the index
     }
     return Manifest(
         architecture=architecture,
@@ -444,4 +569,5 @@ def _assemble(out: Path, ckpt: Checkpoint, recipe: Recipe, architecture: dict, p
         dense=dense,
         expert_layouts=layouts,
         experts=experts,
+        tables=tables,
     )

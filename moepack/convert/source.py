@@ -77,8 +77,17 @@ class TensorInfo:
 class Checkpoint:
     """The tensors and config of a Hugging Face checkpoint directory, indexed from shard headers only."""
 
-    def __init__(self, root: Path):
+    transient = False  # shards deleted while converting (a streamed source): descriptors are not kept
+
+    def __init__(self, root: Path, config: dict | None = None, tensors: dict[str, TensorInfo] | None = None):
+        """``config`` and ``tensors`` (from headers read elsewhere, e.g. over HTTP) stand in for reading them from
+        ``root``, whose shards may then arrive later (a streamed conversion)."""
         self.root = Path(root)
+        self._fds: dict[str, int] = {}  # one read-only descriptor per shard, for pread
+        if tensors is not None:
+            self.config, self.tensors = config, tensors
+            self.shards = sorted({t.file for t in tensors.values()})
+            return
         cfg_path = self.root / "config.json"
         if not cfg_path.is_file():
             raise SourceError(f"{self.root}: no config.json; is this a Hugging Face checkpoint directory?")
@@ -90,13 +99,15 @@ class Checkpoint:
         if problem := arch.config_problem(arch.text_config(self.config)):
             raise SourceError(f"{cfg_path}: {problem}")
         self.shards = self._shard_files()
-        self._fds: dict[str, int] = {}  # one read-only descriptor per shard, for pread
         self.tensors: dict[str, TensorInfo] = {}
         for shard in self.shards:
             for info in self._read_header(shard):
                 if info.name in self.tensors:
                     raise SourceError(f"{shard}: tensor {info.name} also appears in {self.tensors[info.name].file}")
                 self.tensors[info.name] = info
+
+    def __getstate__(self) -> dict:  # sent to worker processes: descriptors stay behind
+        return {**self.__dict__, "_fds": {}}
 
     def _shard_files(self) -> list[str]:
         index = sorted(self.root.glob("*.safetensors.index.json"))
@@ -135,38 +146,11 @@ class Checkpoint:
             with os.fdopen(fd, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 n = int.from_bytes(f.read(8), "little")
-                if n <= 0 or 8 + n > size or n > MAX_HEADER_BYTES:
-                    raise ValueError(f"header length {n} does not fit in a file of {size} bytes")
-                header = json.loads(f.read(n))
-        except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+                check_header_length(n, size)
+                raw = f.read(n)
+        except (OSError, ValueError) as e:
             raise SourceError(f"{path}: cannot read safetensors header ({e}); the file is truncated or corrupt") from e
-        if type(header) is not dict:
-            raise SourceError(f"{path}: the safetensors header is not a JSON object; the file is corrupt")
-        base = 8 + n
-        out = []
-        for k, v in header.items():
-            if k == "__metadata__":
-                continue
-            d = dtypes.BY_SAFETENSORS.get(v.get("dtype")) if type(v) is dict and type(v.get("dtype")) is str else None
-            if d is None:
-                raise SourceError(f"{path}: tensor {k} has dtype {v.get('dtype') if type(v) is dict else v!r} "
-                                  "that moepack cannot read")
-            shape, offsets = v.get("shape"), v.get("data_offsets")
-            if type(shape) is not list or len(shape) > 8 or any(type(d) is not int or d < 0 for d in shape):
-                raise SourceError(f"{path}: tensor {k} has shape {shape!r}, not a list of non-negative integers")
-            if type(offsets) is not list or len(offsets) != 2 or any(type(o) is not int for o in offsets) or \
-                    not 0 <= offsets[0] <= offsets[1]:
-                raise SourceError(f"{path}: tensor {k} has data_offsets {offsets!r}, not [begin, end] with "
-                                  "0 <= begin <= end; the file is corrupt")
-            begin, end = offsets
-            if base + end > size:
-                raise SourceError(f"{path}: tensor {k} ends at byte {base + end} but the file has {size} bytes; "
-                                  "the shard is truncated (re-download it)")
-            info = TensorInfo(k, shard, d.name, tuple(shape), base + begin)
-            if info.nbytes != end - begin:
-                raise SourceError(f"{path}: tensor {k} has {end - begin} bytes for shape {info.shape} of {d.name}")
-            out.append(info)
-        return out
+        return parse_header(shard, raw, size, str(path))
 
     def read(self, name: str, index: int | None = None, rows: slice | None = None, cols: slice | None = None) -> mx.array:
         """Read one tensor, or ``[index]`` of its first axis (one expert of a fused tensor), optionally a row range
@@ -178,24 +162,11 @@ class Checkpoint:
         """
         info = self.tensors[name]
         path = self.root / info.file
+        storage = dtypes.SOURCE[info.dtype].numpy
+        start, shape = locate(info, index, rows)
         try:
-            fd = self._fds.get(info.file)
-            if fd is None:
-                fd = self._fds[info.file] = open_regular(path)
-            storage = dtypes.SOURCE[info.dtype].numpy
-            item = storage.itemsize
-            shape = list(info.shape)
-            start = info.offset
-            if index is not None:
-                inner = int(np.prod(shape[1:], dtype=np.int64))
-                start += index * inner * item
-                shape = shape[1:]
-            if rows is not None:
-                row = int(np.prod(shape[1:], dtype=np.int64)) * item
-                start += rows.start * row
-                shape = [rows.stop - rows.start, *shape[1:]]
             count = int(np.prod(shape, dtype=np.int64))
-            raw = _pread(fd, start, count * item).view(storage).reshape(shape)
+            raw = self.read_bytes(info.file, start, count * storage.itemsize).view(storage).reshape(shape)
             if rows is not None and rows.step not in (None, 1):
                 raw = np.ascontiguousarray(raw[:: rows.step])
             if cols is not None:
@@ -204,6 +175,18 @@ class Checkpoint:
             raise SourceError(f"{path}: reading {name} failed ({e}); the shard may be truncated or corrupt") from e
         a = mx.array(raw)
         return a.view(mx.bfloat16) if info.dtype == "bfloat16" else a
+
+    def read_bytes(self, file: str, start: int, n: int) -> np.ndarray:
+        """``n`` bytes of shard ``file`` at ``start`` (overridden to read a shard that is not here)."""
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds[file] = open_regular(self.root / file)  # a FIFO is refused, not read forever
+        return _pread(fd, start, n)
+
+    def close(self, file: str) -> None:
+        """Close ``file``'s descriptor (before the shard is deleted)."""
+        if (fd := self._fds.pop(file, None)) is not None:
+            os.close(fd)
 
     def side_files(self) -> list[str]:
         return [n for n in SIDE_FILES if (self.root / n).is_file()]
@@ -232,6 +215,62 @@ def _json_file(path: Path, what: str):
         return parse_json(data, path, what)
     except PackError as e:
         raise SourceError(str(e)) from None
+
+
+def locate(info: TensorInfo, index: int | None, rows: slice | None) -> tuple[int, list[int]]:
+    """(absolute byte offset, shape) of ``info[index]`` (one expert of a fused tensor) and of its row range
+    ``rows.start:rows.stop`` (a step is applied after reading the covered rows)."""
+    item = dtypes.SOURCE[info.dtype].itemsize
+    shape, start = list(info.shape), info.offset
+    if index is not None:
+        start += index * int(np.prod(shape[1:], dtype=np.int64)) * item
+        shape = shape[1:]
+    if rows is not None:
+        start += rows.start * int(np.prod(shape[1:], dtype=np.int64)) * item
+        shape = [rows.stop - rows.start, *shape[1:]]
+    return start, shape
+
+
+def check_header_length(n: int, size: int) -> None:
+    if n <= 0 or 8 + n > size or n > MAX_HEADER_BYTES:
+        raise ValueError(f"header length {n} does not fit in a file of {size} bytes")
+
+
+def parse_header(shard: str, raw: bytes, size: int, path: str) -> list[TensorInfo]:
+    """The tensors a safetensors header (``raw``: the JSON after the 8-byte length) describes, checked against the
+    shard's ``size``; ``path`` names the shard in messages (a file, or a URL before it is downloaded)."""
+    n = len(raw)
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise SourceError(f"{path}: cannot read safetensors header ({e}); the file is truncated or corrupt") from e
+    if type(header) is not dict:
+        raise SourceError(f"{path}: the safetensors header is not a JSON object; the file is corrupt")
+    base = 8 + n
+    out = []
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        d = dtypes.BY_SAFETENSORS.get(v.get("dtype")) if type(v) is dict and type(v.get("dtype")) is str else None
+        if d is None:
+            raise SourceError(f"{path}: tensor {k} has dtype {v.get('dtype') if type(v) is dict else v!r} "
+                              "that moepack cannot read")
+        shape, offsets = v.get("shape"), v.get("data_offsets")
+        if type(shape) is not list or len(shape) > 8 or any(type(d) is not int or d < 0 for d in shape):
+            raise SourceError(f"{path}: tensor {k} has shape {shape!r}, not a list of non-negative integers")
+        if type(offsets) is not list or len(offsets) != 2 or any(type(o) is not int for o in offsets) or \
+                not 0 <= offsets[0] <= offsets[1]:
+            raise SourceError(f"{path}: tensor {k} has data_offsets {offsets!r}, not [begin, end] with "
+                              "0 <= begin <= end; the file is corrupt")
+        begin, end = offsets
+        if base + end > size:
+            raise SourceError(f"{path}: tensor {k} ends at byte {base + end} but the file has {size} bytes; "
+                              "the shard is truncated (re-download it)")
+        info = TensorInfo(k, shard, d.name, tuple(shape), base + begin)
+        if info.nbytes != end - begin:
+            raise SourceError(f"{path}: tensor {k} has {end - begin} bytes for shape {info.shape} of {d.name}")
+        out.append(info)
+    return out
 
 
 def _pread(fd: int, offset: int, n: int) -> np.ndarray:

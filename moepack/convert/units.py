@@ -4,13 +4,14 @@ projection is read from, from shard headers alone, before anything is written.""
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field, replace
-from typing import NamedTuple
+from typing import Collection, NamedTuple
 
 from moepack import arch
 from moepack.convert import encodings
 from moepack.convert.recipe import Recipe
-from moepack.convert.source import Checkpoint
+from moepack.convert.source import Checkpoint, TensorInfo
 from moepack.errors import SourceError
 from moepack.formats import dtypes
 
@@ -24,13 +25,31 @@ class Unit:
     """One independent piece of output: a dense shard, one expert file, or the hash of one source file."""
 
     id: str
-    kind: str  # "dense" | "expert" | "hash"
+    kind: str  # "dense" | "expert" | "table" | "hash"
     cost: int  # source bytes, for the progress bar
     payload: dict = field(default_factory=dict)
+    reads: tuple[str, ...] = ()  # the source files it reads (a streamed conversion fetches them first)
 
 
 def expert_relpath(layer: int, expert: int) -> str:
     return f"experts/{layer:03d}/{expert:04d}.bin"
+
+
+def table_relpath(name: str) -> str:
+    return f"tables/{name}.bin"
+
+
+HEAD = re.compile(r"(^|\.)(lm_)?head\.weight$")
+
+
+def streamed_tables(cfg: dict, recipe: Recipe, dense: dict[str, list[int]], quantized: Collection[str] = ()) -> list[str]:
+    """The dense tensors (name -> shape) the pack stores as streamed tables (SPEC 3.6): the input embedding, unless
+    the LM head shares it (no head of its own in the checkpoint, or ``tie_word_embeddings``) or is ``quantized`` in
+    the release (carried as it is)."""
+    if not recipe.stream_tables or cfg.get("tie_word_embeddings") or not any(HEAD.search(n) for n in dense):
+        return []
+    return [n for n, shape in dense.items() if arch.is_embedding(n) and arch.layer_of(n) is None and len(shape) == 2
+            and n not in quantized]
 
 
 class Read(NamedTuple):
@@ -58,6 +77,17 @@ def _fused_reads(name: str, e: int, proj: str, bias: str, shape: tuple[int, ...]
         return {"down" + bias: Read(name, e, transpose=transpose)}
     axis = 1 if transpose else 0  # the 2I axis: [H, 2I] when transposed, else [2I, H] (or a bias's only axis)
     return {p + bias: Read(name, e, sel, axis, transpose) for p, sel in layout.split(shape[1 + axis]).items()}
+
+
+def reads_of(ckpt: Checkpoint, t: TensorInfo | encodings.QuantizedTensor) -> tuple[str, ...]:
+    """The shard files a logical tensor is read from: its own, or those of a quantized tensor's parts."""
+    if encodings.is_quantized(t):
+        return tuple(sorted({ckpt.tensors[n].file for n in t.parts.values()}))
+    return (t.file,)
+
+
+def _union(files) -> tuple[str, ...]:
+    return tuple(sorted(set().union(*files)))
 
 
 def plan_units(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Unit], dict]:
@@ -99,6 +129,11 @@ def plan_units(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Unit], dict]:
         elif m:
             proj = arch.PROJ_ALIASES[m["proj"]] + ("_bias" if m["part"] == "bias" else "")
             experts.setdefault((int(m["layer"]), int(m["expert"])), {})[proj] = Read(name)
+        elif m := arch.STACKED_EXPERT_TENSOR.match(name):
+            if info.shape[0] != n_experts:
+                raise SourceError(f"{ckpt.root / info.file}: {name} has {info.shape[0]} experts, config says {n_experts}")
+            for e in range(n_experts):
+                experts.setdefault((int(m["layer"]), e), {})[arch.PROJ_ALIASES[m["proj"]]] = Read(name, e)
         elif m := arch.FUSED_EXPERT_TENSOR.match(name):
             L, bias = int(m["layer"]), "_bias" if m["bias"] else ""
             if info.shape[0] not in (n_experts, n_experts + n_zero):
@@ -134,30 +169,43 @@ def plan_units(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Unit], dict]:
         raise SourceError(f"{ckpt.root}: expert tensors found in layers {stray}, which config.json says are dense")
 
     units: list[Unit] = []
-    # Dense tensors in a stable order, split into shards of bounded size.
-    dense.sort(key=lambda n: (arch.layer_of(n) if arch.layer_of(n) is not None else -1, n))
-    shard, size, shards = [], 0, []
+    quantized = {n for n in dense if encodings.is_quantized(tensors[n])}
+    for name in streamed_tables(cfg, recipe, {n: list(tensors[n].shape) for n in dense}, quantized):
+        dense.remove(name)
+        units.append(Unit(f"table-{name}", "table", tensors[name].nbytes,
+                          {"file": table_relpath(name), "name": name, "source": tensors[name]},
+                          reads_of(ckpt, tensors[name])))
+    # Dense tensors grouped by the source shard they come from (so a streamed conversion can drop each shard once
+    # read), in a stable order within, split into files of bounded size.
+    layer_key = lambda n: (arch.layer_of(n) if arch.layer_of(n) is not None else -1, n)
+    by_file: dict[tuple[str, ...], list[str]] = {}
     for name in dense:
-        nb = tensors[name].nbytes
-        if shard and size + nb > DENSE_SHARD_BYTES:
-            shards.append(shard)
-            shard, size = [], 0
-        shard.append(name)
-        size += nb
-    if shard:
+        by_file.setdefault(reads_of(ckpt, tensors[name]), []).append(name)
+    shards = []
+    for files in sorted(by_file):
+        shard, size = [], 0
+        for name in sorted(by_file[files], key=layer_key):
+            nb = tensors[name].nbytes
+            if shard and size + nb > DENSE_SHARD_BYTES:
+                shards.append(shard)
+                shard, size = [], 0
+            shard.append(name)
+            size += nb
         shards.append(shard)
     for i, names in enumerate(shards):
         units.append(Unit(f"dense-{i:05d}", "dense", sum(tensors[n].nbytes for n in names),
-                          {"file": f"dense/dense-{i:05d}.bin", "names": names, "sources": {n: tensors[n] for n in names}}))
+                          {"file": f"dense/dense-{i:05d}.bin", "names": names, "sources": {n: tensors[n] for n in names}},
+                          _union(reads_of(ckpt, tensors[n]) for n in names)))
     for (L, e) in sorted(experts):
         projs = experts[(L, e)]
         cost = sum(tensors[r.name].nbytes // (tensors[r.name].shape[0] if r.index is not None else 1)
                    for r in projs.values())
         units.append(Unit(f"expert-{L:03d}-{e:04d}", "expert", cost,
                           {"file": expert_relpath(L, e), "layer": L, "expert": e, "projs": projs,
-                           "sources": {r.name: tensors[r.name] for r in projs.values()}}))
+                           "sources": {r.name: tensors[r.name] for r in projs.values()}},
+                          _union(reads_of(ckpt, tensors[r.name]) for r in projs.values())))
     for f in ckpt.source_files():
-        units.append(Unit(f"hash-{f}", "hash", 0, {"file": f}))
+        units.append(Unit(f"hash-{f}", "hash", 0, {"file": f}, (f,)))
 
     top_k = int(arch.get(cfg, "top_k"))
     architecture = {

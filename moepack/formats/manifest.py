@@ -14,7 +14,8 @@ from typing import Any
 from moepack.errors import PackError
 
 FORMAT_NAME = "moepack"
-FORMAT_VERSION = 1  # readers refuse any version but their own
+FORMAT_VERSION = 2  # the newest version this moepack writes and reads (SPEC section 3, compatibility rule)
+READS_VERSIONS = (1, 2)  # readers refuse any other; version 2 added ``tables``
 MANIFEST = "manifest.json"
 DEFAULT_ALIGNMENT = 16384
 BLOB_ALIGN = 64  # SPEC section 2: every array starts on a 64-byte boundary (cache line, SIMD loads)
@@ -113,6 +114,60 @@ class ExpertLayer:
         return cls(layer=d["layer"], layout=d["layout"], files=list(d["files"]))
 
 
+def align_up(n: int, a: int) -> int:
+    return -(-n // a) * a
+
+
+@dataclass
+class Table:
+    """A token-indexed table stored row by row (SPEC section 3.6), so that a step reads only the rows it needs.
+
+    Rows are ``row_bytes`` apart inside blocks of ``block_bytes`` (the row rounded up to the alignment), as many
+    rows per block as fit whole: row ``r`` starts at ``(r // rows_per_block) * block_bytes +
+    (r % rows_per_block) * row_bytes`` and never crosses a block, so one aligned read of one block holds it.
+    """
+
+    file: str
+    rows: int
+    row: TensorRecord  # one row ([cols]); blob offsets are relative to the row's start and name no file
+    row_bytes: int
+    rows_per_block: int
+    block_bytes: int
+
+    @classmethod
+    def layout(cls, file: str, rows: int, row: TensorRecord, alignment: int) -> "Table":
+        """The geometry SPEC 3.6 prescribes for ``rows`` rows of ``row`` (its parts at 64-byte multiples)."""
+        row_bytes = sum(align_up(b.length, BLOB_ALIGN) for b in row.parts.values())
+        block = align_up(row_bytes, alignment)
+        return cls(file, rows, row, row_bytes, block // row_bytes, block)
+
+    def block_offset(self, r: int) -> int:
+        """Where the block holding row ``r`` starts in the file."""
+        return r // self.rows_per_block * self.block_bytes
+
+    def row_offset(self, r: int) -> int:
+        """Where row ``r`` starts in the file."""
+        return self.block_offset(r) + r % self.rows_per_block * self.row_bytes
+
+    @property
+    def length(self) -> int:
+        """The table file's length: whole blocks."""
+        return -(-self.rows // self.rows_per_block) * self.block_bytes
+
+    @property
+    def shape(self) -> list[int]:
+        return [self.rows, *self.row.shape]
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "rows": self.rows, "row_bytes": self.row_bytes,
+                "rows_per_block": self.rows_per_block, "block_bytes": self.block_bytes, "row": self.row.to_json()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Table":
+        return cls(d["file"], d["rows"], TensorRecord.from_json(d["row"]), d["row_bytes"], d["rows_per_block"],
+                   d["block_bytes"])
+
+
 @dataclass
 class Manifest:
     architecture: dict  # family, model_type, num_layers, num_experts, top_k, ...
@@ -124,8 +179,13 @@ class Manifest:
     expert_layouts: dict[str, ExpertLayout]
     experts: list[ExpertLayer]
     format: str = FORMAT_NAME
-    format_version: int = FORMAT_VERSION
+    format_version: int | None = None  # None: the oldest version that describes the pack
     extra: dict = field(default_factory=dict)
+    tables: dict[str, Table] = field(default_factory=dict)  # tensor name -> streamed table (version 2)
+
+    def __post_init__(self) -> None:
+        if self.format_version is None:  # a pack without tables stays version 1, which older readers still read
+            self.format_version = FORMAT_VERSION if self.tables else 1
 
     def to_json(self) -> dict:
         return {
@@ -139,6 +199,7 @@ class Manifest:
             "dense": {k: v.to_json() for k, v in self.dense.items()},
             "expert_layouts": {k: v.to_json() for k, v in self.expert_layouts.items()},
             "experts": [e.to_json() for e in self.experts],
+            **({"tables": {k: v.to_json() for k, v in self.tables.items()}} if self.tables else {}),
             **({"extra": self.extra} if self.extra else {}),
         }
 
@@ -158,7 +219,9 @@ class Manifest:
                 dense={k: TensorRecord.from_json(v) for k, v in d["dense"].items()},
                 expert_layouts={k: ExpertLayout.from_json(v) for k, v in d["expert_layouts"].items()},
                 experts=[ExpertLayer.from_json(e) for e in d["experts"]],
+                format_version=d["format_version"],
                 extra=d.get("extra", {}),
+                tables={k: Table.from_json(v) for k, v in d.get("tables", {}).items()},
             )
         except (KeyError, TypeError, ValueError) as e:
             raise PackError(f"manifest is malformed: {type(e).__name__}: {e}") from e
@@ -175,10 +238,14 @@ class Manifest:
         return cls.from_json(parse_json(data, Path(pack) / MANIFEST, "manifest",
                                         max_values=len(data) // MANIFEST_BYTES_PER_VALUE + 1024))
 
+    def to_bytes(self) -> bytes:
+        """manifest.json's contents."""
+        return json.dumps(self.to_json(), indent=1).encode()
+
     def save(self, pack: str | os.PathLike) -> None:
         """Write manifest.json atomically (temp file, fsync, rename): readers never see half a manifest."""
         path = Path(pack) / MANIFEST
-        atomic_write(path, json.dumps(self.to_json(), indent=1).encode(), suffix=".tmp")
+        atomic_write(path, self.to_bytes(), suffix=".tmp")
         fsync_dir(path.parent)
 
 

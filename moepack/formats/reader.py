@@ -18,7 +18,7 @@ import numpy as np
 
 from moepack.errors import MoepackError, PackError
 from moepack.formats import dtypes
-from moepack.formats.manifest import Blob, ExpertLayout, Manifest, TensorRecord
+from moepack.formats.manifest import Blob, ExpertLayout, Manifest, Table, TensorRecord
 from moepack.formats.quant import decode
 from moepack.formats.files import check_tree, read_pack_file, read_pack_json
 from moepack.formats.validate import MAX_CONFIG_BYTES, relpath_problem, show
@@ -156,6 +156,24 @@ class PackReader:
             parts[k] = dtypes.from_numpy_bytes(data[b.offset : b.offset + b.length].view(d.numpy).reshape(b.shape), b.dtype)
         return decode(parts, rec.encoding, rec.bits, rec.group_size)
 
+    # ---- streamed tables -------------------------------------------------------------------
+    @property
+    def tables(self) -> dict[str, Table]:
+        """Tensor name -> streamed table (SPEC 3.6; empty for a version 1 pack)."""
+        return self.manifest.tables
+
+    def table_path(self, name: str) -> Path:
+        return self.file_path(self.manifest.tables[name].file)
+
+    def table_rows(self, name: str, rows: list[int]) -> mx.array:
+        """Rows of a table, dequantized: the slow, simple path used by tests and tools (the runtime reads rows
+        through runtime/tables.py)."""
+        t = self.manifest.tables[name]
+        data = np.fromfile(self.table_path(name), dtype=np.uint8)
+        parts = {k: dtypes.from_numpy_bytes(np.stack([data[t.row_offset(r) + b.offset:][: b.length] for r in rows]),
+                                            b.dtype).reshape(len(rows), *b.shape) for k, b in t.row.parts.items()}
+        return decode(parts, t.row.encoding, t.row.bits, t.row.group_size)
+
     # ---- verification -----------------------------------------------------------------------
     def verify(self, progress=None) -> VerifyReport:
         """Re-hash every file and check sizes, blob bounds and expert layouts against the manifest."""
@@ -202,6 +220,12 @@ class PackReader:
                     rep.problems.append(f"{rel}: expert file not listed in the manifest")
                 elif info["length"] != layout.length:
                     rep.problems.append(f"{rel}: length {info['length']} != layout length {layout.length}")
+        for name, t in self.manifest.tables.items():
+            info = self.manifest.files.get(t.file)
+            if info is None:
+                rep.problems.append(f"table {name}: file {t.file!r} is not listed in the manifest")
+            elif info["length"] != t.length:
+                rep.problems.append(f"table {name}: {t.file} is {info['length']} bytes, {t.rows} rows take {t.length}")
         return rep
 
 
@@ -252,10 +276,12 @@ def summary(reader: PackReader) -> dict:
     expert_params = sum(
         int(np.prod(rec.shape)) for L, lay in layouts.items() for rec in lay.tensors.values()
     ) * a["num_experts"]
-    dense_params = sum(int(np.prod(r.shape)) for r in m.dense.values())
+    dense_params = sum(int(np.prod(r.shape)) for r in m.dense.values()) + \
+        sum(int(np.prod(t.shape)) for t in m.tables.values())  # a streamed embedding is dense, only not resident
     per_expert = max((lay.length for lay in layouts.values()), default=0)
     encodings: dict[str, int] = {}
-    for rec in list(m.dense.values()) + [r for lay in m.expert_layouts.values() for r in lay.tensors.values()]:
+    for rec in [*m.dense.values(), *(t.row for t in m.tables.values()),
+                *(r for lay in m.expert_layouts.values() for r in lay.tensors.values())]:
         key = {"raw": "raw", "affine": f"affine{rec.bits}/g{rec.group_size}"}.get(rec.encoding, rec.encoding)
         origin = ", ".join(filter(None, (rec.source_encoding, rec.carried)))  # e.g. "int4-pack-quantized-g32, lossless"
         key += f" {rec.dtype}" + (f" (from {origin})" if origin else "")
@@ -269,11 +295,15 @@ def summary(reader: PackReader) -> dict:
         "bytes": {
             "total": sum(f["length"] for f in m.files.values()),
             "dense": reader.dense_bytes,
+            "tables": sum(t.length for t in m.tables.values()),
+            "table_per_token_uncached": sum(t.block_bytes for t in m.tables.values()),
             "per_expert": per_expert,
             "experts": per_expert * a["num_experts"] * len(layouts),
             "per_token_uncached": per_expert * a["top_k"] * len(layouts),
         },
         "files": len(m.files),
+        "tables": {k: {"shape": t.shape, "encoding": t.row.encoding, "row_bytes": t.row_bytes,
+                       "block_bytes": t.block_bytes} for k, t in m.tables.items()},
         "alignment": m.alignment,
         "recipe": m.recipe,
         "encodings": encodings,

@@ -21,7 +21,7 @@ from typing import Any, Callable, NoReturn
 from moepack.errors import PackError
 from moepack.formats import dtypes
 from moepack.formats.dtypes import FLOATS
-from moepack.formats.manifest import BLOB_ALIGN, FORMAT_NAME, FORMAT_VERSION
+from moepack.formats.manifest import BLOB_ALIGN, FORMAT_NAME, READS_VERSIONS, Table, TensorRecord
 from moepack.formats.quant import BITS, GROUP_SIZES, packed_shape
 
 MAX_MANIFEST_BYTES = 32 << 20  # Kimi-K2's is ~5 MB; a bound on what parsing may cost (SPEC section 3)
@@ -153,10 +153,10 @@ def check_manifest(d: Any) -> None:
     if d.get("format") != FORMAT_NAME:
         raise PackError(f"not a moepack manifest (format={show(d.get('format'))})")
     version = d.get("format_version")
-    if type(version) is not int or version != FORMAT_VERSION:
+    if type(version) is not int or version not in READS_VERSIONS:
         raise PackError(
-            f"pack format version {show(version)} is not supported by this moepack (reads version {FORMAT_VERSION}); "
-            "upgrade moepack or re-convert the model"
+            f"pack format version {show(version)} is not supported by this moepack (reads versions "
+            f"{', '.join(map(str, READS_VERSIONS))}); upgrade moepack or re-convert the model"
         )
     _obj(d, "", ("architecture", "alignment", "recipe", "provenance", "files", "dense", "expert_layouts", "experts"))
     align = _int(d["alignment"], "alignment", 4096, MAX_ALIGNMENT)
@@ -175,6 +175,15 @@ def check_manifest(d: Any) -> None:
     layouts = {k: _layout(v, f"expert_layouts[{json.dumps(k)}]", align, a)
                for k, v in _obj(d["expert_layouts"], "expert_layouts").items()}
     _experts(d["experts"], a, layouts, files)
+    if "tables" in d:
+        if version < 2:
+            _fail("tables", f"appear in a version {version} manifest; tables are a version 2 addition")
+        taken = {e for el in d["experts"] for e in el["files"]} | {b["file"] for r in d["dense"].values()
+                                                                     for b in r["parts"].values()}
+        for name, t in _obj(d["tables"], "tables").items():
+            if name in d["dense"]:
+                _fail(f"tables[{json.dumps(name)}]", "is also a dense tensor")
+            _table(t, f"tables[{json.dumps(name)}]", align, files, taken)
 
 
 def _architecture(a: Any) -> dict:
@@ -308,6 +317,34 @@ def _layout(lay: Any, where: str, align: int, a: dict) -> int:
     if length > span:  # aligned segments of 64-byte-aligned arrays need no more: no room for absurd read sizes
         _fail(f"{where}.length", f"{length} bytes, but the expert's tensors need at most {span}")
     return length
+
+
+def _table(t: Any, where: str, align: int, files: dict[str, int], taken: set[str]) -> None:
+    """Check one streamed table (SPEC 3.6): a file of its own whose geometry is exactly the one the spec derives
+    from the row record, so no row lies out of its file, crosses a block or costs an absurd read."""
+    _obj(t, where, ("file", "rows", "row_bytes", "rows_per_block", "block_bytes", "row"))
+    rel = t["file"]
+    if type(rel) is not str or rel not in files:
+        _fail(f"{where}.file", f"{show(rel)} is not a file listed in files")
+    if rel in taken:
+        _fail(f"{where}.file", f"{rel} also holds dense tensors, experts or another table")
+    taken.add(rel)
+    rows = _int(t["rows"], f"{where}.rows", 1, 1 << 40)
+    for k in ("row_bytes", "rows_per_block", "block_bytes"):
+        _int(t[k], f"{where}.{k}", 1)
+    row = _obj(t["row"], f"{where}.row", ("shape",))
+    if type(row["shape"]) is not list or len(row["shape"]) != 1:
+        _fail(f"{where}.row.shape", f"{show(row['shape'])} is not one row's shape [columns]")
+    _int(row["shape"][0], f"{where}.row.shape[0]", 1, MAX_WIDTH)
+    start, span = _record(row, f"{where}.row", limit=t["row_bytes"])
+    want = Table.layout(rel, rows, TensorRecord.from_json(row), align)
+    if start != 0 or t["row_bytes"] != span:
+        _fail(f"{where}.row_bytes", f"{t['row_bytes']}, but the row's parts laid out from its start take {span}")
+    for k in ("rows_per_block", "block_bytes"):
+        if t[k] != getattr(want, k):
+            _fail(f"{where}.{k}", f"is {t[k]}; rows of {span} bytes at alignment {align} make it {getattr(want, k)}")
+    if files[rel] != want.length:
+        _fail(f"{where}.file", f"files[{json.dumps(rel)}].length is {files[rel]}; {rows} rows take {want.length}")
 
 
 def _experts(ex: Any, a: dict, layouts: dict[str, int], files: dict[str, int]) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 
 from moepack.errors import UsageError
 from moepack.formats import dtypes
-from moepack.formats.manifest import BLOB_ALIGN, Blob, atomic_write
+from moepack.formats.manifest import BLOB_ALIGN, Blob, Table, atomic_write
 
 _ZEROS = bytes(1 << 16)
 
@@ -48,6 +48,10 @@ class AlignedFile:
         self._hash.update(data)
         self.pos += len(data) if isinstance(data, (bytes, bytearray)) else memoryview(data).nbytes
 
+    def write_bytes(self, data) -> None:
+        """Append raw bytes at the current position (a table's blocks, laid out by the caller)."""
+        self._write(data)
+
     def pad_to(self, boundary: int) -> None:
         n = align_up(self.pos, boundary) - self.pos
         while n:
@@ -82,6 +86,23 @@ class AlignedFile:
             self._f.close()
         finally:
             self.tmp.unlink(missing_ok=True)
+
+
+def add_table_rows(f: AlignedFile, table: Table, first: int, parts: dict[str, mx.array]) -> None:
+    """Append rows ``first ..`` of ``table`` to its file ``f`` (SPEC 3.6): ``parts[k]`` holds those rows' part ``k``
+    [n, ...]. ``first`` must start a block (callers write in chunks of whole blocks); a last block short of rows
+    is zero-filled."""
+    t = table
+    if first % t.rows_per_block or f.pos != t.block_offset(first):
+        raise ValueError(f"table rows must be written in order, whole blocks at a time (row {first})")
+    n = next(iter(parts.values())).shape[0]
+    blocks = -(-n // t.rows_per_block)
+    rows = np.zeros((blocks * t.rows_per_block, t.row_bytes), np.uint8)
+    for k, b in t.row.parts.items():
+        rows[:n, b.offset : b.offset + b.length] = np.ascontiguousarray(dtypes.to_numpy_bytes(parts[k])).view(np.uint8).reshape(n, -1)
+    out = np.zeros((blocks, t.block_bytes), np.uint8)
+    out[:, : t.rows_per_block * t.row_bytes] = rows.reshape(blocks, -1)
+    f.write_bytes(memoryview(out).cast("B"))
 
 
 def hash_file(path: str | os.PathLike) -> str:

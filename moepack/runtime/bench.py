@@ -108,6 +108,7 @@ class TokenRecord:
     bytes_read: int
     hits: int
     misses: int
+    table_bytes: int = 0  # bytes read from streamed tables (SPEC 3.6) for this token
 
     @property
     def other_ms(self) -> float:
@@ -135,6 +136,7 @@ class RunReport:
             "ms_per_token": {k: sum(getattr(t, k) for t in dec) / n if n else 0.0
                              for k in ("ms", "compute_ms", "io_ms", "other_ms")},
             "bytes_read_per_token": sum(t.bytes_read for t in dec) / n if n else 0.0,
+            "table_bytes_per_token": sum(t.table_bytes for t in dec) / n if n else 0.0,
             "hit_rate": c.get("hit_rate", 0.0),
             "read_amplification": c.get("bytes_read", 0) / needed if needed else 0.0,
             "fetch_gbps": c.get("bytes_read", 0) / io_s / 1e9 if io_s else 0.0,
@@ -143,22 +145,21 @@ class RunReport:
 
 
 def _run(engine: Engine, prompt: list[int], n: int, label: str) -> RunReport:
-    c = engine.store.counters
-    engine.store.counters = type(c)()
+    engine.reset_counters()
     engine.compute_s = 0.0
     rep = RunReport(label, len(prompt), 0.0)
     t_prev = time.perf_counter()
-    snap = (0.0, 0.0, 0, 0, 0)
+    snap = (0.0, 0.0, 0, 0, 0, 0)
     first = True
     for _ in engine.generate(prompt, n):
         now = time.perf_counter()
         cc = engine.store.counters
-        cur = (cc.io_wait_s, engine.compute_s, cc.bytes_read, cc.hits, cc.misses)
+        cur = (engine.io_wait_s(), engine.compute_s, cc.bytes_read, cc.hits, cc.misses, engine.table_bytes_read())
         d = [a - b for a, b in zip(cur, snap)]
         if first:
             rep.prompt_s, first = now - t_prev, False
         else:
-            rep.tokens.append(TokenRecord((now - t_prev) * 1e3, d[0] * 1e3, d[1] * 1e3, int(d[2]), int(d[3]), int(d[4])))
+            rep.tokens.append(TokenRecord((now - t_prev) * 1e3, d[0] * 1e3, d[1] * 1e3, *map(int, d[2:])))
         snap, t_prev = cur, now
     rep.counters = engine.store.counters.as_dict()
     return rep
@@ -274,6 +275,12 @@ def bench(pack: str | Path, prompt_tokens: int = 64, gen_tokens: int = 32, memor
     return out
 
 
+def tables(run: dict) -> str:
+    """`` + N/token from tables`` where the pack streams tables."""
+    n = run.get("table_bytes_per_token", 0.0)
+    return f" + {human_bytes(n)}/token from tables" if n else ""
+
+
 def describe(r: dict) -> str:
     """``moepack bench``'s text report."""
     out = []
@@ -296,10 +303,13 @@ def describe(r: dict) -> str:
         ms = run["ms_per_token"]
         out.append(f"{run['label']:>5}: prompt {run['prompt_tok_s']:.1f} tok/s, decode {run['decode_tok_s']:.2f} tok/s, "
                    f"{ms['ms']:.1f} ms/token (compute {ms['compute_ms']:.1f}, I/O wait {ms['io_ms']:.1f}, "
-                   f"other {ms['other_ms']:.1f}), {human_bytes(run['bytes_read_per_token'])}/token, "
+                   f"other {ms['other_ms']:.1f}), {human_bytes(run['bytes_read_per_token'])}/token"
+                   f"{tables(run)}, "
                    f"hit rate {run['hit_rate']:.1%}, amplification {run['read_amplification']:.3f}, "
                    f"fetch {run['fetch_gbps']:.2f} GB/s ({run['fetch_ratio_to_device']:.0%} of device)")
-    out.append(f"slots {r['plan']['n_slots']} x {human_bytes(r['plan']['slot_bytes'])}, policy {r['policy']}, "
+    pl = r["plan"]
+    rows = f", table cache {pl['table_rows']} rows ({human_bytes(pl['table_rows'] * pl['row_bytes'])})" if pl["row_bytes"] else ""
+    out.append(f"slots {pl['n_slots']} x {human_bytes(pl['slot_bytes'])}{rows}, policy {r['policy']}, "
                f"peak memory {human_bytes(r['peak_rss'])}")
     return "\n".join(out)
 

@@ -32,6 +32,7 @@ from moepack.runtime.models import module_for
 from moepack.runtime.models.moe import MoE
 from moepack.runtime.policy import POLICIES, EvictionPolicy, PinnedPolicy
 from moepack.runtime.store import ExpertStore
+from moepack.runtime.tables import StreamedEmbedding, TableStore
 
 log = logging.getLogger(__name__)
 
@@ -200,9 +201,11 @@ class Engine(BaseEngine):
         self.store = ExpertStore(self.reader, self.plan.n_slots, self.compute_dtype, direct=direct_io,
                                  threads=io_threads, policy=policy, prefetch=prefetch, verify=verify,
                                  keep_decode_set=keep_decode_set, layers=self.stage.layers)
+        self.tables: dict[str, TableStore] = {}
         try:
             self.model = module_for(self.family.name).Model(self.config, self.store)
             self.stage.drop_others(self.model)
+            self._stream_tables(verify)
             self._load_dense()
         except BaseException:
             self.store.close()
@@ -215,6 +218,21 @@ class Engine(BaseEngine):
         self.tokens_processed = 0
         log.info("loaded %s: %s, %d expert slots of %d bytes, dense %d bytes, reads %s", path, self.family.name,
                  self.plan.n_slots, self.plan.slot_bytes, self.plan.dense_bytes, self.store.io.mode)
+
+    def _stream_tables(self, verify: bool) -> None:
+        """Put a StreamedEmbedding where the model has an embedding the pack streams (this stage's only: the first)."""
+        for name, t in self.reader.tables.items():
+            if not self.stage.owns(name):
+                continue
+            parent, _, leaf = self.model.module_paths(name)[0].rpartition(".")
+            holder = dict(self.model.named_modules()).get(parent)
+            want = getattr(holder[leaf], "weight", None) if holder is not None and leaf in holder else None
+            if want is None or list(want.shape) != t.shape:
+                raise PackError(f"{self.path}: table {name} {t.shape} is not an embedding of this "
+                                f"{self.family.name} model ({None if want is None else list(want.shape)})")
+            store = TableStore(self.reader, name, self.plan.table_rows, self.compute_dtype, self.store.io, verify)
+            self.tables[name] = store
+            setattr(holder, leaf, StreamedEmbedding(store))
 
     def _load_dense(self) -> None:
         weights = self.model.sanitize(self.reader.dense_weights(self.stage.owns))
@@ -263,16 +281,20 @@ class Engine(BaseEngine):
         through its layers, all T positions through a layer before the next; the last stage returns float32 logits
         [1, 1 or T, vocab] (the head runs only on the positions asked for). ``tokens``: the ids [1, T] where a later
         stage's layers route by them (``needs_tokens``)."""
-        t0, io0 = time.perf_counter(), self.store.counters.io_wait_s
+        t0, io0 = time.perf_counter(), self.io_wait_s()
         st, m = self.stage, self.model
         h = m.embed(x) if st.first else x
         h = m.run_layers(h, cache, st.layers, tokens=x if st.first else tokens)
         if st.last:
             h = m.head(h if logits == "all" else h[:, -1:]).astype(mx.float32)
         mx.eval(h)
-        self.compute_s += time.perf_counter() - t0 - (self.store.counters.io_wait_s - io0)
+        self.compute_s += time.perf_counter() - t0 - (self.io_wait_s() - io0)
         self.tokens_processed += x.shape[1]
         return h
+
+    def io_wait_s(self) -> float:
+        """Seconds spent waiting for reads so far: expert files and table rows."""
+        return self.store.counters.io_wait_s + sum(t.counters.io_wait_s for t in self.tables.values())
 
     def _pass(self, ids: list[int], cache: list | None, logits: Logits) -> np.ndarray:
         return np.array(self.run(mx.array([ids], dtype=mx.int32), cache, logits)[0])
@@ -297,9 +319,23 @@ class Engine(BaseEngine):
 
     def stats(self) -> dict:
         c = self.store.counters
+        tables = {k: sum(getattr(t.counters, k) for t in self.tables.values())
+                  for k in ("lookups", "hits", "misses", "bytes_read", "io_wait_s")}
         return {**c.as_dict(), "compute_s": self.compute_s, "tokens": self.tokens_processed,
                 "slots": self.plan.n_slots, "slot_bytes": self.plan.slot_bytes, "expert_file_bytes": self.store.file_bytes,
-                "io_threads": self.store.threads, "io_mode": self.store.io.mode}
+                "io_threads": self.store.threads, "io_mode": self.store.io.mode,
+                "table_cache_rows": self.plan.table_rows if self.tables else 0,
+                "table_cache_bytes": sum(t.cache_bytes for t in self.tables.values()),
+                **{f"table_{k}": v for k, v in tables.items()}}
+
+    def table_bytes_read(self) -> int:
+        return sum(t.counters.bytes_read for t in self.tables.values())
+
+    def reset_counters(self) -> None:
+        """Zero the expert store's and the tables' read counters (bench runs count from here)."""
+        self.store.counters = type(self.store.counters)()
+        for t in self.tables.values():
+            t.counters = type(t.counters)()
 
     def close(self) -> None:
         self.store.close()

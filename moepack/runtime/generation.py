@@ -113,11 +113,17 @@ class Generation:
 
     Iterate to get :class:`Sampled` tokens. ``tokens`` always lists exactly what ``cache`` holds once
     ``settle()`` has run, so the cache can be kept (for the next turn) whatever stopped the loop.
-    ``finish_reason`` is "stop" (a stop token), "length" (``max_tokens``) or None (stopped from outside).
+    ``finish_reason`` is "stop" (a stop token, or a ``constraint`` whose grammar is complete), "length"
+    (``max_tokens``) or None (stopped from outside).
+
+    ``constraint``: a grammar the reply must follow (serve/constrain.py): ``start()`` is called before each forward
+    pass so its mask is computed while the pass runs, ``allowed(n)`` gives the mask, ``accept(token)`` advances it
+    and ``done`` says the grammar is complete.
     """
 
     def __init__(self, engine: Any, prompt: Sequence[int], max_tokens: int, params: SamplingParams = SamplingParams(),
-                 stop_tokens: Sequence[int] = (), cache: list | None = None, reused: int = 0):
+                 stop_tokens: Sequence[int] = (), cache: list | None = None, reused: int = 0,
+                 constraint: Any = None):
         if not prompt:
             raise ValueError("generation needs at least one prompt token")
         if not 0 <= reused < len(prompt):
@@ -132,25 +138,41 @@ class Generation:
         self.tokens = self.prompt[:reused]  # what the cache holds
         self.generated: list[int] = []
         self.finish_reason: str | None = None
+        self.constraint = constraint
 
     def __iter__(self) -> Iterator[Sampled]:
         if self.max_tokens <= 0:
             self.finish_reason = "length"
             return
+        self.begin()
         last = prefill(self.engine, self.prompt[self.reused :], self.cache)
         self.tokens = list(self.prompt)
         while True:
-            s = self.sampler(last)
-            self.generated.append(s.token)
-            if s.token in self.stop_tokens:
-                self.finish_reason = "stop"
-            elif len(self.generated) >= self.max_tokens:
-                self.finish_reason = "length"
+            s = self.sample(last)
             yield s
             if self.finish_reason:
                 return
+            self.begin()
             last = decode(self.engine, s.token, self.cache)
             self.tokens.append(s.token)
+
+    def begin(self) -> None:
+        """Before a forward pass: the grammar's mask for its position starts computing meanwhile."""
+        if self.constraint is not None:
+            self.constraint.start()
+
+    def sample(self, logits: np.ndarray) -> Sampled:
+        """The next token from the logits of the last pass (masked by the grammar), and whether that ends it."""
+        c = self.constraint
+        s = self.sampler(logits, c.allowed(logits.shape[-1]) if c is not None else None)
+        if c is not None:
+            c.accept(s.token)
+        self.generated.append(s.token)
+        if s.token in self.stop_tokens or (c is not None and c.done):
+            self.finish_reason = "stop"
+        elif len(self.generated) >= self.max_tokens:
+            self.finish_reason = "length"
+        return s
 
     def settle(self) -> None:
         """Trim the cache back to ``tokens`` (after an exception or KeyboardInterrupt inside a forward pass)."""

@@ -169,21 +169,38 @@ def peak_rss() -> int:
 class MemoryNeed:
     """What a pack (or one pipeline stage of it) takes resident at a compute dtype: the one place budgets are sized."""
 
-    dense_bytes: int  # dense weights, resident
+    dense_bytes: int  # dense weights, resident (streamed tables not included)
     slot_bytes: int  # one expert slot of the pool
     experts: int  # routed experts in all (MoE layers x experts per layer)
     top_k: int
+    row_bytes: int = 0  # one token's rows of the streamed tables (SPEC 3.6), as cached
+    table_rows: int = 0  # rows of the largest streamed table: caching more buys nothing
 
     @property
     def minimum(self) -> int:
-        """The smallest budget: the dense weights plus one token's experts of one layer."""
-        return self.dense_bytes + (self.top_k * self.slot_bytes if self.slot_bytes else 0)
+        """The smallest budget: the dense weights plus one token's experts of one layer and one step's table rows."""
+        return self.dense_bytes + (self.top_k * self.slot_bytes if self.slot_bytes else 0) + self.row_bytes
 
     def slots(self, budget: int) -> int:
         """Expert slots a budget buys (at least top-k, never more than there are experts)."""
         if not self.slot_bytes:
             return 0
         return max(self.top_k, min(self.experts, (budget - self.dense_bytes) // self.slot_bytes))
+
+    def split(self, budget: int) -> tuple[int, int]:
+        """(expert slots, cached table rows) for a budget of at least the minimum. The tables get what is left once
+        every expert has a slot, and at least TABLE_SHARE of the budget beyond the minimum: a missing row costs one
+        block per token, a missing expert a whole file per layer, so most of a tight budget goes to experts."""
+        if not self.row_bytes:
+            return self.slots(budget), 0
+        spare = budget - self.minimum
+        all_experts = (self.experts - self.top_k) * self.slot_bytes
+        extra = max(int(spare * TABLE_SHARE), spare - all_experts) // self.row_bytes
+        rows = 1 + min(self.table_rows - 1, extra)
+        return self.slots(budget - rows * self.row_bytes), rows
+
+
+TABLE_SHARE = 1 / 16
 
 
 # Working memory beyond the budget (README "Memory"): MLX's buffer cache is held to MLX_CACHE_BYTES; a pass's
@@ -236,6 +253,12 @@ class MemoryPlan:
     slot_bytes: int
     n_slots: int
     minimum: int
+    table_rows: int = 0  # rows the table cache holds (each streamed table's, up to its size)
+    row_bytes: int = 0  # one token's rows of all streamed tables
+
+    @property
+    def table_cache_bytes(self) -> int:
+        return self.table_rows * self.row_bytes
 
 
 def slot_bytes(layout: ExpertLayout, compute: mx.Dtype) -> int:
@@ -250,7 +273,9 @@ def memory_need(reader: PackReader, compute: mx.Dtype, stage: Any = None) -> Mem
     dense = sum(resident_bytes(r, compute) for n, r in reader.manifest.dense.items() if stage is None or stage.owns(n))
     moe = [L for L in reader.moe_layers if stage is None or L in stage.layers]
     per_slot = slot_bytes(reader.expert_layout(moe[0]), compute) if moe else 0
-    return MemoryNeed(dense, per_slot, len(moe) * a["num_experts"], a["top_k"])
+    tables = [t for n, t in reader.tables.items() if stage is None or stage.owns(n)]  # cached as stored
+    return MemoryNeed(dense, per_slot, len(moe) * a["num_experts"], a["top_k"], sum(t.row_bytes for t in tables),
+                      max((t.rows for t in tables), default=0))
 
 
 def plan_memory(reader: PackReader, budget: int | None, compute: mx.Dtype, stage: Any = None,
@@ -263,12 +288,14 @@ def plan_memory(reader: PackReader, budget: int | None, compute: mx.Dtype, stage
         budget = max(minimum, default_budget())
     if budget < minimum:
         held = f" + {human_bytes(reserve)} reserved for the context" if reserve else ""
+        rows = f" + one token's table rows, {human_bytes(need.row_bytes)}" if need.row_bytes else ""
         raise BudgetError(
             f"memory budget {human_bytes(budget)} is too small for this pack: it needs at least {human_bytes(minimum)} "
             f"(dense weights {human_bytes(need.dense_bytes)} + {need.top_k} expert slots of "
-            f"{human_bytes(need.slot_bytes)}{held}): try --memory-budget {suggest_bytes(minimum)} "
+            f"{human_bytes(need.slot_bytes)}{rows}{held}): try --memory-budget {suggest_bytes(minimum)} "
             f"(minimum budget: {minimum} bytes)", minimum)
-    return MemoryPlan(budget, need.dense_bytes, need.slot_bytes, need.slots(budget - reserve), minimum)
+    slots, rows = need.split(budget - reserve)
+    return MemoryPlan(budget, need.dense_bytes, need.slot_bytes, slots, minimum, rows, need.row_bytes)
 
 
 def reset_peak_rss() -> bool:

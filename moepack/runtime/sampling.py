@@ -113,8 +113,12 @@ class Sampler:
             q /= q.sum()
         return q
 
-    def __call__(self, logits: np.ndarray) -> Sampled:
+    def __call__(self, logits: np.ndarray, allowed: np.ndarray | None = None) -> Sampled:
+        """Draw the next token; ``allowed`` (boolean [vocab], from a grammar) removes every other token before the
+        penalties and truncations. Log-probabilities stay the model's own."""
         z = self.penalize(logits)
+        if allowed is not None and allowed.any():  # a grammar in an error state allows nothing: ignored
+            z[~allowed] = -np.inf
         if self.params.temperature <= 0:
             tok = int(np.argmax(z))
         else:

@@ -1,29 +1,28 @@
 """The pack's tokenizer (tokenizer.json through the `tokenizers` library) and chat template.
 
-Templates render in a sandboxed jinja2 environment set up the way transformers renders them
-(trim_blocks, lstrip_blocks, ``raise_exception``, ``tojson`` without ASCII escaping, ``strftime_now``),
+Templates render in a bounded jinja2 sandbox set up the way transformers renders them (runtime/template.py),
 so a pack's template produces the same prompt it would under transformers.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
 from moepack.errors import MoepackError, PackError
 from moepack.formats.files import parse_json, read_pack_file
+from moepack.runtime.template import compile_template, render
 
 if TYPE_CHECKING:
     from moepack.formats.reader import PackReader
 
 log = logging.getLogger(__name__)
+
+LONG_TEXT = 1 << 16  # characters from which encoding lets other threads run
 
 
 class TemplateRefused(MoepackError):
@@ -34,14 +33,6 @@ def _token_str(tok: Any) -> str | None:
     if isinstance(tok, dict):
         return tok.get("content")
     return tok
-
-
-def _raise(message: str):
-    raise TemplateError(message)
-
-
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 TOKENIZER_BYTES = 256 << 20  # tokenizer.json: the largest real ones (Gemma, ~34 MB) with room to spare
@@ -132,28 +123,23 @@ class Tokenizer:
         return ids
 
     def _compiled(self, template: str):
-        """The template compiled in the sandbox (cached for the last template text); a syntax error is a
+        """The template compiled in the bounded sandbox (runtime/template.py, cached); a syntax error is a
         PackError."""
-        cached = getattr(self, "_cache", None)
-        if cached is not None and cached[0] == template:
-            return cached[1]
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-        env.filters["tojson"] = _tojson
-        env.globals["raise_exception"] = _raise
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         try:
-            tmpl = env.from_string(template)
+            return compile_template(template)
         except TemplateError as e:
             raise PackError(f"the pack's chat template does not compile: {type(e).__name__}: {e}") from None
-        self._cache = (template, tmpl)
-        return tmpl
 
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        if len(text) < LONG_TEXT:
+            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it works; encode holds it throughout (seconds for megabytes of text,
+        # during which no other thread of the process runs: the server's event loop, its generation worker)
+        return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -161,16 +147,23 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None,
-                            **kwargs: Any) -> str:
-        """Render ``messages``; the template refusing them (``raise_exception``, a failing expression) is a
-        TemplateRefused naming the template's message."""
+    def chat_variables(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None,
+                       **kwargs: Any) -> dict[str, Any]:
+        """What the chat template is rendered with, by transformers' names."""
         if not self.chat_template:
             raise PackError("this pack's tokenizer has no chat template; use a plain prompt instead of chat messages")
-        tmpl = self._compiled(self.chat_template)
+        return dict(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                    bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None,
+                            **kwargs: Any) -> str:
+        """Render ``messages`` in this process (bounded values and output, no time limit: the server renders in a
+        child process, runtime/template.py); the template refusing them (``raise_exception``, a failing
+        expression, a limit) is a TemplateRefused naming the template's message."""
+        variables = self.chat_variables(messages, add_generation_prompt, tools, **kwargs)
+        self._compiled(self.chat_template)
         try:
-            return tmpl.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
-                               bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+            return render(self.chat_template, variables)
         except (TemplateError, TypeError, ValueError, LookupError, ArithmeticError) as e:
             raise TemplateRefused(f"the chat template refused these messages: {type(e).__name__}: {e}") from None
 

@@ -14,8 +14,10 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Iterator, TextIO
 
 from moepack.runtime.generation import Generation, PromptCache, TextStream
-from moepack.units import human_bytes
 from moepack.runtime.sampling import SamplingParams
+from moepack.serve.reasoning import ReasoningSplit, starts_inside
+from moepack.serve.reasoning import format_for as reasoning_for
+from moepack.units import human_bytes
 
 HELP = """Commands:
   /help                 this help
@@ -24,10 +26,13 @@ HELP = """Commands:
   /set [NAME VALUE]     set a sampling option (no arguments: show them all):
                         temp, top_p, top_k, min_p, repetition_penalty, presence_penalty,
                         frequency_penalty, seed (or "none"), max_tokens
+  /think [on|off]       show or hide a thinking model's reasoning (shown dimmed; never kept in the conversation)
   /stats                conversation length, cache and I/O figures
   /quit                 exit (also /exit, /bye, Ctrl-D)
 Multi-line input: a line with only \"\"\" starts it and another ends it.
 Ctrl-C stops the reply being written; the conversation goes on."""
+
+DIM, UNDIM = "\x1b[2m", "\x1b[0m"  # reasoning is printed dimmed
 
 # /set names -> (SamplingParams field or "max_tokens", parser)
 OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
@@ -80,7 +85,12 @@ class Turn:
         cache, reused = session.cache.take(prompt, session.engine.make_cache)
         self.gen = Generation(session.engine, prompt, session.max_tokens_for(len(prompt)), session.params,
                               session.tokenizer.eos_token_ids, cache, reused)
-        self.text = TextStream(session.tokenizer)
+        fmt = session.reasoning  # a thinking model: its markers must stay in the text to be split off
+        self.text = TextStream(session.tokenizer, skip_special_tokens=fmt is None)
+        tail = session.tokenizer.decode(prompt[-16:], skip_special_tokens=False) if fmt else ""
+        self.split = ReasoningSplit(fmt, starts_inside(fmt, tail)) if fmt else None
+        self.answer = ""  # the reply without its reasoning: what the conversation keeps
+        self.dimmed = False  # reasoning is being printed (dimmed)
         self.stats = TurnStats(prompt_tokens=len(prompt), cached_tokens=reused)
         self._before = session.engine.stats()
         self._t0 = time.perf_counter()
@@ -93,12 +103,26 @@ class Turn:
                 self._first = time.perf_counter()
             if s.token in self.session.tokenizer.eos_token_ids:
                 break
-            piece = self.text.push(s.token)
+            yield from self._show(self.text.push(s.token))
+        yield from self._show(self.text.flush(), final=True)
+
+    def _show(self, piece: str, final: bool = False) -> Iterator[str]:
+        """Text to print: the answer as it comes, the reasoning dimmed (or nothing, when hidden)."""
+        if self.split is None:
+            self.answer += piece
             if piece:
                 yield piece
-        rest = self.text.flush()
-        if rest:
-            yield rest
+            return
+        thought, text = self.split.push(piece, final)
+        if thought and self.session.show_reasoning:
+            yield ("" if self.dimmed else DIM) + thought
+            self.dimmed = True
+        if self.dimmed and (text or final):
+            yield UNDIM
+            self.dimmed = False
+        self.answer += text
+        if text:
+            yield text
 
     def fail(self) -> None:
         """The reply failed (an expert that cannot be read): forget the question and this turn's KV cache (its
@@ -115,7 +139,10 @@ class Turn:
         end = time.perf_counter()
         self.gen.settle()
         self.session.cache.put(self.gen.tokens, self.gen.cache)
-        reply = self.text.text + (self.text.flush() if interrupted else "")
+        if interrupted:
+            for _ in self._show(self.text.flush(), final=True):
+                pass
+        reply = self.answer
         if reply or not interrupted:
             self.session.messages.append({"role": "assistant", "content": reply})
         else:  # stopped before a word: as if the question was never asked
@@ -146,6 +173,8 @@ class ChatSession:
         self.messages: list[dict] = []
         self.cache = PromptCache(1)
         self.turns: list[TurnStats] = []
+        self.reasoning = reasoning_for(getattr(tokenizer, "chat_template", None))
+        self.show_reasoning = True
 
     def conversation(self) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
@@ -272,6 +301,11 @@ def repl(session: ChatSession, read: Callable[[str], str] = input, out: TextIO =
                         say(session.set_option(key, value.strip()))
                     except ValueError as e:
                         say(f"error: {e}")
+            elif name == "/think":
+                if arg in ("on", "off"):
+                    session.show_reasoning = arg == "on"
+                say(f"reasoning {'shown' if session.show_reasoning else 'hidden'}"
+                    f"{'' if session.reasoning else ' (this model has no thinking section)'}")
             elif name == "/stats":
                 say(session.stats())
             else:
@@ -297,6 +331,8 @@ def repl(session: ChatSession, read: Callable[[str], str] = input, out: TextIO =
             say(f"\nerror: {e}\n(that reply failed and was dropped; the conversation goes on)")
             continue
         finally:
+            if turn.dimmed:  # stopped inside the reasoning
+                out.write(UNDIM)
             st = turn.finish(interrupted)
         say()
         say(st.line())

@@ -9,15 +9,20 @@ import json
 import logging
 import re
 import secrets
+import time
 from typing import Any, Callable
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("moepack.serve.access")  # one line per request (`moepack serve` shows them)
 
 MAX_BODY = 8 << 20
 MAX_DEPTH = 64  # JSON nesting a request may have (tool parameter schemas are the deepest real ones)
@@ -42,11 +47,12 @@ class APIError(Exception):
 
 
 class Guard:
-    """Pure ASGI middleware: 413 for bodies over ``max_body`` (declared or streamed), 401 without the API key on
-    every route but /health (a load balancer's probe carries no key).
+    """Pure ASGI middleware: one access-log line per request; 413 for bodies over ``max_body`` (declared or
+    streamed), 401 without the API key on every route but /health (a load balancer's probe carries no key).
 
     The body is read here (bounded) and replayed to the app; later ``receive`` calls pass through, so the app
-    still hears the client disconnect.
+    still hears the client disconnect. A body is read as JSON whatever its Content-Type says, as llama-server
+    reads it: clients send none, or curl's ``-d`` default, ``application/x-www-form-urlencoded``.
     """
 
     def __init__(self, app, max_body: int, api_key: str | None):
@@ -56,6 +62,22 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), 0
+
+        async def sent(msg):
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            await send(msg)
+
+        try:
+            await self.guarded(scope, receive, sent)
+        finally:
+            client = "%s:%s" % tuple(scope["client"]) if scope.get("client") else "-"
+            access_log.info('%s "%s %s" %s %.3fs', client, scope["method"], scope["path"], status or "-",
+                            time.perf_counter() - t0)
+
+    async def guarded(self, scope, receive, send):
         raw = {k.lower(): v for k, v in scope["headers"]}
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw.items()}
         if self.api_key and scope["path"] != "/health":
@@ -84,6 +106,9 @@ class Guard:
                 if not msg.get("more_body"):
                     break
         pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}] if chunks else []
+        if chunks:
+            heads = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+            scope = {**scope, "headers": [*heads, (b"content-type", b"application/json")]}
 
         async def replay():
             return pending.pop() if pending else await receive()
@@ -133,6 +158,17 @@ def validation_error(exc: RequestValidationError) -> APIError:
 # ---- strict JSON bodies ---------------------------------------------------------------------------
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how a surrogate gets into JSON text (UTF-8 has none)
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_BRACKET = np.zeros(128, np.int8)  # +1 for an opening bracket, -1 for a closing one, by ASCII code
+_BRACKET[[ord("["), ord("{")]], _BRACKET[[ord("]"), ord("}")]] = 1, -1
+
+
+def _nesting(text: str) -> int:
+    """How deep arrays and objects nest in valid JSON ``text``, at C speed: strings removed, what is left is
+    ASCII, and the depth is the highest running count of brackets opened minus closed."""
+    skeleton = np.frombuffer(_STRING.sub("", text).encode("ascii"), np.uint8)
+    return int(np.cumsum(_BRACKET[skeleton], dtype=np.int32).max(initial=0))
 
 
 def _reject_constant(name: str) -> Any:
@@ -141,31 +177,39 @@ def _reject_constant(name: str) -> Any:
 
 def parse_body(body: bytes) -> Any:
     """A request body as strict JSON (RFC 8259), checked before any handler or the model sees it: UTF-8 only,
-    no NaN/Infinity literals (Python's json would accept them), at most MAX_DEPTH levels of nesting (Python's own
-    limit is a RecursionError), and no lone surrogates (a ``\\ud800`` escape decodes to a str that cannot
-    be encoded back to UTF-8, which the tokenizer and the response writer would fail on)."""
+    then :func:`parse_json`."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
         raise APIError(400, f"the request body is not valid UTF-8 (at byte {e.start})", code="invalid_json")
+    return parse_json(text)
+
+
+def parse_json(text: str, what: str = "the request body", param: str | None = None) -> Any:
+    """``text`` as strict JSON: no NaN/Infinity literals (Python's json would accept them), at most MAX_DEPTH
+    levels of nesting (Python's own limit is a RecursionError), and no lone surrogates (a ``\\ud800`` escape
+    decodes to a str that cannot be encoded back to UTF-8, which the tokenizer and the response writer would fail
+    on). ``what`` and ``param`` name the text in errors (a body, or a JSON string inside one)."""
     try:
         obj = json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
-        raise APIError(400, f"the request body nests deeper than {MAX_DEPTH} levels", code="invalid_json")
+        raise APIError(400, f"{what} nests deeper than {MAX_DEPTH} levels", param=param, code="invalid_json")
     except ValueError as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json")
+        raise APIError(400, f"{what} is not valid JSON: {e}", param=param, code="invalid_json")
+    if _nesting(text) <= MAX_DEPTH and not _SURROGATE_ESCAPE.search(text):
+        return obj  # nothing to find: the walk below (seconds for millions of nodes) only names what is wrong
     stack: list[tuple[Any, int, tuple]] = [(obj, 0, ())]
     while stack:  # iterative: a walk must not hit the recursion limit either
         node, depth, path = stack.pop()
         if isinstance(node, str):
             if not node.isascii() and _SURROGATE.search(node):
                 raise APIError(400, "a string holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape)",
-                               param=_param(path), code="invalid_value")
+                               param=param or _param(path), code="invalid_value")
             continue
         if not isinstance(node, (dict, list)):
             continue
         if depth >= MAX_DEPTH:
-            raise APIError(400, f"the request body nests deeper than {MAX_DEPTH} levels", param=_param(path[:1]),
+            raise APIError(400, f"{what} nests deeper than {MAX_DEPTH} levels", param=param or _param(path[:1]),
                            code="invalid_json")
         for k, v in (node.items() if isinstance(node, dict) else enumerate(node)):
             if isinstance(k, str) and not k.isascii() and _SURROGATE.search(k):
@@ -175,18 +219,33 @@ def parse_body(body: bytes) -> Any:
     return obj
 
 
+def read_body(body: bytes, model: type[BaseModel] | None) -> Any:
+    """A request body parsed (:func:`parse_body`) and validated against ``model``, as FastAPI would validate it.
+    Runs in a worker thread: an 8 MiB body takes seconds, which must not stall the event loop (and /health)."""
+    obj = parse_body(body)
+    if model is None:
+        return obj
+    try:
+        return model.model_validate(obj)
+    except ValidationError as e:
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False)])
+
+
 class JSONRoute(APIRoute):
-    """Routes whose JSON body is parsed by :func:`parse_body`; FastAPI then uses the result (``request._json``,
-    Starlette's cache) instead of parsing the body a second time, leniently."""
+    """Routes whose JSON body is parsed by :func:`parse_body` and validated in a worker thread
+    (:func:`read_body`); FastAPI then finds the validated model (``request._json``, Starlette's cache) and takes it
+    as it is (pydantic does not validate an instance of the model again), instead of parsing the body a second
+    time, leniently, on the event loop."""
 
     def get_route_handler(self) -> Callable:
         handle = super().get_route_handler()
+        body = self.dependant.body_params
+        model = body[0].field_info.annotation if len(body) == 1 else None
+        model = model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
         async def parsed_first(request: Request):
-            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-            if ctype == "application/json" or ctype.endswith("+json"):
-                if body := await request.body():
-                    request._json = parse_body(body)
+            if raw := await request.body():  # the Guard has marked every body as JSON
+                request._json = await run_in_threadpool(read_body, raw, model)
             return await handle(request)
 
         return parsed_first

@@ -3,22 +3,24 @@
 Types are strict (``"0.7"`` is not a temperature, ``1.0`` is not a token count) and ranges are OpenAI's, so a
 malformed request is answered with a 400 naming the field before it can reach the model. An unknown top-level
 parameter is a 400 too (``unknown_parameter``, as OpenAI answers): a sampling option this server does not
-implement (``logit_bias``, ``response_format``, llama.cpp's ``mirostat``...) must not be silently dropped.
+implement (``logit_bias``, llama.cpp's ``mirostat``...) must not be silently dropped.
 OpenAI's parameters that change nothing here (``user``, ``metadata``, ``store``, ``service_tier``) are accepted
 and ignored. Inside messages and tools, unknown keys are ignored: clients send back the assistant messages they
-received, with keys such as ``refusal`` or ``annotations``.
+received, with keys such as ``refusal`` or ``annotations``. Lists stop at their first bad item (``fail_fast``):
+8 MiB of ``[{}, {}, ...]`` would otherwise build millions of errors, seconds of work holding the GIL.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from moepack.runtime.sampling import SamplingParams
 
 MAX_STOP = 16
+FAIL_FAST = Field(fail_fast=True)  # for lists inside a union (a field's own Field takes fail_fast=True)
 
 
 class _Strict(BaseModel):
@@ -46,11 +48,21 @@ class ToolCall(_Strict):
 
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | Annotated[list[TextPart], FAIL_FAST] | None = None
     name: str | None = None
-    tool_calls: list[ToolCall] | None = None
+    tool_calls: list[ToolCall] | None = Field(None, fail_fast=True)
     tool_call_id: str | None = None
     reasoning_content: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, content: Any) -> Any:
+        for part in content if isinstance(content, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind != "text":
+                raise ValueError(f"content parts of type {kind!r} are not supported: this server runs a text-only "
+                                 'model; send text, or parts of type "text"')
+        return content
 
     @model_validator(mode="after")
     def _check(self) -> "Message":
@@ -91,6 +103,27 @@ class NamedToolChoice(_Strict):
     function: NamedFunction
 
 
+class JSONSchemaFormat(_Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_\-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """``text`` (no constraint), ``json_object`` (any JSON object) or ``json_schema`` (JSON valid against the
+    schema); both JSON kinds are enforced by constrained decoding (serve/constrain.py)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs json_schema")
+        return self
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
 
@@ -111,7 +144,7 @@ class _Sampling(_Strict):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], FAIL_FAST] | None = None
     n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -144,13 +177,17 @@ class _Sampling(_Strict):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, fail_fast=True)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[Tool] | None = None
+    tools: list[Tool] | None = Field(None, fail_fast=True)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = Field(
+        None, description="Thinking models: \"none\" turns thinking off where the template can (Qwen3, GLM, "
+        "DeepSeek-V3.1); other values reach templates that read them (gpt-oss).")
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="Extra variables for the chat template, "
                                                         "e.g. {\"enable_thinking\": false}.")
 
@@ -170,7 +207,8 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+    prompt: str | Annotated[list[str], FAIL_FAST] | Annotated[list[int], FAIL_FAST] | Annotated[
+            list[Annotated[list[int], FAIL_FAST]], FAIL_FAST] = Field(
         description="Text or token ids; a list must hold exactly one prompt (n=1, no batching).")
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
@@ -237,6 +275,7 @@ class ToolCallOut(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = None
     tool_calls: list[ToolCallOut] | None = None
 
 
@@ -284,23 +323,36 @@ class Completion(BaseModel):
 # ---- stream chunks (``stream: true``) ---------------------------------------------------------
 
 
-class ToolCallDelta(BaseModel):
-    index: int
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCallOut
-
-
-class ChatDelta(BaseModel):
-    """What a chunk adds to the reply. Keys left None are omitted, as in OpenAI's deltas (``{}`` ends it)."""
-
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-    tool_calls: list[ToolCallDelta] | None = None
+class _Delta(BaseModel):
+    """Keys left None are omitted, as in OpenAI's deltas."""
 
     @model_serializer(mode="wrap")
     def _omit_none(self, handler) -> dict[str, Any]:
         return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class FunctionDelta(_Delta):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(_Delta):
+    """A call's first delta has its id, type and name (arguments ""), the next ones its arguments, as OpenAI sends."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta
+
+
+class ChatDelta(_Delta):
+    """What a chunk adds to the reply (``{}`` ends it). ``reasoning_content``: the thinking section of a reasoning
+    model, apart from the answer."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -19,6 +19,7 @@ from moepack.runtime.generation import Usage
 from moepack.runtime.sampling import Sampled
 from moepack.serve import schemas as S
 from moepack.serve.http import APIError
+from moepack.serve.reasoning import ReasoningSplit
 from moepack.serve.toolcalls import ToolCallStream, ToolFormat
 from moepack.serve.worker import Delta, Done, Failed, Job
 
@@ -136,9 +137,12 @@ class ChatChunks:
 
     usage_exclude: set[str] = set()
 
-    def __init__(self, head: StreamHead, tokenizer, fmt: ToolFormat | None, logprobs: bool):
+    def __init__(self, head: StreamHead, tokenizer, fmt: ToolFormat | None, logprobs: bool,
+                 max_calls: int | None = None, reasoning: ReasoningSplit | None = None):
         self.head, self.tokenizer, self.logprobs = head, tokenizer, logprobs
         self.tools = ToolCallStream(fmt) if fmt else None
+        self.max_calls, self.calls = max_calls, 0
+        self.reasoning = reasoning  # splits a thinking model's reasoning_content from its content
 
     def chunk(self, delta: S.ChatDelta, finish: str | None = None, lps: list | None = None,
               ) -> S.ChatCompletionChunk:
@@ -151,18 +155,41 @@ class ChatChunks:
     def opening(self) -> Iterator[S.ChatCompletionChunk]:
         yield self.chunk(S.ChatDelta(role="assistant", content=""))
 
-    def delta(self, ev: Delta) -> S.ChatCompletionChunk | None:
-        text = self.tools.push(ev.text) if self.tools else ev.text
+    def delta(self, ev: Delta) -> Iterator[S.ChatCompletionChunk]:
+        thought, text = self.reasoning.push(ev.text) if self.reasoning else ("", ev.text)
         lps = [chat_logprobs(self.tokenizer, ev.sampled)] if self.logprobs else None
-        return self.chunk(S.ChatDelta(content=text), lps=lps) if text or lps else None
+        yield from self._content(thought, text, lps)
+
+    def _content(self, thought: str, text: str, lps: list | None = None) -> Iterator[S.ChatCompletionChunk]:
+        if thought:
+            yield self.chunk(S.ChatDelta(reasoning_content=thought), lps=lps)
+            lps = None
+        text = self.tools.push(text) if self.tools else text
+        if text or lps:
+            yield self.chunk(S.ChatDelta(content=text), lps=lps)
+        if self.tools:
+            yield from self._calls(self.tools.complete())
+
+    def _calls(self, calls: list[dict]) -> Iterator[S.ChatCompletionChunk]:
+        """Each call as OpenAI streams one: id, type and name first, then its arguments."""
+        for c in calls:
+            if self.max_calls is not None and self.calls >= self.max_calls:
+                return
+            i, fn = self.calls, c["function"]
+            self.calls += 1
+            yield self.chunk(S.ChatDelta(tool_calls=[S.ToolCallDelta(
+                index=i, id=c["id"], type="function", function=S.FunctionDelta(name=fn["name"], arguments=""))]))
+            yield self.chunk(S.ChatDelta(tool_calls=[S.ToolCallDelta(
+                index=i, function=S.FunctionDelta(arguments=fn["arguments"]))]))
 
     def closing(self, done: Done) -> Iterator[S.ChatCompletionChunk]:
+        if self.reasoning:
+            yield from self._content(*self.reasoning.finish())
         rest, calls = self.tools.finish() if self.tools else ("", [])
         if rest:
             yield self.chunk(S.ChatDelta(content=rest))
-        for i, c in enumerate(calls):
-            yield self.chunk(S.ChatDelta(tool_calls=[S.ToolCallDelta(index=i, **c)]))
-        yield self.chunk(S.ChatDelta(), "tool_calls" if calls else done.finish_reason)
+        yield from self._calls(calls)
+        yield self.chunk(S.ChatDelta(), "tool_calls" if self.calls else done.finish_reason)
 
     def usage(self, done: Done) -> S.ChatCompletionChunk:
         h = self.head
@@ -189,9 +216,10 @@ class CompletionChunks:
         if self.prefix:
             yield self.chunk(self.prefix)
 
-    def delta(self, ev: Delta) -> S.CompletionChunk | None:
+    def delta(self, ev: Delta) -> Iterator[S.CompletionChunk]:
         lp = completion_logprobs(self.tokenizer, [ev.sampled]) if self.logprobs else None
-        return self.chunk(ev.text, lp=lp) if ev.text or lp is not None else None
+        if ev.text or lp is not None:
+            yield self.chunk(ev.text, lp=lp)
 
     def closing(self, done: Done) -> Iterator[S.CompletionChunk]:
         yield self.chunk("", done.finish_reason)
@@ -216,7 +244,7 @@ async def sse_events(relay: Relay, job: Job, chunks: ChatChunks | CompletionChun
             yield _sse(c, skip)
         async for ev in relay.events():
             if isinstance(ev, Delta):
-                if (c := chunks.delta(ev)) is not None:
+                for c in chunks.delta(ev):
                     yield _sse(c, skip)
             elif isinstance(ev, Failed):
                 yield _sse(_failed(ev).body())

@@ -31,7 +31,7 @@ class ToolFormat:
 def _json_or_text(v: str) -> Any:
     try:
         return json.loads(v)
-    except ValueError:
+    except (ValueError, RecursionError):
         return v
 
 
@@ -118,7 +118,7 @@ def parse(text: str, fmt: ToolFormat | None) -> tuple[str | None, list[dict]]:
                     calls.append(_call(g["name"], ARG_PARSERS[fmt.args](g["args"].strip() or "{}")))
             if calls:
                 break
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested too deep for Python's parser
         calls = []
     if not calls:
         return text, []
@@ -135,6 +135,16 @@ class ToolCallStream:
         self.fmt = fmt
         self.pending = ""
         self.section: str | None = None  # text from the opening marker on, once seen
+        self.sent = 0  # calls already handed out by ``complete``
+
+    def complete(self) -> list[dict]:
+        """Calls of the section that are complete and not yet handed out (each once, with a stable id)."""
+        if self.section is None:
+            return []
+        _, calls = parse(self.section, self.fmt)
+        new = calls[self.sent :]
+        self.sent += len(new)
+        return new
 
     def push(self, piece: str) -> str:
         if self.section is not None:
@@ -155,4 +165,6 @@ class ToolCallStream:
         if self.section is None:
             return rest, []
         content, calls = parse(self.section, self.fmt)
+        if self.sent:  # calls were streamed already: the rest of them (a broken tail is dropped)
+            return rest, calls[self.sent :]
         return (rest, calls) if calls else (rest + self.section, [])

@@ -90,6 +90,15 @@ def wait_all(procs: Sequence[subprocess.Popen], timeout: float | None = None, gr
     return [p.wait() for p in procs]
 
 
+def rank_command(args: Sequence[str]) -> list[str]:
+    """``moepack ARGS`` for a rank: this Python running the moepack this process runs. Not ``python -m``, which
+    puts the working directory first on sys.path, so that a folder named ``moepack/`` there (a clone's parent,
+    say) would be imported instead."""
+    root = str(Path(__file__).resolve().parents[3])  # the folder holding this moepack package
+    boot = f"import sys; sys.path[0] = {root!r}; from moepack.cli import main; main(prog_name='moepack')"
+    return [sys.executable, "-c", boot, *args]
+
+
 def launch(hosts: str | int, args: Sequence[str]) -> int:
     """Run ``moepack ARGS`` once per host as a pipeline; returns the exit status.
 
@@ -97,7 +106,7 @@ def launch(hosts: str | int, args: Sequence[str]) -> int:
     ``mlx.launch``, which starts rank i on host i over ssh (rank 0 first in the file) and relays their output.
     """
     n, _, backend = read_hosts(hosts)
-    cmd = [sys.executable, "-m", "moepack.cli", *args]
+    cmd = rank_command(args)
     if isinstance(hosts, int) or str(hosts).isdigit():
         procs = spawn_local(n, cmd)
         try:

@@ -34,7 +34,8 @@ class RemoteError(MoepackError):
 def _stats_row(engine: Engine) -> list[int]:
     c = engine.store.counters
     vals = {**c.as_dict(), "io_wait_us": int(c.io_wait_s * 1e6), "compute_us": int(engine.compute_s * 1e6),
-            "tokens": engine.tokens_processed, "slots": engine.plan.n_slots, "dense_bytes": engine.plan.dense_bytes}
+            "tokens": engine.tokens_processed, "slots": engine.plan.n_slots, "dense_bytes": engine.plan.dense_bytes,
+            **{k: v for k, v in engine.stats().items() if k.startswith("table_cache") or k == "table_bytes_read"}}
     return [int(vals[k]) for k in STAT_KEYS]
 
 

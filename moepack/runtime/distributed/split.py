@@ -45,6 +45,8 @@ class StageShare:
     def minimum(self) -> int:
         return self.need.minimum
 
+    table_read_per_token: int = 0  # bytes a token reads from streamed tables when no row is cached (the first stage)
+
 
 @dataclass
 class PipelineSplit:
@@ -76,6 +78,7 @@ def layer_costs(manifest: Manifest, config: dict) -> tuple[list[int], int, int]:
             last += rec.nbytes
     if config.get("tie_word_embeddings"):
         last += first
+    first += sum(t.block_bytes for t in manifest.tables.values())  # a streamed embedding: one block a token
     for el in manifest.experts:
         dense[el.layer] += a["top_k"] * manifest.expert_layouts[el.layout].length
     return dense, first, last
@@ -134,7 +137,8 @@ def split_pack(reader: PackReader, hosts: int) -> PipelineSplit:
         files = sum(length[L] for L in moe)
         need = memory_need(reader, stored, st)
         cost = sum(costs[r.start : r.stop]) + (first if st.first else 0) + (last if st.last else 0)
-        shares.append(StageShare(st, moe, need, files * a["num_experts"], files * a["top_k"], cost))
+        tables = sum(t.block_bytes for n, t in m.tables.items() if st.owns(n))
+        shares.append(StageShare(st, moe, need, files * a["num_experts"], files * a["top_k"], cost, tables))
     return PipelineSplit(shares, a["num_experts"], a["top_k"], len(costs))
 
 
@@ -145,10 +149,11 @@ def split_rows(split: PipelineSplit, names: Sequence[str], budget: int | None) -
         row = {"host": name, "rank": s.stage.index, "layers": [s.stage.start, s.stage.stop - 1],
                "moe_layers": len(s.moe_layers), "embeddings": s.stage.first or (s.stage.last and s.stage.tied),
                "lm_head": s.stage.last, "dense_bytes": s.dense_bytes, "expert_bytes": s.expert_bytes,
-               "read_per_token_uncached": s.read_per_token, "minimum_budget": s.minimum}
+               "read_per_token_uncached": s.read_per_token, "table_read_per_token_uncached": s.table_read_per_token,
+               "minimum_budget": s.minimum}
         if budget is not None:
-            slots = s.need.slots(budget) if budget >= s.minimum else 0
-            row.update(budget=budget, fits=budget >= s.minimum, slots=slots,
+            slots, table_rows = s.need.split(budget) if budget >= s.minimum else (0, 0)
+            row.update(budget=budget, fits=budget >= s.minimum, slots=slots, table_cache_rows=table_rows,
                        experts_cached=slots / (len(s.moe_layers) * split.num_experts) if s.moe_layers else 1.0)
         rows.append(row)
     return rows
@@ -166,6 +171,10 @@ def describe(reader: PackReader, split: PipelineSplit, rows: list[dict], budget:
     out.append(head)
     for r in rows:
         extra = ("+embed" if r["rank"] == 0 else "") + ("+head" if r["lm_head"] else "")
+        if r["table_read_per_token_uncached"]:
+            extra += f"+tables {human_bytes(r['table_read_per_token_uncached'])}/token"
+            if budget is not None and r["fits"]:
+                extra += f", {r['table_cache_rows']:,} rows cached"
         line = (f"{r['rank']:<5}{r['host'][:17]:<18}{'%d-%d' % tuple(r['layers']):<9}{r['moe_layers']:>4}"
                 f"{human_bytes(r['dense_bytes']):>12}{human_bytes(r['expert_bytes']):>15}"
                 f"{human_bytes(r['read_per_token_uncached']):>12}{human_bytes(r['minimum_budget']):>12}")
@@ -173,5 +182,5 @@ def describe(reader: PackReader, split: PipelineSplit, rows: list[dict], budget:
             line += f"{r['slots']:>22,}{r['experts_cached']:>8.1%}" if r["fits"] else "   does not fit: raise the budget"
         out.append(line + (f"  ({extra[1:]})" if extra else ""))
     out.append("read/token: expert bytes a token reads on that host when none is cached (top-k per MoE layer); "
-               "minimum: dense + top-k expert slots")
+               "minimum: dense + top-k expert slots (+ one token's table rows where the embedding is streamed)")
     return "\n".join(out)

@@ -21,7 +21,8 @@ HEADER = 6  # int32: op, cache id, tokens, want all positions' logits, argument,
 FORWARD, TRIM, FREE, STATS, STOP = range(5)
 MAX_ERROR = 2048  # bytes of an error message passed down the chain
 STAT_KEYS = ("bytes_read", "reads", "hits", "misses", "io_wait_us", "prefetch_issued", "prefetch_used",
-             "prefetch_bytes", "payload_bytes", "compute_us", "tokens", "slots", "dense_bytes")
+             "prefetch_bytes", "payload_bytes", "compute_us", "tokens", "slots", "dense_bytes",
+             "table_bytes_read", "table_cache_rows", "table_cache_bytes")  # tables: the first rank's (it embeds)
 DTYPES = [mx.float32, mx.bfloat16, mx.float16]
 
 

@@ -105,21 +105,32 @@ class OutputGate:
     act: str = "sigmoid"
     per_head: bool = False
 
+    def __call__(self, o: mx.array, pre: mx.array, head_dim: int) -> mx.array:
+        """o [B, T, H * D] times act(pre), ``pre`` the gate projection's output ([B, T, H] or [B, T, H * D])."""
+        g = GATE_ACTIVATIONS[self.act](pre)
+        if self.per_head:
+            g = mx.repeat(g, head_dim, axis=-1)  # each head's gate over its dims
+        return o * g
+
 
 class Attention(nn.Module):
     """Multi-head attention with grouped KV heads.
 
-    qk_norm: None, "head" (RMSNorm over each head's dims: Qwen3, GLM) or "full" (RMSNorm over the whole projection
-    before splitting heads: OLMoE, MiniMax-M2). The rope module decides partial rotary; ``rope=None`` is a NoPE
-    layer (AFMoE's full-attention layers). ``gate``: an output gate (see ``OutputGate``).
+    qk_norm: None, "head" (RMSNorm over each head's dims: Qwen3, GLM), "unit" (the same without a weight: Llama 4's
+    L2 norm; RoPE preserves each head's norm, so normalising before it equals transformers' after) or "full" (RMSNorm
+    over the whole projection before splitting heads: OLMoE, MiniMax-M2). The rope module decides partial rotary;
+    ``rope=None`` is a NoPE layer. ``temperature``: (beta, period, shift) of :func:`query_temperature`, scaling queries
+    by position (Llama 4's NoPE layers). ``gate``: an output gate (see ``OutputGate``; AFMoE, Laguna).
     """
 
     def __init__(self, *, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int, rope: nn.Module | None,
                  qkv_bias: bool = False, o_bias: bool = False, qk_norm: str | None = None, eps: float = 1e-6,
-                 gate: OutputGate | None = None):
+                 gate: OutputGate | None = None, temperature: tuple[float, float, int] | None = None,
+                 scale: float | None = None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.scale = head_dim**-0.5
+        self.scale = scale or head_dim**-0.5  # Step 3.7: query_pre_attn_scalar^-0.5
+        self.eps, self.temperature = eps, temperature
         self.q_proj = nn.Linear(hidden, n_heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)
@@ -157,10 +168,7 @@ class Attention(nn.Module):
     def output(self, o: mx.array, extra: Any) -> mx.array:
         """o [B, T, H * D] (and ``project``'s extra) -> [B, T, hidden]."""
         if self.gate is not None:
-            g = GATE_ACTIVATIONS[self.gate.act](extra)  # [B, T, H] or [B, T, H * D]
-            if self.gate.per_head:
-                g = mx.repeat(g, self.head_dim, axis=-1)  # each head's gate over its dims
-            o = o * g
+            o = self.gate(o, extra, self.head_dim)
         return self.o_proj(o)
 
     def __call__(self, x: mx.array, mask: Causal | None, cache: KVCache | None) -> mx.array:
@@ -171,10 +179,14 @@ class Attention(nn.Module):
         v = v.reshape(B, T, self.n_kv_heads, self.head_dim)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
+        elif self.qk_norm == "unit":
+            q, k = mx.fast.rms_norm(q, None, self.eps), mx.fast.rms_norm(k, None, self.eps)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, H, T, D]
         offset = cache.offset if cache is not None else 0
         if self.rope is not None:
             q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        if self.temperature is not None:
+            q = q * query_temperature(offset, T, *self.temperature).astype(q.dtype)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         return self.output(self.attend(q, k, v, mask), extra)

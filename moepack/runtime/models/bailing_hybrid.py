@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moepack.runtime.models import deepseek, kda, kimi_linear
+from moepack.runtime.models.attention import OutputGate
 from moepack.runtime.models.rope import ScaledRoPE
 
 
@@ -52,4 +53,4 @@ class Model(kimi_linear.Model):
     @staticmethod
     def attention(a: ModelArgs, layer: int) -> deepseek.MLAttention:
         rope = ScaledRoPE(a.qk_rope_head_dim, a.rope_theta, a.rope_scaling, a.max_position_embeddings, traditional=True)
-        return deepseek.MLAttention(a, rope, layer=layer, head_gate=True)
+        return deepseek.MLAttention(a, rope, layer=layer, gate=OutputGate("g_proj", "sigmoid", per_head=True))

@@ -7,12 +7,13 @@ the MoE block), ``rope.py`` and ``cache.py``.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 from typing import Any, Callable
 
 import mlx.core as mx
-import numpy as np
 import mlx.nn as nn
+import numpy as np
 
 from moepack import arch
 from moepack.runtime.models.cache import Causal, KVCache
@@ -65,7 +66,7 @@ class MoEArgs(BaseArgs):
 
 class MLP(nn.Module):
     """SwiGLU feed-forward (dense layers and shared experts); ``activation(gate, up)`` replaces silu(gate)·up
-    (DeepSeek V4 clamps both)."""
+    (DeepSeek V4's and Step 3.7's clamped SwiGLU)."""
 
     def __init__(self, hidden: int, width: int, bias: bool = False,
                  activation: Callable[[mx.array, mx.array], mx.array] | None = None):
@@ -83,17 +84,19 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); ``mlp`` is a dense MLP or an MoE block.
 
-    ``sliding_window``: this layer attends only to the last that many positions.
+    ``sliding_window``: this layer attends only to the last that many positions; ``attention_chunk``: only to the
+    positions of its own chunk of that many (Llama 4).
     ``mixer``: the token mixer's attribute (and checkpoint) name, e.g. "linear_attn" for Qwen3-Next's DeltaNet layers.
     ``sandwich``: norms on both sides of each sublayer (AFMoE): x + post_attention_layernorm(attn(input_layernorm(x))),
     then x + post_mlp_layernorm(mlp(pre_mlp_layernorm(x))).
     """
 
     def __init__(self, mixer: nn.Module, mlp: nn.Module, a: MoEArgs, *, sliding_window: int | None = None,
-                 mixer_name: str = "self_attn", sandwich: bool = False):
+                 attention_chunk: int | None = None, mixer_name: str = "self_attn", sandwich: bool = False):
         super().__init__()
         hidden, eps = a.hidden_size, a.rms_norm_eps
-        self.sliding_window, self.mixer, self.sandwich = sliding_window, mixer_name, sandwich
+        self.sliding_window, self.attention_chunk = sliding_window, attention_chunk
+        self.mixer, self.sandwich = mixer_name, sandwich
         setattr(self, mixer_name, mixer)
         self.mlp = mlp
         self.input_layernorm = nn.RMSNorm(hidden, eps=eps)
@@ -103,11 +106,17 @@ class DecoderLayer(nn.Module):
             self.post_mlp_layernorm = nn.RMSNorm(hidden, eps=eps)
 
     def __call__(self, x: mx.array, mask: Causal, cache: KVCache | None) -> mx.array:
+        return self.feed_forward(self.mix(x, mask, cache))
+
+    def mix(self, x: mx.array, mask: Causal, cache: KVCache | None) -> mx.array:
+        """The first half: x + attn(norm(x)) (a batch of sequences runs it per sequence, runtime/batch.py)."""
         a = self[self.mixer](self.input_layernorm(x), mask, cache)
+        return x + (self.post_attention_layernorm(a) if self.sandwich else a)
+
+    def feed_forward(self, h: mx.array) -> mx.array:
+        """The second half: h + mlp(norm(h)) (sandwich: norms before and after the MLP)."""
         if not self.sandwich:
-            h = x + a
             return h + self.mlp(self.post_attention_layernorm(h))
-        h = x + self.post_attention_layernorm(a)
         return h + self.post_mlp_layernorm(self.mlp(self.pre_mlp_layernorm(h)))
 
 
@@ -153,11 +162,9 @@ class CausalLM(nn.Module):
         return self.head(self.run_layers(self.embed(tokens), cache, tokens=tokens))
 
     def embed(self, tokens: mx.array) -> mx.array:
-        """tokens [B, T] -> the first layer's input (``hidden_shape``): with hyper-connection streams, every stream
-        starts as the embedding."""
+        """tokens [B, T] -> the first layer's input [B, T, H] (``hidden_shape``)."""
         h = self.model.embed_tokens(tokens)
-        h = h if self.embed_scale == 1.0 else h * self.embed_scale
-        return h if self.streams == 1 else mx.broadcast_to(h[:, :, None], (*h.shape[:2], self.streams, h.shape[-1]))
+        return h if self.embed_scale == 1.0 else h * self.embed_scale
 
     def hidden_shape(self, B: int, T: int) -> tuple[int, ...]:
         """The hidden state between layers (what one pipeline stage hands the next)."""
@@ -176,7 +183,7 @@ class CausalLM(nn.Module):
         extra = (tokens,) if self.routes_by_token else ()
         for j, i in enumerate(layers):
             layer = self.model.layers[i]
-            mask = Causal(offset, getattr(layer, "sliding_window", None))
+            mask = Causal(offset, getattr(layer, "sliding_window", None), getattr(layer, "attention_chunk", None))
             h = layer(h, mask, cache[j] if cache else None, *extra)
         return h
 
@@ -196,6 +203,9 @@ class CausalLM(nn.Module):
 
     # (old, new) substrings renamed in dense tensor names at load, e.g. hub "block_sparse_moe" -> in-model "mlp".
     renames: tuple[tuple[str, str], ...] = ()
+    # Norm weights w (tensor names after ``rename``) that scale by 1 + w (zero-centred: Qwen3-Next, Step 3.7):
+    # ``sanitize`` adds the 1 (exact in float32), so plain RMSNorm runs them.
+    zero_centred: re.Pattern | None = None
     # (fused, parts): a checkpoint module whose rows stack several of this tree's modules, split at load by each
     # part's output rows, e.g. Sarvam's ``query_key_value`` = [q; k; v]. Rows quantize independently, so a quantized
     # tensor's weight, scales and biases split the same way.
@@ -224,6 +234,8 @@ class CausalLM(nn.Module):
         out, modules = {}, None
         for k, v in weights.items():
             k = self.rename(k)
+            if self.zero_centred is not None and self.zero_centred.search(k):
+                v = v.astype(mx.float32) + 1
             module, _, leaf = k.rpartition(".")
             parts = self._parts(module)
             if parts is None:

@@ -105,7 +105,8 @@ class LayerCaches(list):
 @dataclass(frozen=True)
 class Causal:
     """The causal mask of one block of T queries that follows ``offset`` cached positions: query i sees keys up to
-    offset+i and, with a sliding ``window``, only the last ``window`` of them (transformers' ``kv_idx > q_idx - window``).
+    offset+i and, with a sliding ``window``, only the last ``window`` of them (transformers' ``kv_idx > q_idx - window``);
+    with ``chunk`` (Llama 4's chunked attention), only those of its own chunk (``kv_idx // chunk == q_idx // chunk``).
 
     Attention asks it, per block of queries, which keys matter (``keys``) and for the additive mask over just those
     (``block``), so a long prompt never materialises a [T, T] mask.
@@ -113,10 +114,13 @@ class Causal:
 
     offset: int
     window: int | None = None
+    chunk: int | None = None
 
     def keys(self, q0: int, q1: int) -> tuple[int, int]:
         """The key range [lo, hi) that queries q0..q1-1 of the block can see."""
         lo = max(0, self.offset + q0 - self.window + 1) if self.window else 0
+        if self.chunk:
+            lo = max(lo, (self.offset + q0) // self.chunk * self.chunk)
         return lo, self.offset + q1
 
     def block(self, q0: int, q1: int, dtype: mx.Dtype = mx.float32) -> mx.array | None:
@@ -129,4 +133,6 @@ class Causal:
         seen = k <= q
         if self.window:
             seen = seen & (k > q - self.window)
+        if self.chunk:
+            seen = seen & (k // self.chunk == q // self.chunk)
         return mx.where(seen, mx.array(0, dtype), mx.array(-math.inf, dtype)).astype(dtype)

@@ -19,7 +19,7 @@ import mlx.nn as nn
 
 from moepack import arch
 from moepack.errors import UnsupportedArchitecture
-from moepack.runtime.models.attention import attend, query_temperature
+from moepack.runtime.models.attention import OutputGate, attend, query_temperature
 from moepack.runtime.models.base import MLP, CausalLM, DecoderLayer, MoEArgs
 from moepack.runtime.models.cache import Causal, KVCache
 from moepack.runtime.models.dsa import Indexer, PositionScaling, Relay, RelayedLM
@@ -70,6 +70,10 @@ VARIANTS = {
         ("routed_scaling_factor", 2.5), ("norm_topk_prob", True), ("n_group", 8), ("topk_group", 4),
         ("rms_norm_eps", 1e-6), ("max_position_embeddings", 262144), ("rope_theta", 6e6))),
     # run by mistral_large4.py: softmax router over groups' top-2 sums, always renormalised, no correction bias
+    # run by hy_v4.py: V3's router over one group; its indexer rotates halves (the trailing rope dims)
+    "hy_v4": replace(V3, indexer_rope="halves", defaults=(
+        ("routed_scaling_factor", 2.827), ("norm_topk_prob", True), ("n_group", 1), ("topk_group", 1),
+        ("rms_norm_eps", 1e-5), ("index_n_heads", 16), ("max_position_embeddings", 262144))),
     "mistral_large4_text": Variant("softmax", "top2", False, True, False, False, indexer_rope="interleaved", defaults=(
         ("norm_topk_prob", True), ("n_group", 1), ("topk_group", 1), ("rms_norm_eps", 1e-5), ("index_n_heads", 32),
         ("n_shared_experts", 1))),
@@ -127,14 +131,15 @@ class MLAttention(nn.Module):
     ``rope`` None: a NoPE layer, whose keys' rope dims join the nope part (kv_b_proj is that much wider).
     ``kv_source``: another (earlier) layer whose latent KV this layer attends to; it then has no kv_a_proj of its
     own and caches no latent (Mistral Large 4). ``lora_eps``: kv_a_layernorm's eps (``q_lora_eps``: q_a_layernorm's). ``position_scaling``: Mistral
-    Large 4's learned per-head, per-position query scaling (``softmax_scaling``). ``head_gate``: each head's output
-    times sigmoid(``g_proj``(x)) before ``o_proj`` (Bailing hybrid).
+    Large 4's learned per-head, per-position query scaling (``softmax_scaling``). ``sinks``: a learned logit per head
+    in the softmax (``sinks``); ``gate``: an output gate over each head's values (Hunyuan v4: ``gate_proj``).
     """
 
     def __init__(self, a: ModelArgs, rope: nn.Module | None, indexer: Indexer | None = None,
                  relay: Relay | None = None, *, layer: int = 0, kv_source: int | None = None,
-                 lora_eps: float = LORA_NORM_EPS, q_lora_eps: float = LORA_NORM_EPS, position_scaling: bool = False,
-                 lora_scales: tuple[float, float] = (1.0, 1.0), head_gate: bool = False):
+                 lora_eps: float = LORA_NORM_EPS, q_lora_eps: float = LORA_NORM_EPS,
+                 position_scaling: bool = False,
+                 lora_scales: tuple[float, float] = (1.0, 1.0), sinks: bool = False, gate: OutputGate | None = None):
         super().__init__()
         self.q_scale, self.kv_scale = lora_scales
         H, nH = a.hidden_size, a.num_attention_heads
@@ -156,8 +161,11 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(nH * self.v_dim, H, bias=a.attention_bias)
         if position_scaling:
             self.softmax_scaling = PositionScaling(nH)
-        if head_gate:
-            self.g_proj = nn.Linear(H, nH, bias=False)
+        if sinks:
+            self.sinks = mx.zeros((nH,))
+        self.gate = gate
+        if gate is not None:
+            setattr(self, gate.name, nn.Linear(H, nH * (1 if gate.per_head else self.v_dim), bias=False))
         self._rope = rope  # underscore: a model-level module (learned in Mistral Large 4), not this layer's weights
         self.scale = softmax_scale(a)
         # Mistral 4: queries scaled by 1 + beta·ln(1 + floor(pos / original context))
@@ -190,14 +198,16 @@ class MLAttention(nn.Module):
         k = kv_up[..., : self.nope]
         if self.rope_dim:
             k = mx.concatenate([k, mx.broadcast_to(kv[1], (B, self.n_heads, S, self.rope_dim))], axis=-1)
-        return self._output(attend(q, k, kv_up[..., self.nope :], self.scale, mask), x)  # k [B, nH, S, nope+rope]
+        # k [B, nH, S, nope+rope]
+        return self._output(attend(q, k, kv_up[..., self.nope :], self.scale, mask, self._sinks(q.dtype)), x)
+
+    def _sinks(self, dtype: mx.Dtype) -> mx.array | None:
+        return self.sinks.astype(dtype) if "sinks" in self else None
 
     def _output(self, o: mx.array, x: mx.array) -> mx.array:
-        """o [B, T, nH·v] (heads merged) -> o_proj, each head gated first where the layer has ``g_proj``."""
-        if "g_proj" in self:
-            B, T, _ = o.shape
-            gate = mx.sigmoid(self.g_proj(x).astype(mx.float32)).astype(o.dtype)  # [B, T, nH]
-            o = (o.reshape(B, T, self.n_heads, -1) * gate[..., None]).reshape(B, T, -1)
+        """The heads' values o [B, T, nH·v] (gated by the layer input x where there is a gate) -> [B, T, hidden]."""
+        if self.gate is not None:
+            o = self.gate(o, self[self.gate.name](x), self.v_dim)
         return self.o_proj(o)
 
     def _latent_kv(self, x: mx.array, offset: int) -> tuple[mx.array, ...]:
@@ -250,7 +260,7 @@ class MLAttention(nn.Module):
         q_lat = self._per_head(q[..., : self.nope], 0, self.nope, transpose=False)  # [B, nH, T, kv_lora]
         q = mx.concatenate([q_lat, q[..., self.nope :]], axis=-1)  # [B, nH, T, kv_lora+rope]
         k = mx.concatenate([latent, kv[1]], axis=-1) if self.rope_dim else latent  # [B, 1, S, kv_lora+rope]
-        o = attend(q, k, latent, self.scale, mask, merge_heads=False)  # [B, nH, T, kv_lora]
+        o = attend(q, k, latent, self.scale, mask, self._sinks(q.dtype), merge_heads=False)  # [B, nH, T, kv_lora]
         o = self._per_head(o, self.nope, self.nope + self.v_dim, transpose=True)  # [B, nH, T, v]
         return o.transpose(0, 2, 1, 3).reshape(B, T, -1)
 
@@ -269,8 +279,9 @@ class MLAttention(nn.Module):
         return x @ (w.swapaxes(-1, -2) if transpose else w)
 
 
-def moe_block(a: ModelArgs, v: Variant, store, layer: int) -> MoE:
-    """Router (V2: softmax, group max; V3: sigmoid + correction bias, group top-2), routed and shared experts."""
+def moe_block(a: ModelArgs, v: Variant, store, layer: int, activation: Callable | None = None) -> MoE:
+    """Router (V2: softmax, group max; V3: sigmoid + correction bias, group top-2), routed and shared experts;
+    ``activation``: the routed experts' instead of SwiGLU (Hunyuan v4 clamps them, not the shared expert)."""
     grouped = True
     if v.reads_topk_method:
         if a.topk_method not in V2_TOPK_METHODS:
@@ -282,7 +293,8 @@ def moe_block(a: ModelArgs, v: Variant, store, layer: int) -> MoE:
                            topk_group=a.topk_group or 1, renormalize=a.norm_topk_prob and v.honours_norm_topk_prob,
                            scaling=a.routed_scaling_factor, correction_bias=v.correction_bias, score=v.score,
                            group_score=v.group_score)
-    return MoE(router, StreamedExperts(store, layer), shared=shared)
+    experts = StreamedExperts(store, layer) if activation is None else StreamedExperts(store, layer, activation)
+    return MoE(router, experts, shared=shared)
 
 
 class Model(RelayedLM, CausalLM):

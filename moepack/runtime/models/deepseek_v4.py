@@ -41,7 +41,7 @@ from moepack.runtime.models.attention import attend
 from moepack.runtime.models.base import MLP, CausalLM, MoEArgs
 from moepack.runtime.models.cache import Causal
 from moepack.runtime.models.compressed import CompressedMask, Compressor, CompressorState, Indexer, V4Cache
-from moepack.runtime.models.hyper import HyperDecoderLayer, HyperHead, unweighted_rms_norm
+from moepack.runtime.models.hyper import HyperDecoderLayer, HyperHead, HyperLM, unweighted_rms_norm
 from moepack.runtime.models.moe import GroupedRouter, HashRouter, MoE, StreamedExperts, clamped_silu
 from moepack.runtime.models.rope import ScaledRoPE
 
@@ -255,7 +255,7 @@ def moe_block(a: ModelArgs, store, layer: int) -> MoE:
                shared=MLP(a.hidden_size, a.moe_intermediate_size, activation=act))
 
 
-class Model(CausalLM):
+class Model(HyperLM, CausalLM):
     routes_by_token = True
 
     def __init__(self, cfg: dict, store):
@@ -269,9 +269,6 @@ class Model(CausalLM):
         super().__init__(a, layers)
         self.streams = a.hc_mult
         self.model.hc_head = HyperHead(a.hidden_size, a.hc_mult, a.hc_eps, a.rms_norm_eps)
-
-    def head(self, h: mx.array) -> mx.array:
-        return super().head(self.model.hc_head(h))
 
     def make_cache(self) -> list:
         return [V4Cache() for _ in self.model.layers]

@@ -37,8 +37,10 @@ class ModelArgs(MoEArgs):
 
 
 class Model(CausalLM):
+    args: type[ModelArgs] = ModelArgs  # Hunyuan v3 builds this model from its own config fields
+
     def __init__(self, cfg: dict, store):
-        a = ModelArgs.from_config(cfg)
+        a = self.args.from_config(cfg)
         rope = ScaledRoPE(a.head_size, a.rope_theta, a.rope_scaling, a.max_position_embeddings)
         moe = set(arch.moe_layers(cfg))
         layers = []

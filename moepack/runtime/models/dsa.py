@@ -78,11 +78,12 @@ class Indexer(nn.Module):
 
     ``q_dim``: what ``wq_b`` reads: the attention's normalised query LoRA (DeepSeek-V3.2, GLM-5: ``q_lora_rank``), or
     the hidden state itself through ``q_input_norm`` with a per-position query scaling (Mistral Large 4).
-    ``rope``: applied to the first ``rope_dim`` dims of the indexer's queries and keys (None: a NoPE layer).
+    ``rope``: applied to the indexer's queries and keys (None: a NoPE layer); it rotates the first ``rope_dim``
+    dims, or the last (Hunyuan v4: a ``trailing`` rope). ``norm_eps``: ``k_norm``'s (Hunyuan v4: ``rms_norm_eps``).
     """
 
     def __init__(self, *, hidden: int, q_dim: int, n_heads: int, head_dim: int, topk: int, rope: nn.Module | None,
-                 from_hidden: bool = False):
+                 from_hidden: bool = False, norm_eps: float = INDEXER_NORM_EPS):
         super().__init__()
         self.n_heads, self.head_dim, self.topk = n_heads, head_dim, topk
         if from_hidden:
@@ -90,7 +91,7 @@ class Indexer(nn.Module):
             self.softmax_scaling = PositionScaling(n_heads)
         self.wq_b = nn.Linear(q_dim, n_heads * head_dim, bias=False)
         self.wk = nn.Linear(hidden, head_dim, bias=False)
-        self.k_norm = nn.LayerNorm(head_dim, eps=INDEXER_NORM_EPS)
+        self.k_norm = nn.LayerNorm(head_dim, eps=norm_eps)
         self.weights_proj = HeadWeights(hidden, n_heads, bias=False)
         self._rope = rope  # underscore: a model-level module, not this indexer's weights
 
@@ -129,7 +130,7 @@ class Indexer(nn.Module):
             if block < T:
                 mx.eval(idx)
             chosen.append(idx)
-        return Sparse(mask.offset, mask.window, mx.concatenate(chosen, axis=1) if len(chosen) > 1 else chosen[0])
+        return Sparse(mask.offset, mask.window, mask.chunk, mx.concatenate(chosen, axis=1) if len(chosen) > 1 else chosen[0])
 
 
 @dataclass
@@ -208,4 +209,4 @@ class PooledIndexer(Indexer):
             chosen.append(mx.broadcast_to(mx.where(j < count, t + 1 - count + j, never), (B, T, P - 1)))
         if not chosen:  # nothing selectable: every key hidden (transformers' all -1 row)
             chosen.append(mx.full((B, T, 1), never, mx.int32))
-        return Sparse(mask.offset, mask.window, mx.concatenate(chosen, axis=-1).astype(mx.int32))
+        return Sparse(mask.offset, mask.window, mask.chunk, mx.concatenate(chosen, axis=-1).astype(mx.int32))

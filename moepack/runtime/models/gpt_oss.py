@@ -13,13 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlx.core as mx
-import mlx.nn as nn
 
-from moepack.runtime import kernels
 from moepack.runtime.models.attention import Attention, attend
 from moepack.runtime.models.base import CausalLM, DecoderLayer, MoEArgs
 from moepack.runtime.models.cache import Causal
-from moepack.runtime.models.moe import MoE, StreamedExperts, topk
+from moepack.runtime.models.moe import MoE, StreamedExperts, TopKLogitsRouter
 from moepack.runtime.models.rope import ScaledRoPE
 
 
@@ -64,20 +62,6 @@ class SinkAttention(Attention):
         return attend(q, k, v, self.scale, mask, self.sinks)
 
 
-class TopKLogitsRouter(nn.Linear):
-    """Router weight and bias -> top-k logits -> softmax over those k."""
-
-    def __init__(self, hidden: int, n_experts: int, top_k: int):
-        super().__init__(hidden, n_experts, bias=True)
-        self.top_k = top_k
-
-    def __call__(self, flat: mx.array) -> tuple[mx.array, mx.array]:
-        """[N, H] -> expert ids [N, K] and weights [N, K]."""
-        logits = kernels.linear(self, flat).astype(mx.float32)  # [N, E]
-        inds = topk(logits, self.top_k)
-        return inds, mx.softmax(mx.take_along_axis(logits, inds, axis=-1), axis=-1)
-
-
 class Model(CausalLM):
     def __init__(self, cfg: dict, store):
         a = ModelArgs.from_config(cfg)
@@ -86,7 +70,8 @@ class Model(CausalLM):
         layers = []
         for i in range(a.num_hidden_layers):
             attn = SinkAttention.for_args(a, rope, qkv_bias=a.attention_bias, o_bias=a.attention_bias)
-            moe = MoE(TopKLogitsRouter(a.hidden_size, a.num_experts, a.top_k), StreamedExperts(store, i, activation=act))
+            moe = MoE(TopKLogitsRouter(a.hidden_size, a.num_experts, a.top_k, bias=True),
+                      StreamedExperts(store, i, activation=act))
             window = a.sliding_window if a.layer_types[i] == "sliding_attention" else None
             layers.append(DecoderLayer(attn, moe, a, sliding_window=window))
         super().__init__(a, layers)

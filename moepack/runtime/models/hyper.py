@@ -105,19 +105,20 @@ class HyperDecoderLayer(nn.Module):
     """A pre-norm block over hyper-connection streams: the attention and the MLP each read the streams collapsed by
     their own ``HyperConnection`` (``attn_hc``, ``ffn_hc``) and write back through it.
 
-    ``mlp`` gets the token ids too where it routes by them (``MoE.by_token``: hash-routed layers).
+    ``mlp`` gets the token ids too where it routes by them (``MoE.by_token``: hash-routed layers). ``mixing`` and
+    ``magnitude``: the hyper-connections' (see ``HyperConnection``).
     """
 
     def __init__(self, mixer: nn.Module, mlp: nn.Module, hidden: int, eps: float, n: int, iters: int, hc_eps: float,
-                 *, sliding_window: int | None = None):
+                 *, sliding_window: int | None = None, mixing: bool = True, magnitude: float = 2.0):
         super().__init__()
         self.sliding_window, self.mixer = sliding_window, "self_attn"
         self.self_attn = mixer
         self.mlp = mlp
         self.input_layernorm = nn.RMSNorm(hidden, eps=eps)
         self.post_attention_layernorm = nn.RMSNorm(hidden, eps=eps)
-        self.attn_hc = HyperConnection(hidden, n, iters, hc_eps, eps)
-        self.ffn_hc = HyperConnection(hidden, n, iters, hc_eps, eps)
+        self.attn_hc = HyperConnection(hidden, n, iters, hc_eps, eps, mixing=mixing, magnitude=magnitude)
+        self.ffn_hc = HyperConnection(hidden, n, iters, hc_eps, eps, mixing=mixing, magnitude=magnitude)
 
     def __call__(self, h: mx.array, mask, cache, tokens: mx.array | None = None) -> mx.array:
         """h [B, T, n, H] -> [B, T, n, H]."""
@@ -130,3 +131,25 @@ class HyperDecoderLayer(nn.Module):
         y = self.post_attention_layernorm(x)
         y = self.mlp(y, tokens) if by_token else self.mlp(y)
         return HyperConnection.merge(post, comb, y, h)
+
+
+class MeanHead(nn.Module):
+    """GLM-5.3-Flash's final collapse of the streams: a plain mean, no weights."""
+
+    def __call__(self, streams: mx.array) -> mx.array:
+        return streams.mean(axis=2)
+
+
+class HyperLM:
+    """Mixin for a ``CausalLM`` whose residual is ``streams`` hyper-connection streams: every stream starts as the
+    embedding, and ``model.hc_head`` (a ``HyperHead``) collapses them before the final norm."""
+
+    streams: int
+
+    def embed(self, tokens: mx.array) -> mx.array:
+        """[B, T] -> every stream starts as the embedding: [B, T, n, H]."""
+        e = super().embed(tokens)
+        return mx.broadcast_to(e[:, :, None], (*e.shape[:2], self.streams, e.shape[-1]))
+
+    def head(self, h: mx.array) -> mx.array:
+        return super().head(self.model.hc_head(h))

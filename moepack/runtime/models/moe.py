@@ -1,8 +1,9 @@
 """The MoE block: a router picks each token's experts, the routed experts stream from the expert store, and an
 optional shared expert runs on every token.
 
-One block serves every family; what differs is the router module (softmax top-k, grouped sigmoid, gpt-oss's top-k
-logits) and the expert activation. Output never depends on the memory budget: the experts a layer needs are split
+One block serves every family; what differs is the router module (softmax top-k, grouped sigmoid, top-k logits
+then softmax (gpt-oss) or sigmoid (Llama 4)), the expert activation, and whether routing weights scale the experts'
+outputs or, as Llama 4's do, their inputs. Output never depends on the memory budget: the experts a layer needs are split
 into pool-sized batches of whole experts (:func:`plan_batches`), and each (token, choice) pair is computed the same
 way whichever batch it falls in.
 """
@@ -76,6 +77,21 @@ class SoftmaxRouter(nn.Linear):
 
 SCORES = {"sigmoid": mx.sigmoid, "softmax": lambda logits: mx.softmax(logits, axis=-1),
           "sqrtsoftplus": lambda logits: mx.sqrt(nn.softplus(logits))}  # DeepSeek V4
+
+
+class TopKLogitsRouter(nn.Linear):
+    """Router weight (and bias) -> top-k logits -> weights from those k alone: softmax over them (gpt-oss) or each
+    one's sigmoid (Llama 4)."""
+
+    def __init__(self, hidden: int, n_experts: int, top_k: int, bias: bool = False, weigh: str = "softmax"):
+        super().__init__(hidden, n_experts, bias=bias)
+        self.top_k, self.weigh = top_k, SCORES[weigh]
+
+    def __call__(self, flat: mx.array) -> tuple[mx.array, mx.array]:
+        """[N, H] -> expert ids [N, K] and weights [N, K]."""
+        logits = kernels.linear(self, flat).astype(mx.float32)  # [N, E]
+        inds = topk(logits, self.top_k)
+        return inds, self.weigh(mx.take_along_axis(logits, inds, axis=-1))
 
 
 class GroupedRouter(nn.Module):
@@ -262,9 +278,12 @@ class StreamedExperts:
         ids = inds.reshape(-1)
         return np.unique(self._stored(ids))[: self.capacity(ids, decode=inds.shape[0] == 1)]
 
-    def __call__(self, x: mx.array, inds: mx.array, weights: mx.array) -> mx.array:
-        """x [N, H], inds [N, K] expert ids, weights [N, K] -> [N, H]."""
-        y = self._decode(x, inds, weights) if inds.shape[0] == 1 else self._prompt(x, inds, weights)
+    def __call__(self, x: mx.array, inds: mx.array, weights: mx.array, decode: bool | None = None) -> mx.array:
+        """x [N, H], inds [N, K] expert ids, weights [N, K] -> [N, H]. ``decode``: every row is one sequence's next
+        token (a batch of sequences, runtime/batch.py): each (token, choice) pair computed as a lone token's is;
+        default: only when N is 1, else the prompt path."""
+        decode = inds.shape[0] == 1 if decode is None else decode
+        y = self._decode(x, inds, weights) if decode else self._prompt(x, inds, weights)
         if self.zero_from is None:
             return y
         zero_w = mx.where(inds >= self.zero_from, weights, mx.array(0, weights.dtype)).sum(axis=-1, keepdims=True)
@@ -337,7 +356,7 @@ class StreamedExperts:
         keys = self.store.acquire(self.layer, batches[0].experts, cold=cold)
         for i, b in enumerate(batches):
             groups = list(zip(keys, self.store.slots(keys).tolist(), np.split(b.pairs, np.cumsum(b.rows)[:-1])))
-            if i + 1 < len(batches):
+            if i + 1 < len(batches) and n >= 2:
                 keys = self.store.acquire(self.layer, batches[i + 1].experts, busy=b.experts, cold=cold)
             # In ascending expert order (the order rows are summed in, whatever the batches), each expert as soon as
             # its own read has landed: on the CPU runs of experts with many rows go through numpy's BLAS, a few at a
@@ -369,6 +388,8 @@ class StreamedExperts:
                         y = y.at[mx.array(tok)].add(seg.astype(y.dtype))
             if not cpu:
                 mx.eval(y)  # these slots may be reused from here on
+            if i + 1 < len(batches) and n < 2:  # a one-slot pool (top-1 routing) reads the next batch only now
+                keys = self.store.acquire(self.layer, batches[i + 1].experts, cold=cold)
         if cpu:
             y = mx.array(y).astype(x.dtype)
         if cold:  # each layer's most used experts of the prompt stay for the decode that follows
@@ -426,13 +447,18 @@ class StreamedExperts:
 
 class MoE(nn.Module):
     """Router -> streamed routed experts, plus an optional shared expert (scaled per token by
-    sigmoid(shared_expert_gate(x)) where ``shared_gate``: Qwen2-MoE, Qwen3-Next)."""
+    sigmoid(shared_expert_gate(x)) where ``shared_gate``: Qwen2-MoE, Qwen3-Next).
+
+    ``scale_inputs``: each chosen expert computes on the token scaled by its routing weight and its output is summed
+    unweighted (Llama 4), instead of weighing the outputs.
+    """
 
     def __init__(self, router: nn.Module, experts: StreamedExperts, shared: nn.Module | None = None,
-                 shared_gate: bool = False):
+                 shared_gate: bool = False, scale_inputs: bool = False):
         super().__init__()
         self.router = router
         self.experts = experts
+        self.scale_inputs = scale_inputs
         if shared is not None:
             self.shared_expert = shared
             if shared_gate:
@@ -443,6 +469,12 @@ class MoE(nn.Module):
     def by_token(self) -> bool:
         """Whether the router picks experts by token id (then call with the ids)."""
         return getattr(self.router, "by_token", False)
+
+    @property
+    def batchable(self) -> bool:
+        """Whether the decoding rows of several sequences can share one call of the routed experts (runtime/batch.py
+        routes each row by its hidden state and weighs the outputs; zero experts are handled by the plain path)."""
+        return not (self.by_token or self.scale_inputs or self.experts.zero_from is not None)
 
     def prefetch(self, tokens: mx.array) -> None:
         """A hash-routed layer: start reading the experts ``tokens`` will use now, before the layer runs: those of
@@ -455,10 +487,20 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [N, H]
         inds, w = self.router(flat, tokens) if self.by_token else self.router(flat)
-        y = self.experts(flat, inds, w.astype(flat.dtype))
+        if self.scale_inputs:  # one row per (token, choice): [N*K, H] with weight 1 each, summed back per token
+            N, K = inds.shape
+            rows = (flat[:, None, :] * w[..., None].astype(flat.dtype)).reshape(N * K, -1)
+            y = self.experts(rows, inds.reshape(N * K, 1), mx.ones((N * K, 1), flat.dtype))
+            y = y.reshape(N, K, -1).sum(axis=1) if K > 1 else y
+        else:
+            y = self.experts(flat, inds, w.astype(flat.dtype))
+        return self.add_shared(flat, y).reshape(shape)
+
+    def add_shared(self, flat: mx.array, y: mx.array) -> mx.array:
+        """The routed experts' output ``y`` [N, H] plus the shared expert's (if any) on the block's input [N, H]."""
         if "shared_expert" in self:
             s = self.shared_expert(flat)
             if "shared_expert_gate" in self:
                 s = mx.sigmoid(self.shared_expert_gate(flat)) * s
             y = y + s
-        return y.reshape(shape)
+        return y

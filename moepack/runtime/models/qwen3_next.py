@@ -8,7 +8,7 @@ expert scaled by sigmoid(shared_expert_gate(x)).
   decay ``g = -exp(A_log)·softplus(a + dt_bias)``, ``beta = sigmoid(b)``, the delta rule
   ``S ← S·e^g + k ⊗ beta(v − Sᵀk)``, ``o = Sᵀq / sqrt(d_k)``, then RMSNorm(o)·silu(z). Prefill runs it chunkwise
   (the UT transform, as transformers' ``torch_chunk_gated_delta_rule``), decoding one token at a time.
-- Norms are zero-centred (``x̂·(1 + w)``) except the DeltaNet's output norm: ``sanitize`` adds the 1 at load
+- Norms are zero-centred (``x̂·(1 + w)``) except the DeltaNet's output norm: ``zero_centred`` adds the 1 at load
   (exact in float32; in bf16 compute 1 + w is rounded to bf16, where transformers keeps it float32).
 
 Qwen3-Next fuses the DeltaNet input projections per key head (``in_proj_qkvz``: [q, k, v, z] groups;
@@ -160,9 +160,10 @@ class Model(CausalLM):
     def make_cache(self) -> list:
         return [RecurrentCache() if layer.mixer == "linear_attn" else KVCache() for layer in self.model.layers]
 
+    zero_centred = ZERO_CENTRED
+
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Zero-centred norms store w and scale by 1 + w: add the 1 here, so plain RMSNorm runs them. The conv's
-        weight goes from the checkpoint's [C, 1, K] to MLX's [C, K, 1]."""
+        """The conv's weight goes from the checkpoint's [C, 1, K] to MLX's [C, K, 1] (zero-centred norms get their
+        1 in ``CausalLM.sanitize``)."""
         weights = super().sanitize(weights)
-        weights = {k: (v.swapaxes(1, 2) if k.endswith("conv1d.weight") else v) for k, v in weights.items()}
-        return {k: (v.astype(mx.float32) + 1 if ZERO_CENTRED.search(k) else v) for k, v in weights.items()}
+        return {k: (v.swapaxes(1, 2) if k.endswith("conv1d.weight") else v) for k, v in weights.items()}

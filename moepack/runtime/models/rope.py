@@ -1,4 +1,4 @@
-"""Rotary position embeddings with the scalings transformers implements (default, linear, YaRN), computed from
+"""Rotary position embeddings with the scalings transformers implements (default, linear, YaRN, llama3), computed from
 explicit inverse frequencies so every family's variant (partial rotary, interleaved pairs, attention factor) is one module."""
 
 from __future__ import annotations
@@ -39,11 +39,23 @@ def _yarn(inv: np.ndarray, dim: int, theta: float, s: dict, max_pos: int | None)
     return inv / factor * (1 - extrapolate) + inv * extrapolate, float(attention_factor)
 
 
+def _llama3(inv: np.ndarray, dim: int, theta: float, s: dict, max_pos: int | None) -> tuple[np.ndarray, float]:
+    # transformers' _compute_llama3_parameters: long wavelengths divided by factor, short ones kept, a smooth ramp between
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    orig = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > orig / low, inv / factor, inv)
+    smooth = (orig / wavelen - low) / (high - low)
+    medium = (wavelen >= orig / high) & (wavelen <= orig / low)
+    return np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled), 1.0
+
+
 # rope_type -> (inverse frequencies, rope dims, theta, scaling dict, max_position_embeddings) -> (inv_freq, cos/sin factor)
 ROPE_TYPES = {
     "default": lambda inv, dim, theta, s, max_pos: (inv, 1.0),
     "linear": lambda inv, dim, theta, s, max_pos: (inv / s["factor"], 1.0),
     "yarn": _yarn,
+    "llama3": _llama3,
 }
 
 
@@ -100,6 +112,14 @@ class ScaledRoPE(nn.Module):
         return self._freqs
 
     def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+        """x [..., T, D] rotated at positions offset, offset + 1, ... (the first ``dims`` features, or the last
+        where ``trailing``)."""
+        d = self.dims
+        if self.trailing and d < x.shape[-1]:
+            return mx.concatenate([x[..., :-d], self._rotate(x[..., -d:], offset)], axis=-1)
+        return self._rotate(x, offset)
+
+    def _rotate(self, x: mx.array, offset: int) -> mx.array:
         y = mx.fast.rope(x, self.dims, traditional=self.traditional, base=None, scale=1.0, offset=offset,
                          freqs=self.wavelengths())
         if self.attention_factor == 1.0:
