@@ -19,7 +19,8 @@ from moepack.errors import UnsupportedArchitecture
 # Canonical config keys and the spellings found in the wild, first match wins.
 CONFIG_ALIASES: dict[str, tuple[str, ...]] = {
     "num_experts": ("n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts"),
-    "top_k": ("num_experts_per_tok", "moe_topk", "top_k", "moe_k", "moe_top_k", "num_experts_per_token"),
+    "top_k": ("num_experts_per_tok", "moe_topk", "top_k", "moe_k", "moe_top_k",
+              "num_experts_per_token"),  # Kimi Linear's and Bailing's releases: the last
     "n_shared_experts": ("n_shared_experts", "num_shared_experts"),  # Sarvam's release: num_shared_experts
     "attention_bias": ("attention_bias", "use_qkv_bias"),  # Sarvam's release: use_qkv_bias
     "num_hidden_layers": ("num_hidden_layers", "num_layers"),  # LongCat-Flash: num_layers (each two sublayers)
@@ -98,15 +99,26 @@ def _afmoe_layer(cfg: dict, i: int) -> bool:
 
 
 def _sparse_by_type(cfg: dict, i: int, first_sparse: int) -> bool:
-    """``mlp_layer_types`` ("dense"/"sparse" per layer: Laguna, Hunyuan v3, Step 3.7, the KDA families), else Step
-    3.7's release spelling ``moe_layers_enum`` (MoE layer indices, a list or "3,4,..."), else layers from
-    ``first_k_dense_replace`` on, or from ``first_sparse`` (the family's default: Kimi Linear 1, Bailing hybrid 2,
-    GLM-5.3 3)."""
+    """``mlp_layer_types`` ("dense"/"sparse" per layer: Laguna, Hunyuan v3, Step 3.7), else Step 3.7's release spelling
+    ``moe_layers_enum`` (MoE layer indices, a list or "3,4,..."), else layers from ``first_sparse`` on (the family's
+    default)."""
     if types := cfg.get("mlp_layer_types"):
         return types[i] == "sparse"
     if (enum := cfg.get("moe_layers_enum")) is not None:
         return i in {int(x) for x in (enum.split(",") if isinstance(enum, str) else enum) if str(x).strip()}
-    return i >= cfg.get("first_k_dense_replace", first_sparse)
+    return i >= first_sparse
+
+
+def _leading_dense(default: int) -> Callable[[dict, int], bool]:
+    """``mlp_layer_types``, else every layer from ``first_k_dense_replace`` on (the family's ``default`` where the
+    config gives neither: Kimi Linear 1, Bailing hybrid 2, GLM-5.3 3)."""
+
+    def is_moe(cfg: dict, i: int) -> bool:
+        if cfg.get("mlp_layer_types"):
+            return cfg["mlp_layer_types"][i] == "sparse"
+        return i >= cfg.get("first_k_dense_replace", default)
+
+    return is_moe
 
 
 def _ernie_moe_layer(cfg: dict, i: int) -> bool:
@@ -222,11 +234,11 @@ FAMILIES: tuple[Family, ...] = (
     Family("step3p7", ("step3p7", "step3p5"), ("moe_intermediate_size",), partial(_sparse_by_type, first_sparse=3)),
     Family("hy_v4", ("hy_v4",), ("moe_intermediate_size",), partial(_sparse_by_type, first_sparse=1), native=HY_V4_NAMES),
     # KDA linear attention (moepack/runtime/models/kda.py) mixed with NoPE MLA
-    Family("kimi_linear", ("kimi_linear",), ("moe_intermediate_size",), partial(_sparse_by_type, first_sparse=1)),
+    Family("kimi_linear", ("kimi_linear",), ("moe_intermediate_size",), _leading_dense(1)),
     # KDA + NoPE MLA with a pooled-key DSA indexer, hyper-connections; the text model of a multimodal checkpoint
-    Family("glm5_next", ("glm5_next", "glm5_next_text"), ("moe_intermediate_size",), partial(_sparse_by_type, first_sparse=3)),
+    Family("glm5_next", ("glm5_next", "glm5_next_text"), ("moe_intermediate_size",), _leading_dense(3)),
     # KDA (full-rank gates) + gated MLA groups, the release's Ling names
-    Family("bailing_hybrid", ("bailing_hybrid",), ("moe_intermediate_size",), partial(_sparse_by_type, first_sparse=2)),
+    Family("bailing_hybrid", ("bailing_hybrid",), ("moe_intermediate_size",), _leading_dense(2)),
 )
 BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 

@@ -1,6 +1,6 @@
-"""DSA families over a two-rank pipeline (GLM-5.3-Flash with its KDA layers too): the same logits, greedy tokens
-and cached conversation as one process; a stage never begins at a layer that reuses an earlier layer's top-k selection
-or latent KV (GLM-5's and Hunyuan v4's shared-indexer layers, Mistral Large 4's KV-sharing layers)."""
+"""DSA families over a two-rank pipeline (GLM-5.3-Flash with its KDA layers too): the same logits, greedy tokens and
+cached conversation as one process; a stage never begins at a layer that reuses an earlier layer's top-k selection or
+latent KV (GLM-5's and Hunyuan v4's shared-indexer layers, Mistral Large 4's KV-sharing layers)."""
 
 from __future__ import annotations
 

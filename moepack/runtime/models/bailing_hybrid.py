@@ -53,4 +53,4 @@ class Model(kimi_linear.Model):
     @staticmethod
     def attention(a: ModelArgs, layer: int) -> deepseek.MLAttention:
         rope = ScaledRoPE(a.qk_rope_head_dim, a.rope_theta, a.rope_scaling, a.max_position_embeddings, traditional=True)
-        return deepseek.MLAttention(a, rope, layer=layer, gate=OutputGate("g_proj", per_head=True))
+        return deepseek.MLAttention(a, rope, layer=layer, gate=OutputGate("g_proj", "sigmoid", per_head=True))

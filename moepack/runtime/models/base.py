@@ -162,7 +162,7 @@ class CausalLM(nn.Module):
         return self.head(self.run_layers(self.embed(tokens), cache, tokens=tokens))
 
     def embed(self, tokens: mx.array) -> mx.array:
-        """tokens [B, T] -> the first layer's input [B, T, H] (``hidden_shape``; hyper.HyperLM widens it to streams)."""
+        """tokens [B, T] -> the first layer's input [B, T, H] (``hidden_shape``)."""
         h = self.model.embed_tokens(tokens)
         return h if self.embed_scale == 1.0 else h * self.embed_scale
 

@@ -130,15 +130,15 @@ class MLAttention(nn.Module):
     indexer selection, which a layer with a relay and no indexer reuses; latent KV for layers that share it).
     ``rope`` None: a NoPE layer, whose keys' rope dims join the nope part (kv_b_proj is that much wider).
     ``kv_source``: another (earlier) layer whose latent KV this layer attends to; it then has no kv_a_proj of its
-    own and caches no latent (Mistral Large 4). ``lora_eps``: kv_a_layernorm's eps (``q_lora_eps``: q_a_layernorm's).
-    ``position_scaling``: Mistral Large 4's learned per-head, per-position query scaling (``softmax_scaling``).
-    ``sinks``: a learned logit per head in the softmax (``sinks``); ``gate``: an output gate over each head's values
-    (Hunyuan v4: ``gate_proj``; Bailing hybrid: ``g_proj``, one per head).
+    own and caches no latent (Mistral Large 4). ``lora_eps``: kv_a_layernorm's eps (``q_lora_eps``: q_a_layernorm's). ``position_scaling``: Mistral
+    Large 4's learned per-head, per-position query scaling (``softmax_scaling``). ``sinks``: a learned logit per head
+    in the softmax (``sinks``); ``gate``: an output gate over each head's values (Hunyuan v4: ``gate_proj``).
     """
 
     def __init__(self, a: ModelArgs, rope: nn.Module | None, indexer: Indexer | None = None,
                  relay: Relay | None = None, *, layer: int = 0, kv_source: int | None = None,
-                 lora_eps: float = LORA_NORM_EPS, q_lora_eps: float = LORA_NORM_EPS, position_scaling: bool = False,
+                 lora_eps: float = LORA_NORM_EPS, q_lora_eps: float = LORA_NORM_EPS,
+                 position_scaling: bool = False,
                  lora_scales: tuple[float, float] = (1.0, 1.0), sinks: bool = False, gate: OutputGate | None = None):
         super().__init__()
         self.q_scale, self.kv_scale = lora_scales

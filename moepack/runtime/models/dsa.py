@@ -130,7 +130,7 @@ class Indexer(nn.Module):
             if block < T:
                 mx.eval(idx)
             chosen.append(idx)
-        return Sparse(mask.offset, mask.window, mask.chunk, chosen=mx.concatenate(chosen, axis=1) if len(chosen) > 1 else chosen[0])
+        return Sparse(mask.offset, mask.window, mask.chunk, mx.concatenate(chosen, axis=1) if len(chosen) > 1 else chosen[0])
 
 
 @dataclass
@@ -209,4 +209,4 @@ class PooledIndexer(Indexer):
             chosen.append(mx.broadcast_to(mx.where(j < count, t + 1 - count + j, never), (B, T, P - 1)))
         if not chosen:  # nothing selectable: every key hidden (transformers' all -1 row)
             chosen.append(mx.full((B, T, 1), never, mx.int32))
-        return Sparse(mask.offset, mask.window, mask.chunk, chosen=mx.concatenate(chosen, axis=-1).astype(mx.int32))
+        return Sparse(mask.offset, mask.window, mask.chunk, mx.concatenate(chosen, axis=-1).astype(mx.int32))

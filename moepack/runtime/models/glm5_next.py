@@ -18,7 +18,7 @@ from moepack import arch
 from moepack.runtime.models import deepseek, kda
 from moepack.runtime.models.base import MLP, CausalLM
 from moepack.runtime.models.dsa import PooledIndexer, Relay, RelayedLM
-from moepack.runtime.models.hyper import HyperDecoderLayer, HyperLM
+from moepack.runtime.models.hyper import HyperDecoderLayer, HyperLM, MeanHead
 from moepack.runtime.models.moe import GroupedRouter, MoE, StreamedExperts, clamped_silu
 from moepack.runtime.models.rope import unrotated
 
@@ -44,7 +44,7 @@ class ModelArgs(deepseek.ModelArgs):
                                 for i in range(self.num_hidden_layers)]
 
 
-class Model(HyperLM, kda.HybridLM, RelayedLM, CausalLM):
+class Model(kda.HybridLM, HyperLM, RelayedLM, CausalLM):
     renames = ((".hc_attn_", ".attn_hc."), (".hc_ffn_", ".ffn_hc."), *kda.RENAMES)
 
     def __init__(self, cfg: dict, store):
@@ -78,9 +78,5 @@ class Model(HyperLM, kda.HybridLM, RelayedLM, CausalLM):
                                             a.hc_sinkhorn_iters, a.hc_eps))
         super().__init__(a, layers)
         self.streams = a.hc_mult
+        self.model.hc_head = MeanHead()
         self.layer_types = a.layer_types
-
-    def head(self, h: mx.array) -> mx.array:
-        """The streams collapse by a plain mean (GLM-5.3's head has no weights, unlike HyperLM's ``hc_head``), then
-        the final norm and LM head."""
-        return CausalLM.head(self, h.mean(axis=2))

@@ -133,6 +133,13 @@ class HyperDecoderLayer(nn.Module):
         return HyperConnection.merge(post, comb, y, h)
 
 
+class MeanHead(nn.Module):
+    """GLM-5.3-Flash's final collapse of the streams: a plain mean, no weights."""
+
+    def __call__(self, streams: mx.array) -> mx.array:
+        return streams.mean(axis=2)
+
+
 class HyperLM:
     """Mixin for a ``CausalLM`` whose residual is ``streams`` hyper-connection streams: every stream starts as the
     embedding, and ``model.hc_head`` (a ``HyperHead``) collapses them before the final norm."""
