@@ -99,26 +99,15 @@ def _afmoe_layer(cfg: dict, i: int) -> bool:
 
 
 def _sparse_by_type(cfg: dict, i: int, first_sparse: int) -> bool:
-    """``mlp_layer_types`` ("dense"/"sparse" per layer: Laguna, Hunyuan v3, Step 3.7), else Step 3.7's release spelling
-    ``moe_layers_enum`` (MoE layer indices, a list or "3,4,..."), else layers from ``first_sparse`` on (the family's
-    default)."""
+    """``mlp_layer_types`` ("dense"/"sparse" per layer: Laguna, Hunyuan v3 and v4, Step 3.7, the KDA families), else
+    Step 3.7's release spelling ``moe_layers_enum`` (MoE layer indices, a list or "3,4,..."), else layers from
+    ``first_k_dense_replace`` on, or from ``first_sparse`` (the family's default: Kimi Linear 1, Bailing hybrid 2,
+    GLM-5.3 3)."""
     if types := cfg.get("mlp_layer_types"):
         return types[i] == "sparse"
     if (enum := cfg.get("moe_layers_enum")) is not None:
         return i in {int(x) for x in (enum.split(",") if isinstance(enum, str) else enum) if str(x).strip()}
-    return i >= first_sparse
-
-
-def _leading_dense(default: int) -> Callable[[dict, int], bool]:
-    """``mlp_layer_types``, else every layer from ``first_k_dense_replace`` on (the family's ``default`` where the
-    config gives neither: Kimi Linear 1, Bailing hybrid 2, GLM-5.3 3)."""
-
-    def is_moe(cfg: dict, i: int) -> bool:
-        if cfg.get("mlp_layer_types"):
-            return cfg["mlp_layer_types"][i] == "sparse"
-        return i >= cfg.get("first_k_dense_replace", default)
-
-    return is_moe
+    return i >= cfg.get("first_k_dense_replace", first_sparse)
 
 
 def _ernie_moe_layer(cfg: dict, i: int) -> bool:
@@ -234,11 +223,11 @@ FAMILIES: tuple[Family, ...] = (
     Family("step3p7", ("step3p7", "step3p5"), ("moe_intermediate_size",), partial(_sparse_by_type, first_sparse=3)),
     Family("hy_v4", ("hy_v4",), ("moe_intermediate_size",), partial(_sparse_by_type, first_sparse=1), native=HY_V4_NAMES),
     # KDA linear attention (moepack/runtime/models/kda.py) mixed with NoPE MLA
-    Family("kimi_linear", ("kimi_linear",), ("moe_intermediate_size",), _leading_dense(1)),
+    Family("kimi_linear", ("kimi_linear",), ("moe_intermediate_size",), partial(_sparse_by_type, first_sparse=1)),
     # KDA + NoPE MLA with a pooled-key DSA indexer, hyper-connections; the text model of a multimodal checkpoint
-    Family("glm5_next", ("glm5_next", "glm5_next_text"), ("moe_intermediate_size",), _leading_dense(3)),
+    Family("glm5_next", ("glm5_next", "glm5_next_text"), ("moe_intermediate_size",), partial(_sparse_by_type, first_sparse=3)),
     # KDA (full-rank gates) + gated MLA groups, the release's Ling names
-    Family("bailing_hybrid", ("bailing_hybrid",), ("moe_intermediate_size",), _leading_dense(2)),
+    Family("bailing_hybrid", ("bailing_hybrid",), ("moe_intermediate_size",), partial(_sparse_by_type, first_sparse=2)),
 )
 BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 
