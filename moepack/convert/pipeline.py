@@ -21,7 +21,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from tqdm import tqdm
 
@@ -456,8 +456,9 @@ def _run_units(ckpt: Checkpoint, out: Path, recipe: Recipe, units: list[Unit], w
                     tick()
                     continue
             else:
-                for u in ready(max(0, 2 * workers - len(inflight))):
-                    inflight[pool.submit(_guard, run_unit, *args, u)] = u
+                with _children_ignore_sigint():  # submit starts workers on demand
+                    for u in ready(max(0, 2 * workers - len(inflight))):
+                        inflight[pool.submit(_guard, run_unit, *args, u)] = u
             if inflight:
                 fin, _ = wait(inflight, timeout=0.5, return_when=FIRST_COMPLETED)
                 for fut in fin:
@@ -481,6 +482,24 @@ def _run_units(ckpt: Checkpoint, out: Path, recipe: Recipe, units: list[Unit], w
             pool.shutdown(cancel_futures=True)
         bar.close()
     return results
+
+
+@contextmanager
+def _children_ignore_sigint() -> Iterator[None]:
+    """Start worker processes with Ctrl-C ignored from their first instruction: a SIGINT that reaches the group while
+    a spawned worker is still importing (before its initializer runs) would otherwise print its traceback. An
+    ignored signal stays ignored across exec, and Python keeps it so."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def exit_with_parent(parent: int) -> None:
