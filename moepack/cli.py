@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from moepack.errors import MoepackError
+from moepack.runtime.policy import DEFAULT_POLICY, POLICIES
 from moepack.units import human_bytes, suggest_bytes
 
 
@@ -172,7 +173,7 @@ def _cache_options(f):
     """Expert-cache choices shared by generate, chat and serve (bench has its own)."""
     f = click.option("--prefetch/--no-prefetch", default=False, show_default=True,
                      help="Guess the next layer's experts during decode and read them early.")(f)
-    return click.option("--policy", type=click.Choice(["lru", "lfu"]), default="lru", show_default=True,
+    return click.option("--policy", type=click.Choice(sorted(POLICIES)), default=DEFAULT_POLICY, show_default=True,
                         help="Which cached expert gives up its slot.")(f)
 
 
@@ -450,7 +451,7 @@ def chat(pack, system, temp, top_p, seed, max_tokens, memory_budget, verify, pol
 @click.option("--prompt-tokens", type=int, default=64, show_default=True)
 @click.option("--gen-tokens", type=int, default=32, show_default=True)
 @_budget_option
-@click.option("--policy", type=click.Choice(["lru", "lfu"]), default="lru", show_default=True)
+@click.option("--policy", type=click.Choice(sorted(POLICIES)), default=DEFAULT_POLICY, show_default=True)
 @click.option("--prefetch/--no-prefetch", default=False, show_default=True, help="Read guessed next-layer experts early.")
 @click.option("--io-threads", type=int, default=8, show_default=True)
 @click.option("--io-only", is_flag=True, help="Judge the read path only: replay a short decode's expert fetches.")
@@ -539,23 +540,22 @@ def eval_(pack, text_file, context, stride, max_text_tokens, memory_budget, poli
 
 @main.command()
 @click.option("--dir", "workdir", type=click.Path(file_okay=False), default=None,
-              help="Where to put the demo checkpoint and pack (default: ~/.cache/moepack/demo).")
-@click.option("--max-tokens", type=int, default=24, show_default=True)
+              help="Where to put the demo pack (default: ~/.cache/moepack/demo).")
+@click.option("--max-tokens", type=int, default=60, show_default=True)
 def demo(workdir, max_tokens) -> None:
-    """Build a tiny Qwen3-MoE checkpoint with RANDOM weights, convert it, verify it and generate from it.
+    """Convert the small MoE shipped with moepack, verify it and generate from it with experts streamed from disk.
 
-    No network needed. The weights are random, so the generated text is gibberish: the demo shows the path
-    (convert -> inspect -> verify -> stream experts from disk), not a useful model.
+    No network needed. The model (4M parameters, 16 experts, top-2) was trained on Vim's help files: it continues
+    text in their style; it is a toy, not an assistant.
     """
     from moepack.convert.pipeline import convert as run
-    from moepack.demo import NEXT_STEPS, demo_generate, minimum_budget, write_checkpoint
+    from moepack.demo import DEMO_MODEL, DEMO_PROMPT, NEXT_STEPS, demo_generate, minimum_budget
 
     root = Path(workdir or Path.home() / ".cache" / "moepack" / "demo")
-    ckpt, pack = root / "checkpoint", root / "pack"
-    click.echo(f"1/4 writing a small Qwen3-MoE checkpoint with random weights to {ckpt}")
-    write_checkpoint(ckpt)
+    pack = root / "pack"
+    click.echo(f"1/4 the demo model: a Qwen3-MoE trained on Vim's help files ({DEMO_MODEL})")
     click.echo(f"2/4 converting it to {pack}")
-    run(str(ckpt), pack, force=True, progress=False)
+    run(str(DEMO_MODEL), pack, force=True, progress=False)
     ctx = click.get_current_context()
     click.echo("3/4 inspecting and verifying")
     ctx.invoke(inspect, pack=str(pack), as_json=False)
@@ -565,9 +565,8 @@ def demo(workdir, max_tokens) -> None:
     click.echo(f"  verify         {'ok' if rep.ok else rep.problems}")
     budget = minimum_budget(pack)  # the smallest budget: experts really stream from disk
     click.echo(f"4/4 generating with a memory budget of {human_bytes(budget)} (--memory-budget {suggest_bytes(budget)}: "
-               "the dense weights + one layer's experts, so experts stream from disk); random weights, so expect "
-               "gibberish:")
-    demo_generate(pack, budget, "Hello! Tell me about experts.", max_tokens, lambda text, nl: click.echo(text, nl=nl))
+               "the dense weights + one layer's experts, so experts stream from disk):")
+    demo_generate(pack, budget, DEMO_PROMPT, max_tokens, lambda text, nl: click.echo(text, nl=nl))
     click.echo(NEXT_STEPS)
 
 

@@ -1,9 +1,12 @@
-"""Synthetic checkpoints of a real architecture (Qwen3-MoE, hub spelling), made locally with no network.
+"""The demo model, and synthetic checkpoints of a real architecture (Qwen3-MoE, hub spelling), made with no network.
 
-Used by ``moepack demo`` (the whole path on a fresh machine; :func:`minimum_budget` picks its memory budget) and by the benchmarks in ``tools/`` (multi-GB
-checkpoints written shard by shard, never held whole in memory). The weights are random: the text a demo
-model generates is gibberish by construction, which says nothing about moepack's correctness (the parity
-tests against transformers do that).
+``moepack demo`` converts and runs :data:`DEMO_MODEL`, a small Qwen3-MoE with learned weights shipped inside the
+package (trained by ``tools/train_demo.py`` on Vim's help files; a toy that continues text in their style, not an
+assistant); :func:`minimum_budget` picks the budget at which its experts really stream from disk.
+
+The synthetic checkpoints (:func:`write_checkpoint`) serve the benchmarks in ``tools/`` and the tests: any size, up
+to many GB, written shard by shard and never held whole in memory. Their weights are random, so their routing is
+noise and their text gibberish: measure quality and caching on the demo model.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ import mlx.core as mx
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+DEMO_MODEL = Path(__file__).parent / "demo_model"  # bf16 safetensors, tokenizer, config; see its TRAINING.md
+DEMO_PROMPT = "To delete a word"
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -195,27 +201,28 @@ def minimum_budget(pack: str | os.PathLike) -> int:
 
 
 NEXT_STEPS = """
-Next, with a real model (the demo's weights are random):
+Next, with a real model (the demo model is a 4M-parameter toy):
   moepack convert Qwen/Qwen3-30B-A3B ~/models/qwen3-30b-a3b     # a hub repo id or a local checkpoint folder
   moepack chat ~/models/qwen3-30b-a3b                           # or: generate -p "...", serve (OpenAI API)
   moepack chat ~/models/qwen3-30b-a3b --memory-budget 8GB       # cap the memory it uses (default: 60% free)"""
 
 
 def demo_generate(pack: str | os.PathLike, budget: int, prompt: str, max_tokens: int, echo) -> None:
-    """Stream a chat reply from ``pack`` through ``echo(text, nl)``, as ``moepack generate --chat`` would, minus the
-    replacement characters (U+FFFD) random weights produce when they pick bytes that are not whole UTF-8 characters."""
+    """Stream a continuation of ``prompt`` from ``pack`` through ``echo(text, nl)``, as ``moepack generate`` would.
+    Plain text, no chat template: the demo model learned to continue documentation, not to answer."""
     import moepack
     from moepack.runtime.tokenizer import StreamDecoder, Tokenizer
 
     tok = Tokenizer(pack)
-    ids = tok.encode_chat([{"role": "user", "content": prompt}])
+    ids = tok.encode(prompt)
     with moepack.load(pack, memory_budget=budget, heat=False) as engine:
         out = StreamDecoder(tok)
-        for t in engine.generate(ids, max_tokens, temperature=0.8, top_p=0.95, seed=0, stop_tokens=tok.eos_token_ids):
+        echo(prompt, False)
+        for t in engine.generate(ids, max_tokens, temperature=0.7, top_p=0.9, seed=0, stop_tokens=tok.eos_token_ids):
             if t in tok.eos_token_ids:
                 break
-            echo(out.push(t).replace("\ufffd", ""), False)
-        echo(out.flush().replace("\ufffd", ""), True)
+            echo(out.push(t), False)
+        echo(out.flush(), True)
         s = engine.stats()
         echo(f"  ({s['tokens']} tokens through the model, {s['reads']} expert reads from disk into "
              f"{s['slots']} slots)", True)

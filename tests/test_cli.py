@@ -115,7 +115,7 @@ def test_budget_error_states_minimum(converted):
 def test_demo_runs_end_to_end(tmp_path):
     res = CliRunner().invoke(main, ["demo", "--dir", str(tmp_path), "--max-tokens", "4"])
     assert res.exit_code == 0, res.output
-    assert "random weights" in res.output and "verify         ok" in res.output
+    assert "trained on Vim's help files" in res.output and "verify         ok" in res.output
     assert (tmp_path / "pack" / "manifest.json").exists()
 
 

@@ -15,6 +15,7 @@ import moepack
 from moepack.cli import main
 from moepack.convert.pipeline import convert
 from moepack.runtime.evaluate import perplexity, windows
+from moepack.runtime.tokenizer import Tokenizer
 
 
 @pytest.mark.parametrize("n,context,stride", [(2, 2, 1), (10, 4, 4), (11, 4, 3), (100, 16, 5), (7, 32, 16), (33, 8, 8)])
@@ -69,6 +70,32 @@ def test_perplexity_matches_transformers(tmp_path):
             assert abs(got.perplexity / want - 1) < 1e-3, (context, stride, budget, got.perplexity, want)
             if budget:
                 assert got.bytes_read > 0  # experts really streamed at the minimum budget
+
+
+# Written for this test in the style of Vim's help (the demo model's training text): not a training file.
+VIM_STYLE = """When you want to delete a word, move the cursor to the start of the word and type "dw". To delete the
+rest of the line, use "D". The command "u" undoes the last change, and CTRL-R redoes it. In Insert mode you can
+type text; press <Esc> to go back to Normal mode. The option 'textwidth' sets the maximum width of text that is
+being inserted. A longer line will be broken after white space to get this width. See |:set| for how to set an
+option, and |options| for a list of all options. Use ":help" to open a window with the help file.
+"""
+
+
+def test_demo_model_perplexity_matches_transformers_and_is_learned(tmp_path):
+    """The shipped model: a float32 pack scores held-out-style text as transformers does (within 0.1%), and far
+    better than chance (a random model's perplexity is about its vocabulary size, 4096)."""
+    import transformers
+
+    from moepack.demo import DEMO_MODEL
+
+    pack = convert(str(DEMO_MODEL), tmp_path / "pack", EXACT, progress=False)
+    ids = Tokenizer(pack).encode(VIM_STYLE)
+    model = transformers.AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32).eval()
+    want = _hf_perplexity(model, ids, 64, 32)
+    with moepack.load(pack) as engine:
+        got = perplexity(engine, ids, context=64, stride=32)
+    assert abs(got.perplexity / want - 1) < 1e-3, (got.perplexity, want)
+    assert got.perplexity < 100, got.perplexity
 
 
 def test_eval_cli_json(pack, tmp_path):

@@ -16,6 +16,21 @@ from moepack.errors import UsageError
 from moepack.runtime import memory
 from moepack.units import parse_bytes, suggest_bytes
 
+# The most common words of English, and of Vim's help: about half of the words of any English help text.
+VOCAB = """the of and to a in is it you that he was for on are with as his they be at one have this from or had by
+not but what some we can out other were all there when up use your how said an each she which do their time if will
+way about many then them write would like so these her long make thing see him two has look more day could go come
+did no most my over know than call first who may down side been now find any new work part take get place made live
+where after back little only round man year came show every good me give our under name very through just form
+sentence great think say help low line differ turn cause much mean before move right boy old too same tell does set
+three want air well also play small end put home read hand port large spell add even land here must big high such
+follow act why ask men change went light kind off need house picture try us again animal point mother world near
+build self earth father file files buffer buffers window windows cursor command commands mode option options text
+insert normal visual character characters key keys register line lines word words value default vim see used using
+example set string number list function argument arguments variable name type first last next previous current
+position column row screen display pattern search replace match matches when then else endif let call return
+"""
+
 
 def one_line_error(result) -> str:
     assert result.exit_code != 0, result.output
@@ -186,6 +201,25 @@ def test_demo_budget_in_human_units_next_steps_and_no_replacement_characters(tmp
     assert "bytes" not in budget_line
     assert r.output.rstrip().splitlines()[-3].strip().startswith("moepack convert")
     assert "Next" in r.output
+
+
+def test_demo_prints_words_from_its_training_text(tmp_path):
+    """The shipped model learned English from Vim's help: most of what the demo prints are words of its vocabulary
+    (a random model's output is mostly fragments), and nothing is written next to the shipped checkpoint."""
+    import re
+
+    from moepack.demo import DEMO_MODEL, DEMO_PROMPT
+
+    before = sorted(p.name for p in DEMO_MODEL.iterdir())
+    r = CliRunner().invoke(main, ["demo", "--dir", str(tmp_path), "--max-tokens", "60"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in DEMO_MODEL.iterdir()) == before
+    text = r.output.split("experts stream from disk):", 1)[1].split("  (", 1)[0]
+    assert text.strip().startswith(DEMO_PROMPT)
+    words = re.findall(r"[A-Za-z]{2,}", text[len(DEMO_PROMPT) + 1:])
+    common = set(re.findall(r"[a-z]{2,}", VOCAB.lower()))
+    assert len(words) >= 20, text
+    assert sum(w.lower() in common for w in words) / len(words) > 0.6, text
 
 
 # ---- chat ------------------------------------------------------------------------------------------

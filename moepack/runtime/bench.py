@@ -26,6 +26,7 @@ from moepack.runtime.engine import Engine
 from moepack.runtime.io import DirectReader, aligned_buffer
 from moepack.runtime.generation import decode, prefill
 from moepack.runtime.memory import peak_rss, reset_peak_rss
+from moepack.runtime.policy import DEFAULT_POLICY
 from moepack.runtime.store import ExpertStore
 from moepack.units import human_bytes
 
@@ -198,7 +199,7 @@ def record_trace(engine: Engine) -> list:
     return trace
 
 
-def prompt_run(pack: str | Path, prompt: list[int], memory_budget=None, policy: str = "lru", io_threads: int = 8,
+def prompt_run(pack: str | Path, prompt: list[int], memory_budget=None, policy: str = DEFAULT_POLICY, io_threads: int = 8,
                keep_decode_set: bool = True, decode_tokens: int = 32) -> dict:
     """One long prompt on a fresh engine with a cold pool and page cache: prefill tok/s, time to first token, bytes
     read against the bytes of the distinct experts the prompt touched, peak RSS, then the hit rate of the first
@@ -235,7 +236,7 @@ def prompt_run(pack: str | Path, prompt: list[int], memory_budget=None, policy: 
     return out
 
 
-def bench(pack: str | Path, prompt_tokens: int = 64, gen_tokens: int = 32, memory_budget=None, policy: str = "lru",
+def bench(pack: str | Path, prompt_tokens: int = 64, gen_tokens: int = 32, memory_budget=None, policy: str = DEFAULT_POLICY,
           prefetch: bool = False, io_threads: int = 8, seed: int = 0, io_only_mode: bool = False,
           prompt_only: bool = False) -> dict:
     """``prompt_only``: just the long-prompt runs (:func:`prompt_run`, decode set kept and not), no decode runs."""

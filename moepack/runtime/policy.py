@@ -121,3 +121,4 @@ class PinnedPolicy:
 
 
 POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy}
+DEFAULT_POLICY = "lru"  # chosen by tools/bench_policy.py on the trained demo model (BENCHMARKS.md)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import mlx.core as mx
 
 from moepack import arch
 from moepack.runtime.models import deepseek, kda
