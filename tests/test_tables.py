@@ -269,6 +269,11 @@ def test_table_geometry_follows_the_spec():
     big = Table.layout("t.bin", 10, TensorRecord("raw", [5000], "float32", {"data": Blob(0, 20000, "float32", [5000])}),
                        16384)
     assert (big.rows_per_block, big.block_bytes, big.row_offset(3)) == (1, 32768, 3 * 32768)
+    # what a missing row costs to read: the pages of the worst-placed row (2,176-byte rows straddle a page boundary)
+    odd = Table.layout("t.bin", 100, TensorRecord("raw", [1088], "bfloat16", {"data": Blob(0, 2176, "bfloat16", [1088])}),
+                       16384)
+    assert (t.read_bytes(), big.read_bytes(), odd.read_bytes(), odd.rows_per_block) == (8192, 20480, 8192, 7)
+    assert Table.layout("t.bin", 1, odd.row, 16384).read_bytes() == 4096  # one row: never at a straddling place
 
 
 def test_inspect_reports_the_table_and_the_budget_split(packs):
