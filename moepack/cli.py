@@ -106,8 +106,8 @@ def inspect(pack, as_json, memory_budget) -> None:
     budget = max(memory.parse_budget(memory_budget) or memory.default_budget(), need.minimum)
     slots, rows = need.split(budget)
     s["memory"] = {"minimum": need.minimum, "resident_dense": need.dense_bytes, "budget": budget,
-                   "expert_slots": slots, "slot_bytes": need.slot_bytes, "table_cache_rows": rows,
-                   "table_cache_bytes": rows * need.row_bytes}
+                   "expert_slots": slots, "slot_bytes": need.slot_bytes, "expert_pool_bytes": slots * need.slot_bytes,
+                   "table_cache_rows": rows, "table_cache_bytes": rows * need.row_bytes}
     if as_json:
         click.echo(json.dumps(s, indent=2, allow_nan=False))  # strict JSON: a pack's numbers are finite
         return
@@ -117,18 +117,20 @@ def inspect(pack, as_json, memory_budget) -> None:
                f"{len(a['moe_layers'])} MoE layers x {a['num_experts']} experts, top-{a['top_k']}")
     click.echo(f"  parameters     {p['total']:,} total, {p['dense']:,} dense, {p['active_per_token']:,} active per token")
     click.echo(f"  size           {human_bytes(b['total'])} in {s['files']} files; dense {human_bytes(b['dense'])}, "
-               f"experts {human_bytes(b['experts'])}")
+               f"experts {human_bytes(b['experts'])}" + (f", tables {human_bytes(b['tables'])}" if s["tables"] else ""))
     click.echo(f"  per expert     {human_bytes(b['per_expert'])} (one file each, aligned to {human_bytes(s['alignment'])})")
     click.echo(f"  per token      {human_bytes(b['per_token_uncached'])} read when no expert is cached"
                + (f", {human_bytes(b['table_per_token_uncached'])} from tables when no row is" if s["tables"] else ""))
     for name, t in s["tables"].items():
         click.echo(f"  table          {name} {t['shape'][0]:,} x {t['shape'][1]:,} {t['encoding']}, streamed: "
-                   f"{t['row_bytes']:,} bytes a row, one {human_bytes(t['block_bytes'])} block read a missing row")
+                   f"{human_bytes(t['bytes'])}, {t['row_bytes']:,} bytes a row, a missing row costs a read of "
+                   f"{human_bytes(t['read_bytes'])} (its pages)")
     mem = s["memory"]
-    rows = (f", table cache {mem['table_cache_rows']:,} rows ({human_bytes(mem['table_cache_bytes'])})"
+    rows = (f" and a table cache of {mem['table_cache_rows']:,} rows ({human_bytes(mem['table_cache_bytes'])})"
             if s["tables"] else "")
     click.echo(f"  memory         at least {human_bytes(mem['minimum'])} (dense {human_bytes(mem['resident_dense'])} "
-               f"resident); a budget of {human_bytes(mem['budget'])} holds {mem['expert_slots']} expert slots{rows}")
+               f"resident); a budget of {human_bytes(mem['budget'])} holds {mem['expert_slots']} expert slots "
+               f"({human_bytes(mem['expert_pool_bytes'])}){rows}")
     r = s["recipe"]
     q = (f"experts {r['expert_bits']}-bit g{r['expert_group_size']}, dense {r['dense_bits']}-bit g{r['dense_group_size']}"
          if r["quantize"] else "unquantized")
@@ -358,8 +360,10 @@ def _print_stats(engine, n_prompt: int, n_gen: int, t0: float, first: float | No
     tokens = max(s["tokens"], 1)
     table, cache = "", ""
     if s.get("table_cache_bytes"):  # the pack streams tables (SPEC 3.6): their share of reads and of the budget
-        table = f" + {human_bytes(s['table_bytes_read'] / tokens)}/token from tables"
-        cache = f", table cache {s['table_cache_rows']} rows ({human_bytes(s['table_cache_bytes'])})"
+        hits = f", row hit rate {s['table_hit_rate']:.1%}" if "table_hit_rate" in s else ""  # one process's
+        table = f" + {human_bytes(s['table_bytes_read'] / tokens)}/token from tables{hits}"
+        cache = (f" ({human_bytes(s['slots'] * s['slot_bytes'])}), table cache {s['table_cache_rows']} rows "
+                 f"({human_bytes(s['table_cache_bytes'])})")
     click.echo(
         f"prompt: {n_prompt} tokens, {n_prompt / prompt_s if prompt_s else 0:.1f} tok/s | "
         f"generation: {n_gen} tokens, {(n_gen - 1) / gen_s if gen_s and n_gen > 1 else 0:.2f} tok/s | "

@@ -48,6 +48,10 @@ class SyntheticSpec:
     moe_intermediate_size: int = 128
     vocab_size: int = 1024
     seed: int = 0
+    # lm_head shipped quantized, as compressed-tensors int4 g32 (Kimi K2-Thinking's layout), which a pack carries
+    # as it is: with an unquantized recipe the streamed embedding table then outweighs the whole resident part, as
+    # the per-layer and n-gram tables of the 2026 families do (tests/test_tables.py, the bench of SPEC 3.6 tables)
+    int4_head: bool = False
 
     def config(self) -> dict:
         """config.json in the older hub spelling (rope_theta, rope_scaling, num_experts)."""
@@ -91,6 +95,14 @@ def _random_bf16(rng: np.random.Generator, shape: tuple[int, ...]) -> mx.array:
     return mx.array(out).view(mx.bfloat16)
 
 
+ITEMSIZE = {"BF16": 2, "I32": 4}  # safetensors dtypes a synthetic checkpoint holds
+
+
+def _dtype(name: str) -> str:
+    """A tensor's safetensors dtype: bf16 but for an int4 head's packed words."""
+    return "I32" if name.endswith(".weight_packed") else "BF16"
+
+
 def _tensors(spec: SyntheticSpec):
     """(name, shape) of every tensor, in file order: embeddings, then layer by layer, then head."""
     H, I, E = spec.hidden_size, spec.moe_intermediate_size, spec.num_experts
@@ -112,15 +124,24 @@ def _tensors(spec: SyntheticSpec):
             yield p + f"mlp.experts.{e}.up_proj.weight", (I, H)
             yield p + f"mlp.experts.{e}.down_proj.weight", (H, I)
     yield "model.norm.weight", (H,)
-    yield "lm_head.weight", (spec.vocab_size, H)
+    if spec.int4_head:  # compressed-tensors pack-quantized: words of 8 codes, a bf16 scale per 32 columns
+        yield "lm_head.weight_packed", (spec.vocab_size, H // 8)
+        yield "lm_head.weight_scale", (spec.vocab_size, H // 32)
+    else:
+        yield "lm_head.weight", (spec.vocab_size, H)
 
 
 def checkpoint_bytes(spec: SyntheticSpec) -> int:
-    return sum(2 * int(np.prod(shape)) for _, shape in _tensors(spec))
+    return sum(ITEMSIZE[_dtype(name)] * int(np.prod(shape)) for name, shape in _tensors(spec))
 
 
 def _tensor_bits(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """bf16 bit patterns of one tensor: norms near 1 (activations keep their scale), the rest small and random."""
+    """The stored bits of one tensor: norms near 1 (activations keep their scale), the rest small and random; an
+    int4 head's words random codes, its scales 2^-6 (weights up to 2^-3, as the float ones)."""
+    if name.endswith(".weight_packed"):
+        return rng.integers(np.iinfo(np.int32).min, np.iinfo(np.int32).max, size=shape, dtype=np.int32)
+    if name.endswith(".weight_scale"):
+        return np.full(shape, 0x3C80, np.uint16)  # bf16 2^-6
     if len(shape) == 1:
         return np.asarray(mx.array(1.0 + 0.05 * rng.standard_normal(shape).astype(np.float32))
                           .astype(mx.bfloat16).view(mx.uint16))
@@ -128,12 +149,12 @@ def _tensor_bits(rng: np.random.Generator, name: str, shape: tuple[int, ...]) ->
 
 
 def write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...]]], rng: np.random.Generator) -> None:
-    """Stream one bf16 shard in the safetensors format (8-byte header length, JSON header, data), a tensor at a
+    """Stream one shard in the safetensors format (8-byte header length, JSON header, data), a tensor at a
     time, so writing a multi-GB checkpoint never holds more than one tensor."""
     header, off = {"__metadata__": {"format": "pt"}}, 0
     for name, shape in tensors:
-        n = 2 * int(np.prod(shape))
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + n]}
+        n = ITEMSIZE[_dtype(name)] * int(np.prod(shape))
+        header[name] = {"dtype": _dtype(name), "shape": list(shape), "data_offsets": [off, off + n]}
         off += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -151,7 +172,7 @@ def write_checkpoint(out: str | Path, spec: SyntheticSpec = SyntheticSpec(), sha
     out.mkdir(parents=True, exist_ok=True)
     shards, cur, size = [], [], 0
     for name, shape in _tensors(spec):
-        n = 2 * int(np.prod(shape))
+        n = ITEMSIZE[_dtype(name)] * int(np.prod(shape))
         if cur and size + n > shard_bytes:
             shards.append(cur)
             cur, size = [], 0

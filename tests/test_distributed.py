@@ -162,7 +162,7 @@ def test_plan_gives_every_tensor_and_expert_one_host(qwen, hosts):
     for sh in p.shares:
         rows = sum(t.row_bytes for n, t in reader.tables.items() if sh.stage.owns(n))
         assert sh.minimum == sh.dense_bytes + 2 * sh.slot_bytes + rows
-        assert sh.table_read_per_token == (reader.tables[EMBED].block_bytes if sh.stage.first else 0)
+        assert sh.table_read_per_token == (reader.tables[EMBED].read_bytes() if sh.stage.first else 0)
 
 
 def test_plan_of_tied_embeddings_and_dense_layers(deepseek):

@@ -18,7 +18,8 @@ CONFIG is a config.json path or a preset (``kimi-k2.5``: Kimi K2.5's published t
 ``--ttft 2048,8192,32768`` also prints the expected time to first token for prompts of those lengths: bytes read
 over the SSD's bandwidth plus compute, under the old scheme (the prompt in 512-token chunks, each chunk reading every
 expert it touches) and the new one (the prompt layer by layer in passes sized like the engine's, each pass reading
-every expert it touches once). Experts touched by n tokens assume uniform routing: E·(1 - (1 - k/E)^n) per layer.
+every expert it touches once). Experts touched by n tokens assume uniform routing: E·(1 - (1 - k/E)^n) per layer;
+streamed tables (the input embedding, SPEC 3.6) add each prompt token's row pages, none cached.
 Compute is 2 FLOPs per active parameter per token plus causal attention, at ``--tflops`` (an assumption: set it to
 your machine's measured matmul rate).
 """
@@ -258,7 +259,8 @@ def ttft(pack: Path, tokens: list[int], ssd_gbps: float, tflops: float, budget: 
 
     def read(n_tokens: int, size: int) -> float:  # bytes one run of ``size``-token blocks reads over n_tokens
         blocks = [min(size, n_tokens - s) for s in range(0, n_tokens, size)]
-        return sum(E * (1 - (1 - k / E) ** b) * L for b in blocks for L in per_layer)
+        rows = sum(min(n_tokens, t.rows) * t.read_bytes() for t in m.tables.values())  # streamed tables, 0% hits
+        return sum(E * (1 - (1 - k / E) ** b) * L for b in blocks for L in per_layer) + rows
 
     rows = []
     for T in tokens:

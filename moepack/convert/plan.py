@@ -346,24 +346,35 @@ def plan_model(model: str, recipe: Recipe, revision: str | None = None, target: 
         avail = available_memory()
         all_in = need_mem.dense_bytes + need_mem.experts * need_mem.slot_bytes + need_mem.table_rows * need_mem.row_bytes
         recommended = max(need_mem.minimum, min(default_budget(), all_in))
+        slots, rows = need_mem.split(recommended)
         out["memory"] = {"dense_resident_bytes": need_mem.dense_bytes, "bytes_per_expert": max(lengths.values(), default=0),
                          "slot_bytes": need_mem.slot_bytes, "experts": need_mem.experts, "top_k": k,
                          "bytes_per_token_cold": per_token, "minimum_budget": need_mem.minimum,
+                         "table_bytes": need_mem.table_bytes, "table_rows": need_mem.table_rows,
                          "table_row_bytes_per_token": need_mem.row_bytes,
+                         "table_bytes_per_token_cold": need_mem.table_read_bytes,
                          "available": avail, "recommended_budget": recommended,
+                         "recommended_split": {"expert_slots": slots, "expert_pool_bytes": slots * need_mem.slot_bytes,
+                                               "table_cache_rows": rows, "table_cache_bytes": rows * need_mem.row_bytes},
                          "fits_in_memory": need_mem.minimum <= avail}
         if disk_bps is None:
             disk_bps, mode = read_speed(target, max(lengths.values(), default=1 << 20))
         else:
             mode = "given"
-        hit = min(1.0, need_mem.slots(recommended) / need_mem.experts) if need_mem.experts else 1.0
-        prompt = sum(E * (1 - (1 - k / E) ** TTFT_TOKENS) * n for n in lengths.values())
+        hit = min(1.0, slots / need_mem.experts) if need_mem.experts else 1.0
+        table_hit = rows / need_mem.table_rows if need_mem.table_rows else 1.0
+        cold = per_token + need_mem.table_read_bytes
+        expected = per_token * (1 - hit) + need_mem.table_read_bytes * (1 - table_hit)
+        prompt = sum(E * (1 - (1 - k / E) ** TTFT_TOKENS) * n for n in lengths.values()) + \
+            TTFT_TOKENS * need_mem.table_read_bytes
         out["speed"] = {"disk_read_bytes_per_s": disk_bps, "read_mode": mode, "expected_hit_rate": hit,
-                        "decode_tok_s_cold": disk_bps / per_token if per_token else None,
-                        "decode_tok_s_expected": disk_bps / (per_token * (1 - hit)) if per_token and hit < 1 else None,
+                        "expected_table_hit_rate": table_hit,
+                        "decode_tok_s_cold": disk_bps / cold if cold else None,
+                        "decode_tok_s_expected": disk_bps / expected if expected else None,
                         f"ttft_s_{TTFT_TOKENS}": prompt / disk_bps,
-                        "note": "I/O bounds: expert reads over the measured disk speed, compute not counted; the hit "
-                                "rate assumes uniform routing over the slots the recommended budget buys"}
+                        "note": "I/O bounds: expert and table reads over the measured disk speed, compute not counted; "
+                                "the hit rates assume uniform routing over the slots, and uniform tokens over the "
+                                "table rows, that the recommended budget buys"}
     return out
 
 
@@ -377,9 +388,15 @@ def describe_plan(p: dict) -> str:
     m = p["memory"]
     lines += [f"  dense weights resident: {hb(m['dense_resident_bytes'])}; one expert: {hb(m['bytes_per_expert'])} "
               f"({m['experts']} routed experts, top-{m['top_k']})",
-              f"  a token reads {hb(m['bytes_per_token_cold'])} of experts when none is cached",
+              f"  a token reads {hb(m['bytes_per_token_cold'])} of experts when none is cached"
+              + (f", and {hb(m['table_bytes_per_token_cold'])} from the streamed tables ({hb(m['table_bytes'])}, "
+                 f"{m['table_rows']:,} rows) when no row is" if m["table_bytes"] else ""),
               f"  memory budget: minimum {hb(m['minimum_budget'])}, recommended here {hb(m['recommended_budget'])} "
               f"(available {hb(m['available'])})"]
+    if m["table_bytes"]:
+        sp = m["recommended_split"]
+        lines.append(f"    which holds {sp['expert_slots']} expert slots ({hb(sp['expert_pool_bytes'])}) and a table "
+                     f"cache of {sp['table_cache_rows']:,} rows ({hb(sp['table_cache_bytes'])})")
     if "disk" in p:
         d = p["disk"]
         lines.append(f"  disk at {d['target']} ({hb(d['free'])} free): {hb(d['without_stream'])} with a full download "

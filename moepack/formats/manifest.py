@@ -19,6 +19,9 @@ READS_VERSIONS = (1, 2)  # readers refuse any other; version 2 added ``tables``
 MANIFEST = "manifest.json"
 DEFAULT_ALIGNMENT = 16384
 BLOB_ALIGN = 64  # SPEC section 2: every array starts on a 64-byte boundary (cache line, SIMD loads)
+# The unit a reader reads table rows in (SPEC 6): direct I/O addresses whole logical blocks of the device (512 or
+# 4096 bytes), and every pack alignment is a multiple of it, so the pages holding a row are what a miss costs.
+READ_PAGE = 4096
 
 
 @dataclass
@@ -148,6 +151,12 @@ class Table:
     def row_offset(self, r: int) -> int:
         """Where row ``r`` starts in the file."""
         return self.block_offset(r) + r % self.rows_per_block * self.row_bytes
+
+    def read_bytes(self, page: int = READ_PAGE) -> int:
+        """The most a missing row costs to read: the ``page``-aligned pages holding it, for the worst-placed row."""
+        last = min(self.rows_per_block, self.rows)  # the placement repeats block after block (blocks are whole pages)
+        return page * max((k * self.row_bytes + self.row_bytes - 1) // page - k * self.row_bytes // page + 1
+                          for k in range(last))
 
     @property
     def length(self) -> int:

@@ -296,14 +296,15 @@ def summary(reader: PackReader) -> dict:
             "total": sum(f["length"] for f in m.files.values()),
             "dense": reader.dense_bytes,
             "tables": sum(t.length for t in m.tables.values()),
-            "table_per_token_uncached": sum(t.block_bytes for t in m.tables.values()),
+            "table_per_token_uncached": sum(t.read_bytes() for t in m.tables.values()),  # a row's pages a table
             "per_expert": per_expert,
             "experts": per_expert * a["num_experts"] * len(layouts),
             "per_token_uncached": per_expert * a["top_k"] * len(layouts),
         },
         "files": len(m.files),
         "tables": {k: {"shape": t.shape, "encoding": t.row.encoding, "row_bytes": t.row_bytes,
-                       "block_bytes": t.block_bytes} for k, t in m.tables.items()},
+                       "block_bytes": t.block_bytes, "read_bytes": t.read_bytes(), "bytes": t.length}
+                   for k, t in m.tables.items()},
         "alignment": m.alignment,
         "recipe": m.recipe,
         "encodings": encodings,

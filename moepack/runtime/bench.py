@@ -109,7 +109,9 @@ class TokenRecord:
     bytes_read: int
     hits: int
     misses: int
-    table_bytes: int = 0  # bytes read from streamed tables (SPEC 3.6) for this token
+    table_bytes: int = 0  # bytes read from streamed tables (SPEC 3.6) for this token, apart from expert bytes
+    table_lookups: int = 0  # table rows this token's pass needed (its distinct tokens, per table)
+    table_hits: int = 0  # ...of which the row cache held
 
     @property
     def other_ms(self) -> float:
@@ -123,6 +125,7 @@ class RunReport:
     prompt_s: float
     tokens: list[TokenRecord] = field(default_factory=list)
     counters: dict = field(default_factory=dict)
+    table_counters: dict = field(default_factory=dict)  # the streamed tables', over the run (prompt included)
 
     def summary(self, expert_payload: int) -> dict:
         dec = self.tokens[1:] or self.tokens  # the first token's time belongs to the prompt
@@ -137,8 +140,13 @@ class RunReport:
             "ms_per_token": {k: sum(getattr(t, k) for t in dec) / n if n else 0.0
                              for k in ("ms", "compute_ms", "io_ms", "other_ms")},
             "bytes_read_per_token": sum(t.bytes_read for t in dec) / n if n else 0.0,
-            "table_bytes_per_token": sum(t.table_bytes for t in dec) / n if n else 0.0,
             "hit_rate": c.get("hit_rate", 0.0),
+            # streamed tables apart: expert figures above count expert files only
+            "table_bytes_per_token": sum(t.table_bytes for t in dec) / n if n else 0.0,
+            "table_rows_per_token": sum(t.table_lookups for t in dec) / n if n else 0.0,
+            "table_hit_rate": self.table_counters.get("hit_rate", 0.0),
+            "table_bytes_read": self.table_counters.get("bytes_read", 0),
+            "table_reads": self.table_counters.get("reads", 0),
             "read_amplification": c.get("bytes_read", 0) / needed if needed else 0.0,
             "fetch_gbps": c.get("bytes_read", 0) / io_s / 1e9 if io_s else 0.0,
             "prefetch": {k: c.get(k, 0) for k in ("prefetch_issued", "prefetch_used")},
@@ -150,12 +158,13 @@ def _run(engine: Engine, prompt: list[int], n: int, label: str) -> RunReport:
     engine.compute_s = 0.0
     rep = RunReport(label, len(prompt), 0.0)
     t_prev = time.perf_counter()
-    snap = (0.0, 0.0, 0, 0, 0, 0)
+    snap = (0.0, 0.0, 0, 0, 0, 0, 0, 0)
     first = True
     for _ in engine.generate(prompt, n):
         now = time.perf_counter()
-        cc = engine.store.counters
-        cur = (engine.io_wait_s(), engine.compute_s, cc.bytes_read, cc.hits, cc.misses, engine.table_bytes_read())
+        cc, tc = engine.store.counters, engine.table_counters()
+        cur = (engine.io_wait_s(), engine.compute_s, cc.bytes_read, cc.hits, cc.misses, tc.bytes_read, tc.lookups,
+               tc.hits)
         d = [a - b for a, b in zip(cur, snap)]
         if first:
             rep.prompt_s, first = now - t_prev, False
@@ -163,6 +172,7 @@ def _run(engine: Engine, prompt: list[int], n: int, label: str) -> RunReport:
             rep.tokens.append(TokenRecord((now - t_prev) * 1e3, d[0] * 1e3, d[1] * 1e3, *map(int, d[2:])))
         snap, t_prev = cur, now
     rep.counters = engine.store.counters.as_dict()
+    rep.table_counters = engine.table_counters().as_dict()
     return rep
 
 
@@ -215,7 +225,8 @@ def prompt_run(pack: str | Path, prompt: list[int], memory_budget=None, policy: 
     tok = int(np.argmax(logits))
     ttft = time.perf_counter() - t0
     c = engine.store.counters
-    pre = {"bytes_read": c.bytes_read, "reads": c.reads, "io_wait_s": c.io_wait_s, "compute_s": engine.compute_s}
+    pre = {"bytes_read": c.bytes_read, "reads": c.reads, "io_wait_s": c.io_wait_s, "compute_s": engine.compute_s,
+           "table_bytes_read": engine.table_counters().bytes_read}
     touched = len(engine.store.heat)  # (layer, expert) keys the prompt asked for: a fresh engine, nothing before
     peak = peak_rss()
     h0, m0 = c.hits, c.misses
@@ -277,9 +288,11 @@ def bench(pack: str | Path, prompt_tokens: int = 64, gen_tokens: int = 32, memor
 
 
 def tables(run: dict) -> str:
-    """`` + N/token from tables`` where the pack streams tables."""
-    n = run.get("table_bytes_per_token", 0.0)
-    return f" + {human_bytes(n)}/token from tables" if n else ""
+    """`` + N/token from tables (hit rate)`` where the pack streams tables."""
+    if not run.get("table_rows_per_token"):  # no streamed table
+        return ""
+    return (f" + {human_bytes(run['table_bytes_per_token'])}/token from tables (row hit rate "
+            f"{run['table_hit_rate']:.1%})")
 
 
 def describe(r: dict) -> str:
@@ -288,7 +301,9 @@ def describe(r: dict) -> str:
     for p in r.get("prompt", []):
         out.append(f"prompt {p['prompt_tokens']} tokens: {p['prefill_tok_s']:.1f} tok/s, first token after "
                    f"{p['ttft_s']:.2f}s, read {human_bytes(p['bytes_read'])} = {p['read_ratio']:.3f}x the "
-                   f"{p['distinct_experts']} distinct experts it touched, peak memory {human_bytes(p['peak_rss'])} "
+                   f"{p['distinct_experts']} distinct experts it touched"
+                   + (f" (+ {human_bytes(p['table_bytes_read'])} of table rows)" if p["table_bytes_read"] else "")
+                   + f", peak memory {human_bytes(p['peak_rss'])} "
                    f"(before loading {human_bytes(p['rss_before_load'])} + budget {human_bytes(p['budget'])} + "
                    f"working memory {human_bytes(p['working_memory'])}); next {p['decode_tokens']} tokens hit "
                    f"{p['decode_hit_rate']:.1%} with the decode set {'kept' if p['keep_decode_set'] else 'not kept'}")
@@ -304,9 +319,9 @@ def describe(r: dict) -> str:
         ms = run["ms_per_token"]
         out.append(f"{run['label']:>5}: prompt {run['prompt_tok_s']:.1f} tok/s, decode {run['decode_tok_s']:.2f} tok/s, "
                    f"{ms['ms']:.1f} ms/token (compute {ms['compute_ms']:.1f}, I/O wait {ms['io_ms']:.1f}, "
-                   f"other {ms['other_ms']:.1f}), {human_bytes(run['bytes_read_per_token'])}/token"
+                   f"other {ms['other_ms']:.1f}), {human_bytes(run['bytes_read_per_token'])}/token from experts"
                    f"{tables(run)}, "
-                   f"hit rate {run['hit_rate']:.1%}, amplification {run['read_amplification']:.3f}, "
+                   f"expert hit rate {run['hit_rate']:.1%}, amplification {run['read_amplification']:.3f}, "
                    f"fetch {run['fetch_gbps']:.2f} GB/s ({run['fetch_ratio_to_device']:.0%} of device)")
     pl = r["plan"]
     rows = f", table cache {pl['table_rows']} rows ({human_bytes(pl['table_rows'] * pl['row_bytes'])})" if pl["row_bytes"] else ""

@@ -32,7 +32,7 @@ from moepack.runtime.models import module_for
 from moepack.runtime.models.moe import MoE
 from moepack.runtime.policy import DEFAULT_POLICY, POLICIES, EvictionPolicy, PinnedPolicy
 from moepack.runtime.store import ExpertStore
-from moepack.runtime.tables import StreamedEmbedding, TableStore
+from moepack.runtime.tables import StreamedEmbedding, TableCounters, TableStore
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,8 @@ class Engine(BaseEngine):
             if want is None or list(want.shape) != t.shape:
                 raise PackError(f"{self.path}: table {name} {t.shape} is not an embedding of this "
                                 f"{self.family.name} model ({None if want is None else list(want.shape)})")
-            store = TableStore(self.reader, name, self.plan.table_rows, self.compute_dtype, self.store.io, verify)
+            store = TableStore(self.reader, name, self.plan.table_rows, self.compute_dtype, self.store.io, verify,
+                               self.store.executor)
             self.tables[name] = store
             setattr(holder, leaf, StreamedEmbedding(store))
 
@@ -319,17 +320,20 @@ class Engine(BaseEngine):
 
     def stats(self) -> dict:
         c = self.store.counters
-        tables = {k: sum(getattr(t.counters, k) for t in self.tables.values())
-                  for k in ("lookups", "hits", "misses", "bytes_read", "io_wait_s")}
         return {**c.as_dict(), "compute_s": self.compute_s, "tokens": self.tokens_processed,
                 "slots": self.plan.n_slots, "slot_bytes": self.plan.slot_bytes, "expert_file_bytes": self.store.file_bytes,
                 "io_threads": self.store.threads, "io_mode": self.store.io.mode,
                 "table_cache_rows": self.plan.table_rows if self.tables else 0,
                 "table_cache_bytes": sum(t.cache_bytes for t in self.tables.values()),
-                **{f"table_{k}": v for k, v in tables.items()}}
+                **{f"table_{k}": v for k, v in self.table_counters().as_dict().items()}}
 
-    def table_bytes_read(self) -> int:
-        return sum(t.counters.bytes_read for t in self.tables.values())
+    def table_counters(self) -> TableCounters:
+        """The streamed tables' read counters, summed over the tables."""
+        total = TableCounters()
+        for t in self.tables.values():
+            for k, v in vars(t.counters).items():
+                setattr(total, k, getattr(total, k) + v)
+        return total
 
     def reset_counters(self) -> None:
         """Zero the expert store's and the tables' read counters (bench runs count from here)."""

@@ -15,17 +15,21 @@ import os
 import stat
 import sys
 import threading
+from collections.abc import Sequence
+from concurrent.futures import Executor
 
 import numpy as np
 
 from moepack.errors import PackError
 from moepack.formats.files import open_regular
+from moepack.formats.manifest import READ_PAGE
 
 log = logging.getLogger(__name__)
 
 # fcntl commands from <sys/fcntl.h> on macOS; Python's fcntl module does not export them all.
 F_RDAHEAD = 45
 F_NOCACHE = 48
+PAGE = READ_PAGE  # the granularity of partial reads (table rows): what O_DIRECT can address
 
 
 def aligned_buffer(nbytes: int, alignment: int = 16384) -> np.ndarray:
@@ -34,6 +38,23 @@ def aligned_buffer(nbytes: int, alignment: int = 16384) -> np.ndarray:
     raw = np.frombuffer(m, dtype=np.uint8)
     off = (-raw.ctypes.data) % alignment
     return raw[off : off + nbytes]
+
+
+def cover(ranges: Sequence[tuple[int, int]], max_bytes: int, page: int = PAGE) -> tuple[list[tuple[int, int]], list[int]]:
+    """Byte ranges ``[start, end)`` of one file, sorted by start -> (the page-aligned extents ``(offset, length)`` that
+    hold them, the extent holding each range). Ranges that share or touch a page go in one extent (one read) while
+    it stays within ``max_bytes``; ``max_bytes`` must hold any one range's pages."""
+    extents: list[tuple[int, int]] = []
+    owner = []
+    for start, end in ranges:
+        lo, hi = start // page * page, -(-end // page) * page
+        if extents and lo <= sum(extents[-1]) and hi - extents[-1][0] <= max_bytes:
+            off = extents[-1][0]
+            extents[-1] = (off, max(extents[-1][1], hi - off))
+        else:
+            extents.append((lo, hi - lo))
+        owner.append(len(extents) - 1)
+    return extents, owner
 
 
 class DirectReader:
@@ -108,3 +129,15 @@ class DirectReader:
         if n != buf.nbytes:
             raise OSError(errno.EIO, f"short read: {n} of {buf.nbytes} bytes (is the file truncated?)", path)
         return n
+
+    def read_extents(self, path: str, buf: np.ndarray, extents: Sequence[tuple[int, int, int]],
+                     pool: Executor | None = None) -> int:
+        """Read each extent ``(offset, length, at)`` of ``path`` into ``buf[at : at + length]``, several at once on
+        ``pool`` where there are several (an SSD serves parallel reads faster); returns the bytes read."""
+        def one(e: tuple[int, int, int]) -> int:
+            off, n, at = e
+            return self.read_into(path, buf[at : at + n], off)
+
+        if pool is None or len(extents) < 2:
+            return sum(map(one, extents))
+        return sum(pool.map(one, extents))

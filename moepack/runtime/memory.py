@@ -16,7 +16,7 @@ import numpy as np
 from moepack import arch
 from moepack.errors import BudgetError
 from moepack.formats import dtypes
-from moepack.formats.manifest import ExpertLayout, TensorRecord
+from moepack.formats.manifest import ExpertLayout, Table, TensorRecord
 from moepack.formats.reader import PackReader
 from moepack.units import human_bytes, parse_bytes, suggest_bytes  # noqa: F401 - re-exported: budgets are parsed here
 
@@ -175,6 +175,8 @@ class MemoryNeed:
     top_k: int
     row_bytes: int = 0  # one token's rows of the streamed tables (SPEC 3.6), as cached
     table_rows: int = 0  # rows of the largest streamed table: caching more buys nothing
+    table_bytes: int = 0  # the streamed tables' files, all rows
+    table_read_bytes: int = 0  # what one token reads from the tables when no row is cached (a row's pages a table)
 
     @property
     def minimum(self) -> int:
@@ -210,6 +212,12 @@ TABLE_SHARE = 1 / 16
 MLX_CACHE_BYTES = 64 << 20
 SCRATCH_BYTES = (2 * 64 << 20) + (64 << 20)
 ACTIVATION_WIDTHS = 6  # live [T, hidden] float32 tensors in a pass (residual, norm, attention out, MoE sum, ...)
+TABLE_STAGING_BYTES = 1 << 20  # a streamed table's staging buffer: a step's missing rows are read in batches of it
+
+
+def table_staging(t: Table) -> int:
+    """Bytes of ``t``'s staging buffer: whole blocks (any one row's pages fit), about TABLE_STAGING_BYTES."""
+    return max(1, TABLE_STAGING_BYTES // t.block_bytes) * t.block_bytes
 
 
 @dataclass(frozen=True)
@@ -240,6 +248,7 @@ def working_memory(reader: PackReader, compute: mx.Dtype, io_threads: int = 8) -
                   and "lm_head" not in n), default=hidden)
     size = 4 if compute == mx.float32 else compute.size
     staging = io_threads * max((lay.length for lay in reader.manifest.expert_layouts.values()), default=0)
+    staging += sum(table_staging(t) for t in reader.tables.values())
     return WorkingMemory(staging + MLX_CACHE_BYTES + SCRATCH_BYTES, kv * size,
                          4 * ((ACTIVATION_WIDTHS + 2 * (streams - 1)) * hidden + 2 * widest))
 
@@ -275,7 +284,8 @@ def memory_need(reader: PackReader, compute: mx.Dtype, stage: Any = None) -> Mem
     per_slot = slot_bytes(reader.expert_layout(moe[0]), compute) if moe else 0
     tables = [t for n, t in reader.tables.items() if stage is None or stage.owns(n)]  # cached as stored
     return MemoryNeed(dense, per_slot, len(moe) * a["num_experts"], a["top_k"], sum(t.row_bytes for t in tables),
-                      max((t.rows for t in tables), default=0))
+                      max((t.rows for t in tables), default=0), sum(t.length for t in tables),
+                      sum(t.read_bytes() for t in tables))
 
 
 def plan_memory(reader: PackReader, budget: int | None, compute: mx.Dtype, stage: Any = None,

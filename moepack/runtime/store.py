@@ -125,6 +125,11 @@ class ExpertStore:
         self.heat: dict[Key, int] = {}  # accesses per expert over this run (for `moepack profile`)
         self.payload = {L: sum(r.nbytes for r in lay.tensors.values()) for L, lay in layouts.items()}
 
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        """The I/O threads, which the streamed tables' reads share (runtime/tables.py)."""
+        return self._io
+
     # ---- reading ----------------------------------------------------------------------------
     def _staging(self) -> np.ndarray:
         buf = getattr(self._tls, "buf", None)

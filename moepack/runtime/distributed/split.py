@@ -78,7 +78,7 @@ def layer_costs(manifest: Manifest, config: dict) -> tuple[list[int], int, int]:
             last += rec.nbytes
     if config.get("tie_word_embeddings"):
         last += first
-    first += sum(t.block_bytes for t in manifest.tables.values())  # a streamed embedding: one block a token
+    first += sum(t.read_bytes() for t in manifest.tables.values())  # a streamed embedding: a row's pages a token
     for el in manifest.experts:
         dense[el.layer] += a["top_k"] * manifest.expert_layouts[el.layout].length
     return dense, first, last
@@ -137,8 +137,8 @@ def split_pack(reader: PackReader, hosts: int) -> PipelineSplit:
         files = sum(length[L] for L in moe)
         need = memory_need(reader, stored, st)
         cost = sum(costs[r.start : r.stop]) + (first if st.first else 0) + (last if st.last else 0)
-        tables = sum(t.block_bytes for n, t in m.tables.items() if st.owns(n))
-        shares.append(StageShare(st, moe, need, files * a["num_experts"], files * a["top_k"], cost, tables))
+        shares.append(StageShare(st, moe, need, files * a["num_experts"], files * a["top_k"], cost,
+                                 need.table_read_bytes))
     return PipelineSplit(shares, a["num_experts"], a["top_k"], len(costs))
 
 
