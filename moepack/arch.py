@@ -51,10 +51,11 @@ EMBEDDING = re.compile(r"(^|\.)embed(_tokens)?\.")
 # ``model.mtp_linear_proj.0...``) and the vision tower of a multimodal checkpoint whose text model moepack runs
 # (Qwen3.5-MoE; Kimi K2.5's vision_tower and mm_projector; Llama 4's vision_model and multi_modal_projector; Step
 # 3.7's vision_model and vit_large_projector, under model. in transformers 5's saves; Mistral Large 4's Pixtral tower
-# and projector, in transformers' names and in Mistral's own).
+# and projector, in transformers' names and in Mistral's own; MiniMax-M3's vision_tower, multi_modal_projector and
+# patch_merge_mlp).
 VISION = re.compile(r"^(model\.visual\.|visual\.|vision_tower\.|(model\.)?vision_model\.|mm_projector\.|"
                     r"multi_modal_projector\.|vit_large_projector\.|model\.vision_tower\.|model\.multi_modal_projector\.|"
-                    r"vision_encoder\.|patch_merger\.|pre_mm_projector_norm\.|vision_language_adapter\.)")
+                    r"vision_encoder\.|patch_merger\.|pre_mm_projector_norm\.|vision_language_adapter\.|patch_merge_mlp\.)")
 SKIPPED = re.compile(rf"^(model\.)?mtp\.|^mtp_dspark\.|^model\.mtp_|{VISION.pattern}")
 # A multimodal wrapper's prefixes -> the text model's own, so its tensors load as a plain causal LM
 # (Kimi K2.5 nests a DeepSeek-V3 text model as language_model.model.* and language_model.lm_head; Qwen3.5-MoE
@@ -99,12 +100,14 @@ def _afmoe_layer(cfg: dict, i: int) -> bool:
 
 
 def _sparse_by_type(cfg: dict, i: int, first_sparse: int) -> bool:
-    """``mlp_layer_types`` ("dense"/"sparse" per layer: Laguna, Hunyuan v3 and v4, Step 3.7, the KDA families), else
-    Step 3.7's release spelling ``moe_layers_enum`` (MoE layer indices, a list or "3,4,..."), else layers from
-    ``first_k_dense_replace`` on, or from ``first_sparse`` (the family's default: Kimi Linear 1, Bailing hybrid 2,
-    GLM-5.3 3)."""
+    """``mlp_layer_types`` ("dense"/"sparse" per layer: Laguna, Hunyuan v3 and v4, Step 3.7, the KDA families,
+    MiniMax-M3), else MiniMax-M3's release spelling ``moe_layer_freq`` (1/0 per layer), else Step 3.7's
+    ``moe_layers_enum`` (MoE layer indices, a list or "3,4,..."), else layers from ``first_k_dense_replace`` on, or
+    from ``first_sparse`` (the family's default: Kimi Linear 1, Bailing hybrid 2, GLM-5.3 3)."""
     if types := cfg.get("mlp_layer_types"):
         return types[i] == "sparse"
+    if isinstance(freq := cfg.get("moe_layer_freq"), list):
+        return bool(freq[i])
     if (enum := cfg.get("moe_layers_enum")) is not None:
         return i in {int(x) for x in (enum.split(",") if isinstance(enum, str) else enum) if str(x).strip()}
     return i >= cfg.get("first_k_dense_replace", first_sparse)
@@ -228,6 +231,10 @@ FAMILIES: tuple[Family, ...] = (
     Family("glm5_next", ("glm5_next", "glm5_next_text"), ("moe_intermediate_size",), partial(_sparse_by_type, first_sparse=3)),
     # KDA (full-rank gates) + gated MLA groups, the release's Ling names
     Family("bailing_hybrid", ("bailing_hybrid",), ("moe_intermediate_size",), partial(_sparse_by_type, first_sparse=2)),
+    # GQA with a block-selecting indexer (dsa.BlockIndexer), SwiGLU-OAI experts; the text model of a multimodal
+    # checkpoint (every layer MoE where the config says nothing, as transformers)
+    Family("minimax_m3_vl", ("minimax_m3_vl", "minimax_m3_vl_text"), ("intermediate_size",),
+           partial(_sparse_by_type, first_sparse=0)),
 )
 BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 
@@ -267,6 +274,30 @@ def text_name(name: str, cfg: dict | None = None) -> str:
         if name.startswith(old):
             return new + name[len(old):]
     return name
+
+
+# A release's nested block of keys -> transformers 5's flat ones: {block: {flat key: the block's key}} (MiniMax-M3's
+# ``sparse_attention_config``; its ``sparse_attention_freq`` gives ``layer_types`` and ``moe_layer_freq`` is read
+# by ``_sparse_by_type``).
+NESTED_KEYS: dict[str, dict[str, str]] = {
+    "sparse_attention_config": {"index_n_heads": "sparse_num_index_heads", "index_head_dim": "sparse_index_dim",
+                                "index_block_size": "sparse_block_size", "index_topk_blocks": "sparse_topk_blocks",
+                                "index_local_blocks": "sparse_local_block"},
+}
+
+
+def flattened(cfg: dict) -> dict:
+    """``cfg`` with the keys of its nested blocks (``NESTED_KEYS``) at the top level (a block's value wins, as
+    transformers reads them); a MiniMax-M3 ``sparse_attention_freq`` (1/0 per layer) gives ``layer_types`` where
+    the config has none."""
+    out = dict(cfg)
+    for block, keys in NESTED_KEYS.items():
+        nested = cfg.get(block) or {}
+        out.update({flat: nested[old] for flat, old in keys.items() if old in nested})
+    freq = (cfg.get("sparse_attention_config") or {}).get("sparse_attention_freq")
+    if cfg.get("layer_types") is None and freq is not None:
+        out["layer_types"] = ["minimax_m3_sparse" if f else "full_attention" for f in freq]
+    return out
 
 
 def get(cfg: dict, key: str, default=None):

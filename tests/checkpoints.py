@@ -238,6 +238,20 @@ TINY: dict[str, tuple[str, str, dict]] = {
         moe_intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=4,
         topk_group=2, first_k_dense_replace=1, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
         v_head_dim=16, layer_group_size=2, routed_scaling_factor=1.0, rope_theta=1e4)),
+    # multimodal (a 1-layer vision tower and the projector the converter leaves out): layers 1 and 2 block-sparse,
+    # their indexer keeping 3 blocks of 2 positions (the local one included) of the prompt's 6, one selection per
+    # pair of query heads; layer 0 dense; half rotary; the SwiGLU-OAI clamp bites (1.5)
+    "minimax_m3_vl": ("MiniMaxM3VLConfig", "MiniMaxM3SparseForConditionalGeneration", dict(
+        text_config=dict(
+            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=32,
+            dense_intermediate_size=96, shared_intermediate_size=48, num_local_experts=8, num_experts_per_tok=2,
+            routed_scaling_factor=2.0, swiglu_limit=1.5, mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+            layer_types=["full_attention", "minimax_m3_sparse", "minimax_m3_sparse", "full_attention"],
+            index_n_heads=2, index_head_dim=16, index_block_size=2, index_topk_blocks=3, index_local_blocks=1,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           patch_size=14, image_size=56),
+        projector_hidden_size=64)),
 }
 # model_type -> {transformers 5 key: the release's legacy key} (to_old_spelling)
 LEGACY_KEYS: dict[str, dict[str, str]] = {
@@ -310,6 +324,10 @@ def to_old_spelling(cfg: dict) -> dict:
     if cfg.get("model_type") == "step3p7":
         cfg["text_config"] = step3p7_release_text_config(cfg["text_config"])
         return cfg
+    if cfg.get("model_type") == "minimax_m3_vl":
+        cfg["text_config"] = minimax_m3_release_text_config(cfg["text_config"])
+        cfg["torch_dtype"] = cfg.pop("dtype", "float32")
+        return cfg
     if cfg.get("model_type") == "kimi_linear":
         cfg = _kimi_linear_old_spelling(cfg)
     if cfg.get("model_type") == "glm5_next":  # the text model's hub keys: a linear_attn_config, an indexer pattern
@@ -348,6 +366,26 @@ def to_old_spelling(cfg: dict) -> dict:
         cfg["index_topk_pattern"] = "".join(t[0].upper() for t in cfg.pop("indexer_types"))
     cfg["torch_dtype"] = cfg.pop("dtype", "float32")
     return cfg
+
+
+def minimax_m3_release_text_config(tc: dict) -> dict:
+    """MiniMax-M3's text config as its release spells it: ``rope_theta`` with both ``rotary_dim`` and
+    ``partial_rotary_factor``, ``num_experts``, 1/0 per layer in ``moe_layer_freq``, the indexer's keys and its
+    layers in a nested ``sparse_attention_config``, and switches transformers ignores."""
+    tc = dict(tc)
+    rp = tc.pop("rope_parameters")
+    tc.update(rope_theta=rp["rope_theta"], partial_rotary_factor=rp["partial_rotary_factor"],
+              rotary_dim=int(tc["head_dim"] * rp["partial_rotary_factor"]), num_experts=tc.pop("num_local_experts"),
+              moe_layer_freq=[int(t == "sparse") for t in tc.pop("mlp_layer_types")], hidden_act="swigluoai",
+              scoring_func="sigmoid", use_routing_bias=True, use_gemma_norm=True, qk_norm_type="per_head")
+    freq = [int(t == "minimax_m3_sparse") for t in tc.pop("layer_types")]
+    tc["sparse_attention_config"] = {
+        "use_sparse_attention": True, "sparse_num_index_heads": tc.pop("index_n_heads"),
+        "sparse_index_dim": tc.pop("index_head_dim"), "sparse_block_size": tc.pop("index_block_size"),
+        "sparse_topk_blocks": tc.pop("index_topk_blocks"), "sparse_local_block": tc.pop("index_local_blocks"),
+        "sparse_score_type": "max", "sparse_init_block": 0, "sparse_attention_freq": freq,
+        "sparse_disable_index_value": freq}
+    return tc
 
 
 def _kimi_linear_old_spelling(cfg: dict) -> dict:

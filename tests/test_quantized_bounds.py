@@ -54,6 +54,8 @@ BOUNDS = {
     "kimi_linear": {"8bit": 0.0043, "default": 0.23},  # 1.44e-3, 7.64e-2
     "glm5_next": {"8bit": 0.1, "default": 0.5},  # 4.29e-2, 0.277: 3x is above CAP, CAP holds
     "bailing_hybrid": {"8bit": 0.061, "default": 0.19},  # 2.04e-2, 6.38e-2
+    # 8.52e-2 (3x above CAP, CAP holds: 8-bit noise flips near-tied experts on 4 tokens), 0.115
+    "minimax_m3_vl": {"8bit": 0.1, "default": 0.34},
 }
 
 

@@ -36,9 +36,9 @@ def _attend_blas(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.a
     qn, kn, vn = (np.asarray(t) for t in f32[:3])
     s = np.matmul(qn.reshape(B, Hkv, G * T, D), kn.swapaxes(-1, -2)).reshape(B, Hkv, G, T, S)  # scores
     s *= scale
-    if mask is not None:  # [T, S], or [B, 1, T, S] (a sparse-attention selection per sequence)
+    if mask is not None:  # [T, S], or [B, 1 | H, T, S] (a sparse-attention selection per sequence, or per head)
         m = np.asarray(f32[3])
-        s += m[:, :, None] if m.ndim == 4 else m
+        s += (m.reshape(B, Hkv, G, *m.shape[2:]) if m.shape[1] == H else m[:, :, None]) if m.ndim == 4 else m
     m = s.max(axis=-1, keepdims=True)
     if sinks is not None:  # a per-head logit in the softmax that contributes no value
         sk = np.asarray(sinks.astype(mx.float32)).reshape(1, Hkv, G, 1, 1)
@@ -121,12 +121,14 @@ class Attention(nn.Module):
     over the whole projection before splitting heads: OLMoE, MiniMax-M2). The rope module decides partial rotary;
     ``rope=None`` is a NoPE layer. ``temperature``: (beta, period, shift) of :func:`query_temperature`, scaling queries
     by position (Llama 4's NoPE layers). ``gate``: an output gate (see ``OutputGate``; AFMoE, Laguna).
+    ``indexer``: a sparse-attention indexer whose keys the cache keeps beside k and v and whose selection
+    narrows the mask (``dsa.BlockIndexer``: MiniMax-M3).
     """
 
     def __init__(self, *, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int, rope: nn.Module | None,
                  qkv_bias: bool = False, o_bias: bool = False, qk_norm: str | None = None, eps: float = 1e-6,
                  gate: OutputGate | None = None, temperature: tuple[float, float, int] | None = None,
-                 scale: float | None = None):
+                 scale: float | None = None, indexer: nn.Module | None = None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.scale = scale or head_dim**-0.5  # Step 3.7: query_pre_attn_scalar^-0.5
@@ -143,6 +145,7 @@ class Attention(nn.Module):
             self.k_norm = nn.RMSNorm(n_kv_heads * head_dim, eps=eps)
         self.rope = rope
         self.gate = gate
+        self.indexer = indexer
         if gate is not None:
             setattr(self, gate.name, nn.Linear(hidden, n_heads * (1 if gate.per_head else head_dim), bias=False))
 
@@ -187,6 +190,8 @@ class Attention(nn.Module):
             q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if self.temperature is not None:
             q = q * query_temperature(offset, T, *self.temperature).astype(q.dtype)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
+        own = (k, v) if self.indexer is None else (k, v, self.indexer.keys(x, offset))
+        k, v, *index_keys = cache.update_and_fetch(*own) if cache is not None else own
+        if self.indexer is not None:
+            mask = self.indexer.select(x, index_keys[0], mask, self.n_heads)
         return self.output(self.attend(q, k, v, mask), extra)

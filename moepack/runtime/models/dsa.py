@@ -10,6 +10,9 @@ scoring: both leave q·k unchanged up to rounding):
 
 and the query attends to its top-k causal keys. Selection is made one block of queries at a time (each query's top-k
 depends on its own row only), so it does not depend on the memory budget or on how a prompt is split into passes.
+
+MiniMax-M3's indexer (``BlockIndexer``) selects blocks of consecutive keys instead, one selection per group of query
+heads (``BlockSparse``); GLM-5.3's (``PooledIndexer``) scores pooled keys.
 """
 
 from __future__ import annotations
@@ -39,14 +42,40 @@ class Sparse(Causal):
     def block(self, q0: int, q1: int, dtype: mx.Dtype = mx.float32) -> mx.array:
         """Additive mask [B, 1, q1-q0, hi-lo] over ``keys(q0, q1)``: 0 where causal and selected, else -inf."""
         lo, hi = self.keys(q0, q1)
-        idx = mx.minimum(self.chosen[:, q0:q1], hi)  # keys past the block's causal range: one spare column
-        B, Tb, _ = idx.shape
-        keep = mx.put_along_axis(mx.zeros((B, Tb, hi + 1), dtype=mx.bool_), idx, mx.array(True), axis=-1)
-        keep = keep[..., lo:hi]
-        causal = Causal.block(self, q0, q1, dtype)
-        if causal is not None:
-            keep = keep & (causal == 0)
-        return mx.where(keep, mx.array(0, dtype), mx.array(-math.inf, dtype)).astype(dtype)[:, None]
+        return _additive(marked(self.chosen[:, q0:q1], hi)[..., lo:hi], self, q0, q1, dtype)[:, None]
+
+
+def marked(idx: mx.array, width: int) -> mx.array:
+    """idx [..., k] -> bool [..., width], True at each index; indices outside [0, width) (-1: none) mark nothing."""
+    idx = mx.where((idx < 0) | (idx >= width), width, idx)  # one spare column takes them
+    keep = mx.zeros((*idx.shape[:-1], width + 1), dtype=mx.bool_)
+    return mx.put_along_axis(keep, idx, mx.array(True), axis=-1)[..., :width]
+
+
+def _additive(keep: mx.array, causal: Causal, q0: int, q1: int, dtype: mx.Dtype) -> mx.array:
+    """keep [..., q1-q0, keys] and the causal mask of those queries -> additive mask: 0 where both allow, else -inf."""
+    c = Causal.block(causal, q0, q1, dtype)
+    if c is not None:
+        keep = keep & (c == 0)
+    return mx.where(keep, mx.array(0, dtype), mx.array(-math.inf, dtype)).astype(dtype)
+
+
+@dataclass(frozen=True)
+class BlockSparse(Causal):
+    """A causal mask that also hides the key *blocks* an indexer did not select, one selection per group of query
+    heads (MiniMax-M3): ``chosen`` [B, G, T, k] block indices (-1: none) of ``size`` consecutive positions each;
+    query head h uses group ``h // (heads / G)``."""
+
+    chosen: mx.array | None = None
+    size: int = 1
+    heads: int = 1
+
+    def block(self, q0: int, q1: int, dtype: mx.Dtype = mx.float32) -> mx.array:
+        """Additive mask [B, heads, q1-q0, hi-lo] over ``keys(q0, q1)``: 0 where causal and in a selected block."""
+        lo, hi = self.keys(q0, q1)
+        n = -(-hi // self.size)
+        keep = mx.repeat(marked(self.chosen[:, :, q0:q1], n), self.size, axis=-1)[..., lo:hi]
+        return mx.repeat(_additive(keep, self, q0, q1, dtype), self.heads // self.chosen.shape[1], axis=1)
 
 
 class HeadWeights(nn.Linear):
@@ -210,3 +239,57 @@ class PooledIndexer(Indexer):
         if not chosen:  # nothing selectable: every key hidden (transformers' all -1 row)
             chosen.append(mx.full((B, T, 1), never, mx.int32))
         return Sparse(mask.offset, mask.window, mask.chunk, mx.concatenate(chosen, axis=-1).astype(mx.int32))
+
+
+class BlockIndexer(nn.Module):
+    """MiniMax-M3's lightning indexer (transformers' ``MiniMaxM3VLIndexer``): selects key *blocks*, one selection per
+    indexer head, each serving an equal share of the attention's query heads. Module names are transformers'
+    (``self_attn.indexer.q_proj`` ...).
+
+    For query t at position p and indexer head h: score[s] = q_h(t) · k(s) (float32, unscaled, both RMS-normed and
+    roped like the attention's first ``rope.dims`` dims) over causal keys s; a block of ``block_size`` positions
+    scores its best key; the ``local`` blocks ending at p's own always count (+inf), and the ``topk`` best blocks
+    are kept. Blocks lie on absolute positions, so a decoding step selects what a full pass does. The keys [B, 1, S,
+    D] live in the layer's cache beside the attention's.
+    """
+
+    def __init__(self, *, hidden: int, n_heads: int, head_dim: int, block_size: int, topk: int, local: int,
+                 rope: nn.Module, eps: float):
+        super().__init__()
+        self.n_heads, self.head_dim, self.block_size, self.topk, self.local = n_heads, head_dim, block_size, topk, local
+        self.q_proj = nn.Linear(hidden, n_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, head_dim, bias=False)
+        self.q_norm, self.k_norm = nn.RMSNorm(head_dim, eps=eps), nn.RMSNorm(head_dim, eps=eps)
+        self._rope = rope  # the attention's (model-level) rope module
+
+    def keys(self, x: mx.array, offset: int) -> mx.array:
+        """x [B, T, hidden] -> this layer's indexer keys [B, 1, T, D] (one head, roped), for the cache."""
+        return self._rope(self.k_norm(self.k_proj(x))[:, None], offset=offset)
+
+    def select(self, x: mx.array, keys: mx.array, mask: Causal, heads: int) -> BlockSparse:
+        """Each query's blocks among ``keys`` [B, 1, S, D] (every cached position), per indexer head, as a
+        :class:`BlockSparse` mask over ``heads`` attention heads. x [B, T, hidden]: the attention's input."""
+        B, T, _ = x.shape
+        H, P = self.n_heads, self.block_size
+        q = self.q_norm(self.q_proj(x).reshape(B, T, H, self.head_dim)).transpose(0, 2, 1, 3)
+        q = self._rope(q, offset=mask.offset).astype(mx.float32)  # [B, H, T, D]
+        k = keys.astype(mx.float32).swapaxes(-1, -2)  # [B, 1, D, S]
+        S = k.shape[-1]
+        n = -(-S // P)  # blocks, the last one possibly incomplete
+        block = max(1, min(T, attention.SCORE_BYTES // (4 * B * H * n * P)))  # as attend() blocks
+        chosen = []
+        for q0 in range(0, T, block):
+            q1 = min(T, q0 + block)
+            t = mx.arange(mask.offset + q0, mask.offset + q1)[:, None]  # [Tb, 1] positions
+            s = mx.where(mx.arange(n * P)[None] <= t, mx.pad(q[:, :, q0:q1] @ k, [(0, 0)] * 3 + [(0, n * P - S)]),
+                         -math.inf)  # [B, H, Tb, n·P]: causal keys only
+            score = s.reshape(B, H, q1 - q0, n, P).max(axis=-1)  # [B, H, Tb, n]
+            if self.local:
+                local = mx.maximum(t // P - mx.arange(self.local)[None], 0)  # [Tb, local]
+                score = mx.where(marked(local, n), math.inf, score)
+            idx = topk(score, min(self.topk, n)).astype(mx.int32)
+            idx = mx.where(mx.take_along_axis(score, idx, axis=-1) == -math.inf, -1, idx)
+            if block < T:
+                mx.eval(idx)
+            chosen.append(idx)
+        return BlockSparse(mask.offset, mask.window, mask.chunk, mx.concatenate(chosen, axis=2), P, heads)
