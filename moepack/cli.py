@@ -549,7 +549,7 @@ def eval_(pack, text_file, context, stride, max_text_tokens, memory_budget, poli
 def demo(workdir, max_tokens) -> None:
     """Convert the small MoE shipped with moepack, verify it and generate from it with experts streamed from disk.
 
-    No network needed. The model (4M parameters, 16 experts, top-2) was trained on Vim's help files: it continues
+    No network needed. The model (5M parameters, 16 experts, top-2) was trained on Vim's help files: it continues
     text in their style; it is a toy, not an assistant.
     """
     from moepack.convert.pipeline import convert as run

@@ -222,7 +222,7 @@ def minimum_budget(pack: str | os.PathLike) -> int:
 
 
 NEXT_STEPS = """
-Next, with a real model (the demo model is a 4M-parameter toy):
+Next, with a real model (the demo model is a 5M-parameter toy):
   moepack convert Qwen/Qwen3-30B-A3B ~/models/qwen3-30b-a3b     # a hub repo id or a local checkpoint folder
   moepack chat ~/models/qwen3-30b-a3b                           # or: generate -p "...", serve (OpenAI API)
   moepack chat ~/models/qwen3-30b-a3b --memory-budget 8GB       # cap the memory it uses (default: 60% free)"""

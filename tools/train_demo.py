@@ -32,7 +32,8 @@ EOS = "<|endoftext|>"
 
 
 def model_config(vocab_size: int) -> dict:
-    """Qwen3-MoE, hub spelling: 16 experts, top-2, tied embeddings; about 4.2M parameters (8.4 MB in bf16)."""
+    """Qwen3-MoE, hub spelling: 16 experts, top-2, tied embeddings; about 4.9M parameters (9.7 MB in bf16). Expert
+    widths are multiples of 64 so every recipe quantizes every expert matrix (group size 64)."""
     return {
         "architectures": ["Qwen3MoeForCausalLM"],
         "model_type": "qwen3_moe",
@@ -40,10 +41,10 @@ def model_config(vocab_size: int) -> dict:
         "hidden_size": 256,
         "num_hidden_layers": 4,
         "num_attention_heads": 4,
-        "num_key_value_heads": 2,
+        "num_key_value_heads": 1,
         "head_dim": 64,
         "intermediate_size": 512,
-        "moe_intermediate_size": 48,
+        "moe_intermediate_size": 64,
         "num_experts": 16,
         "num_experts_per_tok": 2,
         "norm_topk_prob": True,
