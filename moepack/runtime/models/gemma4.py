@@ -50,6 +50,7 @@ class ModelArgs(MoEArgs):
     vocab_size_per_layer_input: int = 262_144
     num_kv_shared_layers: int = 0
     use_bidirectional_attention: str | None = None
+    attention_bias: bool = False
     tie_word_embeddings: bool = True
 
     def __post_init__(self) -> None:
@@ -156,8 +157,9 @@ class Model(CausalLM):
         for i, kind in enumerate(a.layer_types):
             sliding = kind == "sliding_attention"
             head_dim, kv_heads = shapes[i]
-            attn = Attention.for_args(a, ropes[kind], head_dim=head_dim, n_kv_heads=kv_heads, qkv_bias=False,
-                                      qk_norm="head", scale=1.0, v_norm=True, k_eq_v=a.attention_k_eq_v and not sliding)
+            attn = Attention.for_args(a, ropes[kind], head_dim=head_dim, n_kv_heads=kv_heads,
+                                      qkv_bias=a.attention_bias, o_bias=a.attention_bias, qk_norm="head", scale=1.0,
+                                      v_norm=True, k_eq_v=a.attention_k_eq_v and not sliding)
             block = None
             if i in moe:
                 block = MoE(Router(a.hidden_size, a.num_experts, a.top_k, a.rms_norm_eps),
