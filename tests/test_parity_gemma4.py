@@ -3,7 +3,10 @@ than the prompt, keys as values in the global layers, a dense MLP beside the MoE
 logits), in both config spellings; the per-layer embedding table streamed from the pack, with the same output at any
 budget and as when resident."""
 
+import json
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import mlx.utils
 import numpy as np
@@ -57,6 +60,15 @@ def test_per_layer_table_is_streamed(tmp_path):
     assert full["table_misses"] == len(set(PROMPT) | set(full_tokens[:-1]))  # each row read once
     assert small["table_misses"] > full["table_misses"]
     assert small["table_bytes_read"] == small["table_misses"] * table.block_bytes
+    # tools/virtual_pack.py (sizes a release from its config alone) lays the table out as the converter does
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+    from virtual_pack import virtual_pack
+
+    virtual = PackReader(virtual_pack(json.loads((ckpt / "config.json").read_text()), tmp_path / "virtual", EXACT,
+                                      None)).manifest
+    assert list(virtual.tables) == [PLE]
+    assert (replace(virtual.tables[PLE], row=None), virtual.tables[PLE].row.parts) == \
+        (replace(table, row=None), table.row.parts)
 
 
 def test_per_layer_inputs_keep_the_model_in_one_pipeline_stage():
