@@ -20,7 +20,8 @@ from moepack.errors import UnsupportedArchitecture
 CONFIG_ALIASES: dict[str, tuple[str, ...]] = {
     "num_experts": ("n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts"),
     "top_k": ("num_experts_per_tok", "moe_topk", "top_k", "moe_k", "moe_top_k",
-              "num_experts_per_token"),  # Kimi Linear's and Bailing's releases: the last
+              "num_experts_per_token",  # Kimi Linear's and Bailing's releases
+              "top_k_experts"),  # Gemma 4
     "n_shared_experts": ("n_shared_experts", "num_shared_experts"),  # Sarvam's release: num_shared_experts
     "attention_bias": ("attention_bias", "use_qkv_bias"),  # Sarvam's release: use_qkv_bias
     "num_hidden_layers": ("num_hidden_layers", "num_layers"),  # LongCat-Flash: num_layers (each two sublayers)
@@ -34,9 +35,10 @@ EXPERT_TENSOR = re.compile(
     r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe|ffn|feed_forward)\.experts\.(?P<expert>\d+)\."
     r"(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)\.(?P<part>weight|bias)$"
 )
-# Fused tensors (transformers 5 with save_original_format=False): [E, 2I, H] gate_up (gate rows first), [E, H, I] down.
+# Fused tensors (transformers 5 with save_original_format=False): [E, 2I, H] gate_up (gate rows first), [E, H, I] down;
+# Gemma 4's release keeps them so, on the layer itself (``layers.L.experts.gate_up_proj``: its MLP runs beside them).
 FUSED_EXPERT_TENSOR = re.compile(
-    r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe|feed_forward)\.experts\."
+    r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.(?:(?:mlp|block_sparse_moe|feed_forward)\.)?experts\."
     r"(?P<proj>gate_up_proj|down_proj)(?P<bias>_bias)?$"
 )
 # Stacked per projection (Step 3.7's release): ...layers.L.moe.<gate_proj|up_proj|down_proj>.weight [E, out, in].
@@ -46,16 +48,20 @@ STACKED_EXPERT_TENSOR = re.compile(
 LAYER_TENSOR = re.compile(r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.")
 # The token embedding: ``model.embed_tokens.weight``, or ``embed.weight`` in DeepSeek V4's release.
 EMBEDDING = re.compile(r"(^|\.)embed(_tokens)?\.")
+# Token-indexed tables beside the input embedding that no LM head shares, so a pack streams them whether or not the
+# head is tied (SPEC 3.6): Gemma 4's per-layer embeddings (PLE), [vocab, layers x per-layer width].
+TOKEN_TABLE = re.compile(r"(^|\.)embed_tokens_per_layer\.weight$")
 # Tensors a pack leaves out: multi-token-prediction heads (``mtp.layers.0...`` would otherwise read as layer 0;
 # LongCat-Flash's ``model.mtp.*``; Mistral Large 4's ``mtp_dspark``; ERNIE 4.5's ``model.mtp_block.0...``,
 # ``model.mtp_linear_proj.0...``) and the vision tower of a multimodal checkpoint whose text model moepack runs
 # (Qwen3.5-MoE; Kimi K2.5's vision_tower and mm_projector; Llama 4's vision_model and multi_modal_projector; Step
 # 3.7's vision_model and vit_large_projector, under model. in transformers 5's saves; Mistral Large 4's Pixtral tower
 # and projector, in transformers' names and in Mistral's own; MiniMax-M3's vision_tower, multi_modal_projector and
-# patch_merge_mlp).
+# patch_merge_mlp; Gemma 4's vision and audio towers and their embedders).
 VISION = re.compile(r"^(model\.visual\.|visual\.|vision_tower\.|(model\.)?vision_model\.|mm_projector\.|"
                     r"multi_modal_projector\.|vit_large_projector\.|model\.vision_tower\.|model\.multi_modal_projector\.|"
-                    r"vision_encoder\.|patch_merger\.|pre_mm_projector_norm\.|vision_language_adapter\.|patch_merge_mlp\.)")
+                    r"vision_encoder\.|patch_merger\.|pre_mm_projector_norm\.|vision_language_adapter\.|patch_merge_mlp\.|"
+                    r"model\.audio_tower\.|model\.embed_vision\.|model\.embed_audio\.)")
 SKIPPED = re.compile(rf"^(model\.)?mtp\.|^mtp_dspark\.|^model\.mtp_|{VISION.pattern}")
 # A multimodal wrapper's prefixes -> the text model's own, so its tensors load as a plain causal LM
 # (Kimi K2.5 nests a DeepSeek-V3 text model as language_model.model.* and language_model.lm_head; Qwen3.5-MoE
@@ -119,6 +125,11 @@ def _ernie_moe_layer(cfg: dict, i: int) -> bool:
     end = num_layers(cfg) - 1 if end is None or end == -1 else end
     return ((i + 1) % (cfg.get("moe_layer_interval") or 1) == 0 and cfg.get("moe_layer_start_index", 1) <= i <= end
             and get(cfg, "num_experts", 0) > 0)
+
+
+def _gemma4_moe_layer(cfg: dict, i: int) -> bool:
+    # a MoE beside the dense MLP in every layer where ``enable_moe_block`` (26B-A4B); the dense releases have none
+    return bool(cfg.get("enable_moe_block")) and get(cfg, "num_experts", 0) > 0
 
 
 def _llama4_moe_layer(cfg: dict, i: int) -> bool:
@@ -235,6 +246,8 @@ FAMILIES: tuple[Family, ...] = (
     # checkpoint (every layer MoE where the config says nothing, as transformers)
     Family("minimax_m3_vl", ("minimax_m3_vl", "minimax_m3_vl_text"), ("intermediate_size",),
            partial(_sparse_by_type, first_sparse=0)),
+    # a dense MLP and a MoE in parallel in every layer; the text model of a multimodal checkpoint
+    Family("gemma4", ("gemma4", "gemma4_text"), ("moe_intermediate_size",), _gemma4_moe_layer),
 )
 BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 
@@ -261,7 +274,7 @@ def text_config(cfg: dict) -> dict:
     tc = cfg.get("text_config")
     if not isinstance(tc, dict):
         return cfg
-    return {**{k: v for k, v in cfg.items() if k not in ("text_config", "vision_config")}, **tc}
+    return {**{k: v for k, v in cfg.items() if k not in ("text_config", "vision_config", "audio_config")}, **tc}
 
 
 def text_name(name: str, cfg: dict | None = None) -> str:
@@ -412,6 +425,11 @@ def is_embedding(name: str) -> bool:
     return bool(EMBEDDING.search(name))
 
 
+def is_token_table(name: str) -> bool:
+    """A token-indexed table other than the input embedding (see TOKEN_TABLE)."""
+    return bool(TOKEN_TABLE.search(name))
+
+
 def layer_of(name: str) -> int | None:
     m = LAYER_TENSOR.match(name)
     return int(m["layer"]) if m else None
@@ -444,11 +462,21 @@ def indexer_kinds(cfg: dict, n_layers: int) -> list[str]:
     return ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(n_layers)]
 
 
+def per_layer_width(cfg: dict) -> int:
+    """Gemma 4's per-layer embedding (PLE) width per layer, ``hidden_size_per_layer_input`` (transformers' default 256
+    where a gemma4 config does not say; 0 or null: none); 0 for every other family."""
+    if cfg.get("model_type") not in ("gemma4", "gemma4_text"):
+        return 0
+    return int(cfg.get("hidden_size_per_layer_input", 256) or 0)
+
+
 def stage_starts(cfg: dict) -> set[int] | None:
     """The layers a pipeline stage may begin at, where later layers reuse what earlier ones computed in the same
     pass (a DSA "shared" layer the last indexer's selection, a Mistral Large 4 layer another's latent KV): a stage
     must start at a layer with its own indexer that no later layer looks back past. None: any layer."""
     n = num_layers(cfg)
+    if per_layer_width(cfg):  # Gemma 4's per-layer inputs are made from the embedding, which the first stage holds
+        return set()
     sources = cfg.get("kv_source_layers") or list(range(n))
     dsa = cfg.get("index_topk") is not None or cfg.get("model_type") in DEFAULT_INDEXER_KINDS
     kinds = indexer_kinds(cfg, n) if dsa else ["full"] * n

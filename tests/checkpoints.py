@@ -18,6 +18,9 @@ YARN = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_pos
 COMMON = dict(vocab_size=256, hidden_size=64, max_position_embeddings=256, rms_norm_eps=1e-6,
               pad_token_id=None, bos_token_id=None, eos_token_id=None)
 
+GEMMA4_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+               "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1e6}}
+
 # kind -> (config class, model class, tiny config kwargs)
 TINY: dict[str, tuple[str, str, dict]] = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
@@ -252,6 +255,23 @@ TINY: dict[str, tuple[str, str, dict]] = {
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                            patch_size=14, image_size=56),
         projector_hidden_size=64)),
+    # multimodal (one-layer vision and audio towers the converter leaves out): sliding (window 4 < the prompt) and
+    # global layers, the global ones with wider heads, one KV head and keys as values; a dense MLP beside the MoE in
+    # every layer; per-layer embeddings (PLE, 8 per layer); logits soft-capped at 3 (the release: 30, which these
+    # logits of about 1 would not reach)
+    "gemma4": ("Gemma4Config", "Gemma4ForConditionalGeneration", dict(
+        text_config=dict(
+            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+            num_global_key_value_heads=1, intermediate_size=96, moe_intermediate_size=32, num_experts=8,
+            top_k_experts=2, enable_moe_block=True, attention_k_eq_v=True, sliding_window=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+            hidden_size_per_layer_input=8, vocab_size_per_layer_input=256, final_logit_softcapping=3.0,
+            pad_token_id=0, rope_parameters=GEMMA4_ROPE),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=2, head_dim=16, patch_size=4, position_embedding_size=64,
+                           pooling_kernel_size=2),
+        audio_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          subsampling_conv_channels=[8, 4], output_proj_dims=32))),
 }
 # model_type -> {transformers 5 key: the release's legacy key} (to_old_spelling)
 LEGACY_KEYS: dict[str, dict[str, str]] = {
@@ -280,9 +300,11 @@ def randomize(model: torch.nn.Module) -> torch.nn.Module:
             if name.endswith("tid2eid"):  # a hash router's table: distinct experts per token
                 t.copy_(torch.rand(t.shape[0], model.config.num_local_experts).argsort(-1)[:, : t.shape[1]])
                 continue
-            if not t.is_floating_point() or "inv_freq" in name or ("rotary" in name and not name.endswith("alpha")):
-                continue  # rotary buffers; Mistral Large 4's learned frequency scales (rotary_emb.alpha) vary
-            if "norm" in name or name.endswith("softmax_scaling.bias"):  # multipliers around 1
+            if not t.is_floating_point() or "inv_freq" in name or ("rotary" in name and not name.endswith("alpha")) \
+                    or t.ndim == 0:
+                continue  # rotary buffers; Mistral Large 4's learned frequency scales (rotary_emb.alpha) vary; scalars
+            if "norm" in name or name.endswith(("softmax_scaling.bias", "layer_scalar", "router.scale",
+                                                "per_expert_scale")):  # multipliers around 1
                 t.copy_(1.0 + 0.1 * torch.randn_like(t))
             elif t.ndim == 1:
                 t.copy_(0.1 * torch.randn_like(t))
@@ -326,6 +348,11 @@ def to_old_spelling(cfg: dict) -> dict:
         return cfg
     if cfg.get("model_type") == "minimax_m3_vl":
         cfg["text_config"] = minimax_m3_release_text_config(cfg["text_config"])
+    if cfg.get("model_type") == "gemma4":  # the release: the global layers' shapes as keys, not per_layer_config
+        text = dict(cfg["text_config"])
+        glob = next(iter(text.pop("per_layer_config").values()))
+        text["global_head_dim"], text["num_global_key_value_heads"] = glob["head_dim"], glob["num_key_value_heads"]
+        cfg["text_config"] = text
         cfg["torch_dtype"] = cfg.pop("dtype", "float32")
         return cfg
     if cfg.get("model_type") == "kimi_linear":

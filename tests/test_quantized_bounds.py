@@ -56,6 +56,7 @@ BOUNDS = {
     "bailing_hybrid": {"8bit": 0.061, "default": 0.19},  # 2.04e-2, 6.38e-2
     # 8.52e-2 (3x above CAP, CAP holds: 8-bit noise flips near-tied experts on 4 tokens), 0.115
     "minimax_m3_vl": {"8bit": 0.1, "default": 0.34},
+    "gemma4": {"8bit": 0.053, "default": 0.2},  # 1.75e-2 (one position's experts flip; experts alone: 1.4e-4), 6.60e-2
 }
 
 

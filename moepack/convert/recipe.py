@@ -43,7 +43,7 @@ class Recipe:
     dense_group_size: int = 64
     alignment: int = DEFAULT_ALIGNMENT
     requantize: bool = False  # decode quantized source tensors and apply the recipe even where they carry losslessly
-    stream_tables: bool = True  # the input embedding as a streamed table (SPEC 3.6; False: resident, a version 1 pack)
+    stream_tables: bool = True  # token-indexed tables (the input embedding, PLE) streamed (SPEC 3.6; False: resident, v1)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

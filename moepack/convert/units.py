@@ -44,12 +44,14 @@ HEAD = re.compile(r"(^|\.)(lm_)?head\.weight$")
 
 def streamed_tables(cfg: dict, recipe: Recipe, dense: dict[str, list[int]], quantized: Collection[str] = ()) -> list[str]:
     """The dense tensors (name -> shape) the pack stores as streamed tables (SPEC 3.6): the input embedding, unless
-    the LM head shares it (no head of its own in the checkpoint, or ``tie_word_embeddings``) or is ``quantized`` in
-    the release (carried as it is)."""
-    if not recipe.stream_tables or cfg.get("tie_word_embeddings") or not any(HEAD.search(n) for n in dense):
+    the LM head shares it (no head of its own in the checkpoint, or ``tie_word_embeddings``), and the token-indexed
+    tables no head shares (``arch.is_token_table``: Gemma 4's per-layer embeddings); none ``quantized`` in the
+    release (carried as it is)."""
+    if not recipe.stream_tables:
         return []
-    return [n for n, shape in dense.items() if arch.is_embedding(n) and arch.layer_of(n) is None and len(shape) == 2
-            and n not in quantized]
+    own_head = not cfg.get("tie_word_embeddings") and any(HEAD.search(n) for n in dense)
+    return [n for n, shape in dense.items() if arch.layer_of(n) is None and len(shape) == 2 and n not in quantized
+            and (arch.is_token_table(n) or own_head and arch.is_embedding(n))]
 
 
 class Read(NamedTuple):

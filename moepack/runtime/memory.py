@@ -244,6 +244,9 @@ def working_memory(reader: PackReader, compute: mx.Dtype, io_threads: int = 8) -
     # entries keep less than a key per position)
     kv = sum(r.shape[0] for n, r in dense.items()
              if n.endswith(("k_proj.weight", "v_proj.weight", "kv_a_proj_with_mqa.weight", ".wkv.weight", "indexer.wk.weight")))
+    # keys that serve as values (Gemma 4's global layers): the cache holds values of the keys' width all the same
+    kv += sum(r.shape[0] for n, r in dense.items()
+              if n.endswith("self_attn.k_proj.weight") and n.replace("k_proj", "v_proj") not in dense)
     widest = max((r.shape[0] for n, r in dense.items() if len(r.shape) == 2 and not arch.is_embedding(n)
                   and "lm_head" not in n), default=hidden)
     size = 4 if compute == mx.float32 else compute.size

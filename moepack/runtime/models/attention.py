@@ -123,19 +123,23 @@ class Attention(nn.Module):
     by position (Llama 4's NoPE layers). ``gate``: an output gate (see ``OutputGate``; AFMoE, Laguna).
     ``indexer``: a sparse-attention indexer whose keys the cache keeps beside k and v and whose selection
     narrows the mask (``dsa.BlockIndexer``: MiniMax-M3).
+    ``k_eq_v``: no ``v_proj``, the key projection serves as the values too (before the keys' norm and RoPE: Gemma 4's
+    global layers); ``v_norm``: values RMS-normalised over each head's dims, without a weight (Gemma 4).
     """
 
     def __init__(self, *, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int, rope: nn.Module | None,
                  qkv_bias: bool = False, o_bias: bool = False, qk_norm: str | None = None, eps: float = 1e-6,
                  gate: OutputGate | None = None, temperature: tuple[float, float, int] | None = None,
-                 scale: float | None = None, indexer: nn.Module | None = None):
+                 scale: float | None = None, indexer: nn.Module | None = None, k_eq_v: bool = False,
+                 v_norm: bool = False):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.scale = scale or head_dim**-0.5  # Step 3.7: query_pre_attn_scalar^-0.5
-        self.eps, self.temperature = eps, temperature
+        self.scale = scale or head_dim**-0.5  # Step 3.7: query_pre_attn_scalar^-0.5; Gemma 4: 1
+        self.eps, self.temperature, self.k_eq_v, self.v_norm = eps, temperature, k_eq_v, v_norm
         self.q_proj = nn.Linear(hidden, n_heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)
+        if not k_eq_v:
+            self.v_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=o_bias)
         self.qk_norm = qk_norm
         if qk_norm == "head":
@@ -160,7 +164,8 @@ class Attention(nn.Module):
     def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array, Any]:
         """x [B, T, hidden] -> q, k, v [B, T, heads * D] and whatever ``output`` needs besides the attention
         (the output gate's pre-activation, where there is one)."""
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k = self.q_proj(x), self.k_proj(x)
+        v = k if self.k_eq_v else self.v_proj(x)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v, (self[self.gate.name](x) if self.gate is not None else None)
@@ -184,6 +189,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         elif self.qk_norm == "unit":
             q, k = mx.fast.rms_norm(q, None, self.eps), mx.fast.rms_norm(k, None, self.eps)
+        if self.v_norm:
+            v = mx.fast.rms_norm(v, None, self.eps)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, H, T, D]
         offset = cache.offset if cache is not None else 0
         if self.rope is not None:

@@ -206,6 +206,11 @@ def swiglu_numpy(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
 NUMPY_ACTIVATIONS = {swiglu: swiglu_numpy}
 
 
+def geglu(gate: mx.array, up: mx.array) -> mx.array:
+    """GELU-gated (tanh approximation, transformers' ``gelu_pytorch_tanh``): Gemma 4's MLPs and experts."""
+    return nn.gelu_approx(gate) * up
+
+
 def clamped_silu(limit: float) -> Callable[[mx.array, mx.array], mx.array]:
     """SwiGLU with clamped pre-activations (DeepSeek V4): silu(min(gate, limit)) · clip(up, -limit, limit)."""
 
@@ -450,15 +455,18 @@ class MoE(nn.Module):
     sigmoid(shared_expert_gate(x)) where ``shared_gate``: Qwen2-MoE, Qwen3-Next).
 
     ``scale_inputs``: each chosen expert computes on the token scaled by its routing weight and its output is summed
-    unweighted (Llama 4), instead of weighing the outputs.
+    unweighted (Llama 4), instead of weighing the outputs. ``expert_norm``: the experts (and a shared expert) compute on
+    expert_norm(x) while the router sees x itself (Gemma 4, whose router has a norm of its own).
     """
 
     def __init__(self, router: nn.Module, experts: StreamedExperts, shared: nn.Module | None = None,
-                 shared_gate: bool = False, scale_inputs: bool = False):
+                 shared_gate: bool = False, scale_inputs: bool = False, expert_norm: nn.Module | None = None):
         super().__init__()
         self.router = router
         self.experts = experts
         self.scale_inputs = scale_inputs
+        if expert_norm is not None:
+            self.expert_norm = expert_norm
         if shared is not None:
             self.shared_expert = shared
             if shared_gate:
@@ -474,7 +482,7 @@ class MoE(nn.Module):
     def batchable(self) -> bool:
         """Whether the decoding rows of several sequences can share one call of the routed experts (runtime/batch.py
         routes each row by its hidden state and weighs the outputs; zero experts are handled by the plain path)."""
-        return not (self.by_token or self.scale_inputs or self.experts.zero_from is not None)
+        return not (self.by_token or self.scale_inputs or self.experts.zero_from is not None or "expert_norm" in self)
 
     def prefetch(self, tokens: mx.array) -> None:
         """A hash-routed layer: start reading the experts ``tokens`` will use now, before the layer runs: those of
@@ -487,6 +495,8 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [N, H]
         inds, w = self.router(flat, tokens) if self.by_token else self.router(flat)
+        if "expert_norm" in self:
+            flat = self.expert_norm(flat)
         if self.scale_inputs:  # one row per (token, choice): [N*K, H] with weight 1 each, summed back per token
             N, K = inds.shape
             rows = (flat[:, None, :] * w[..., None].astype(flat.dtype)).reshape(N * K, -1)

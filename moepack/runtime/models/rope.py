@@ -50,12 +50,20 @@ def _llama3(inv: np.ndarray, dim: int, theta: float, s: dict, max_pos: int | Non
     return np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled), 1.0
 
 
+def _proportional(inv: np.ndarray, dim: int, theta: float, s: dict, max_pos: int | None) -> tuple[np.ndarray, float]:
+    # transformers' _compute_proportional_rope_parameters (Gemma 4): a RoPE over the whole head whose first
+    # partial_rotary_factor share of frequencies is kept and the rest zeroed (those pairs are not rotated), / factor
+    kept = int(s.get("partial_rotary_factor", 1.0) * dim // 2)
+    return np.where(np.arange(dim // 2) < kept, inv, 0.0) / s.get("factor", 1.0), 1.0
+
+
 # rope_type -> (inverse frequencies, rope dims, theta, scaling dict, max_position_embeddings) -> (inv_freq, cos/sin factor)
 ROPE_TYPES = {
     "default": lambda inv, dim, theta, s, max_pos: (inv, 1.0),
     "linear": lambda inv, dim, theta, s, max_pos: (inv / s["factor"], 1.0),
     "yarn": _yarn,
     "llama3": _llama3,
+    "proportional": _proportional,
 }
 
 
@@ -85,7 +93,8 @@ class ScaledRoPE(nn.Module):
         super().__init__()
         inv, self.attention_factor = rope_frequencies(dims, theta, scaling, max_position_embeddings)
         self.dims, self.traditional, self.trailing = dims, traditional, trailing
-        self._freqs = mx.array((1.0 / inv).astype(np.float32))  # mx.fast.rope takes wavelengths/2π
+        with np.errstate(divide="ignore"):  # a zero frequency (proportional RoPE) is an infinite wavelength
+            self._freqs = mx.array((1.0 / inv).astype(np.float32))  # mx.fast.rope takes wavelengths/2π
         self._inv = mx.array(inv.astype(np.float32))
 
     def at(self, x: mx.array, positions: mx.array, conjugate: bool = False) -> mx.array:
@@ -129,15 +138,19 @@ class ScaledRoPE(nn.Module):
         return mx.concatenate([y[..., : self.dims] * self.attention_factor, y[..., self.dims :]], axis=-1)
 
 
-def ropes_by_layer_type(cfg: dict, head_dim: int, defaults: dict[str, dict]) -> dict[str, ScaledRoPE]:
-    """One RoPE per layer type, where ``rope_parameters`` is keyed by it (Laguna, Step 3.7:
+def ropes_by_layer_type(cfg: dict, head_dim: int | dict[str, int], defaults: dict[str, dict]) -> dict[str, ScaledRoPE]:
+    """One RoPE per layer type, where ``rope_parameters`` is keyed by it (Laguna, Step 3.7, Gemma 4:
     ``{"full_attention": {"rope_theta": ..., "partial_rotary_factor": ...}, "sliding_attention": {...}}``);
-    ``defaults`` (the family's, in that form) when the config gives none."""
+    ``defaults`` (the family's, in that form) when the config gives none. ``head_dim``: one for all, or per layer type
+    (Gemma 4's global layers have wider heads). A proportional RoPE spans the whole head (its factor zeroes
+    frequencies instead of leaving dims out)."""
     out = {}
     for kind, params in (cfg.get("rope_parameters") or defaults).items():
         theta, scaling = arch.rope({"rope_parameters": params})
-        out[kind] = ScaledRoPE(arch.rotary_dim({"rope_parameters": params}, head_dim), theta, scaling,
-                               cfg.get("max_position_embeddings"))
+        dim = head_dim[kind] if isinstance(head_dim, dict) else head_dim
+        if (scaling or {}).get("rope_type") != "proportional":
+            dim = arch.rotary_dim({"rope_parameters": params}, dim)
+        out[kind] = ScaledRoPE(dim, theta, scaling, cfg.get("max_position_embeddings"))
     return out
 class LearnedRoPE(ScaledRoPE):
     """ScaledRoPE whose inverse frequencies are scaled by exp(alpha), ``alpha`` a learned weight (Mistral Large 4's
