@@ -238,6 +238,19 @@ TINY: dict[str, tuple[str, str, dict]] = {
         moe_intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=4,
         topk_group=2, first_k_dense_replace=1, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
         v_head_dim=16, layer_group_size=2, routed_scaling_factor=1.0, rope_theta=1e4)),
+    # Qwen3.8-Flash-Next: DeltaNet with PLE, QSA attention, twice; EOS (5) inside PARITY's prompt resets the n-grams;
+    # each PLE table saved as 3 shards; the indexer sees 2 blocks of 2 (+ its own incomplete one) of up to 6 (8
+    # indexer heads: with fewer, a query whose every head scores 0 leaves blocks tied); 3 hyper-connection streams
+    "qwen4_exp": ("Qwen4ExpTextConfig", "Qwen4ExpForCausalLM", dict(
+        eos_token_id=5, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8,
+        moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+        hc_count=3, hc_lowrank=16, ple_layer_ids=[1, 3], ple_embed_dim=128, ngram_size=3, heads_per_ngram=2,
+        ngram_vocab_size_base=300, make_ngram_vocab_size_divisible_by=16, split_ngram_parts=3,
+        indexer_n_heads=8, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=4, indexer_compress_ratio=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5,
+                         "mrope_section": [2, 1, 1], "mrope_interleaved": True})),
 }
 # model_type -> {transformers 5 key: the release's legacy key} (to_old_spelling)
 LEGACY_KEYS: dict[str, dict[str, str]] = {
@@ -323,6 +336,11 @@ def to_old_spelling(cfg: dict) -> dict:
         cfg["head_dim"] = cfg.pop("linear_head_dim")
         for k in ("linear_num_heads", "linear_conv_kernel_dim", "mlp_layer_types", "qk_head_dim"):
             cfg.pop(k)
+    if cfg.get("model_type") == "qwen4_exp_text":  # the layer pattern as an interval (transformers' default 4)
+        types = cfg["layer_types"]
+        cfg["full_attention_interval"] = next(i + 1 for i, t in enumerate(types) if t != "linear_attention")
+        assert types == [("linear_attention" if (i + 1) % cfg["full_attention_interval"] else t)
+                         for i, t in enumerate(types)]
     params = cfg.pop("rope_parameters", None) or {}
     cfg["rope_theta"] = params.get("rope_theta", 10000.0)
     scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "rope_type", "partial_rotary_factor")}

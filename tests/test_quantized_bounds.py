@@ -54,6 +54,7 @@ BOUNDS = {
     "kimi_linear": {"8bit": 0.0043, "default": 0.23},  # 1.44e-3, 7.64e-2
     "glm5_next": {"8bit": 0.1, "default": 0.5},  # 4.29e-2, 0.277: 3x is above CAP, CAP holds
     "bailing_hybrid": {"8bit": 0.061, "default": 0.19},  # 2.04e-2, 6.38e-2
+    "qwen4_exp": {"8bit": 0.066, "default": 0.076},  # 2.21e-2, 2.53e-2 (PLE tables quantized too, streamed)
 }
 
 

@@ -78,7 +78,12 @@ def layer_costs(manifest: Manifest, config: dict) -> tuple[list[int], int, int]:
             last += rec.nbytes
     if config.get("tie_word_embeddings"):
         last += first
-    first += sum(t.block_bytes for t in manifest.tables.values())  # a streamed embedding: one block a token
+    for name, t in manifest.tables.items():  # a streamed table: one block a row a token reads
+        read = t.block_bytes * arch.table_rows_per_token(arch.text_config(config), name)
+        if (layer := arch.layer_of(name)) is not None:
+            dense[layer] += read
+        else:
+            first += read
     for el in manifest.experts:
         dense[el.layer] += a["top_k"] * manifest.expert_layouts[el.layout].length
     return dense, first, last
@@ -137,7 +142,8 @@ def split_pack(reader: PackReader, hosts: int) -> PipelineSplit:
         files = sum(length[L] for L in moe)
         need = memory_need(reader, stored, st)
         cost = sum(costs[r.start : r.stop]) + (first if st.first else 0) + (last if st.last else 0)
-        tables = sum(t.block_bytes for n, t in m.tables.items() if st.owns(n))
+        tables = sum(t.block_bytes * arch.table_rows_per_token(arch.text_config(config), n)
+                     for n, t in m.tables.items() if st.owns(n))
         shares.append(StageShare(st, moe, need, files * a["num_experts"], files * a["top_k"], cost, tables))
     return PipelineSplit(shares, a["num_experts"], a["top_k"], len(costs))
 

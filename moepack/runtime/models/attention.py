@@ -120,7 +120,8 @@ class Attention(nn.Module):
     L2 norm; RoPE preserves each head's norm, so normalising before it equals transformers' after) or "full" (RMSNorm
     over the whole projection before splitting heads: OLMoE, MiniMax-M2). The rope module decides partial rotary;
     ``rope=None`` is a NoPE layer. ``temperature``: (beta, period, shift) of :func:`query_temperature`, scaling queries
-    by position (Llama 4's NoPE layers). ``gate``: an output gate (see ``OutputGate``; AFMoE, Laguna).
+    by position (Llama 4's NoPE layers). ``gate``: an output gate (see ``OutputGate``; AFMoE, Laguna). A subclass may
+    set ``indexer`` (dsa.py's protocol: ``keys``, ``select``): each query then sees only the keys it selects.
     """
 
     def __init__(self, *, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int, rope: nn.Module | None,
@@ -187,6 +188,10 @@ class Attention(nn.Module):
             q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if self.temperature is not None:
             q = q * query_temperature(offset, T, *self.temperature).astype(q.dtype)
+        indexer = self.get("indexer")  # a sparse-attention indexer (dsa.py): its keys live in the cache beside these
+        side = (indexer.keys(x, offset),) if indexer is not None else ()
         if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
+            k, v, *side = cache.update_and_fetch(k, v, *side)
+        if indexer is not None:
+            mask = indexer.select(x, x, side[0], mask or Causal(offset))
         return self.output(self.attend(q, k, v, mask), extra)

@@ -184,13 +184,9 @@ class PooledIndexer(Indexer):
     def select(self, x: mx.array, q_in: mx.array, keys: mx.array, mask: Causal) -> Sparse:
         B, T, _ = x.shape
         P, D = self.kpool, self.head_dim
-        S = keys.shape[2]
-        n = S // P  # complete pools
-        t = mx.arange(mask.offset, mask.offset + T)[:, None]  # each query's position
-        never = S + 1  # a position past every key: Sparse drops it
-        chosen = []
-        k_sel = min(self.topk // P, n)
-        if k_sel:
+        n = keys.shape[2] // P  # complete pools
+        score = None
+        if min(self.topk // P, n):
             packed = keys[:, 0, : n * P].astype(mx.float32).reshape(B, n, P, 2 * D)
             k, logits = packed[..., :D], packed[..., D:] + self.index_kpool_compress_ape.astype(mx.float32)
             pooled = (mx.softmax(logits, axis=2) * k).sum(axis=2)  # [B, n, D]
@@ -198,15 +194,67 @@ class PooledIndexer(Indexer):
             s = mx.maximum(q @ pooled[:, None].swapaxes(-1, -2) * D**-0.5, 0)  # [B, H, T, n]
             w = self.weights_proj(x).astype(mx.float32) * self.n_heads**-0.5  # [B, T, H]
             score = (w.transpose(0, 2, 1)[..., None] * s).sum(axis=1)  # [B, T, n]
-            visible = mx.arange(n)[None] * P + P - 1 <= t  # a pool is selectable once its last position is seen
-            pools = topk(mx.where(visible, score, -math.inf), k_sel).astype(mx.int32)  # [B, T, k_sel]
-            ok = mx.take_along_axis(mx.broadcast_to(visible, score.shape), pools, axis=-1)
-            pos = pools[..., None] * P + mx.arange(P)  # [B, T, k_sel, P]
-            chosen.append(mx.where(ok[..., None], pos, never).reshape(B, T, -1))
-        if self.tail and P > 1:
-            count = (t + 1) % P  # the query's own pool, incomplete: its first `count` positions
-            j = mx.arange(P - 1)[None]
-            chosen.append(mx.broadcast_to(mx.where(j < count, t + 1 - count + j, never), (B, T, P - 1)))
-        if not chosen:  # nothing selectable: every key hidden (transformers' all -1 row)
-            chosen.append(mx.full((B, T, 1), never, mx.int32))
-        return Sparse(mask.offset, mask.window, mask.chunk, mx.concatenate(chosen, axis=-1).astype(mx.int32))
+        return pooled_selection(score, B, T, P, self.topk, self.tail, mask)
+
+
+def pooled_selection(score: mx.array | None, B: int, T: int, P: int, budget: int, tail: bool, mask: Causal) -> Sparse:
+    """Each query's positions from scores over pools of ``P`` consecutive keys (``score`` [B, T, n], the n complete
+    pools; None where none is selectable): the ``budget // P`` best pools it can see (a pool is selectable once its
+    last position is), and with ``tail`` its own incomplete pool. GLM-5.3's pooled DSA and Qwen3.8's QSA."""
+    t = mx.arange(mask.offset, mask.offset + T)[:, None]  # each query's position
+    never = mask.offset + T + 1  # a position past every key: Sparse drops it
+    chosen = []
+    if score is not None:
+        n = score.shape[-1]
+        visible = mx.arange(n)[None] * P + P - 1 <= t
+        pools = topk(mx.where(visible, score, -math.inf), min(budget // P, n)).astype(mx.int32)  # [B, T, k_sel]
+        ok = mx.take_along_axis(mx.broadcast_to(visible, score.shape), pools, axis=-1)
+        pos = pools[..., None] * P + mx.arange(P)  # [B, T, k_sel, P]
+        chosen.append(mx.where(ok[..., None], pos, never).reshape(B, T, -1))
+    if tail and P > 1:
+        count = (t + 1) % P  # the query's own pool, incomplete: its first `count` positions
+        j = mx.arange(P - 1)[None]
+        chosen.append(mx.broadcast_to(mx.where(j < count, t + 1 - count + j, never), (B, T, P - 1)))
+    if not chosen:  # nothing selectable: every key hidden (transformers' all -1 row)
+        chosen.append(mx.full((B, T, 1), never, mx.int32))
+    return Sparse(mask.offset, mask.window, mask.chunk, mx.concatenate(chosen, axis=-1).astype(mx.int32))
+
+
+class QSAIndexer(nn.Module):
+    """Qwen3.8-Flash-Next's QSA indexer (transformers' ``Qwen4ExpTextQSAIndexer``): one projection
+    ``index_qk_proj`` gives ``n_heads`` query heads and one key head per position; the raw keys of every ``ratio``
+    consecutive positions are averaged into a block key, normalised (``k_layernorm``) and roped at the block's first
+    position; queries (``q_layernorm``, roped at their own position) score blocks by Σ_h relu(q_h·k) / sqrt(D); each
+    query sees the ``budget // ratio`` best complete blocks and its own incomplete one.
+
+    The cache holds the raw keys ([B, 1, S, D]); blocks are rebuilt from them, so a decoding step selects exactly
+    what a full pass does. ``rope``: the attention's (partial: its first rotary dims of each index head).
+    """
+
+    def __init__(self, *, hidden: int, n_heads: int, head_dim: int, budget: int, ratio: int, rope: nn.Module,
+                 eps: float):
+        super().__init__()
+        self.n_heads, self.head_dim, self.budget, self.ratio = n_heads, head_dim, budget, ratio
+        self.index_qk_proj = nn.Linear(hidden, (n_heads + 1) * head_dim, bias=False)
+        self.q_layernorm = nn.RMSNorm(head_dim, eps=eps)
+        self.k_layernorm = nn.RMSNorm(head_dim, eps=eps)
+        self._rope = rope
+
+    def keys(self, x: mx.array, offset: int) -> mx.array:
+        """x [B, T, hidden] -> the raw index keys [B, 1, T, D], for the cache."""
+        return self.index_qk_proj(x)[..., self.n_heads * self.head_dim :][:, None]
+
+    def select(self, x: mx.array, q_in: mx.array, keys: mx.array, mask: Causal) -> Sparse:
+        B, T, _ = x.shape
+        P, D = self.ratio, self.head_dim
+        n = keys.shape[2] // P  # complete blocks
+        score = None
+        if min(self.budget // P, n):
+            raw = keys[:, 0, : n * P].reshape(B, n, P, D)
+            pooled = self.k_layernorm(raw.astype(mx.float32).mean(axis=2).astype(keys.dtype))  # [B, n, D]
+            k = self._rope.at(pooled, mx.arange(n) * P).astype(mx.float32)
+            q = self.index_qk_proj(x)[..., : self.n_heads * D].reshape(B, T, self.n_heads, D)
+            q = self._rope(self.q_layernorm(q).transpose(0, 2, 1, 3), offset=mask.offset).astype(mx.float32)
+            s = mx.maximum(q @ k[:, None].swapaxes(-1, -2), 0)  # [B, H, T, n]
+            score = s.sum(axis=1) / math.sqrt(D)
+        return pooled_selection(score, B, T, P, self.budget, True, mask)
