@@ -161,7 +161,29 @@ class RelayedLM:
 
 
 
-class PooledIndexer(Indexer):
+class BlockSelect:
+    """Mixin for an indexer that scores blocks of ``pool`` consecutive keys (``block_scores``) and lets each query see
+    the positions of its ``budget // pool`` best complete blocks, plus its own incomplete block with ``tail``."""
+
+    pool: int
+    budget: int
+    tail: bool = True
+
+    def block_scores(self, x: mx.array, q_in: mx.array, keys: mx.array, offset: int) -> mx.array:
+        """x [B, T, hidden] (queries from position ``offset`` on), the cached keys of the n complete blocks
+        [B, n·pool, ...] -> scores [B, T, n]."""
+        raise NotImplementedError
+
+    def select(self, x: mx.array, q_in: mx.array, keys: mx.array, mask: Causal) -> Sparse:
+        B, T, _ = x.shape
+        n = keys.shape[2] // self.pool  # complete blocks
+        score = None
+        if min(self.budget // self.pool, n):
+            score = self.block_scores(x, q_in, keys[:, 0, : n * self.pool], mask.offset)
+        return pooled_selection(score, B, T, self.pool, self.budget, self.tail, mask)
+
+
+class PooledIndexer(BlockSelect, Indexer):
     """GLM-5.3-Flash's indexer over pooled keys (transformers' ``Glm5NextTextIndexer``): the keys of every ``kpool``
     consecutive positions are pooled into one (a per-channel softmax over the pool of ``gate·x + ape``), queries
     score the complete pools they can see, the ``topk // kpool`` best pools give their positions, and with
@@ -174,6 +196,7 @@ class PooledIndexer(Indexer):
     def __init__(self, *, kpool: int, tail: bool, **kw):
         super().__init__(rope=None, **kw)
         self.kpool, self.tail = kpool, tail
+        self.pool, self.budget = kpool, self.topk  # BlockSelect's names
         self.index_kpool_compress_ape = mx.zeros((kpool, self.head_dim))
         self.index_kpool_compress_gate = mx.zeros((self.head_dim, self.wk.weight.shape[1]))
 
@@ -181,20 +204,16 @@ class PooledIndexer(Indexer):
         """x [B, T, hidden] -> [B, 1, T, 2D]: each position's key and its pooling logits."""
         return mx.concatenate([self.k_norm(self.wk(x)), x @ self.index_kpool_compress_gate.T], axis=-1)[:, None]
 
-    def select(self, x: mx.array, q_in: mx.array, keys: mx.array, mask: Causal) -> Sparse:
+    def block_scores(self, x: mx.array, q_in: mx.array, keys: mx.array, offset: int) -> mx.array:
         B, T, _ = x.shape
-        P, D = self.kpool, self.head_dim
-        n = keys.shape[2] // P  # complete pools
-        score = None
-        if min(self.topk // P, n):
-            packed = keys[:, 0, : n * P].astype(mx.float32).reshape(B, n, P, 2 * D)
-            k, logits = packed[..., :D], packed[..., D:] + self.index_kpool_compress_ape.astype(mx.float32)
-            pooled = (mx.softmax(logits, axis=2) * k).sum(axis=2)  # [B, n, D]
-            q = self.wq_b(q_in).reshape(B, T, self.n_heads, D).transpose(0, 2, 1, 3).astype(mx.float32)
-            s = mx.maximum(q @ pooled[:, None].swapaxes(-1, -2) * D**-0.5, 0)  # [B, H, T, n]
-            w = self.weights_proj(x).astype(mx.float32) * self.n_heads**-0.5  # [B, T, H]
-            score = (w.transpose(0, 2, 1)[..., None] * s).sum(axis=1)  # [B, T, n]
-        return pooled_selection(score, B, T, P, self.topk, self.tail, mask)
+        n, P, D = keys.shape[1] // self.kpool, self.kpool, self.head_dim
+        packed = keys.astype(mx.float32).reshape(B, n, P, 2 * D)
+        k, logits = packed[..., :D], packed[..., D:] + self.index_kpool_compress_ape.astype(mx.float32)
+        pooled = (mx.softmax(logits, axis=2) * k).sum(axis=2)  # [B, n, D]
+        q = self.wq_b(q_in).reshape(B, T, self.n_heads, D).transpose(0, 2, 1, 3).astype(mx.float32)
+        s = mx.maximum(q @ pooled[:, None].swapaxes(-1, -2) * D**-0.5, 0)  # [B, H, T, n]
+        w = self.weights_proj(x).astype(mx.float32) * self.n_heads**-0.5  # [B, T, H]
+        return (w.transpose(0, 2, 1)[..., None] * s).sum(axis=1)  # [B, T, n]
 
 
 def pooled_selection(score: mx.array | None, B: int, T: int, P: int, budget: int, tail: bool, mask: Causal) -> Sparse:
@@ -220,7 +239,7 @@ def pooled_selection(score: mx.array | None, B: int, T: int, P: int, budget: int
     return Sparse(mask.offset, mask.window, mask.chunk, mx.concatenate(chosen, axis=-1).astype(mx.int32))
 
 
-class QSAIndexer(nn.Module):
+class QSAIndexer(BlockSelect, nn.Module):
     """Qwen3.8-Flash-Next's QSA indexer (transformers' ``Qwen4ExpTextQSAIndexer``): one projection
     ``index_qk_proj`` gives ``n_heads`` query heads and one key head per position; the raw keys of every ``ratio``
     consecutive positions are averaged into a block key, normalised (``k_layernorm``) and roped at the block's first
@@ -234,7 +253,7 @@ class QSAIndexer(nn.Module):
     def __init__(self, *, hidden: int, n_heads: int, head_dim: int, budget: int, ratio: int, rope: nn.Module,
                  eps: float):
         super().__init__()
-        self.n_heads, self.head_dim, self.budget, self.ratio = n_heads, head_dim, budget, ratio
+        self.n_heads, self.head_dim, self.budget, self.pool = n_heads, head_dim, budget, ratio
         self.index_qk_proj = nn.Linear(hidden, (n_heads + 1) * head_dim, bias=False)
         self.q_layernorm = nn.RMSNorm(head_dim, eps=eps)
         self.k_layernorm = nn.RMSNorm(head_dim, eps=eps)
@@ -244,17 +263,12 @@ class QSAIndexer(nn.Module):
         """x [B, T, hidden] -> the raw index keys [B, 1, T, D], for the cache."""
         return self.index_qk_proj(x)[..., self.n_heads * self.head_dim :][:, None]
 
-    def select(self, x: mx.array, q_in: mx.array, keys: mx.array, mask: Causal) -> Sparse:
+    def block_scores(self, x: mx.array, q_in: mx.array, keys: mx.array, offset: int) -> mx.array:
         B, T, _ = x.shape
-        P, D = self.ratio, self.head_dim
-        n = keys.shape[2] // P  # complete blocks
-        score = None
-        if min(self.budget // P, n):
-            raw = keys[:, 0, : n * P].reshape(B, n, P, D)
-            pooled = self.k_layernorm(raw.astype(mx.float32).mean(axis=2).astype(keys.dtype))  # [B, n, D]
-            k = self._rope.at(pooled, mx.arange(n) * P).astype(mx.float32)
-            q = self.index_qk_proj(x)[..., : self.n_heads * D].reshape(B, T, self.n_heads, D)
-            q = self._rope(self.q_layernorm(q).transpose(0, 2, 1, 3), offset=mask.offset).astype(mx.float32)
-            s = mx.maximum(q @ k[:, None].swapaxes(-1, -2), 0)  # [B, H, T, n]
-            score = s.sum(axis=1) / math.sqrt(D)
-        return pooled_selection(score, B, T, P, self.budget, True, mask)
+        P, D = self.pool, self.head_dim
+        n = keys.shape[1] // P
+        pooled = self.k_layernorm(keys.astype(mx.float32).reshape(B, n, P, D).mean(axis=2).astype(keys.dtype))
+        k = self._rope.at(pooled, mx.arange(n) * P).astype(mx.float32)  # [B, n, D], roped at each block's start
+        q = self.index_qk_proj(x)[..., : self.n_heads * D].reshape(B, T, self.n_heads, D)
+        q = self._rope(self.q_layernorm(q).transpose(0, 2, 1, 3), offset=offset).astype(mx.float32)
+        return mx.maximum(q @ k[:, None].swapaxes(-1, -2), 0).sum(axis=1) / math.sqrt(D)  # [B, T, n]
