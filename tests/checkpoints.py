@@ -414,6 +414,41 @@ def build(kind: str, out: str | Path, fused: bool = False, old_spelling: bool = 
     return out
 
 
+# a one-block vision tower for Qwen's multimodal wrappers (Qwen3.5-MoE, Qwen3.8-Flash-Next)
+QWEN_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
+                   spatial_merge_size=2, temporal_patch_size=2)
+
+
+def mtp_head(c) -> dict[str, torch.Tensor]:
+    """A multi-token-prediction head as Qwen's releases save it beside the model (``mtp.layers.0...`` must not be read
+    as layer 0), for text config ``c``."""
+    E, I, H = c.num_experts, c.moe_intermediate_size, c.hidden_size
+    return {"mtp.layers.0.mlp.experts.gate_up_proj": torch.randn(E, 2 * I, H),
+            "mtp.layers.0.mlp.experts.down_proj": torch.randn(E, H, I), "mtp.fc.weight": torch.randn(H, 2 * H)}
+
+
+def build_multimodal(kind: str, wrapper: str, out: Path, vision: dict = QWEN_VISION, extra=None, fused: bool = False,
+                     **text_overrides) -> Path:
+    """A release-style multimodal checkpoint of ``kind``'s tiny text model: transformers' ``{wrapper}Config`` and
+    ``{wrapper}ForConditionalGeneration`` with a tiny ``vision`` tower, the text weights those of ``make_model(kind)``
+    (so its parity oracle is the same), plus ``extra(config)`` -> {name: tensor} added to the saved file (a
+    multi-token-prediction head)."""
+    from safetensors.torch import load_file, save_file
+
+    text = make_model(kind)
+    cfg = getattr(transformers, wrapper + "Config")(text_config={**COMMON, **TINY[kind][2], **text_overrides},
+                                                   vision_config=vision)
+    vl = getattr(transformers, wrapper + "ForConditionalGeneration")(cfg).eval()
+    vl.model.language_model.load_state_dict(text.model.state_dict())
+    vl.lm_head.load_state_dict(text.lm_head.state_dict())
+    vl.save_pretrained(out, save_original_format=not fused)
+    if extra is not None:
+        tensors = load_file(out / "model.safetensors")
+        tensors.update(extra(cfg.text_config))
+        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
 def reference_logits(ckpt: Path, ids: list[int]):
     """transformers' own float32 logits for ``ids`` from the checkpoint as saved (the parity oracle)."""
     cfg = json.loads((Path(ckpt) / "config.json").read_text())

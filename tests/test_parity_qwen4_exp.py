@@ -10,8 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-import transformers
-from checkpoints import COMMON, TINY, build, make_model, reference_logits
+from checkpoints import TINY, build, build_multimodal, mtp_head, reference_logits
 from parity import (
     EXACT,
     PROMPT,
@@ -20,7 +19,7 @@ from parity import (
     check_prefix_reuse,
     nmse,
 )
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import moepack
 from moepack.convert import pipeline
@@ -42,15 +41,16 @@ def sharded(tmp_path_factory):
     return ckpt, convert(str(ckpt), tmp / "pack", EXACT, progress=False), reference_logits(ckpt, PROMPT)[0]
 
 
-def test_parity_tables_in_shards(tmp_path):
+def test_parity_tables_in_shards(sharded, tmp_path):
     """Per-expert tensors, each PLE table as ``ngram_embedding.shard_K`` tensors, the config as transformers 5 spells it."""
     assert 5 in PROMPT[1:-1] and TINY["qwen4_exp"][2]["eos_token_id"] == 5  # an EOS inside the prompt
-    check_parity("qwen4_exp", tmp_path)
+    assert any(".ngram_embedding.shard_2." in k for k in load_file(sharded[0] / "model.safetensors"))
+    check_parity("qwen4_exp", tmp_path, ckpt=sharded[0])
 
 
 def test_parity_fused_old_spelling(tmp_path):
     """Fused experts, whole (unsharded) PLE tables, and the hub's older config spelling (rope_theta and a top-level
-    partial_rotary_factor, no layer_types: every fourth layer attends)."""
+    partial_rotary_factor, the layer pattern as ``full_attention_interval``)."""
     check_parity("qwen4_exp", tmp_path, fused=True, old_spelling=True)
 
 
@@ -58,21 +58,8 @@ def test_multimodal_checkpoint(tmp_path):
     """The release layout: nested text_config whose layer_types say "full_attention" for the indexed layers,
     ``model.language_model.*`` names, a vision tower and a multi-token-prediction head, all but the text model left
     out."""
-    text = make_model("qwen4_exp")
-    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
-                  spatial_merge_size=2, temporal_patch_size=2)
-    cfg = transformers.Qwen4ExpConfig(text_config={**COMMON, **TINY["qwen4_exp"][2]}, vision_config=vision)
-    vl = transformers.Qwen4ExpForConditionalGeneration(cfg).eval()
-    vl.model.language_model.load_state_dict(text.model.state_dict())
-    vl.lm_head.load_state_dict(text.lm_head.state_dict())
-    ckpt = tmp_path / "ckpt"
-    vl.save_pretrained(ckpt)
-    tensors = load_file(ckpt / "model.safetensors")
-    assert any(k.startswith("model.visual.") for k in tensors)
-    E, I, H = 8, 32, 64
-    tensors["mtp.layers.0.mlp.experts.gate_up_proj"] = torch.randn(E, 2 * I, H)
-    tensors["mtp.fc.weight"] = torch.randn(H, 2 * H)
-    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    ckpt = build_multimodal("qwen4_exp", "Qwen4Exp", tmp_path / "ckpt", extra=mtp_head)
+    assert any(k.startswith("model.visual.") for k in load_file(ckpt / "model.safetensors"))
     p = ckpt / "config.json"
     c = json.loads(p.read_text())
     c["text_config"]["layer_types"] = ["linear_attention", "full_attention"] * 2
