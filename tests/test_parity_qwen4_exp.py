@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 import moepack
 from moepack.convert import pipeline
 from moepack.convert.pipeline import convert
+from moepack.convert.recipe import Recipe
 from moepack.convert.source import Checkpoint
 from moepack.formats.reader import PackReader
 from moepack.runtime.models.dsa import QSAIndexer
@@ -175,3 +176,15 @@ def test_cached_decoding_and_prompt_in_passes(tmp_path, monkeypatch):
     """Through the cache (a 5-token prefill, then a token at a time across the EOS), and in 4-token passes with
     attention scored a query at a time, the logits are the full pass's."""
     check_cached_decoding("qwen4_exp", tmp_path, monkeypatch)
+
+
+def test_resident_tables_same_logits(sharded, tmp_path):
+    """``--resident-embeddings``: the joined PLE tables are dense tensors of the pack (a version 1 pack), resident, and
+    the logits are the streamed pack's."""
+    ckpt, pack, _ = sharded
+    resident = convert(str(ckpt), tmp_path / "resident", Recipe(quantize=False, dtype="float32", stream_tables=False),
+                       progress=False)
+    reader = PackReader(resident)
+    assert not reader.tables and reader.manifest.format_version == 1
+    assert reader.manifest.dense[PLE.format(0)].shape == PackReader(pack).tables[PLE.format(0)].shape
+    np.testing.assert_array_equal(moepack.load(resident).logits(PROMPT), moepack.load(pack).logits(PROMPT))
