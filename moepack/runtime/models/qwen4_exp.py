@@ -207,6 +207,8 @@ class DecoderLayer(nn.Module):
 
 
 class Model(HyperLM, qwen3_next.Model):
+    """Qwen3-Next's caches and weight loading (conv layouts, zero-centred norms), its own layers; HyperLM's streams."""
+
     routes_by_token = True  # PLE layers hash the token ids
     zero_centred = ZERO_CENTRED
 
