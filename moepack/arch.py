@@ -48,9 +48,6 @@ STACKED_EXPERT_TENSOR = re.compile(
 LAYER_TENSOR = re.compile(r"^(?P<prefix>.*?)layers\.(?P<layer>\d+)\.")
 # The token embedding: ``model.embed_tokens.weight``, or ``embed.weight`` in DeepSeek V4's release.
 EMBEDDING = re.compile(r"(^|\.)embed(_tokens)?\.")
-# Token-indexed tables beside the input embedding that no LM head shares, so a pack streams them whether or not the
-# head is tied (SPEC 3.6): Gemma 4's per-layer embeddings (PLE), [vocab, layers x per-layer width].
-TOKEN_TABLE = re.compile(r"(^|\.)embed_tokens_per_layer\.weight$")
 # Tensors a pack leaves out: multi-token-prediction heads (``mtp.layers.0...`` would otherwise read as layer 0;
 # LongCat-Flash's ``model.mtp.*``; Mistral Large 4's ``mtp_dspark``; ERNIE 4.5's ``model.mtp_block.0...``,
 # ``model.mtp_linear_proj.0...``) and the vision tower of a multimodal checkpoint whose text model moepack runs
@@ -63,6 +60,21 @@ VISION = re.compile(r"^(model\.visual\.|visual\.|vision_tower\.|(model\.)?vision
                     r"vision_encoder\.|patch_merger\.|pre_mm_projector_norm\.|vision_language_adapter\.|patch_merge_mlp\.|"
                     r"model\.audio_tower\.|model\.embed_vision\.|model\.embed_audio\.)")
 SKIPPED = re.compile(rf"^(model\.)?mtp\.|^mtp_dspark\.|^model\.mtp_|{VISION.pattern}")
+# Buffers a checkpoint saves that the runtime derives from the config, which a pack leaves out: Qwen3.8-Flash-Next's
+# n-gram hash constants (int64 multipliers beyond the int32 a pack stores integers in; the heads' prime vocabulary
+# sizes and offsets).
+DERIVED = re.compile(r"\.ple_embedding\.(layer_multipliers|ngram_heads_offsets|ngram_heads_vocab_sizes)$")
+# Row-indexed tables other than the input embedding that no LM head shares, so a pack streams them whether or not the
+# head is tied (SPEC 3.6), name -> the config's rows each token reads from one: Gemma 4's per-layer embeddings (PLE,
+# [vocab, layers x per-layer width], one row a token); Qwen3.8-Flash-Next's hashed n-gram embeddings (Per-Layer
+# Embedding, one row per n-gram head).
+ROW_TABLES: dict[str, Callable[[dict], int]] = {
+    r"(^|\.)embed_tokens_per_layer\.weight$": lambda cfg: 1,
+    r"\.ple_embedding\.ngram_embedding\.weight$": lambda cfg: (cfg.get("ngram_size", 3) - 1) * cfg.get("heads_per_ngram", 8),
+}
+# A table a release splits over several tensors along its rows (``...ngram_embedding.shard_K.weight``, K from 0, as
+# transformers' Concatenate(dim=0) joins them): the pack stores the whole table under ``<base>.weight``.
+TABLE_SHARD = re.compile(r"^(?P<base>.*\.ngram_embedding)\.shard_(?P<part>\d+)\.weight$")
 # A multimodal wrapper's prefixes -> the text model's own, so its tensors load as a plain causal LM
 # (Kimi K2.5 nests a DeepSeek-V3 text model as language_model.model.* and language_model.lm_head; Qwen3.5-MoE
 # as model.language_model.*).
@@ -248,6 +260,9 @@ FAMILIES: tuple[Family, ...] = (
            partial(_sparse_by_type, first_sparse=0)),
     # a dense MLP and a MoE in parallel in every layer; the text model of a multimodal checkpoint
     Family("gemma4", ("gemma4", "gemma4_text"), ("moe_intermediate_size",), _gemma4_moe_layer),
+    # Qwen3.8-Flash-Next: Gated DeltaNet + gated attention with the QSA indexer, gated hyper-connections, n-gram
+    # Per-Layer Embedding tables (streamed, ROW_TABLES); the text model of a multimodal checkpoint
+    Family("qwen4_exp", ("qwen4_exp", "qwen4_exp_text"), ("moe_intermediate_size",), _qwen_moe_layer),
 )
 BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 
@@ -425,9 +440,18 @@ def is_embedding(name: str) -> bool:
     return bool(EMBEDDING.search(name))
 
 
-def is_token_table(name: str) -> bool:
-    """A token-indexed table other than the input embedding (see TOKEN_TABLE)."""
-    return bool(TOKEN_TABLE.search(name))
+def is_row_table(name: str) -> bool:
+    """A row-indexed table other than the input embedding (``ROW_TABLES``), streamed whatever the LM head does."""
+    return any(re.search(p, name) for p in ROW_TABLES)
+
+
+def table_rows_per_token(cfg: dict, name: str) -> int:
+    """Rows one token reads from streamed table ``name``: one of the input embedding, one per n-gram head of a PLE
+    table (``cfg`` the text config)."""
+    for pattern, rows in ROW_TABLES.items():
+        if re.search(pattern, name):
+            return int(rows(cfg))
+    return 1
 
 
 def layer_of(name: str) -> int | None:

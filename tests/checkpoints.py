@@ -272,6 +272,19 @@ TINY: dict[str, tuple[str, str, dict]] = {
                            pooling_kernel_size=2),
         audio_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                           subsampling_conv_channels=[8, 4], output_proj_dims=32))),
+    # Qwen3.8-Flash-Next: DeltaNet with PLE, QSA attention, twice; EOS (5) inside PARITY's prompt resets the n-grams;
+    # each PLE table saved as 3 shards; the indexer sees 2 blocks of 2 (+ its own incomplete one) of up to 6 (8
+    # indexer heads: with fewer, a query whose every head scores 0 leaves blocks tied); 3 hyper-connection streams
+    "qwen4_exp": ("Qwen4ExpTextConfig", "Qwen4ExpForCausalLM", dict(
+        eos_token_id=5, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8,
+        moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+        hc_count=3, hc_lowrank=16, ple_layer_ids=[1, 3], ple_embed_dim=128, ngram_size=3, heads_per_ngram=2,
+        ngram_vocab_size_base=300, make_ngram_vocab_size_divisible_by=16, split_ngram_parts=3,
+        indexer_n_heads=8, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=4, indexer_compress_ratio=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5,
+                         "mrope_section": [2, 1, 1], "mrope_interleaved": True})),
 }
 # model_type -> {transformers 5 key: the release's legacy key} (to_old_spelling)
 LEGACY_KEYS: dict[str, dict[str, str]] = {
@@ -368,6 +381,11 @@ def to_old_spelling(cfg: dict) -> dict:
         cfg["head_dim"] = cfg.pop("linear_head_dim")
         for k in ("linear_num_heads", "linear_conv_kernel_dim", "mlp_layer_types", "qk_head_dim"):
             cfg.pop(k)
+    if cfg.get("model_type") == "qwen4_exp_text":  # the layer pattern as an interval (transformers' default 4)
+        types = cfg["layer_types"]
+        cfg["full_attention_interval"] = next(i + 1 for i, t in enumerate(types) if t != "linear_attention")
+        assert types == [("linear_attention" if (i + 1) % cfg["full_attention_interval"] else t)
+                         for i, t in enumerate(types)]
     params = cfg.pop("rope_parameters", None) or {}
     cfg["rope_theta"] = params.get("rope_theta", 10000.0)
     scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "rope_type", "partial_rotary_factor")}
@@ -458,6 +476,41 @@ def build(kind: str, out: str | Path, fused: bool = False, old_spelling: bool = 
     if old_spelling:
         p = out / "config.json"
         p.write_text(json.dumps(to_old_spelling(json.loads(p.read_text())), indent=2))
+    return out
+
+
+# a one-block vision tower for Qwen's multimodal wrappers (Qwen3.5-MoE, Qwen3.8-Flash-Next)
+QWEN_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
+                   spatial_merge_size=2, temporal_patch_size=2)
+
+
+def mtp_head(c) -> dict[str, torch.Tensor]:
+    """A multi-token-prediction head as Qwen's releases save it beside the model (``mtp.layers.0...`` must not be read
+    as layer 0), for text config ``c``."""
+    E, I, H = c.num_experts, c.moe_intermediate_size, c.hidden_size
+    return {"mtp.layers.0.mlp.experts.gate_up_proj": torch.randn(E, 2 * I, H),
+            "mtp.layers.0.mlp.experts.down_proj": torch.randn(E, H, I), "mtp.fc.weight": torch.randn(H, 2 * H)}
+
+
+def build_multimodal(kind: str, wrapper: str, out: Path, vision: dict = QWEN_VISION, extra=None, fused: bool = False,
+                     **text_overrides) -> Path:
+    """A release-style multimodal checkpoint of ``kind``'s tiny text model: transformers' ``{wrapper}Config`` and
+    ``{wrapper}ForConditionalGeneration`` with a tiny ``vision`` tower, the text weights those of ``make_model(kind)``
+    (so its parity oracle is the same), plus ``extra(config)`` -> {name: tensor} added to the saved file (a
+    multi-token-prediction head)."""
+    from safetensors.torch import load_file, save_file
+
+    text = make_model(kind)
+    cfg = getattr(transformers, wrapper + "Config")(text_config={**COMMON, **TINY[kind][2], **text_overrides},
+                                                   vision_config=vision)
+    vl = getattr(transformers, wrapper + "ForConditionalGeneration")(cfg).eval()
+    vl.model.language_model.load_state_dict(text.model.state_dict())
+    vl.lm_head.load_state_dict(text.lm_head.state_dict())
+    vl.save_pretrained(out, save_original_format=not fused)
+    if extra is not None:
+        tensors = load_file(out / "model.safetensors")
+        tensors.update(extra(cfg.text_config))
+        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     return out
 
 

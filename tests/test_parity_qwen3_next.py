@@ -5,10 +5,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-import transformers
-from checkpoints import COMMON, TINY, make_model
+from checkpoints import build_multimodal, mtp_head
 from parity import check_parity, check_prefix_reuse
-from safetensors.torch import load_file, save_file
 
 from moepack.runtime.models.delta_rule import CHUNK, delta_rule_chunked, delta_rule_step
 
@@ -26,21 +24,7 @@ def test_qwen3_5_moe_parity(tmp_path, fused):
 def test_qwen3_5_moe_multimodal_checkpoint(tmp_path):
     """The hub layout: nested text_config, ``model.language_model.*`` names, fused experts, a vision tower and a
     multi-token-prediction head (``mtp.layers.0...``, which must not be read as layer 0), all but the text model dropped."""
-    text = make_model("qwen3_5_moe")
-    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
-                  spatial_merge_size=2, temporal_patch_size=2)
-    cfg = transformers.Qwen3_5MoeConfig(text_config={**COMMON, **TINY["qwen3_5_moe"][2]}, vision_config=vision)
-    vl = transformers.Qwen3_5MoeForConditionalGeneration(cfg).eval()
-    vl.model.language_model.load_state_dict(text.model.state_dict())
-    vl.lm_head.load_state_dict(text.lm_head.state_dict())
-    ckpt = tmp_path / "ckpt"
-    vl.save_pretrained(ckpt, save_original_format=False)
-    tensors = load_file(ckpt / "model.safetensors")
-    E, (I, H) = cfg.text_config.num_experts, (cfg.text_config.moe_intermediate_size, cfg.text_config.hidden_size)
-    tensors["mtp.layers.0.mlp.experts.gate_up_proj"] = torch.randn(E, 2 * I, H)
-    tensors["mtp.layers.0.mlp.experts.down_proj"] = torch.randn(E, H, I)
-    tensors["mtp.fc.weight"] = torch.randn(H, 2 * H)
-    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    ckpt = build_multimodal("qwen3_5_moe", "Qwen3_5Moe", tmp_path / "ckpt", extra=mtp_head, fused=True)
     check_parity("qwen3_5_moe", tmp_path, ckpt=ckpt)
 
 

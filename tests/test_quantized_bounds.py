@@ -57,6 +57,7 @@ BOUNDS = {
     # 8.52e-2 (3x above CAP, CAP holds: 8-bit noise flips near-tied experts on 4 tokens), 0.115
     "minimax_m3_vl": {"8bit": 0.1, "default": 0.34},
     "gemma4": {"8bit": 0.053, "default": 0.2},  # 1.75e-2 (one position's experts flip; experts alone: 1.4e-4), 6.60e-2
+    "qwen4_exp": {"8bit": 0.066, "default": 0.076},  # 2.21e-2, 2.53e-2 (PLE tables quantized too, streamed)
 }
 
 

@@ -193,8 +193,8 @@ def virtual_pack(config: dict, out: Path, recipe: Recipe, carried: tuple[int, in
     dense_shapes, expert_projs = expert_shapes(tensor_shapes(tc), tc)
     files: dict[str, dict] = {}
     dense, pos, tables = {}, 0, {}
-    kept = {n: s for n, s in dense_shapes.items() if not arch.SKIPPED.match(n)}
-    for name in streamed_tables(tc, recipe, kept, INTEGER_TABLES):  # the input embedding, streamed (SPEC 3.6)
+    kept = {n: s for n, s in dense_shapes.items() if not arch.SKIPPED.match(n) and not arch.DERIVED.search(n)}
+    for name in streamed_tables(tc, recipe, kept, INTEGER_TABLES):  # the input embedding and PLE tables, streamed (SPEC 3.6)
         rows, *cols = kept.pop(name)
         enc, parts, bits, gs, _ = encode(name, [1, *cols], False, recipe, None)
         blobs, _ = _blobs({k: (dt, shape[1:]) for k, (dt, shape) in parts.items()}, 0, None)

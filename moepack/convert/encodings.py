@@ -64,6 +64,64 @@ class QuantizedTensor:
     params: dict = field(default_factory=dict)  # format parameters: bits, group_size, block
 
 
+@dataclass(frozen=True)
+class ShardedTensor:
+    """One table a release splits along its rows over several checkpoint tensors (``arch.TABLE_SHARD``), read as the
+    concatenation of ``parts`` in order, a row range at a time (never the whole table). Quacks like
+    :class:`TensorInfo` as :class:`QuantizedTensor` does."""
+
+    name: str  # the whole table's name in the pack
+    parts: tuple[TensorInfo, ...]
+
+    @property
+    def file(self) -> str:
+        return self.parts[0].file
+
+    @property
+    def dtype(self) -> str:
+        return self.parts[0].dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (sum(p.shape[0] for p in self.parts), *self.parts[0].shape[1:])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def read(self, ckpt: Checkpoint, rows: slice | None, cols: slice | None) -> mx.array:
+        """Rows ``rows`` (unit step) of the whole table, read from the parts that hold them."""
+        start, stop, step = (rows or slice(None)).indices(self.shape[0])
+        if step != 1:
+            raise SourceError(f"{self.name}: a sharded table is read in row ranges, not every {step}th row")
+        pieces, base = [], 0
+        for p in self.parts:
+            lo, hi = max(start, base), min(stop, base + p.shape[0])
+            if lo < hi:
+                pieces.append(ckpt.read(p.name, None, slice(lo - base, hi - base), cols))
+            base += p.shape[0]
+        return mx.concatenate(pieces, axis=0) if len(pieces) > 1 else pieces[0]
+
+
+def _join_shards(ckpt: Checkpoint, tensors: dict[str, TensorInfo]) -> dict[str, ShardedTensor]:
+    """Tables split over ``...shard_K.weight`` tensors (``arch.TABLE_SHARD``) -> one ShardedTensor each; the shards
+    must be numbered from 0 without a gap and agree in dtype and row width."""
+    groups: dict[str, dict[int, TensorInfo]] = {}
+    for name, info in tensors.items():
+        if m := arch.TABLE_SHARD.match(name):
+            groups.setdefault(m["base"], {})[int(m["part"])] = info
+    out = {}
+    for base, parts in groups.items():
+        if sorted(parts) != list(range(len(parts))):
+            raise SourceError(f"{ckpt.root}: {base} has shards {sorted(parts)}, not 0..{len(parts) - 1}; "
+                              "is a checkpoint file missing?")
+        ordered = tuple(parts[k] for k in range(len(parts)))
+        if len({(p.dtype, tuple(p.shape[1:]), len(p.shape)) for p in ordered}) != 1:
+            raise SourceError(f"{ckpt.root}: the shards of {base} differ in dtype or row width")
+        out[f"{base}.weight"] = ShardedTensor(f"{base}.weight", ordered)
+    return out
+
+
 @dataclass
 class Quantized:
     """The stored parts of one quantized tensor (or one expert / row range of it), as read from the checkpoint."""
@@ -310,7 +368,8 @@ def unpack_bits(words: mx.array, bits: int) -> mx.array:
 
 def logical_tensors(ckpt: Checkpoint) -> dict[str, TensorInfo | QuantizedTensor]:
     """Every logical tensor of ``ckpt`` under its pack name: quantized ones grouped with their companions, the
-    rest as they are (``TensorInfo.name`` stays the checkpoint's), all renamed from a multimodal wrapper's
+    rest as they are (``TensorInfo.name`` stays the checkpoint's), tables split over shards joined
+    (:class:`ShardedTensor`), all renamed from a multimodal wrapper's
     prefixes to the text model's (``arch.text_name``). Vision towers are kept here, with a notice; the planner
     drops them."""
     cfg = arch.text_config(ckpt.config)
@@ -333,8 +392,9 @@ def logical_tensors(ckpt: Checkpoint) -> dict[str, TensorInfo | QuantizedTensor]
                                            params)
             used.update(i.name for i in parts.values())
     for name, info in ckpt.tensors.items():
-        if name not in used and name not in out:
+        if name not in used and name not in out and not arch.TABLE_SHARD.match(name):
             out[name] = info
+    out.update(_join_shards(ckpt, ckpt.tensors))
     vision = sorted({m[0].rstrip(".") for n in out if (m := arch.VISION.match(n))})
     if vision:  # the planner drops them (arch.SKIPPED)
         log.warning("leaving out %s: moepack converts and runs the text model only", ", ".join(vision))
@@ -342,15 +402,19 @@ def logical_tensors(ckpt: Checkpoint) -> dict[str, TensorInfo | QuantizedTensor]
     return {n: replace(t, name=n) if isinstance(t, QuantizedTensor) and t.name != n else t for n, t in renamed.items()}
 
 
-def is_quantized(t: TensorInfo | QuantizedTensor) -> bool:
+def is_quantized(t: TensorInfo | QuantizedTensor | ShardedTensor) -> bool:
     return isinstance(t, QuantizedTensor)
 
 
-def read(ckpt: Checkpoint, t: TensorInfo | QuantizedTensor, index: int | None = None, rows: slice | None = None,
-         cols: slice | None = None) -> mx.array | Quantized:
+def read(ckpt: Checkpoint, t: TensorInfo | QuantizedTensor | ShardedTensor, index: int | None = None,
+         rows: slice | None = None, cols: slice | None = None) -> mx.array | Quantized:
     """A plain tensor as an MLX array (as ``Checkpoint.read``), a quantized one as :class:`Quantized`."""
     if isinstance(t, TensorInfo):
         return ckpt.read(t.name, index, rows, cols)
+    if isinstance(t, ShardedTensor):
+        if index is not None:
+            raise SourceError(f"{t.name}: a sharded table has no expert axis")
+        return t.read(ckpt, rows, cols)
     if cols is not None:
         raise SourceError(f"{t.name}: quantized tensors are stored [out, in]; a column selection is not supported")
     return FORMATS[t.format].read(ckpt, t, index, rows)

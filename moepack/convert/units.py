@@ -44,14 +44,14 @@ HEAD = re.compile(r"(^|\.)(lm_)?head\.weight$")
 
 def streamed_tables(cfg: dict, recipe: Recipe, dense: dict[str, list[int]], quantized: Collection[str] = ()) -> list[str]:
     """The dense tensors (name -> shape) the pack stores as streamed tables (SPEC 3.6): the input embedding, unless
-    the LM head shares it (no head of its own in the checkpoint, or ``tie_word_embeddings``), and the token-indexed
-    tables no head shares (``arch.is_token_table``: Gemma 4's per-layer embeddings); none ``quantized`` in the
-    release (carried as it is)."""
+    the LM head shares it (no head of its own in the checkpoint, or ``tie_word_embeddings``), and the family's other
+    row tables (``arch.ROW_TABLES``: Gemma 4's per-layer embeddings, Qwen3.8's PLE n-gram embeddings); none
+    ``quantized`` in the release (carried as it is)."""
     if not recipe.stream_tables:
         return []
-    own_head = not cfg.get("tie_word_embeddings") and any(HEAD.search(n) for n in dense)
-    return [n for n, shape in dense.items() if arch.layer_of(n) is None and len(shape) == 2 and n not in quantized
-            and (arch.is_token_table(n) or own_head and arch.is_embedding(n))]
+    tied = cfg.get("tie_word_embeddings") or not any(HEAD.search(n) for n in dense)
+    return [n for n, shape in dense.items() if len(shape) == 2 and n not in quantized and (
+        arch.is_row_table(n) or not tied and arch.is_embedding(n) and arch.layer_of(n) is None)]
 
 
 class Read(NamedTuple):
@@ -81,10 +81,12 @@ def _fused_reads(name: str, e: int, proj: str, bias: str, shape: tuple[int, ...]
     return {p + bias: Read(name, e, sel, axis, transpose) for p, sel in layout.split(shape[1 + axis]).items()}
 
 
-def reads_of(ckpt: Checkpoint, t: TensorInfo | encodings.QuantizedTensor) -> tuple[str, ...]:
-    """The shard files a logical tensor is read from: its own, or those of a quantized tensor's parts."""
+def reads_of(ckpt: Checkpoint, t: TensorInfo | encodings.QuantizedTensor | encodings.ShardedTensor) -> tuple[str, ...]:
+    """The shard files a logical tensor is read from: its own, or those of a quantized tensor's or a table's parts."""
     if encodings.is_quantized(t):
         return tuple(sorted({ckpt.tensors[n].file for n in t.parts.values()}))
+    if isinstance(t, encodings.ShardedTensor):
+        return tuple(sorted({p.file for p in t.parts}))
     return (t.file,)
 
 
@@ -112,8 +114,8 @@ def plan_units(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Unit], dict]:
     tensors = encodings.logical_tensors(ckpt)  # quantized weights grouped with their scales, under pack names
     for name, info in tensors.items():
         layer = arch.layer_of(name)
-        if arch.SKIPPED.match(name):
-            dropped += 1  # multi-token-prediction heads, vision towers
+        if arch.SKIPPED.match(name) or arch.DERIVED.search(name):
+            dropped += 1  # multi-token-prediction heads, vision towers, buffers the runtime derives
             continue
         if layer is not None and layer >= n_layers:
             dropped += 1  # multi-token-prediction layers beyond num_hidden_layers
@@ -148,7 +150,7 @@ def plan_units(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Unit], dict]:
             dense.append(name)
     if dropped:
         log.info("dropped %d tensors of multi-token prediction (or layers beyond num_hidden_layers=%d), vision "
-                 "towers and zero experts", dropped, n_layers)
+                 "towers, zero experts and buffers derived from the config", dropped, n_layers)
 
     # Every MoE layer must have every expert, with the shapes the config promises.
     expect = {"gate": (width, hidden), "up": (width, hidden), "down": (hidden, width)}

@@ -268,6 +268,13 @@ def check_config(cfg: dict, a: dict, where: Path | str = "config.json") -> None:
         raise PackError(f"{where}: cannot read the model's shape from it ({type(e).__name__}: {e})") from None
 
 
+def _rows_per_token(reader: PackReader, name: str) -> int:
+    """Rows a token reads from table ``name``: the format knows no architectures, the family says."""
+    from moepack import arch
+
+    return arch.table_rows_per_token(arch.text_config(reader.config), name)
+
+
 def summary(reader: PackReader) -> dict:
     """What ``moepack inspect`` shows: sizes and counts a user plans memory and bandwidth with."""
     m = reader.manifest
@@ -296,7 +303,7 @@ def summary(reader: PackReader) -> dict:
             "total": sum(f["length"] for f in m.files.values()),
             "dense": reader.dense_bytes,
             "tables": sum(t.length for t in m.tables.values()),
-            "table_per_token_uncached": sum(t.read_bytes() for t in m.tables.values()),  # a row's pages a table
+            "table_per_token_uncached": sum(t.read_bytes() * _rows_per_token(reader, n) for n, t in m.tables.items()),
             "per_expert": per_expert,
             "experts": per_expert * a["num_experts"] * len(layouts),
             "per_token_uncached": per_expert * a["top_k"] * len(layouts),

@@ -220,7 +220,8 @@ class Engine(BaseEngine):
                  self.plan.n_slots, self.plan.slot_bytes, self.plan.dense_bytes, self.store.io.mode)
 
     def _stream_tables(self, verify: bool) -> None:
-        """Put a StreamedEmbedding where the model has an embedding the pack streams (this stage's only: the first)."""
+        """Put a StreamedEmbedding where the model has a table the pack streams (this stage's only: the input embedding
+        in the first, PLE tables in their layers' stages)."""
         for name, t in self.reader.tables.items():
             if not self.stage.owns(name):
                 continue
@@ -230,8 +231,8 @@ class Engine(BaseEngine):
             if want is None or list(want.shape) != t.shape:
                 raise PackError(f"{self.path}: table {name} {t.shape} is not an embedding of this "
                                 f"{self.family.name} model ({None if want is None else list(want.shape)})")
-            store = TableStore(self.reader, name, self.plan.table_rows, self.compute_dtype, self.store.io, verify,
-                               self.store.executor)
+            rows = self.plan.table_rows * arch.table_rows_per_token(self.config, name)  # PLE: one per n-gram head
+            store = TableStore(self.reader, name, rows, self.compute_dtype, self.store.io, verify, self.store.executor)
             self.tables[name] = store
             setattr(holder, leaf, StreamedEmbedding(store))
 

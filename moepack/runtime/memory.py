@@ -174,9 +174,9 @@ class MemoryNeed:
     experts: int  # routed experts in all (MoE layers x experts per layer)
     top_k: int
     row_bytes: int = 0  # one token's rows of the streamed tables (SPEC 3.6), as cached
-    table_rows: int = 0  # rows of the largest streamed table: caching more buys nothing
+    table_rows: int = 0  # tokens' worth of rows that fill the largest streamed table: caching more buys nothing
     table_bytes: int = 0  # the streamed tables' files, all rows
-    table_read_bytes: int = 0  # what one token reads from the tables when no row is cached (a row's pages a table)
+    table_read_bytes: int = 0  # what one token reads from the tables when no row is cached (a row's pages per row)
 
     @property
     def minimum(self) -> int:
@@ -265,7 +265,7 @@ class MemoryPlan:
     slot_bytes: int
     n_slots: int
     minimum: int
-    table_rows: int = 0  # rows the table cache holds (each streamed table's, up to its size)
+    table_rows: int = 0  # tokens' worth of rows the table cache holds (a table caches this times its rows per token)
     row_bytes: int = 0  # one token's rows of all streamed tables
 
     @property
@@ -285,10 +285,12 @@ def memory_need(reader: PackReader, compute: mx.Dtype, stage: Any = None) -> Mem
     dense = sum(resident_bytes(r, compute) for n, r in reader.manifest.dense.items() if stage is None or stage.owns(n))
     moe = [L for L in reader.moe_layers if stage is None or L in stage.layers]
     per_slot = slot_bytes(reader.expert_layout(moe[0]), compute) if moe else 0
-    tables = [t for n, t in reader.tables.items() if stage is None or stage.owns(n)]  # cached as stored
-    return MemoryNeed(dense, per_slot, len(moe) * a["num_experts"], a["top_k"], sum(t.row_bytes for t in tables),
-                      max((t.rows for t in tables), default=0), sum(t.length for t in tables),
-                      sum(t.read_bytes() for t in tables))
+    cfg = arch.text_config(reader.config)  # a token reads one row of an embedding, one per head of a PLE table
+    tables = [(t, arch.table_rows_per_token(cfg, n)) for n, t in reader.tables.items()
+              if stage is None or stage.owns(n)]  # cached as stored
+    return MemoryNeed(dense, per_slot, len(moe) * a["num_experts"], a["top_k"], sum(t.row_bytes * k for t, k in tables),
+                      max((-(-t.rows // k) for t, k in tables), default=0), sum(t.length for t, _ in tables),
+                      sum(t.read_bytes() * k for t, k in tables))
 
 
 def plan_memory(reader: PackReader, budget: int | None, compute: mx.Dtype, stage: Any = None,

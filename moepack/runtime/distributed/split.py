@@ -78,7 +78,12 @@ def layer_costs(manifest: Manifest, config: dict) -> tuple[list[int], int, int]:
             last += rec.nbytes
     if config.get("tie_word_embeddings"):
         last += first
-    first += sum(t.read_bytes() for t in manifest.tables.values())  # a streamed embedding: a row's pages a token
+    for name, t in manifest.tables.items():  # a streamed table: a row's pages for each row a token reads
+        read = t.read_bytes() * arch.table_rows_per_token(arch.text_config(config), name)
+        if (layer := arch.layer_of(name)) is not None:
+            dense[layer] += read
+        else:
+            first += read
     for el in manifest.experts:
         dense[el.layer] += a["top_k"] * manifest.expert_layouts[el.layout].length
     return dense, first, last

@@ -121,8 +121,9 @@ class Attention(nn.Module):
     over the whole projection before splitting heads: OLMoE, MiniMax-M2). The rope module decides partial rotary;
     ``rope=None`` is a NoPE layer. ``temperature``: (beta, period, shift) of :func:`query_temperature`, scaling queries
     by position (Llama 4's NoPE layers). ``gate``: an output gate (see ``OutputGate``; AFMoE, Laguna).
-    ``indexer``: a sparse-attention indexer whose keys the cache keeps beside k and v and whose selection
-    narrows the mask (``dsa.BlockIndexer``: MiniMax-M3).
+    ``indexer`` (or a subclass setting it): a sparse-attention indexer (dsa.py's protocol: ``keys``, ``select``)
+    whose keys the cache keeps beside k and v; each query then sees only the keys it selects (``dsa.BlockIndexer``:
+    MiniMax-M3; ``dsa.QSAIndexer``: Qwen3.8-Flash-Next).
     ``k_eq_v``: no ``v_proj``, the key projection serves as the values too (before the keys' norm and RoPE: Gemma 4's
     global layers); ``v_norm``: values RMS-normalised over each head's dims, without a weight (Gemma 4).
     """
@@ -197,8 +198,10 @@ class Attention(nn.Module):
             q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if self.temperature is not None:
             q = q * query_temperature(offset, T, *self.temperature).astype(q.dtype)
-        own = (k, v) if self.indexer is None else (k, v, self.indexer.keys(x, offset))
-        k, v, *index_keys = cache.update_and_fetch(*own) if cache is not None else own
-        if self.indexer is not None:
-            mask = self.indexer.select(x, index_keys[0], mask, self.n_heads)
+        indexer = self.get("indexer")  # a sparse-attention indexer (dsa.py): its keys live in the cache beside these
+        side = (indexer.keys(x, offset),) if indexer is not None else ()
+        if cache is not None:
+            k, v, *side = cache.update_and_fetch(k, v, *side)
+        if indexer is not None:
+            mask = indexer.select(x, x, side[0], mask or Causal(offset))
         return self.output(self.attend(q, k, v, mask), extra)

@@ -52,7 +52,9 @@ class KVCache:
 
 
 class RecurrentCache:
-    """A linear-attention layer's state: the conv's last ``kernel - 1`` inputs and the recurrent matrix.
+    """A linear-attention layer's state: the conv's last ``kernel - 1`` inputs and the recurrent matrix, plus
+    ``aux``: what other modules of the layer carry along the sequence (Qwen3.8-Flash-Next's PLE: its dilated conv's
+    last inputs and the n-gram context's last token ids), named arrays snapshotted with the rest.
 
     Unlike a KV cache it cannot be rewound to any earlier position, only to the end of its last multi-token pass (the
     prompt: a snapshot kept by reference, MLX arrays being immutable), so the next turn of a conversation, which
@@ -63,14 +65,16 @@ class RecurrentCache:
     def __init__(self) -> None:
         self.conv: mx.array | None = None
         self.state: mx.array | None = None
+        self.aux: dict[str, mx.array] = {}
         self.offset = 0
-        self.saved: tuple[int, mx.array | None, mx.array | None] | None = None  # (offset, conv, state)
+        self.saved: tuple[int, mx.array | None, mx.array | None, dict[str, mx.array]] | None = None
 
     def advanced(self, T: int) -> None:
-        """The layer has updated ``conv`` and ``state`` over T more positions; a prompt pass (T > 1) is snapshotted."""
+        """The layer has updated ``conv``, ``state`` and ``aux`` over T more positions; a prompt pass (T > 1) is
+        snapshotted."""
         self.offset += T
         if T > 1:
-            self.saved = (self.offset, self.conv, self.state)
+            self.saved = (self.offset, self.conv, self.state, dict(self.aux))
 
     def rewind_point(self, n: int) -> int:
         """The longest prefix of at most ``n`` positions this cache can return to (0: none)."""
@@ -84,9 +88,11 @@ class RecurrentCache:
         if n <= 0:
             return
         if self.saved is not None and self.saved[0] == target:
-            self.offset, self.conv, self.state = self.saved
+            self.offset, self.conv, self.state, aux = self.saved
+            self.aux = dict(aux)
             return
         self.conv = self.state = None
+        self.aux = {}
         self.offset = 0
 
 

@@ -37,18 +37,24 @@ def l2norm(x: mx.array, eps: float = 1e-6) -> mx.array:
     return x * mx.rsqrt((x * x).sum(axis=-1, keepdims=True) + eps)
 
 
-def short_conv(x: mx.array, weight: mx.array, cache: RecurrentCache | None) -> mx.array:
-    """silu(causal depthwise conv(x)), continuing from the cache's last ``K - 1`` inputs (which it then updates).
+def short_conv(x: mx.array, weight: mx.array, cache: RecurrentCache | None, dilation: int = 1,
+               aux: str | None = None) -> mx.array:
+    """silu(causal depthwise conv(x)), continuing from the cache's last ``(K - 1)·dilation`` inputs (which it then
+    updates): ``cache.conv``, or ``cache.aux[aux]`` for a second conv of the layer (Qwen3.8's PLE, dilated).
 
     x [B, T, C]; weight [C, K, 1] (MLX's layout of the checkpoint's [C, 1, K]) -> [B, T, C].
     """
     B, _, C = x.shape
-    K = weight.shape[1]
-    past = cache.conv if cache is not None and cache.conv is not None else mx.zeros((B, K - 1, C), x.dtype)
-    xp = mx.concatenate([past, x], axis=1)  # [B, K-1+T, C]
+    keep = (weight.shape[1] - 1) * dilation
+    held = None if cache is None else cache.aux.get(aux) if aux else cache.conv
+    past = held if held is not None else mx.zeros((B, keep, C), x.dtype)
+    xp = mx.concatenate([past, x], axis=1)  # [B, keep+T, C]
     if cache is not None:
-        cache.conv = xp[:, -(K - 1):]
-    return nn.silu(mx.conv1d(xp, weight, groups=C))
+        if aux:
+            cache.aux[aux] = xp[:, -keep:]
+        else:
+            cache.conv = xp[:, -keep:]
+    return nn.silu(mx.conv1d(xp, weight, dilation=dilation, groups=C))
 
 
 def _channel_gate(g: mx.array, per_head_ndim: int) -> mx.array:

@@ -190,7 +190,29 @@ class RelayedLM:
 
 
 
-class PooledIndexer(Indexer):
+class BlockSelect:
+    """Mixin for an indexer that scores blocks of ``pool`` consecutive keys (``block_scores``) and lets each query see
+    the positions of its ``budget // pool`` best complete blocks, plus its own incomplete block with ``tail``."""
+
+    pool: int
+    budget: int
+    tail: bool = True
+
+    def block_scores(self, x: mx.array, q_in: mx.array, keys: mx.array, offset: int) -> mx.array:
+        """x [B, T, hidden] (queries from position ``offset`` on), the cached keys of the n complete blocks
+        [B, n·pool, ...] -> scores [B, T, n]."""
+        raise NotImplementedError
+
+    def select(self, x: mx.array, q_in: mx.array, keys: mx.array, mask: Causal) -> Sparse:
+        B, T, _ = x.shape
+        n = keys.shape[2] // self.pool  # complete blocks
+        score = None
+        if min(self.budget // self.pool, n):
+            score = self.block_scores(x, q_in, keys[:, 0, : n * self.pool], mask.offset)
+        return pooled_selection(score, B, T, self.pool, self.budget, self.tail, mask)
+
+
+class PooledIndexer(BlockSelect, Indexer):
     """GLM-5.3-Flash's indexer over pooled keys (transformers' ``Glm5NextTextIndexer``): the keys of every ``kpool``
     consecutive positions are pooled into one (a per-channel softmax over the pool of ``gate·x + ape``), queries
     score the complete pools they can see, the ``topk // kpool`` best pools give their positions, and with
@@ -203,6 +225,7 @@ class PooledIndexer(Indexer):
     def __init__(self, *, kpool: int, tail: bool, **kw):
         super().__init__(rope=None, **kw)
         self.kpool, self.tail = kpool, tail
+        self.pool, self.budget = kpool, self.topk  # BlockSelect's names
         self.index_kpool_compress_ape = mx.zeros((kpool, self.head_dim))
         self.index_kpool_compress_gate = mx.zeros((self.head_dim, self.wk.weight.shape[1]))
 
@@ -210,35 +233,74 @@ class PooledIndexer(Indexer):
         """x [B, T, hidden] -> [B, 1, T, 2D]: each position's key and its pooling logits."""
         return mx.concatenate([self.k_norm(self.wk(x)), x @ self.index_kpool_compress_gate.T], axis=-1)[:, None]
 
-    def select(self, x: mx.array, q_in: mx.array, keys: mx.array, mask: Causal) -> Sparse:
+    def block_scores(self, x: mx.array, q_in: mx.array, keys: mx.array, offset: int) -> mx.array:
         B, T, _ = x.shape
-        P, D = self.kpool, self.head_dim
-        S = keys.shape[2]
-        n = S // P  # complete pools
-        t = mx.arange(mask.offset, mask.offset + T)[:, None]  # each query's position
-        never = S + 1  # a position past every key: Sparse drops it
-        chosen = []
-        k_sel = min(self.topk // P, n)
-        if k_sel:
-            packed = keys[:, 0, : n * P].astype(mx.float32).reshape(B, n, P, 2 * D)
-            k, logits = packed[..., :D], packed[..., D:] + self.index_kpool_compress_ape.astype(mx.float32)
-            pooled = (mx.softmax(logits, axis=2) * k).sum(axis=2)  # [B, n, D]
-            q = self.wq_b(q_in).reshape(B, T, self.n_heads, D).transpose(0, 2, 1, 3).astype(mx.float32)
-            s = mx.maximum(q @ pooled[:, None].swapaxes(-1, -2) * D**-0.5, 0)  # [B, H, T, n]
-            w = self.weights_proj(x).astype(mx.float32) * self.n_heads**-0.5  # [B, T, H]
-            score = (w.transpose(0, 2, 1)[..., None] * s).sum(axis=1)  # [B, T, n]
-            visible = mx.arange(n)[None] * P + P - 1 <= t  # a pool is selectable once its last position is seen
-            pools = topk(mx.where(visible, score, -math.inf), k_sel).astype(mx.int32)  # [B, T, k_sel]
-            ok = mx.take_along_axis(mx.broadcast_to(visible, score.shape), pools, axis=-1)
-            pos = pools[..., None] * P + mx.arange(P)  # [B, T, k_sel, P]
-            chosen.append(mx.where(ok[..., None], pos, never).reshape(B, T, -1))
-        if self.tail and P > 1:
-            count = (t + 1) % P  # the query's own pool, incomplete: its first `count` positions
-            j = mx.arange(P - 1)[None]
-            chosen.append(mx.broadcast_to(mx.where(j < count, t + 1 - count + j, never), (B, T, P - 1)))
-        if not chosen:  # nothing selectable: every key hidden (transformers' all -1 row)
-            chosen.append(mx.full((B, T, 1), never, mx.int32))
-        return Sparse(mask.offset, mask.window, mask.chunk, mx.concatenate(chosen, axis=-1).astype(mx.int32))
+        n, P, D = keys.shape[1] // self.kpool, self.kpool, self.head_dim
+        packed = keys.astype(mx.float32).reshape(B, n, P, 2 * D)
+        k, logits = packed[..., :D], packed[..., D:] + self.index_kpool_compress_ape.astype(mx.float32)
+        pooled = (mx.softmax(logits, axis=2) * k).sum(axis=2)  # [B, n, D]
+        q = self.wq_b(q_in).reshape(B, T, self.n_heads, D).transpose(0, 2, 1, 3).astype(mx.float32)
+        s = mx.maximum(q @ pooled[:, None].swapaxes(-1, -2) * D**-0.5, 0)  # [B, H, T, n]
+        w = self.weights_proj(x).astype(mx.float32) * self.n_heads**-0.5  # [B, T, H]
+        return (w.transpose(0, 2, 1)[..., None] * s).sum(axis=1)  # [B, T, n]
+
+
+def pooled_selection(score: mx.array | None, B: int, T: int, P: int, budget: int, tail: bool, mask: Causal) -> Sparse:
+    """Each query's positions from scores over pools of ``P`` consecutive keys (``score`` [B, T, n], the n complete
+    pools; None where none is selectable): the ``budget // P`` best pools it can see (a pool is selectable once its
+    last position is), and with ``tail`` its own incomplete pool. GLM-5.3's pooled DSA and Qwen3.8's QSA."""
+    t = mx.arange(mask.offset, mask.offset + T)[:, None]  # each query's position
+    never = mask.offset + T + 1  # a position past every key: Sparse drops it
+    chosen = []
+    if score is not None:
+        n = score.shape[-1]
+        visible = mx.arange(n)[None] * P + P - 1 <= t
+        pools = topk(mx.where(visible, score, -math.inf), min(budget // P, n)).astype(mx.int32)  # [B, T, k_sel]
+        ok = mx.take_along_axis(mx.broadcast_to(visible, score.shape), pools, axis=-1)
+        pos = pools[..., None] * P + mx.arange(P)  # [B, T, k_sel, P]
+        chosen.append(mx.where(ok[..., None], pos, never).reshape(B, T, -1))
+    if tail and P > 1:
+        count = (t + 1) % P  # the query's own pool, incomplete: its first `count` positions
+        j = mx.arange(P - 1)[None]
+        chosen.append(mx.broadcast_to(mx.where(j < count, t + 1 - count + j, never), (B, T, P - 1)))
+    if not chosen:  # nothing selectable: every key hidden (transformers' all -1 row)
+        chosen.append(mx.full((B, T, 1), never, mx.int32))
+    return Sparse(mask.offset, mask.window, mask.chunk, mx.concatenate(chosen, axis=-1).astype(mx.int32))
+
+
+class QSAIndexer(BlockSelect, nn.Module):
+    """Qwen3.8-Flash-Next's QSA indexer (transformers' ``Qwen4ExpTextQSAIndexer``): one projection
+    ``index_qk_proj`` gives ``n_heads`` query heads and one key head per position; the raw keys of every ``ratio``
+    consecutive positions are averaged into a block key, normalised (``k_layernorm``) and roped at the block's first
+    position; queries (``q_layernorm``, roped at their own position) score blocks by Σ_h relu(q_h·k) / sqrt(D); each
+    query sees the ``budget // ratio`` best complete blocks and its own incomplete one.
+
+    The cache holds the raw keys ([B, 1, S, D]); blocks are rebuilt from them, so a decoding step selects exactly
+    what a full pass does. ``rope``: the attention's (partial: its first rotary dims of each index head).
+    """
+
+    def __init__(self, *, hidden: int, n_heads: int, head_dim: int, budget: int, ratio: int, rope: nn.Module,
+                 eps: float):
+        super().__init__()
+        self.n_heads, self.head_dim, self.budget, self.pool = n_heads, head_dim, budget, ratio
+        self.index_qk_proj = nn.Linear(hidden, (n_heads + 1) * head_dim, bias=False)
+        self.q_layernorm = nn.RMSNorm(head_dim, eps=eps)
+        self.k_layernorm = nn.RMSNorm(head_dim, eps=eps)
+        self._rope = rope
+
+    def keys(self, x: mx.array, offset: int) -> mx.array:
+        """x [B, T, hidden] -> the raw index keys [B, 1, T, D], for the cache."""
+        return self.index_qk_proj(x)[..., self.n_heads * self.head_dim :][:, None]
+
+    def block_scores(self, x: mx.array, q_in: mx.array, keys: mx.array, offset: int) -> mx.array:
+        B, T, _ = x.shape
+        P, D = self.pool, self.head_dim
+        n = keys.shape[1] // P
+        pooled = self.k_layernorm(keys.astype(mx.float32).reshape(B, n, P, D).mean(axis=2).astype(keys.dtype))
+        k = self._rope.at(pooled, mx.arange(n) * P).astype(mx.float32)  # [B, n, D], roped at each block's start
+        q = self.index_qk_proj(x)[..., : self.n_heads * D].reshape(B, T, self.n_heads, D)
+        q = self._rope(self.q_layernorm(q).transpose(0, 2, 1, 3), offset=offset).astype(mx.float32)
+        return mx.maximum(q @ k[:, None].swapaxes(-1, -2), 0).sum(axis=1) / math.sqrt(D)  # [B, T, n]
 
 
 class BlockIndexer(nn.Module):
@@ -254,9 +316,10 @@ class BlockIndexer(nn.Module):
     """
 
     def __init__(self, *, hidden: int, n_heads: int, head_dim: int, block_size: int, topk: int, local: int,
-                 rope: nn.Module, eps: float):
+                 rope: nn.Module, eps: float, attention_heads: int):
         super().__init__()
         self.n_heads, self.head_dim, self.block_size, self.topk, self.local = n_heads, head_dim, block_size, topk, local
+        self.attention_heads = attention_heads  # each indexer head's selection serves an equal share of these
         self.q_proj = nn.Linear(hidden, n_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(hidden, head_dim, bias=False)
         self.q_norm, self.k_norm = nn.RMSNorm(head_dim, eps=eps), nn.RMSNorm(head_dim, eps=eps)
@@ -266,9 +329,10 @@ class BlockIndexer(nn.Module):
         """x [B, T, hidden] -> this layer's indexer keys [B, 1, T, D] (one head, roped), for the cache."""
         return self._rope(self.k_norm(self.k_proj(x))[:, None], offset=offset)
 
-    def select(self, x: mx.array, keys: mx.array, mask: Causal, heads: int) -> BlockSparse:
+    def select(self, x: mx.array, q_in: mx.array, keys: mx.array, mask: Causal) -> BlockSparse:
         """Each query's blocks among ``keys`` [B, 1, S, D] (every cached position), per indexer head, as a
-        :class:`BlockSparse` mask over ``heads`` attention heads. x [B, T, hidden]: the attention's input."""
+        :class:`BlockSparse` mask over the attention's heads. x [B, T, hidden]: the attention's input (``q_in``,
+        the same here: the indexer protocol's query input)."""
         B, T, _ = x.shape
         H, P = self.n_heads, self.block_size
         q = self.q_norm(self.q_proj(x).reshape(B, T, H, self.head_dim)).transpose(0, 2, 1, 3)
@@ -292,4 +356,4 @@ class BlockIndexer(nn.Module):
             if block < T:
                 mx.eval(idx)
             chosen.append(idx)
-        return BlockSparse(mask.offset, mask.window, mask.chunk, mx.concatenate(chosen, axis=2), P, heads)
+        return BlockSparse(mask.offset, mask.window, mask.chunk, mx.concatenate(chosen, axis=2), P, self.attention_heads)

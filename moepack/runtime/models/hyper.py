@@ -12,7 +12,8 @@ A final head (``HyperHead``) collapses the streams once more before the last nor
 form (transformers' ``DeepseekV4HyperConnection``, ``Glm5NextTextHyperConnection``); Hunyuan v4's "independent"
 hyper-connections drop ``comb`` (the old streams are added as they are) and scale ``post`` by ``hc_magnitude``
 (``HyperConnection(..., mixing=False, magnitude=...)``). Everything here runs in float32, as transformers keeps
-these modules.
+these modules. Qwen3.8-Flash-Next's gated form (``GatedResidual``) learns the collapse per channel instead, and
+runs in the model's dtype, as transformers does.
 """
 
 from __future__ import annotations
@@ -138,6 +139,53 @@ class MeanHead(nn.Module):
 
     def __call__(self, streams: mx.array) -> mx.array:
         return streams.mean(axis=2)
+
+
+class GroupedRMSNorm(nn.Module):
+    """RMSNorm of each stream on its own with one weight [n·H] over all of them (transformers' ``Qwen4ExpTextRMSNorm``
+    with ``group_size``); streams [..., n, H]."""
+
+    def __init__(self, n: int, hidden: int, eps: float):
+        super().__init__()
+        self.n, self.hidden, self.eps = n, hidden, eps
+        self.weight = mx.ones((n * hidden,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, None, self.eps) * self.weight.reshape(self.n, self.hidden).astype(x.dtype)
+
+
+class GatedResidual(nn.Module):
+    """Qwen3.8-Flash-Next's gated hyper-connections (transformers' ``Qwen4ExpTextGatedResidual``): the streams, each
+    RMS-normalised (``hc_norm``), collapse into the block's input as the mean of the normalised streams gated per
+    channel by sigmoid(up(silu(down(·) / n))); the block's output goes back into every stream weighted by
+    2·sigmoid(``block_inject_weight``(·) / n), the old streams kept as they are. Without ``combine`` (the final
+    ``hyper_connection_mixer``) only the collapse."""
+
+    def __init__(self, hidden: int, n: int, rank: int, eps: float, combine: bool = True):
+        super().__init__()
+        self.n = n
+        self.hc_norm = GroupedRMSNorm(n, hidden, eps)
+        self.input_mix_weight_down = nn.Linear(n * hidden, rank, bias=False)
+        self.input_mix_weight_up = nn.Linear(rank, n * hidden, bias=False)
+        if combine:
+            self.block_inject_weight = nn.Linear(n * hidden, n, bias=False)
+
+    def __call__(self, streams: mx.array) -> tuple[mx.array, mx.array | None]:
+        """streams [B, T, n, H] -> the block's input [B, T, H], the injection weights [B, T, n] (None without
+        ``combine``)."""
+        B, T, n, H = streams.shape
+        normed = self.hc_norm(streams)
+        flat = normed.reshape(B, T, n * H)
+        mix = mx.sigmoid(self.input_mix_weight_up(nn.silu(self.input_mix_weight_down(flat) / n)))
+        collapsed = (mix.reshape(B, T, n, H) * normed).mean(axis=2)
+        if "block_inject_weight" not in self:
+            return collapsed, None
+        return collapsed, 2 * mx.sigmoid(self.block_inject_weight(flat) / n)
+
+    @staticmethod
+    def merge(inject: mx.array, out: mx.array, streams: mx.array) -> mx.array:
+        """New streams: the old ones plus the block's output [B, T, H] weighted per stream by ``inject``."""
+        return streams + inject[..., None] * out[..., None, :]
 
 
 class HyperLM:

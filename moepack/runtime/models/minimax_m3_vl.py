@@ -78,7 +78,8 @@ class Model(CausalLM):
         for i, kind in enumerate(a.layer_types):
             indexer = None if kind != SPARSE else BlockIndexer(
                 hidden=a.hidden_size, n_heads=a.index_n_heads, head_dim=a.index_head_dim, block_size=a.index_block_size,
-                topk=a.index_topk_blocks, local=a.index_local_blocks, rope=rope, eps=a.rms_norm_eps)
+                topk=a.index_topk_blocks, local=a.index_local_blocks, rope=rope, eps=a.rms_norm_eps,
+                attention_heads=a.num_attention_heads)
             attn = Attention.for_args(a, rope, qk_norm="head", indexer=indexer)
             if i in moe:
                 router = GroupedRouter(a.hidden_size, a.num_experts, a.top_k, scaling=a.routed_scaling_factor)

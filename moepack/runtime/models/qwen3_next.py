@@ -80,7 +80,9 @@ class GatedAttention(Attention):
 
 
 class GatedDeltaNet(nn.Module):
-    def __init__(self, a: ModelArgs, split: bool):
+    """``activation``: the output gate's (silu; Qwen3.8-Flash-Next's ``output_gate_type`` may say sigmoid)."""
+
+    def __init__(self, a: ModelArgs, split: bool, activation: str = "silu"):
         super().__init__()
         H = a.hidden_size
         self.nk, self.nv = a.linear_num_key_heads, a.linear_num_value_heads
@@ -99,7 +101,7 @@ class GatedDeltaNet(nn.Module):
         self.conv1d = nn.Conv1d(conv_dim, conv_dim, a.linear_conv_kernel_dim, groups=conv_dim, bias=False)
         self.dt_bias = mx.ones((self.nv,))
         self.A_log = mx.zeros((self.nv,))
-        self.norm = GatedRMSNorm(self.dv, a.rms_norm_eps)
+        self.norm = GatedRMSNorm(self.dv, a.rms_norm_eps, activation)
         self.out_proj = nn.Linear(self.value_dim, H, bias=False)
 
     def _project(self, x: mx.array) -> tuple[mx.array, ...]:
