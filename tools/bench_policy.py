@@ -25,6 +25,7 @@ from pathlib import Path
 
 import moepack
 from moepack.runtime import heat
+from moepack.runtime.policy import LFUPolicy
 from moepack.runtime.tokenizer import Tokenizer
 
 CONFIGS = {  # name: engine options
@@ -64,9 +65,20 @@ def budget_for_slots(pack: str, slots: int) -> int:
     raise SystemExit(f"could not find a budget with {slots} slots (got {got})")
 
 
+def config(name: str) -> dict:
+    """A name of CONFIGS, or ``lfu:N``: LFU whose counts halve every N accesses (``lfu``: every 2 x experts)."""
+    if name.startswith("lfu:"):
+        return {"policy": ("lfu", int(name[4:]))}
+    if name not in CONFIGS:
+        raise SystemExit(f"unknown configuration {name!r}: one of {', '.join(CONFIGS)} or lfu:PERIOD")
+    return CONFIGS[name]
+
+
 def run_config(pack: str, budget: int, opts: dict, prompts: list[list[int]], tokens: int,
                heat_path: Path | None) -> dict:
     use_heat = heat_path if opts.get("pin_hot") else False
+    if isinstance(opts["policy"], tuple):
+        opts = {**opts, "policy": LFUPolicy(period=opts["policy"][1])}
     with moepack.load(pack, memory_budget=budget, heat=use_heat, **opts) as engine:
         read = hits = misses = prefetched = decoded = 0
         for i, prompt in enumerate(prompts):
@@ -92,7 +104,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=200, help="tokens decoded per prompt")
-    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated: names of CONFIGS, or lfu:PERIOD")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -113,7 +125,7 @@ def main() -> None:
         slots = max(1, round(frac * total))
         budget = budget_for_slots(args.pack, slots)
         for name in args.configs.split(","):
-            r = run_config(args.pack, budget, CONFIGS[name], prompts, args.tokens, heat_path)
+            r = run_config(args.pack, budget, config(name), prompts, args.tokens, heat_path)
             rows.append({"fraction": frac, "config": name, "budget": budget, **r})
             if not args.json:
                 print(f"{frac:>6.3f} {r['slots']:>5} slots  {name:<13} {r['bytes_per_token'] / 1024:8.1f} KiB/token"

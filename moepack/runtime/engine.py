@@ -165,7 +165,7 @@ class Engine(BaseEngine):
                  policy: EvictionPolicy | str | None = None, prefetch: bool = False,
                  heat: str | Path | bool | None = True, pin_hot: float = 0.0, verify: bool = False,
                  keep_decode_set: bool = True, reserve_tokens: int = 0, stage: Stage | None = None):
-        """``policy``: "lru", "lfu" or an EvictionPolicy (default ``DEFAULT_POLICY``). ``heat``: a heat profile to warm-start the pool from (a path;
+        """``policy``: "lfu" (the default, ``DEFAULT_POLICY``), "lru" or an EvictionPolicy. ``heat``: a heat profile to warm-start the pool from (a path;
         True, the default, uses the one `moepack profile` saved for this pack in the user cache if there is one); ``pin_hot``:
         the fraction of slots whose hottest experts are never evicted. ``prefetch``: guess the next layer's
         experts during decode and read them early (never changes output; off by default because on the machines
@@ -195,7 +195,7 @@ class Engine(BaseEngine):
         mx.set_cache_limit(memory.MLX_CACHE_BYTES)  # freed buffers MLX keeps for reuse count against memory too
         hot = heat_keys(self.reader, heat)
         if isinstance(policy, str) or policy is None:
-            policy = POLICIES[policy or DEFAULT_POLICY]()
+            policy = POLICIES[policy or DEFAULT_POLICY](need.experts)
         if pin_hot > 0 and hot:
             policy = PinnedPolicy(policy, set(hot[: int(pin_hot * self.plan.n_slots)]))
         self.store = ExpertStore(self.reader, self.plan.n_slots, self.compute_dtype, direct=direct_io,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Hashable, Protocol
+from typing import Callable, Hashable, Protocol
 
 import numpy as np
 
@@ -120,5 +120,11 @@ class PinnedPolicy:
             return self.inner.victim(pinned)
 
 
-POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy}
-DEFAULT_POLICY = "lru"  # chosen by tools/bench_policy.py on the trained demo model (BENCHMARKS.md)
+# name -> a policy for a pool over ``experts`` routed experts (all MoE layers). LFU's counts halve every 2 x experts
+# accesses: on the trained demo model this read fewer bytes per token than LRU and than LFU with a fixed period
+# (64 to 16384 accesses) at every budget measured (tools/bench_policy.py, BENCHMARKS.md).
+POLICIES: dict[str, Callable[[int], EvictionPolicy]] = {
+    "lru": lambda experts: LRUPolicy(),
+    "lfu": lambda experts: LFUPolicy(period=max(1, 2 * experts)),
+}
+DEFAULT_POLICY = "lfu"  # chosen on learned routing: the trained demo model (BENCHMARKS.md)
