@@ -486,20 +486,20 @@ def _run_units(ckpt: Checkpoint, out: Path, recipe: Recipe, units: list[Unit], w
 
 @contextmanager
 def _children_ignore_sigint() -> Iterator[None]:
-    """Start worker processes with Ctrl-C ignored from their first instruction: a SIGINT that reaches the group while
-    a spawned worker is still importing (before its initializer runs) would otherwise print its traceback. An
-    ignored signal stays ignored across exec, and Python keeps it so."""
+    """Start worker processes with Ctrl-C blocked from their first instruction: a SIGINT that reaches the group while
+    a spawned worker is still importing (before its initializer ignores it) would otherwise print its traceback. A
+    child inherits the forking thread's signal mask across exec; here a SIGINT stays pending (or goes to another
+    thread) and still interrupts the converter."""
     import signal
-    import threading
 
-    if threading.current_thread() is not threading.main_thread():
+    if not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, old)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def exit_with_parent(parent: int) -> None:
