@@ -89,6 +89,44 @@ def test_prefetch_pauses_when_guesses_are_poor(pack):
     assert store.counters.prefetch_issued > before
 
 
+def test_default_policy_reads_least_on_learned_routing(tmp_path):
+    """On the shipped, trained demo model at a budget holding a quarter of its experts, the default cache policy
+    reads no more expert bytes per decoded token than LRU or either policy with prefetch (the choice BENCHMARKS.md
+    documents; pinning needs a heat profile and is measured by tools/bench_policy.py, not here)."""
+    from test_eval import VIM_STYLE
+
+    from moepack.convert.pipeline import convert
+    from moepack.demo import DEMO_MODEL
+    from moepack.runtime.tokenizer import Tokenizer
+
+    pack = convert(str(DEMO_MODEL), tmp_path / "pack", progress=False)
+    ids = Tokenizer(pack).encode(VIM_STYLE)
+    prompts = [ids[i : i + 16] for i in range(0, len(ids) - 16, len(ids) // 3)][:3]
+    with moepack.load(pack, heat=False) as full:
+        experts = sum(len(layer.files) for layer in full.reader.manifest.experts)  # 4 layers x 16
+        minimum, slot = full.plan.minimum, full.plan.slot_bytes
+    with moepack.load(pack, memory_budget=minimum, heat=False) as small:
+        budget = minimum + (experts // 4 - small.plan.n_slots) * slot
+
+    def per_token(**opts) -> float:
+        with moepack.load(pack, memory_budget=budget, heat=False, **opts) as engine:
+            assert engine.plan.n_slots == experts // 4
+            read = tokens = 0
+            for i, p in enumerate(prompts):
+                cache = engine.make_cache()
+                engine.forward(p[:-1], cache)  # the prompt; only the decode's reads count
+                before = engine.stats()["bytes_read"]
+                tokens += sum(1 for _ in engine.generate(p[-1:], 150, temperature=0.7, top_p=0.9, seed=i, cache=cache))
+                read += engine.stats()["bytes_read"] - before
+            return read / tokens
+
+    default = per_token()
+    others = {name: per_token(**opts) for name, opts in {
+        "lru": dict(policy="lru"), "lru+prefetch": dict(policy="lru", prefetch=True),
+        "lfu+prefetch": dict(policy="lfu", prefetch=True)}.items()}
+    assert default > 0 and all(default <= v for v in others.values()), (default, others)
+
+
 def test_profile_writes_sidecar_not_pack_and_warm_starts(pack, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("hello there\nwhat are experts\n")
