@@ -68,7 +68,7 @@ def budget_for_slots(pack: str, slots: int) -> int:
 def config(name: str) -> dict:
     """A name of CONFIGS, or ``lfu:N``: LFU whose counts halve every N accesses (``lfu``: every 2 x experts)."""
     if name.startswith("lfu:"):
-        return {"policy": ("lfu", int(name[4:]))}
+        return {"policy": LFUPolicy(period=int(name[4:]))}  # a fresh policy for each engine
     if name not in CONFIGS:
         raise SystemExit(f"unknown configuration {name!r}: one of {', '.join(CONFIGS)} or lfu:PERIOD")
     return CONFIGS[name]
@@ -77,8 +77,6 @@ def config(name: str) -> dict:
 def run_config(pack: str, budget: int, opts: dict, prompts: list[list[int]], tokens: int,
                heat_path: Path | None) -> dict:
     use_heat = heat_path if opts.get("pin_hot") else False
-    if isinstance(opts["policy"], tuple):
-        opts = {**opts, "policy": LFUPolicy(period=opts["policy"][1])}
     with moepack.load(pack, memory_budget=budget, heat=use_heat, **opts) as engine:
         read = hits = misses = prefetched = decoded = 0
         for i, prompt in enumerate(prompts):

@@ -456,7 +456,7 @@ def _run_units(ckpt: Checkpoint, out: Path, recipe: Recipe, units: list[Unit], w
                     tick()
                     continue
             else:
-                with _children_ignore_sigint():  # submit starts workers on demand
+                with _children_block_sigint():  # submit starts workers on demand
                     for u in ready(max(0, 2 * workers - len(inflight))):
                         inflight[pool.submit(_guard, run_unit, *args, u)] = u
             if inflight:
@@ -485,7 +485,7 @@ def _run_units(ckpt: Checkpoint, out: Path, recipe: Recipe, units: list[Unit], w
 
 
 @contextmanager
-def _children_ignore_sigint() -> Iterator[None]:
+def _children_block_sigint() -> Iterator[None]:
     """Start worker processes with Ctrl-C blocked from their first instruction: a SIGINT that reaches the group while
     a spawned worker is still importing (before its initializer ignores it) would otherwise print its traceback. A
     child inherits the forking thread's signal mask across exec; here a SIGINT stays pending (or goes to another
